@@ -1,0 +1,55 @@
+"""The policy engine: one module per policy type, all pure (no sockets, files, clocks, threads)."""
+
+from __future__ import annotations
+
+from .base import REASONS, Decision, Event, Policy, State, float32
+from .constant import Constant
+from .cosine import CosineDecay
+from .exponential import ExponentialDecay
+from .inverse_time import InverseTimeDecay
+from .multistep import MultiStep
+from .phases import Phase, Phases, PhasesState
+from .plateau import Plateau, PlateauState, resolve_mode
+from .schedule import Schedule, ScheduleState
+from .step import StepDecay
+from .warmup import Warmup
+
+__all__ = [
+    "POLICY_TYPES",
+    "REASONS",
+    "Constant",
+    "CosineDecay",
+    "Decision",
+    "Event",
+    "ExponentialDecay",
+    "InverseTimeDecay",
+    "MultiStep",
+    "Phase",
+    "Phases",
+    "PhasesState",
+    "Plateau",
+    "PlateauState",
+    "Policy",
+    "Schedule",
+    "ScheduleState",
+    "State",
+    "StepDecay",
+    "Warmup",
+    "float32",
+    "resolve_mode",
+]
+
+#: Policy classes by their YAML `type`.
+POLICY_TYPES: dict[str, type[Policy]] = {
+    cls.type: cls
+    for cls in (
+        Plateau,
+        StepDecay,
+        MultiStep,
+        ExponentialDecay,
+        InverseTimeDecay,
+        CosineDecay,
+        Warmup,
+        Constant,
+    )
+}

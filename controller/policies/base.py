@@ -1,0 +1,175 @@
+"""What every policy shares: decisions, events, states, and the float32 rounding Keras uses.
+
+A policy is an immutable, validated configuration. Its state is a small frozen
+dataclass; `step` returns a new state and a `Decision` and never mutates
+anything, so the daemon can keep snapshots, refuse bad input without a trace,
+and `simulate` and the tests run exactly the code the daemon runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import math
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+from .fields import between, one_of, param
+
+__all__ = [
+    "REASONS",
+    "Decision",
+    "Event",
+    "Policy",
+    "State",
+    "Unit",
+    "float32",
+]
+
+Unit = Literal["epoch", "step"]
+
+#: Reasons an LR is what it is, in `lr` messages, the audit log and metrics.
+REASONS = (
+    "initial",
+    "unchanged",
+    "plateau",
+    "schedule",
+    "phase",
+    "override",
+    "range_test",
+    "reload",
+    "divergence",
+    "resume",
+)
+
+_F32 = struct.Struct("<f")
+
+
+def float32(x: float) -> float:
+    """Round `x` to the nearest float32, as TensorFlow stores an optimizer's LR and compares."""
+    try:
+        return float(_F32.unpack(_F32.pack(x))[0])
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change worth telling the user about: `reduce 0.1 -> 0.05 (plateau, wait 3/3)`."""
+
+    kind: str
+    old: float
+    new: float
+    wait: int | None = None
+    patience: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        verb = "reduce" if self.new < self.old else "raise" if self.new > self.old else "keep"
+        text = f"{verb} {self.old:.6g} -> {self.new:.6g} ({self.kind}"
+        if self.wait is not None and self.patience is not None:
+            text += f", wait {self.wait}/{self.patience}"
+        return text + ")"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one report: the LR in force from the next epoch (or step).
+
+    Args:
+        lr: the learning rate to use from t+1.
+        event: what changed, or None when nothing did.
+        action: `"stop"` when the policy asks the trainer to stop.
+        warning: something the user should hear about (a missing metric, say).
+        apply: False in shadow mode: the decision is recorded but not sent.
+    """
+
+    lr: float
+    event: Event | None = None
+    action: str | None = None
+    warning: str | None = None
+    apply: bool = True
+
+    @property
+    def reason(self) -> str:
+        return self.event.kind if self.event is not None else "unchanged"
+
+
+S = TypeVar("S", bound="State")
+
+
+@dataclass(frozen=True, kw_only=True)
+class State:
+    """Base of every policy state: `lr` is the LR in force; the rest is the policy's memory."""
+
+    lr: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def replace(self: S, **changes: Any) -> S:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy(ABC):
+    """An immutable, validated policy configuration.
+
+    Subclasses are frozen, keyword-only dataclasses whose fields are the YAML
+    keys; field metadata carries a `check` (value -> message or None) and `doc`.
+    """
+
+    state_class: ClassVar[builtins.type[State]]
+    type: ClassVar[str]
+
+    unit: Unit = param("epoch", one_of("epoch", "step"), "count t in epochs or in steps")
+    initial_lr: float | None = param(
+        None, between(0, 10, hi_open=False), "lr0 imposed on the client at hello"
+    )
+    apply: bool = param(True, doc="false: shadow mode, decisions recorded but not sent")
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        """Cross-field problems as (key, message); key None means the whole mapping."""
+        return []
+
+    @abstractmethod
+    def start(self, lr0: float, t: int) -> State:
+        """The state at local time `t` for a policy that starts from `lr0` at time 0."""
+
+    @abstractmethod
+    def step(
+        self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
+    ) -> tuple[State, Decision]:
+        """Feed the report of time `t`; returns the new state and the LR for t+1."""
+
+    @abstractmethod
+    def rebase(self, state: State, lr: float, t: int) -> State:
+        """An operator set `lr` from t+1 on; keep the policy's memory and shape."""
+
+    def load_state(self, data: Mapping[str, Any]) -> State:
+        return self.state_class.from_dict(data)
+
+    def describe(self, state: State) -> dict[str, Any]:
+        """What `status` shows about this policy's state: monitor, value, best, wait, patience."""
+        return {"policy": self.type, "phase": None}
+
+    def decision(self, state: State, new_lr: float, kind: str, **extra: Any) -> Decision:
+        event = Event(kind, state.lr, new_lr, extra.get("wait"), extra.get("patience"))
+        changed = new_lr != state.lr
+        return Decision(
+            new_lr,
+            event if changed else None,
+            action=extra.get("action"),
+            warning=extra.get("warning"),
+            apply=self.apply,
+        )

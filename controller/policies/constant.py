@@ -1,0 +1,22 @@
+"""A fixed LR (`type: constant`): lr = `lr`, default lr0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import between, param
+from .schedule import Schedule
+
+__all__ = ["Constant"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Constant(Schedule):
+    """Hold one LR; useful as a phase, or to pin a job while you look at it."""
+
+    type = "constant"
+
+    lr: float | None = param(None, between(0, 10, hi_open=False), "the LR (default lr0)")
+
+    def value(self, lr0: float, t: int) -> float:
+        return self.lr if self.lr is not None else lr0

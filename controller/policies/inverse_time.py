@@ -1,0 +1,32 @@
+"""Time-based decay (`type: inverse_time`): lr0 / (1 + decay_rate · t / decay_steps).
+
+Equal to Keras' InverseTimeDecay; with decay_steps 1 it is the classic
+time-based decay lr0 / (1 + k·t).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .fields import at_least, param, positive_int
+from .schedule import Schedule
+
+__all__ = ["InverseTimeDecay"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InverseTimeDecay(Schedule):
+    """Time-based decay per epoch (or step)."""
+
+    type = "inverse_time"
+
+    decay_rate: float = param(check=at_least(0), doc="k in lr0 / (1 + k * t / decay_steps)")
+    decay_steps: int = param(1, positive_int, "period of t")
+    staircase: bool = param(False, doc="use floor(t / decay_steps)")
+
+    def value(self, lr0: float, t: int) -> float:
+        p = t / self.decay_steps
+        if self.staircase:
+            p = math.floor(p)
+        return lr0 / (1.0 + self.decay_rate * p)

@@ -1,0 +1,57 @@
+"""Schedules: the LR is a function of time alone, `lr(t) = scale · value(lr0, t)`.
+
+`scale` starts at 1 and is what an operator override changes
+(`scale = new_lr / value(lr0, t+1)`), so later LRs keep the schedule's shape.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Decision, Policy, State
+
+__all__ = ["Schedule", "ScheduleState"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleState(State):
+    lr0: float = 0.0
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule(Policy):
+    """Base of time-only policies; subclasses define `value(lr0, t)`."""
+
+    state_class = ScheduleState
+
+    @abstractmethod
+    def value(self, lr0: float, t: int) -> float:
+        """The schedule's LR at local time `t` when it starts from `lr0`."""
+
+    def lr_at(self, state: ScheduleState, t: int) -> float:
+        return state.scale * self.value(state.lr0, t)
+
+    def start(self, lr0: float, t: int) -> ScheduleState:
+        base = self.initial_lr if self.initial_lr is not None else lr0
+        state = ScheduleState(lr=0.0, lr0=base)
+        return state.replace(lr=self.lr_at(state, t))
+
+    def step(
+        self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
+    ) -> tuple[State, Decision]:
+        assert isinstance(state, ScheduleState)
+        new_lr = self.lr_at(state, t + 1)
+        return state.replace(lr=new_lr), self.decision(state, new_lr, "schedule")
+
+    def rebase(self, state: State, lr: float, t: int) -> State:
+        assert isinstance(state, ScheduleState)
+        base = self.value(state.lr0, t + 1)
+        scale = lr / base if base > 0 else state.scale
+        return state.replace(lr=lr, scale=scale)
+
+    def describe(self, state: State) -> dict[str, Any]:
+        return {"policy": self.type, "phase": None}

@@ -1,0 +1,30 @@
+"""Linear warmup (`type: warmup`): lr = from_lr + (to_lr − from_lr) · t / epochs.
+
+from_lr defaults to lr0. Inside `phases` the warmup lasts `epochs` and leaves
+`to_lr` to the next phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import between, param, positive_int
+from .schedule import Schedule
+
+__all__ = ["Warmup"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Warmup(Schedule):
+    """Ramp the LR linearly from from_lr to to_lr over `epochs`, then hold to_lr."""
+
+    type = "warmup"
+
+    to_lr: float = param(check=between(0, 10, hi_open=False), doc="LR reached after `epochs`")
+    epochs: int = param(check=positive_int, doc="length of the ramp (steps with unit: step)")
+    from_lr: float | None = param(None, between(0, 10, hi_open=False), "start LR (default lr0)")
+
+    def value(self, lr0: float, t: int) -> float:
+        start = self.from_lr if self.from_lr is not None else lr0
+        done = min(t, self.epochs) / self.epochs
+        return start + (self.to_lr - start) * done

@@ -1,0 +1,64 @@
+"""The repository is a real project: a wheel builds, installs, and its `lrpilot` runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_installs_and_lrpilot_runs(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next(tmp_path.glob("lrpilot-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lrpilot/controller/py.typed" in names and "lrpilot/client/py.typed" in names
+    assert "lrpilot/controller/policies/plateau.py" in names
+    assert not any(n.startswith("lrpilot/__init__") for n in names)  # implicit namespace
+    packaged = zipfile.ZipFile(wheel).read("lrpilot/controller/default_policy.yaml")
+    assert packaged == (ROOT / "policies" / "default.yaml").read_bytes()
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False, system_site_packages=False)
+    site = next((env_dir / "lib").glob("python*/site-packages"))
+    with zipfile.ZipFile(wheel) as zf:  # install the wheel's files without pip or the network
+        zf.extractall(site)
+    # Only the standard library is importable in that venv: `--help` and `--version` need no more.
+    py = env_dir / "bin" / "python"
+    out = subprocess.run(
+        [
+            str(py),
+            "-c",
+            "import sys; from lrpilot.controller.cli import main; sys.exit(main())",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "simulate" in out.stdout and "check" in out.stdout
+    entry = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith("entry_points.txt")))
+        .decode()
+    )
+    assert "lrpilot = lrpilot.controller.cli:main" in entry

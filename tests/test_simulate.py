@@ -1,0 +1,165 @@
+"""`lrpilot simulate`: a user's CSV history through the daemon's engine, as table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+PLATEAU = (
+    "version: 1\ndefaults:\n  policy: {type: plateau, factor: 0.5, patience: 2, min_delta: 0.0}\n"
+)
+
+
+def test_table_shows_reductions_with_wait_and_patience(write: Callable[[str, str], Path]) -> None:
+    policy = write("p.yaml", PLATEAU)
+    csv = write("h.csv", "epoch,loss,val_loss\n0,1,0.9\n1,1,0.7\n2,1,0.71\n3,1,0.72\n4,1,0.73\n")
+    result = run_cli("simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "reduce 0.001 -> 0.0005 (plateau, wait 2/2)" in lines[5]
+    assert lines[5].split()[0] == "3"
+
+
+def test_json_matches_keras_on_a_random_history(write: Callable[[str, str], Path]) -> None:
+    keras = pytest.importorskip("keras")
+    rng = random.Random(7)
+    values = [1.0]
+    for _ in range(59):
+        values.append(values[-1] * rng.choice([0.97, 1.0, 1.001, 1.01]))
+    csv = "epoch,val_loss\n" + "".join(f"{e},{v!r}\n" for e, v in enumerate(values))
+    policy = write(
+        "p.yaml", "version: 1\ndefaults:\n  policy: {type: plateau, factor: 0.5, patience: 2}\n"
+    )
+    path = write("h.csv", csv)
+    result = run_cli(
+        "simulate",
+        "--policy",
+        str(policy),
+        "--job",
+        "j",
+        "--metrics",
+        str(path),
+        "--initial-lr",
+        "0.01",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    cb = keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=2)
+    cb.set_model(model)
+    cb.on_train_begin()
+    expected = []
+    for e, v in enumerate(values):
+        cb.on_epoch_end(e, {"val_loss": v})
+        expected.append(float(model.optimizer.learning_rate.numpy()))
+    assert [r["lr"] for r in rows] == expected
+    assert sum(r["event"] is not None for r in rows) >= 2
+    assert set(rows[0]) == {"epoch", "value", "lr", "event"}
+    event = next(r["event"] for r in rows if r["event"])
+    assert set(event) == {"kind", "old", "new", "wait", "patience"} and event["kind"] == "plateau"
+
+
+def test_non_finite_values_are_null_in_json(write: Callable[[str, str], Path]) -> None:
+    policy = write("p.yaml", PLATEAU)
+    csv = write("h.csv", "epoch,val_loss\n0,1.0\n1,nan\n2,inf\n")
+    result = run_cli(
+        "simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv), "--json"
+    )
+    rows = json.loads(result.stdout)
+    assert [r["value"] for r in rows] == [1.0, None, None]
+    assert rows[2]["event"]["kind"] == "plateau"  # NaN and inf are no improvement
+
+
+def test_initial_lr_falls_back_to_the_csv_learning_rate_column(
+    write: Callable[[str, str], Path],
+) -> None:
+    policy = write(
+        "p.yaml", "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 1}\n"
+    )
+    csv = write("h.csv", "epoch,learning_rate,val_loss\n0,0.25,1\n1,0.125,1\n")
+    result = run_cli(
+        "simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv), "--json"
+    )
+    assert [r["lr"] for r in json.loads(result.stdout)] == [0.125, 0.0625]
+
+
+@pytest.mark.parametrize(
+    ("csv", "message"),
+    [
+        (
+            "epoch,val_loss\n0,1.0\n1,abc\n",
+            "h.csv:3: column 'val_loss': expected a number, got 'abc'",
+        ),
+        ("val_loss\n1.0\n", "h.csv:1: no epoch column"),
+        ("epoch,val_loss\n0,1.0\n1\n", "h.csv:3: expected 2 columns, got 1"),
+        ("epoch,val_loss\n0,1.0\n0,1.0\n", "h.csv:3: epochs must increase"),
+        ("epoch,val_loss\n-1,1.0\n", "h.csv:2: column 'epoch': expected an integer >= 0"),
+        ("", "h.csv:1: empty file"),
+    ],
+)
+def test_bad_csv_names_file_line_and_column(
+    write: Callable[[str, str], Path], csv: str, message: str
+) -> None:
+    policy = write("p.yaml", PLATEAU)
+    path = write("h.csv", csv)
+    result = run_cli("simulate", "--policy", str(policy), "--job", "j", "--metrics", str(path))
+    assert result.returncode == 2
+    assert message in result.stderr.replace(str(path.parent) + "/", "")
+
+
+def test_bad_policy_exits_2(write: Callable[[str, str], Path]) -> None:
+    policy = write("p.yaml", "version: 1\ndefaults:\n  policy: {type: plateau, factor: 3}\n")
+    csv = write("h.csv", "epoch,val_loss\n0,1\n")
+    result = run_cli("simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv))
+    assert result.returncode == 2 and "p.yaml:3: factor" in result.stderr
+
+
+def test_missing_monitor_warns(write: Callable[[str, str], Path]) -> None:
+    csv = write("h.csv", "epoch,loss\n0,1\n1,1\n")
+    result = run_cli("simulate", "--job", "j", "--metrics", str(csv))
+    assert result.returncode == 0
+    assert result.stderr.count("`val_loss` which is not available") == 1
+
+
+def test_plot_writes_a_png(write: Callable[[str, str], Path], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "lr.png"
+    result = run_cli(
+        "simulate",
+        "--policy",
+        str(ROOT / "policies" / "warmup-plateau.yaml"),
+        "--job",
+        "x",
+        "--metrics",
+        str(ROOT / "policies" / "history-example.csv"),
+        "--plot",
+        str(png),
+    )
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_warmup_plateau_example_is_what_the_readme_says() -> None:
+    result = run_cli(
+        "simulate",
+        "--policy",
+        str(ROOT / "policies" / "warmup-plateau.yaml"),
+        "--job",
+        "x",
+        "--metrics",
+        str(ROOT / "policies" / "history-example.csv"),
+        "--json",
+    )
+    rows = json.loads(result.stdout)
+    assert math.isclose(rows[4]["lr"], 1e-3, rel_tol=1e-6) and rows[4]["event"]["kind"] == "phase"
+    assert [r["epoch"] for r in rows if r["event"] and r["event"]["kind"] == "plateau"] == [11, 17]
