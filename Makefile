@@ -7,13 +7,20 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench clean prometheus
+.PHONY: test check lint typecheck pytest demo bench clean prometheus modules
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[keras,torch,plot,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
+
+# A strict editable install links each module: relink when the set of modules changes.
+MODULES := $(sort $(wildcard controller/*.py controller/*/*.py client/*.py))
+modules: $(STAMP)
+	@echo "$(MODULES)" | cmp -s - $(VENV)/.modules || \
+		($(PIP) install -q --no-deps -e . --config-settings editable_mode=strict && \
+		echo "$(MODULES)" > $(VENV)/.modules)
 
 # Debian's prometheus server (and promtool) for the dashboard/alert tests.
 prometheus:
@@ -25,24 +32,25 @@ prometheus:
 		(systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true); \
 	else echo "prometheus is missing: run 'sudo apt-get install -y prometheus' and re-run make test"; exit 1; fi
 
-lint: $(STAMP)
+lint: modules
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
-typecheck: $(STAMP)
+typecheck: modules
 	$(VENV)/bin/mypy -p lrpilot.controller -p lrpilot.client
 
-pytest: $(STAMP) prometheus
+pytest: modules prometheus
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
 
 check: test
 
-demo: $(STAMP)
-	$(VENV)/bin/lrpilot simulate --policy policies/warmup-plateau.yaml --job demo --metrics policies/history-example.csv
+demo: modules
+	$(VENV)/bin/lrpilot demo
 
-bench: $(STAMP)
+bench: modules
 	$(PY) bench/run.py
 
 clean:

@@ -8,3 +8,20 @@ Example:
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core import Client
+
+__all__ = ["Client"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the controller imports the protocol from this package, and `lrpilot --help`
+    # must not need pyzmq (nor does anything here import Keras or torch).
+    if name == "Client":
+        from .core import Client
+
+        return Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

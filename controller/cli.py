@@ -82,6 +82,242 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    from .units import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {value}")
+    return value
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps(
+                    {
+                        "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                        "level": record.levelname.lower(),
+                        "logger": record.name,
+                        "message": record.getMessage(),
+                    }
+                )
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("lrpilot")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .policyfile import load_default, load_file
+    from .server import ServeConfig, serve
+
+    _setup_logging(args.log_level, args.log_format)
+    if bool(args.curve_secret_key) != bool(args.curve_authorized_dir):
+        print(
+            "lrpilot serve: --curve-secret-key and --curve-authorized-dir go together",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        policies = load_file(args.policy) if args.policy else load_default()
+    except PolicyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    for warning in policies.warnings:
+        print(warning, file=sys.stderr)
+    config = ServeConfig(
+        policy=args.policy,
+        bind=args.bind,
+        admin_bind=args.admin_bind,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        state_dir=args.state_dir,
+        job_ttl=args.job_ttl,
+        max_jobs=args.max_jobs,
+        worker_timeout=args.worker_timeout,
+        curve_secret_key=args.curve_secret_key,
+        curve_authorized_dir=args.curve_authorized_dir,
+    )
+    return serve(config, policies)
+
+
+def _ask(args: argparse.Namespace, message: dict[str, object]) -> dict[str, object] | None:
+    from .admin import NoAnswer, request
+
+    try:
+        return request(args.admin, message)
+    except NoAnswer as exc:
+        print(f"lrpilot: {exc}", file=sys.stderr)
+        return None
+
+
+def _fmt(value: object, spec: str = ".6g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "status"})
+    if reply is None:
+        return 1
+    jobs = reply.get("jobs", [])
+    assert isinstance(jobs, list)
+    if args.json:
+        keys = (
+            "job",
+            "workers",
+            "epoch",
+            "lr",
+            "monitor",
+            "value",
+            "best",
+            "wait",
+            "patience",
+            "policy",
+            "phase",
+            "last_report_age_s",
+        )
+        print(json.dumps([{k: j.get(k) for k in keys} for j in jobs]))
+        return 0
+    header = (
+        "JOB",
+        "WORKERS",
+        "EPOCH",
+        "LR",
+        "MONITOR",
+        "VALUE",
+        "BEST",
+        "WAIT",
+        "POLICY",
+        "PHASE",
+        "AGE",
+    )
+    rows = [header]
+    for j in jobs:
+        wait = "-" if j.get("wait") is None else f"{j['wait']}/{j.get('patience')}"
+        age = "-" if j.get("last_report_age_s") is None else f"{j['last_report_age_s']:.0f}s"
+        rows.append(
+            (
+                j["job"],
+                _fmt(j["workers"]),
+                _fmt(j["epoch"]),
+                _fmt(j["lr"]),
+                _fmt(j["monitor"]),
+                _fmt(j["value"]),
+                _fmt(j["best"]),
+                wait,
+                _fmt(j["policy"]),
+                _fmt(j["phase"]),
+                age,
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not jobs:
+        print("(no jobs yet)")
+    return 0
+
+
+def cmd_set_lr(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "set_lr", "job": args.job, "lr": args.lr, "reason": args.reason})
+    if reply is None:
+        return 1
+    if reply.get("t") == "error":
+        print(f"lrpilot set-lr: {reply.get('message')}", file=sys.stderr)
+        return 1 if reply.get("code") == "unknown_job" else 2
+    print(
+        f"{args.job}: lr {_fmt(reply.get('lr'))} from the next epoch"
+        f" (version {reply.get('version')})"
+    )
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "reload"})
+    if reply is None:
+        return 1
+    if not reply.get("ok"):
+        errors = reply.get("errors") or []
+        assert isinstance(errors, list)
+        for line in errors:
+            print(line)
+        print("reload rejected; the old policy stays in force", file=sys.stderr)
+        return 2
+    print("reloaded" if reply.get("changed") else "reloaded (no change)")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "history", "job": args.job})
+    if reply is None or reply.get("t") == "error":
+        if reply is not None:
+            print(f"lrpilot history: {reply.get('message')}", file=sys.stderr)
+        return 1
+    rows = reply.get("rows", [])
+    assert isinstance(rows, list)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        print(
+            f"{r['time']}  epoch {_fmt(r['epoch']):>5}  {_fmt(r['old_lr']):>10} -> "
+            f"{_fmt(r['new_lr']):<10}  {r['reason']:<9} v{r['version']}  {r['source']}"
+            + (f"  ({r['detail']})" if r.get("detail") else "")
+        )
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    reply = _ask(args, {"t": "forget", "job": args.job})
+    if reply is None or reply.get("t") == "error":
+        if reply is not None:
+            print(f"lrpilot forget: {reply.get('message')}", file=sys.stderr)
+        return 1
+    print(f"{args.job}: forgotten")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import os
+
+    from zmq.auth import create_certificates
+
+    os.makedirs(args.dir, exist_ok=True)
+    public, secret = create_certificates(args.dir, "lrpilot")
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(epochs=args.epochs, policy=args.policy)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrpilot",
@@ -103,12 +339,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="PNG", help="draw the value and the LR into a PNG")
     p.set_defaults(handler=cmd_simulate)
+
+    p = sub.add_parser("serve", help="run the controller")
+    p.add_argument("--policy", metavar="FILE", help="policy file (default: the embedded default)")
+    p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="client endpoint")
+    p.add_argument("--admin-bind", default="tcp://127.0.0.1:5556", help="admin endpoint")
+    p.add_argument("--metrics-port", type=_port, default=9477)
+    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--state-dir", default="./lrpilot-state")
+    p.add_argument("--job-ttl", type=_duration, default=_duration("24h"), metavar="DURATION")
+    p.add_argument("--max-jobs", type=int, default=10000)
+    p.add_argument("--worker-timeout", type=_duration, default=_duration("10m"), metavar="DURATION")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--curve-secret-key", metavar="F", help="server certificate (lrpilot keygen)")
+    p.add_argument("--curve-authorized-dir", metavar="D", help="client public keys allowed in")
+    p.set_defaults(handler=cmd_serve)
+
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument(
+        "--admin",
+        default=None,
+        metavar="ENDPOINT",
+        help="admin endpoint (default: $LRPILOT_ADMIN or tcp://127.0.0.1:5556)",
+    )
+
+    p = sub.add_parser("status", parents=[admin], help="live jobs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("set-lr", parents=[admin], help="operator override of a job's LR")
+    p.add_argument("job")
+    p.add_argument("lr", type=_positive_float)
+    p.add_argument("--reason", default="", metavar="TEXT")
+    p.set_defaults(handler=cmd_set_lr)
+
+    p = sub.add_parser("reload", parents=[admin], help="re-read the policy file now")
+    p.set_defaults(handler=cmd_reload)
+
+    p = sub.add_parser("history", parents=[admin], help="a job's LR changes from the audit log")
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_history)
+
+    p = sub.add_parser("forget", parents=[admin], help="drop a job's state")
+    p.add_argument("job")
+    p.set_defaults(handler=cmd_forget)
+
+    p = sub.add_parser("keygen", help="create a CURVE key pair")
+    p.add_argument("dir")
+    p.set_defaults(handler=cmd_keygen)
+
+    p = sub.add_parser("demo", help="a controller driving a short real Keras training")
+    p.add_argument("--epochs", type=int, default=45)
+    p.add_argument("--policy", metavar="FILE", help="policy file (default: a demo plateau policy)")
+    p.set_defaults(handler=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lrpilot` console script."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "admin", "unset") is None:
+        from .admin import default_admin
+
+        args.admin = default_admin()
     handler: Handler = args.handler
     return handler(args)
 

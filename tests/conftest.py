@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,180 @@ def write(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return _write
+
+
+class Controller:
+    """A real `lrpilot serve` subprocess on random loopback ports."""
+
+    def __init__(self, state_dir: Path, policy: Path | None = None, *extra: str) -> None:
+        self.state_dir = state_dir
+        self.policy = policy
+        self.extra = extra
+        self.proc: subprocess.Popen[str] | None = None
+        self.bind = self.admin = self.metrics = ""
+
+    def start(self, timeout: float = 30.0) -> Controller:
+        args = [
+            *LRPILOT,
+            "serve",
+            "--bind",
+            "tcp://127.0.0.1:0",
+            "--admin-bind",
+            "tcp://127.0.0.1:0",
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(self.state_dir),
+            *self.extra,
+        ]
+        if self.policy is not None:
+            args += ["--policy", str(self.policy)]
+        self.stderr_path = self.state_dir.parent / f"controller-{os.getpid()}-{id(self)}.log"
+        self._stderr = open(self.stderr_path, "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        assert self.proc.stdout is not None
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            self.kill()
+            raise AssertionError(f"controller not ready in {timeout}s: {self.log()}")
+        line = self.proc.stdout.readline()
+        if not line.startswith("lrpilot ready"):
+            self.kill()
+            raise AssertionError(f"unexpected first line {line!r}: {self.log()}")
+        fields = dict(part.split("=", 1) for part in line.split()[2:])
+        self.bind, self.admin, self.metrics = fields["bind"], fields["admin"], fields["metrics"]
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.stderr_path.read_text()
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._close_files()
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._close_files()
+        return self.proc.returncode
+
+    def _close_files(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if getattr(self, "_stderr", None) is not None:
+            self._stderr.close()
+
+    def scrape(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics, timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from a real scrape (0.0 when absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
+
+@pytest.fixture
+def controller_factory(tmp_path: Path) -> Iterator[Callable[..., Controller]]:
+    """controller_factory(policy_text=None, *extra_args, state_dir=None) -> a started Controller."""
+    started: list[Controller] = []
+
+    def make(
+        policy_text: str | None = None, *extra: str, state_dir: Path | None = None
+    ) -> Controller:
+        policy = None
+        if policy_text is not None:
+            policy = tmp_path / f"policy-{len(started)}.yaml"
+            policy.write_text(policy_text)
+        c = Controller(state_dir or tmp_path / "state", policy, *extra)
+        started.append(c)
+        return c.start()
+
+    yield make
+    for c in started:
+        c.kill()
+
+
+class Wire:
+    """A raw protocol peer (a DEALER speaking msgpack) for exact, deterministic tests."""
+
+    def __init__(self, endpoint: str, job: str, rank: int = 0, world: int = 1) -> None:
+        import zmq
+
+        from lrpilot.client.protocol import SESSION_BYTES
+
+        self.zmq = zmq
+        self.ctx = zmq.Context()
+        self.job, self.rank, self.world = job, rank, world
+        self.session = os.urandom(SESSION_BYTES)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, self.session)
+        self.sock.connect(endpoint)
+        self.seq = 0
+
+    def send_raw(self, frame: bytes) -> None:
+        self.sock.send(frame)
+
+    def recv(self, timeout: float = 5.0) -> Any:
+        from lrpilot.client.protocol import parse_server_message
+
+        if not self.sock.poll(int(timeout * 1000)):
+            raise TimeoutError("no answer from the controller")
+        return parse_server_message(self.sock.recv())
+
+    def hello(self, lr: float = 0.1, start_epoch: int = 0, **kw: Any) -> Any:
+        from lrpilot.client.protocol import Hello, encode
+
+        h = Hello(self.job, self.rank, self.world, self.session, lr, start_epoch, **kw)
+        self.sock.send(encode(h.to_wire()))
+        return self.recv()
+
+    def report(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        lr: float = 0.1,
+        wait: bool = True,
+        seq: int | None = None,
+        step: int | None = None,
+    ) -> Any:
+        from lrpilot.client.protocol import Report, encode
+
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+        r = Report(self.job, self.rank, self.session, seq, epoch, metrics, lr, step)
+        self.sock.send(encode(r.to_wire()))
+        return self.recv() if wait else None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
+from lrpilot.client.protocol import REASONS
+
 from .fields import between, one_of, param
 
 __all__ = [
@@ -31,19 +33,6 @@ __all__ = [
 
 Unit = Literal["epoch", "step"]
 
-#: Reasons an LR is what it is, in `lr` messages, the audit log and metrics.
-REASONS = (
-    "initial",
-    "unchanged",
-    "plateau",
-    "schedule",
-    "phase",
-    "override",
-    "range_test",
-    "reload",
-    "divergence",
-    "resume",
-)
 
 _F32 = struct.Struct("<f")
 

@@ -1,0 +1,223 @@
+"""Keras 3 adapter: a callback that lets the lrpilot controller set the learning rate.
+
+Importing this module imports Keras; `lrpilot.client` itself never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from .core import Client, scalar_metrics, to_scalar
+from .env import resolve_job
+
+__all__ = ["LRPilotCallback"]
+
+_FIX = (
+    "compile with a float learning rate, e.g. keras.optimizers.Adam(learning_rate=1e-3); "
+    "lrpilot's policy file does the scheduling"
+)
+
+
+def _current_lr(optimizer: Any) -> float:
+    value = to_scalar(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    if value is None:  # pragma: no cover - a float-LR optimizer always has a scalar LR
+        raise ValueError(f"the optimizer's learning rate is not a number; {_FIX}")
+    return value
+
+
+def _flatten(nested: Any) -> list[Any]:
+    if isinstance(nested, dict):
+        return [x for value in nested.values() for x in _flatten(value)]
+    if isinstance(nested, list | tuple):
+        return [x for value in nested for x in _flatten(value)]
+    return [] if nested is None else [nested]
+
+
+def _compiled_metrics(model: Any) -> list[Any]:
+    """The compiled metric objects; before the first batch builds them, made from the
+    identifiers given to `compile` as Keras will (`get_metric` in its compile_utils)."""
+    found: list[Any] = []
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is None or getattr(compiled, "built", True):
+        for metric in getattr(model, "metrics", []):
+            inner = getattr(metric, "metrics", None)  # CompileMetrics / MetricsList hold more
+            found.extend(inner if isinstance(inner, list) else [metric])
+        return found
+    identifiers = _flatten(getattr(compiled, "_user_metrics", None))
+    identifiers += _flatten(getattr(compiled, "_user_weighted_metrics", None))
+    for identifier in identifiers:
+        try:
+            if isinstance(identifier, str) and identifier.lower() in ("accuracy", "acc"):
+                metric = keras.metrics.Accuracy(name=identifier)
+            else:
+                metric = keras.metrics.get(identifier)
+                if not isinstance(metric, keras.metrics.Metric):
+                    name = identifier if isinstance(identifier, str) else metric.__name__
+                    metric = keras.metrics.MeanMetricWrapper(metric, name=name)
+                elif isinstance(identifier, str):
+                    metric.name = identifier
+        except (ValueError, TypeError, AttributeError):
+            continue  # a direction is a hint; the policy can still say `mode: min|max`
+        found.append(metric)
+    return found
+
+
+def _directions(model: Any) -> dict[str, str]:
+    """`{metric: "min"|"max"}` for the compiled metrics, under their name and `val_` name."""
+    found = {"loss": "min", "val_loss": "min"}
+    for metric in _compiled_metrics(model):
+        direction = {"up": "max", "down": "min"}.get(getattr(metric, "_direction", None) or "")
+        name = getattr(metric, "name", None)
+        if direction and isinstance(name, str):
+            found.setdefault(name, direction)
+            found.setdefault(f"val_{name}", direction)
+    return found
+
+
+class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
+    """Lets the lrpilot controller decide the learning rate of `model.fit`.
+
+    Says hello at the first epoch it sees (so `fit(initial_epoch=...)` resumes the job's
+    run) with the optimizer's LR and the direction of each compiled metric, reports every
+    scalar log at the end of each epoch, and sets the decided LR so that it applies from the
+    next epoch, as Keras' `ReduceLROnPlateau` does. Pushed changes (e.g. `lrpilot set-lr`)
+    apply at the next epoch begin. Writes `logs["learning_rate"]`. The controller being
+    absent or slow never stops training: the LR then stays as it is.
+
+    Args:
+        job: the job name; default `LRPILOT_JOB`.
+        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        timeout: the longest, in seconds, an epoch end waits for the controller.
+        verbose: 1 prints each LR change, like Keras' own LR callbacks.
+        unit: `"epoch"`, or `"step"` for policies with `unit: step`: then it reports every
+            `report_every` optimizer steps without waiting and applies decisions from the
+            next step.
+        report_every: with `unit="step"`, report every this many steps.
+
+    Raises:
+        ValueError: no job name, a bad argument, or (at `fit`) an optimizer built on a
+            `LearningRateSchedule` or a MultiOptimizer.
+
+    Example:
+
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3), loss="mse")
+        model.fit(x, y, epochs=50, callbacks=[LRPilotCallback(job="resnet-a")])
+    """
+
+    def __init__(
+        self,
+        job: str | None = None,
+        endpoint: str | None = None,
+        timeout: float = 1.0,
+        verbose: int = 0,
+        unit: str = "epoch",
+        report_every: int = 1,
+    ) -> None:
+        super().__init__()
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        if isinstance(report_every, bool) or not isinstance(report_every, int):
+            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        if report_every < 1:
+            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        self.job = resolve_job(job)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.verbose = verbose
+        self.unit = unit
+        self.report_every = report_every
+        #: The lrpilot client of the running `fit`, None outside of one.
+        self.client: Client | None = None
+        self._epoch = 0
+        self._lr = 0.0  # the LR last set on (or read from) the optimizer
+
+    # -- fit -------------------------------------------------------------------------------
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        optimizer = self.model.optimizer
+        if optimizer is None:
+            raise ValueError("LRPilotCallback needs a compiled model: call model.compile first")
+        if hasattr(optimizer, "optimizers"):
+            raise ValueError(f"LRPilotCallback cannot drive a MultiOptimizer; {_FIX}")
+        schedule = getattr(optimizer, "_learning_rate", None)
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            raise ValueError(
+                f"LRPilotCallback cannot set the LR of an optimizer built on "
+                f"{type(schedule).__name__}; {_FIX}"
+            )
+        if callable(schedule) and not hasattr(schedule, "assign"):
+            raise ValueError(f"LRPilotCallback cannot set a callable learning rate; {_FIX}")
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # -- epochs ----------------------------------------------------------------------------
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._epoch = epoch
+        optimizer = self.model.optimizer
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        if self.client is None:  # the first epoch of this fit: hello from here
+            self._lr = _current_lr(optimizer)
+            self.client = Client(
+                self.endpoint,
+                self.job,
+                initial_lr=self._lr,
+                start_epoch=epoch,
+                timeout=self.timeout,
+                start_step=step,
+                framework="keras",
+                directions=_directions(self.model),
+            )
+            lr = self.client.lr
+        else:
+            lr = self.client.poll(epoch=epoch, step=step)
+        self._set_lr(epoch, lr, "setting")
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.client is None:
+            return
+        used = _current_lr(self.model.optimizer)
+        if self.unit == "epoch":
+            metrics = {k: v for k, v in scalar_metrics(logs).items() if k != "learning_rate"}
+            new_lr = self.client.report(epoch, metrics)
+        else:
+            new_lr = self.client.poll(step=self._step())
+        if logs is not None:
+            logs["learning_rate"] = used
+        self._set_lr(epoch, new_lr, "reducing" if new_lr < used else "raising")
+        if self.client.stop_requested:
+            self.model.stop_training = True
+
+    # -- steps (unit="step") ---------------------------------------------------------------
+
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.unit == "step" and self.client is not None:
+            self._set_lr(self._epoch, self.client.poll(step=self._step()), "setting", quiet=True)
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.unit != "step" or self.client is None:
+            return
+        step = self._step() - 1  # the update just made, 0-based
+        if (step + 1) % self.report_every == 0:
+            self.client.report(self._epoch, scalar_metrics(logs), step=step, wait=False)
+            if self.client.stop_requested:
+                self.model.stop_training = True
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _step(self) -> int:
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def _set_lr(self, epoch: int, lr: float, verb: str, quiet: bool = False) -> None:
+        if lr == self._lr:
+            return
+        self.model.optimizer.learning_rate = lr
+        self._lr = lr
+        if self.verbose > 0 and not quiet:
+            print(f"\nEpoch {epoch + 1}: LRPilotCallback {verb} learning rate to {lr}.")

@@ -1,0 +1,422 @@
+"""Wire protocol v1, shared by the controller and the client.
+
+ZeroMQ ROUTER (controller) / DEALER (client); one msgpack frame per message
+after the routing id, string keys. Every incoming message is checked against
+the limits below *before* any work is done with it; a violation is a
+`ProtocolError` whose `code` is sent back in an `error` message.
+
+    hello  {t:"hello", v:1, job, rank, world, session, lr, start_epoch, start_step, framework,
+            host, pid, directions?}
+    report {t:"report", job, rank, session, seq, epoch, step|null, metrics: {name: float}, lr}
+    bye    {t:"bye", job, rank, session}
+    lr     {t:"lr", job, lr, version, run, seq|null, apply_from_epoch|null, apply_from_step|null,
+            reason, action?}
+    error  {t:"error", code, message, seq|null}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+__all__ = [
+    "ERROR_CODES",
+    "MAX_INT",
+    "MAX_MESSAGE_BYTES",
+    "MAX_METRICS",
+    "PROTOCOL_VERSION",
+    "REASONS",
+    "SOCKET_MAX_MSG_SIZE",
+    "Bye",
+    "ErrorMessage",
+    "Hello",
+    "LrMessage",
+    "Report",
+    "check_name",
+    "decode",
+    "encode",
+    "parse_client_message",
+    "parse_server_message",
+]
+
+PROTOCOL_VERSION = 1
+SOCKET_MAX_MSG_SIZE = 1 << 20  # the socket drops the peer above this
+MAX_MESSAGE_BYTES = 64 * 1024  # rejected before unpacking above this
+MAX_METRICS = 256
+MAX_INT = 1 << 40  # epochs and steps
+MAX_SEQ = (1 << 63) - 1
+MAX_WORLD = 1 << 16
+SESSION_BYTES = 16
+NAME_RE = re.compile(r"^[A-Za-z0-9._:/@-]{1,128}$")
+
+#: Error codes in `error` replies, and reasons of `lrpilot_invalid_messages_total`.
+ERROR_CODES = (
+    "too_large",
+    "decode",
+    "schema",
+    "unknown_type",
+    "out_of_range",
+    "bad_version",
+    "unknown_session",
+    "max_jobs",
+    "mode_unresolved",
+)
+
+#: Why an LR is what it is: in `lr` messages, the audit log and metrics.
+REASONS = (
+    "initial",
+    "unchanged",
+    "plateau",
+    "schedule",
+    "phase",
+    "override",
+    "range_test",
+    "reload",
+    "divergence",
+    "resume",
+)
+
+ACTIONS = ("snapshot", "restore", "stop")
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One msgpack frame (`use_bin_type=True`)."""
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    """A msgpack frame → a dict with a string `t`, within the size limits.
+
+    Raises:
+        ProtocolError: `too_large`, `decode` or `schema`.
+    """
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("too_large", f"message of {len(frame)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        obj = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=4096,
+            max_bin_len=256,
+            max_array_len=1024,
+            max_map_len=2 * MAX_METRICS,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several types for corrupt input
+        raise ProtocolError("decode", f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("schema", f"a message is a map, got {type(obj).__name__}")
+    if not isinstance(obj.get("t"), str):
+        raise ProtocolError("schema", "a message needs a string field t")
+    return obj
+
+
+# -- field checks ---------------------------------------------------------------
+
+
+def _get(msg: Mapping[str, Any], key: str) -> Any:
+    if key not in msg:
+        raise ProtocolError("schema", f"{msg.get('t')} needs {key}")
+    return msg[key]
+
+
+def _int(msg: Mapping[str, Any], key: str, lo: int, hi: int, *, optional: bool = False) -> Any:
+    value = msg.get(key) if optional else _get(msg, key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("schema", f"{key} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ProtocolError("out_of_range", f"{key} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _lr(msg: Mapping[str, Any], key: str = "lr", lo_open: bool = True) -> float:
+    value = _get(msg, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("schema", f"{key} must be a number, got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value) and (value > 0 if lo_open else value >= 0) and value <= 10
+    if not ok:
+        raise ProtocolError("out_of_range", f"{key} must be finite in (0, 10], got {value!r}")
+    return value
+
+
+def _str(msg: Mapping[str, Any], key: str, limit: int, *, optional: bool = False) -> str:
+    value = msg.get(key, "") if optional else _get(msg, key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError("schema", f"{key} must be a string of at most {limit} characters")
+    return value
+
+
+def check_name(value: Any, what: str) -> str:
+    """A job or metric name: 1-128 characters of [A-Za-z0-9._:/@-]."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        shown = repr(value)[:60] if isinstance(value, str) else type(value).__name__
+        raise ProtocolError("schema", f"{what} must be 1-128 of [A-Za-z0-9._:/@-], got {shown}")
+    return value
+
+
+def _session(msg: Mapping[str, Any]) -> bytes:
+    value = _get(msg, "session")
+    if not isinstance(value, bytes) or len(value) != SESSION_BYTES:
+        raise ProtocolError("schema", f"session must be {SESSION_BYTES} bytes")
+    return value
+
+
+def _rank(msg: Mapping[str, Any]) -> int:
+    return int(_int(msg, "rank", 0, MAX_WORLD - 1))
+
+
+# -- messages --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A client starts (or restarts): who it is, its LR and the first epoch it will run."""
+
+    job: str
+    rank: int
+    world: int
+    session: bytes
+    lr: float
+    start_epoch: int
+    start_step: int = 0
+    framework: str = ""
+    host: str = ""
+    pid: int = 0
+    directions: dict[str, str] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "hello",
+            "v": PROTOCOL_VERSION,
+            "job": self.job,
+            "rank": self.rank,
+            "world": self.world,
+            "session": self.session,
+            "lr": self.lr,
+            "start_epoch": self.start_epoch,
+            "start_step": self.start_step,
+            "framework": self.framework,
+            "host": self.host,
+            "pid": self.pid,
+            "directions": self.directions,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Hello:
+        if msg.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError("bad_version", f"protocol version {msg.get('v')!r} is not 1")
+        world = int(_int(msg, "world", 1, MAX_WORLD))
+        rank = _rank(msg)
+        if rank >= world:
+            raise ProtocolError("out_of_range", f"rank {rank} must be < world {world}")
+        directions = msg.get("directions") or {}
+        if not isinstance(directions, dict) or len(directions) > MAX_METRICS:
+            raise ProtocolError("schema", "directions must be a map of metric -> min|max")
+        for name, d in directions.items():
+            check_name(name, "metric name")
+            if d not in ("min", "max"):
+                raise ProtocolError("schema", f"direction of {name} must be min or max, got {d!r}")
+        return cls(
+            job=check_name(_get(msg, "job"), "job"),
+            rank=rank,
+            world=world,
+            session=_session(msg),
+            lr=_lr(msg),
+            start_epoch=int(_int(msg, "start_epoch", 0, MAX_INT)),
+            start_step=int(_int(msg, "start_step", 0, MAX_INT, optional=True) or 0),
+            framework=_str(msg, "framework", 64, optional=True),
+            host=_str(msg, "host", 255, optional=True),
+            pid=int(_int(msg, "pid", 0, 1 << 32, optional=True) or 0),
+            directions=dict(directions),
+        )
+
+
+@dataclass(frozen=True)
+class Report:
+    """The metrics of one finished epoch (or step): `epoch` is 0-based, as Keras' on_epoch_end."""
+
+    job: str
+    rank: int
+    session: bytes
+    seq: int
+    epoch: int
+    metrics: dict[str, float]
+    lr: float
+    step: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "report",
+            "job": self.job,
+            "rank": self.rank,
+            "session": self.session,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "step": self.step,
+            "metrics": self.metrics,
+            "lr": self.lr,
+        }
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Report:
+        metrics = _get(msg, "metrics")
+        if not isinstance(metrics, dict):
+            raise ProtocolError("schema", "metrics must be a map of name -> number")
+        if len(metrics) > MAX_METRICS:
+            raise ProtocolError(
+                "out_of_range", f"at most {MAX_METRICS} metrics, got {len(metrics)}"
+            )
+        clean: dict[str, float] = {}
+        for name, value in metrics.items():
+            check_name(name, "metric name")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ProtocolError("schema", f"metric {name} must be a number")
+            clean[name] = float(value)  # NaN and ±inf are information, kept as they are
+        return cls(
+            job=check_name(_get(msg, "job"), "job"),
+            rank=_rank(msg),
+            session=_session(msg),
+            seq=int(_int(msg, "seq", 0, MAX_SEQ)),
+            epoch=int(_int(msg, "epoch", 0, MAX_INT)),
+            step=_int(msg, "step", 0, MAX_INT, optional=True),
+            metrics=clean,
+            lr=_lr(msg),
+        )
+
+
+@dataclass(frozen=True)
+class Bye:
+    """A client is done: its rank no longer counts as a worker."""
+
+    job: str
+    rank: int
+    session: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "bye", "job": self.job, "rank": self.rank, "session": self.session}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Bye:
+        return cls(check_name(_get(msg, "job"), "job"), _rank(msg), _session(msg))
+
+
+@dataclass(frozen=True)
+class LrMessage:
+    """The controller's answer or push: the LR to use from `apply_from_epoch` (or step) on."""
+
+    job: str
+    lr: float
+    version: int
+    run: int
+    reason: str
+    seq: int | None = None
+    apply_from_epoch: int | None = None
+    apply_from_step: int | None = None
+    action: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {
+            "t": "lr",
+            "job": self.job,
+            "lr": self.lr,
+            "version": self.version,
+            "run": self.run,
+            "seq": self.seq,
+            "apply_from_epoch": self.apply_from_epoch,
+            "apply_from_step": self.apply_from_step,
+            "reason": self.reason,
+        }
+        if self.action is not None:
+            msg["action"] = self.action
+        return msg
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> LrMessage:
+        epoch = _int(msg, "apply_from_epoch", 0, MAX_INT, optional=True)
+        step = _int(msg, "apply_from_step", 0, MAX_INT, optional=True)
+        if (epoch is None) == (step is None):
+            raise ProtocolError("schema", "exactly one of apply_from_epoch, apply_from_step")
+        reason = _get(msg, "reason")
+        if reason not in REASONS:
+            raise ProtocolError("schema", f"unknown reason {reason!r}")
+        action = msg.get("action")
+        if action is not None and action not in ACTIONS:
+            raise ProtocolError("schema", f"unknown action {action!r}")
+        return cls(
+            job=check_name(_get(msg, "job"), "job"),
+            lr=_lr(msg, lo_open=False),
+            version=int(_int(msg, "version", 0, MAX_SEQ)),
+            run=int(_int(msg, "run", 0, MAX_SEQ)),
+            reason=reason,
+            seq=_int(msg, "seq", 0, MAX_SEQ, optional=True),
+            apply_from_epoch=epoch,
+            apply_from_step=step,
+            action=action,
+        )
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """The controller refused a message; `code` says why (one of ERROR_CODES)."""
+
+    code: str
+    message: str
+    seq: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "error", "code": self.code, "message": self.message, "seq": self.seq}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> ErrorMessage:
+        code = _get(msg, "code")
+        if code not in ERROR_CODES:
+            raise ProtocolError("schema", f"unknown error code {code!r}")
+        return cls(
+            code,
+            _str(msg, "message", 4096, optional=True),
+            _int(msg, "seq", 0, MAX_SEQ, optional=True),
+        )
+
+
+ClientMessage = Hello | Report | Bye
+ServerMessage = LrMessage | ErrorMessage
+
+_CLIENT = {"hello": Hello, "report": Report, "bye": Bye}
+_SERVER = {"lr": LrMessage, "error": ErrorMessage}
+
+
+def parse_client_message(frame: bytes) -> ClientMessage:
+    """Decode and validate a message from a client.
+
+    Raises:
+        ProtocolError: with the code to answer and count.
+    """
+    msg = decode(frame)
+    kind = _CLIENT.get(msg["t"])
+    if kind is None:
+        raise ProtocolError("unknown_type", f"unknown message type {msg['t'][:40]!r}")
+    return kind.from_wire(msg)  # type: ignore[attr-defined, no-any-return]
+
+
+def parse_server_message(frame: bytes) -> ServerMessage:
+    """Decode and validate a message from the controller (the client trusts nothing either).
+
+    Raises:
+        ProtocolError: for anything that is not a valid `lr` or `error`.
+    """
+    msg = decode(frame)
+    kind = _SERVER.get(msg["t"])
+    if kind is None:
+        raise ProtocolError("unknown_type", f"unknown message type {msg['t'][:40]!r}")
+    return kind.from_wire(msg)  # type: ignore[attr-defined, no-any-return]

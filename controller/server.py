@@ -1,0 +1,461 @@
+"""The controller daemon: one thread, one zmq Poller loop over the client and admin sockets.
+
+The loop only moves bytes and time: it decodes and validates each frame
+(`lrpilot.client.protocol`), hands it to the `JobTable`, and sends what the
+table returns with NOBLOCK (unroutable or full peers are counted, never
+waited for). Between messages it watches the policy file, decides multi-worker
+epochs whose `aggregate_timeout` ran out, and drops jobs silent past
+`--job-ttl`. Prometheus metrics are served from prometheus_client's own thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from lrpilot.client.errors import PolicyError, ProtocolError
+from lrpilot.client.protocol import (
+    SOCKET_MAX_MSG_SIZE,
+    Bye,
+    ErrorMessage,
+    Hello,
+    Report,
+    check_name,
+    decode,
+    encode,
+    parse_client_message,
+)
+
+from . import __version__
+from .jobs import JobTable, Outgoing
+from .metrics import Metrics
+from .policyfile import PolicySet, load_default, load_text
+from .reload import PolicyWatcher
+from .store import Store
+
+__all__ = ["ServeConfig", "Server"]
+
+log = logging.getLogger("lrpilot.controller")
+
+WATCH_INTERVAL = 0.2
+SWEEP_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `lrpilot serve` was told; see DESIGN.md's command table for the defaults."""
+
+    policy: str | None = None
+    bind: str = "tcp://0.0.0.0:5555"
+    admin_bind: str = "tcp://127.0.0.1:5556"
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 9477
+    state_dir: str = "./lrpilot-state"
+    job_ttl: float = 86400.0
+    max_jobs: int = 10000
+    worker_timeout: float = 600.0
+    curve_secret_key: str | None = None
+    curve_authorized_dir: str | None = None
+
+
+class _LogLimiter:
+    """At most `rate` invalid-message log lines per second; the counter still counts all."""
+
+    def __init__(self, rate: int = 20) -> None:
+        self.rate, self.window, self.count, self.dropped = rate, 0.0, 0, 0
+
+    def allow(self, now: float) -> bool:
+        if now - self.window >= 1.0:
+            if self.dropped:
+                log.warning("%d more invalid messages not logged", self.dropped)
+            self.window, self.count, self.dropped = now, 0, 0
+        self.count += 1
+        if self.count > self.rate:
+            self.dropped += 1
+            return False
+        return True
+
+
+class Server:
+    """A bound controller; `run()` serves until `stop()` (or SIGTERM/SIGINT).
+
+    Args:
+        config: the validated settings.
+        policies: the policy set in force (from `--policy` or the embedded default).
+        clock, wall: monotonic and Unix time (injectable for tests).
+
+    Raises:
+        zmq.ZMQError: a socket cannot bind.
+        StateDirLocked, StoreCorrupt: the state dir cannot be used.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        policies: PolicySet,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics(version=__version__)
+        self.store = Store(config.state_dir)
+        self.table = JobTable(
+            policies,
+            self.store,
+            self.metrics,
+            clock,
+            wall,
+            max_jobs=config.max_jobs,
+            worker_timeout=config.worker_timeout,
+            job_ttl=config.job_ttl,
+        )
+        self.metrics.last_reload_timestamp.set(wall())
+        self.watcher = (
+            PolicyWatcher(config.policy, policies.digest, clock) if config.policy else None
+        )
+        self._stopping = False
+        self._reload_requested = False
+        self._limiter = _LogLimiter()
+        self.ctx = zmq.Context()
+        self._auth: Any = None
+        self._http: Any = None
+        try:
+            self.sock = self._client_socket()
+            self.admin = self.ctx.socket(zmq.ROUTER)
+            self.admin.setsockopt(zmq.LINGER, 0)
+            self.admin.bind(config.admin_bind)  # close() closes it if this fails
+            if config.metrics_port is not None:
+                from prometheus_client import start_http_server
+
+                self._http, _ = start_http_server(
+                    config.metrics_port, config.metrics_host, registry=self.metrics.registry
+                )
+        except Exception:
+            self.close()
+            raise
+        self._restore_jobs(wall())
+
+    def _client_socket(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, SOCKET_MAX_MSG_SIZE)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, 15000)
+        if self.config.curve_secret_key:
+            from zmq.auth import load_certificate
+            from zmq.auth.thread import ThreadAuthenticator
+
+            public, secret = load_certificate(self.config.curve_secret_key)
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
+            sock.curve_secretkey = secret
+            sock.curve_publickey = public
+            sock.curve_server = True
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _restore_jobs(self, now: float) -> None:
+        """Bring back every job reported within --job-ttl (most recent first, up to --max-jobs)."""
+        rows = [
+            (name, data)
+            for name, data in self.store.load_jobs()
+            if now - float(data.get("last_report_wall", 0.0)) <= self.config.job_ttl
+        ]
+        rows.sort(key=lambda r: float(r[1].get("last_report_wall", 0.0)), reverse=True)
+        for name, data in rows[: self.config.max_jobs]:
+            job = self.table._restore(name, self.table.policies.rule_for(name), data)
+            self.table.jobs[name] = job
+            self.metrics.observe_job(job, self.clock())
+        self.metrics.set_jobs(len(self.table.jobs))
+        if rows:
+            log.info(
+                "restored %d jobs from %s",
+                min(len(rows), self.config.max_jobs),
+                self.config.state_dir,
+            )
+
+    # -- endpoints ----------------------------------------------------------------
+
+    def endpoints(self) -> dict[str, str]:
+        bind = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        admin = self.admin.getsockopt_string(zmq.LAST_ENDPOINT)
+        out = {"bind": bind, "admin": admin}
+        if self._http is not None:
+            host = self.config.metrics_host
+            out["metrics"] = f"http://{host}:{self._http.server_port}/metrics"
+        return out
+
+    def ready_line(self) -> str:
+        e = self.endpoints()
+        metrics = e.get("metrics", "off")
+        return f"lrpilot ready bind={e['bind']} admin={e['admin']} metrics={metrics}"
+
+    # -- the loop -------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def request_reload(self) -> None:
+        self._reload_requested = True
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.admin, zmq.POLLIN)
+        next_watch = next_sweep = self.clock()
+        while not self._stopping:
+            now = self.clock()
+            timeout = min(next_watch, next_sweep) - now
+            deadline = self.table.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
+            events = dict(poller.poll(max(0, math.ceil(timeout * 1000))))
+            if self.sock in events:
+                self._drain_clients()
+            if self.admin in events:
+                self._drain_admin()
+            now = self.clock()
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload("signal")
+            if now >= next_watch:
+                next_watch = now + WATCH_INTERVAL
+                self._watch()
+            deadline = self.table.next_deadline()
+            if now >= next_sweep or (deadline is not None and now >= deadline):
+                next_sweep = now + SWEEP_INTERVAL
+                self._send(self.table.expire())
+                self.metrics.set_jobs(len(self.table.jobs))
+
+    def _drain_clients(self, budget: int = 1000) -> None:
+        for _ in range(budget):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle_client(frames)
+
+    def _handle_client(self, frames: list[bytes]) -> None:
+        ident = frames[0]
+        seq = None
+        try:
+            if len(frames) != 2:
+                raise ProtocolError(
+                    "schema", f"expected one frame after the routing id, got {len(frames) - 1}"
+                )
+            message = parse_client_message(frames[1])
+            if isinstance(message, Report):
+                seq = message.seq
+            out = self._dispatch(message)
+        except ProtocolError as exc:
+            self._invalid(ident, exc, seq)
+            return
+        self._send(out)
+
+    def _dispatch(self, message: Hello | Report | Bye) -> Outgoing:
+        if isinstance(message, Hello):
+            out = self.table.hello(message)
+            self.metrics.set_jobs(len(self.table.jobs))
+            return out
+        if isinstance(message, Report):
+            return self.table.report(message)
+        return self.table.bye(message)
+
+    def _invalid(self, ident: bytes, exc: ProtocolError, seq: int | None) -> None:
+        if exc.code not in ("unknown_session",):
+            self.metrics.invalid.labels(exc.code).inc()
+        if self._limiter.allow(self.clock()):
+            log.warning("invalid message from %s: %s", ident.hex()[:12], exc)
+        self._send([(ident, ErrorMessage(exc.code, exc.message, seq))])
+
+    def _send(self, out: Outgoing) -> None:
+        for ident, message in out:
+            try:
+                self.sock.send_multipart([ident, encode(message.to_wire())], zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                self.metrics.unroutable.inc()
+
+    # -- admin --------------------------------------------------------------------------
+
+    def _drain_admin(self, budget: int = 100) -> None:
+        for _ in range(budget):
+            try:
+                frames = self.admin.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = self._admin(frames[-1])
+            with contextlib.suppress(zmq.ZMQError):
+                self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
+
+    def _admin(self, frame: bytes) -> dict[str, Any]:
+        try:
+            msg = decode(frame)
+            kind = msg["t"]
+            if kind == "status":
+                return {"t": "status", "jobs": self.table.status()}
+            if kind == "set_lr":
+                job = check_name(msg.get("job"), "job")
+                lr = msg.get("lr")
+                if (
+                    isinstance(lr, bool)
+                    or not isinstance(lr, int | float)
+                    or not (math.isfinite(lr) and 0 < lr <= 10)
+                ):
+                    return {
+                        "t": "error",
+                        "code": "out_of_range",
+                        "message": f"lr must be finite in (0, 10], got {lr!r}",
+                    }
+                reason = str(msg.get("reason") or "")[:500]
+                try:
+                    self._send(self.table.set_lr(job, float(lr), reason))
+                except KeyError:
+                    return {"t": "error", "code": "unknown_job", "message": f"no job {job!r}"}
+                return {
+                    "t": "ok",
+                    "job": job,
+                    "lr": self.table.jobs[job].lr,
+                    "version": self.table.jobs[job].version,
+                }
+            if kind == "reload":
+                return self.reload("admin")
+            if kind == "history":
+                job = check_name(msg.get("job"), "job")
+                rows = self.store.history(job)
+                if not rows and job not in self.table.jobs:
+                    return {"t": "error", "code": "unknown_job", "message": f"no job {job!r}"}
+                return {"t": "history", "job": job, "rows": [r.to_json() for r in rows]}
+            if kind == "forget":
+                job = check_name(msg.get("job"), "job")
+                if not self.table.forget(job):
+                    return {"t": "error", "code": "unknown_job", "message": f"no job {job!r}"}
+                self.metrics.set_jobs(len(self.table.jobs))
+                return {"t": "ok", "job": job}
+            return {"t": "error", "code": "unknown_type", "message": f"unknown request {kind!r}"}
+        except ProtocolError as exc:
+            return {"t": "error", "code": exc.code, "message": exc.message}
+
+    # -- reload -----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        if self.watcher is None:
+            return
+        text = self.watcher.poll()
+        if text is None:
+            return
+        if text == "":
+            log.error("policy file %s is missing; keeping the policy in force", self.config.policy)
+            return
+        self._apply_text(text, "watch")
+
+    def reload(self, source: str) -> dict[str, Any]:
+        """Re-read the policy file now; validate, then swap. Returns the admin reply."""
+        if not self.config.policy:
+            return {
+                "t": "reload",
+                "ok": False,
+                "errors": [
+                    "no policy file: serve runs the embedded default (start it with --policy)"
+                ],
+            }
+        try:
+            text = Path(self.config.policy).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return self._reload_failed([f"{self.config.policy}: cannot read policy file: {exc}"])
+        return self._apply_text(text, source)
+
+    def _apply_text(self, text: str, source: str) -> dict[str, Any]:
+        assert self.config.policy is not None
+        try:
+            new = load_text(text, self.config.policy)
+        except PolicyError as exc:
+            return self._reload_failed([e.located() for e in exc.errors])
+        if self.watcher is not None:
+            self.watcher.accept(new.digest)
+        if new.digest == self.table.policies.digest:
+            return {"t": "reload", "ok": True, "changed": False, "errors": []}
+        self._send(self.table.swap_policies(new))
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.last_reload_success.set(1)
+        self.metrics.last_reload_timestamp.set(time.time())
+        log.info(
+            "policy reloaded from %s (%s); %d jobs re-evaluated",
+            self.config.policy,
+            source,
+            len(self.table.jobs),
+        )
+        return {"t": "reload", "ok": True, "changed": True, "errors": []}
+
+    def _reload_failed(self, errors: list[str]) -> dict[str, Any]:
+        self.metrics.reloads.labels("error").inc()
+        self.metrics.last_reload_success.set(0)
+        for line in errors:
+            log.error("policy reload rejected, old policy kept: %s", line)
+        return {"t": "reload", "ok": False, "errors": errors}
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close sockets with linger 0, stop the metrics server, release the state dir."""
+        for name in ("sock", "admin"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self.ctx.term()
+        self.store.close()
+
+
+def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
+    """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
+    from .store import StateDirLocked, StoreCorrupt
+
+    policies = policies or load_default()
+    try:
+        server = Server(config, policies)
+    except (StateDirLocked, StoreCorrupt) as exc:
+        print(f"lrpilot serve: {exc}", file=sys.stderr)
+        return 1
+    except zmq.ZMQError as exc:
+        print(f"lrpilot serve: cannot bind: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"lrpilot serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    server.install_signal_handlers()
+    print(server.ready_line(), flush=True)
+    try:
+        server.run()
+    finally:
+        server.close()
+        log.info("controller stopped; state flushed to %s", config.state_dir)
+    return 0

@@ -1,0 +1,165 @@
+"""LRPilotCallback in a real `model.fit` against a scripted controller."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+keras = pytest.importorskip("keras")
+np = pytest.importorskip("numpy")
+
+from test_client import ScriptedPeer, free_endpoint  # noqa: E402
+
+from lrpilot.client.keras import LRPilotCallback  # noqa: E402
+from lrpilot.client.protocol import Bye, Hello, Report  # noqa: E402
+
+
+@pytest.fixture
+def peer() -> Iterator[ScriptedPeer]:
+    p = ScriptedPeer(lr=0.01)
+    yield p
+    p.close()
+
+
+def make_model(optimizer: Any = None) -> Any:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer=optimizer or keras.optimizers.SGD(learning_rate=0.01),
+        loss="mse",
+        metrics=["mae", keras.metrics.R2Score(name="r2")],
+    )
+    return model
+
+
+def data() -> tuple[Any, Any]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+def fit(model: Any, callback: LRPilotCallback, epochs: int = 4, **kwargs: Any) -> Any:
+    x, y = data()
+    return model.fit(
+        x, y, validation_split=0.25, epochs=epochs, batch_size=16, verbose=0, callbacks=[callback],
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_a_decision_at_the_end_of_epoch_1_applies_in_epoch_2(
+    peer: ScriptedPeer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peer.decide = lambda r: peer.lr / 2 if r.epoch == 1 else None
+    model = make_model()
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint, verbose=1)
+    history = fit(model, callback).history
+
+    lrs = history["learning_rate"]
+    assert lrs[0] == pytest.approx(0.01) and lrs[1] == pytest.approx(0.01)
+    assert lrs[2] == pytest.approx(0.005) and lrs[3] == pytest.approx(0.005)
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.005)
+    assert "Epoch 2: LRPilotCallback reducing learning rate to 0.005" in capsys.readouterr().out
+
+    (hello,) = peer.of_type(Hello)
+    assert hello.framework == "keras" and hello.start_epoch == 0
+    assert hello.lr == pytest.approx(0.01)
+    assert hello.directions["loss"] == "min" and hello.directions["val_loss"] == "min"
+    assert hello.directions["r2"] == "max" and hello.directions["val_r2"] == "max"
+    reports = peer.of_type(Report)
+    assert [r.epoch for r in reports] == [0, 1, 2, 3]
+    assert {"loss", "val_loss", "mae", "val_mae", "r2"} <= set(reports[0].metrics)
+    assert reports[2].lr == pytest.approx(0.005)
+    peer.wait_for(lambda ms: isinstance(ms[-1], Bye))  # on_train_end closed the client
+    assert callback.client is None
+
+
+def test_the_hello_reply_sets_the_lr_before_the_first_epoch(peer: ScriptedPeer) -> None:
+    peer.lr = 0.002  # e.g. the policy's initial_lr
+    history = fit(make_model(), LRPilotCallback(job="job-a", endpoint=peer.endpoint), epochs=2)
+    assert history.history["learning_rate"] == pytest.approx([0.002, 0.002])
+
+
+def test_a_push_applies_at_the_next_epoch_begin(peer: ScriptedPeer) -> None:
+    override = peer.lr_message(None, 2, lr=0.03, version=5, reason="override")
+    peer.handler = lambda identity, message: [*peer.answer(identity, message), override]
+    history = fit(make_model(), LRPilotCallback(job="job-a", endpoint=peer.endpoint))
+    assert history.history["learning_rate"][:2] == pytest.approx([0.01, 0.01])
+    assert history.history["learning_rate"][2:] == pytest.approx([0.03, 0.03])
+
+
+def test_a_learning_rate_schedule_is_an_error_naming_the_fix(peer: ScriptedPeer) -> None:
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.9)
+    model = make_model(keras.optimizers.SGD(learning_rate=schedule))
+    with pytest.raises(ValueError, match=r"float learning rate.*Adam\(learning_rate=1e-3\)"):
+        fit(model, LRPilotCallback(job="job-a", endpoint=peer.endpoint))
+    assert peer.messages == []  # refused before saying anything
+
+
+def test_initial_epoch_resumes_the_run(peer: ScriptedPeer) -> None:
+    fit(
+        make_model(),
+        LRPilotCallback(job="job-a", endpoint=peer.endpoint),
+        initial_epoch=3,
+        epochs=5,
+    )
+    hello = peer.of_type(Hello)[0]
+    assert hello.start_epoch == 3 and hello.start_step == 0
+    assert [r.epoch for r in peer.of_type(Report)] == [3, 4]
+
+
+def test_an_absent_controller_leaves_the_lr_alone() -> None:
+    callback = LRPilotCallback(job="job-a", endpoint=free_endpoint(), timeout=0.3)
+    history = fit(make_model(), callback)
+    assert history.history["learning_rate"] == pytest.approx([0.01] * 4)
+    assert len(history.history["loss"]) == 4
+
+
+def test_stop_action_stops_training(peer: ScriptedPeer) -> None:
+    def stop_after_1(identity: bytes, message: Any) -> list[Any]:
+        if isinstance(message, Report) and message.epoch == 1:
+            return [peer.lr_message(message.seq, 2, version=2, reason="plateau", action="stop")]
+        return peer.answer(identity, message)
+
+    peer.handler = stop_after_1
+    history = fit(make_model(), LRPilotCallback(job="job-a", endpoint=peer.endpoint), epochs=10)
+    assert len(history.history["loss"]) == 2
+
+
+def test_unit_step_reports_every_n_steps_and_applies_from_the_next_step(
+    peer: ScriptedPeer,
+) -> None:
+    peer.decide = lambda r: 0.004 if r.step is not None and r.step >= 3 else None
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint, unit="step", report_every=2)
+    model = make_model()
+    history = fit(model, callback, epochs=3)  # 3 batches of training data per epoch: 9 steps
+    reports = peer.of_type(Report)
+    assert [r.step for r in reports] == [1, 3, 5, 7]
+    assert [r.epoch for r in reports] == [0, 1, 1, 2]
+    assert "loss" in reports[0].metrics
+    # Replies are not waited for; the one for step 3 has arrived by the end of training.
+    assert history.history["learning_rate"][-1] == pytest.approx(0.004)
+
+
+def test_bad_arguments_fail_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LRPILOT_JOB", raising=False)
+    with pytest.raises(ValueError, match=r"job=.*LRPILOT_JOB"):
+        LRPilotCallback()
+    with pytest.raises(ValueError, match="unit"):
+        LRPilotCallback(job="j", unit="batch")
+    with pytest.raises(ValueError, match="report_every"):
+        LRPilotCallback(job="j", unit="step", report_every=0)
+
+
+def test_a_second_fit_says_hello_again_with_a_new_session(peer: ScriptedPeer) -> None:
+    model = make_model()
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint)
+    fit(model, callback, epochs=2)
+    fit(model, callback, epochs=1)  # the compiled metrics are built by now
+    first, second = peer.of_type(Hello)
+    assert first.session != second.session
+    assert second.start_epoch == 0 and second.start_step == 6  # 3 steps per epoch so far
+    assert first.directions == second.directions
