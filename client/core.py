@@ -8,6 +8,7 @@ for an answer, and after one timeout stops waiting until the controller is heard
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import os
 import socket
@@ -168,9 +169,10 @@ class Client:
         self.endpoint = endpoint or default_endpoint()
         self.job = resolve_job(job)
         self.rank, self.world = resolve_rank_world(rank, world)
-        self.timeout = float(timeout)
-        if not 0 < self.timeout < 3600:
-            raise ValueError(f"timeout must be in seconds, > 0 and < 3600, got {timeout!r}")
+        seconds = to_scalar(timeout)
+        if seconds is None or not 0 < seconds < math.inf:
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        self.timeout = seconds
         initial = _check_lr(initial_lr, "initial_lr")
         self.framework = str(framework)[:64]
         self.directions = dict(directions or {})
