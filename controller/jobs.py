@@ -386,7 +386,9 @@ class JobTable:
         old_state, old_lr = job.state, job.lr
         try:
             state, decision = job.policy.step(job.state, t, metrics, job.directions)
-        except ProtocolError as exc:
+        except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
+            self.metrics.invalid.labels(exc.code).inc()
+            log.warning("job %s: %s", job.name, exc.message)
             return [
                 (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
             ]

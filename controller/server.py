@@ -287,8 +287,7 @@ class Server:
         return self.table.bye(message)
 
     def _invalid(self, ident: bytes, exc: ProtocolError, seq: int | None) -> None:
-        if exc.code not in ("unknown_session",):
-            self.metrics.invalid.labels(exc.code).inc()
+        self.metrics.invalid.labels(exc.code).inc()
         if self._limiter.allow(self.clock()):
             log.warning("invalid message from %s: %s", ident.hex()[:12], exc)
         self._send([(ident, ErrorMessage(exc.code, exc.message, seq))])

@@ -472,3 +472,14 @@ def test_subprocess_module_entry(tmp_path: Path) -> None:
         },
     )
     assert out.returncode == 0 and out.stdout.startswith("lrpilot ")
+
+
+def test_unresolved_mode_is_counted(controller_factory: Factory) -> None:
+    c = controller_factory("version: 1\ndefaults:\n  policy: {type: plateau, monitor: val_f1}\n")
+    w = Wire(c.bind, "job-mc")
+    try:
+        w.hello()
+        assert w.report(0, {"val_f1": 0.5}).code == "mode_unresolved"
+        assert c.metric("lrpilot_invalid_messages_total", reason="mode_unresolved") == 1
+    finally:
+        w.close()

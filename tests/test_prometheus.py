@@ -1,0 +1,427 @@
+"""deploy/'s dashboard and alert rules, run by a real Prometheus scraping a real controller.
+
+Every PromQL expression of deploy/grafana/dashboards/lrpilot.json and
+deploy/prometheus/alerts.yml is executed by Prometheus (the `prometheus` server from
+Debian, which `make prometheus` installs); every dashboard panel must return data, and
+every `lrpilot_*` name an expression uses must exist in the controller's real scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import yaml
+from conftest import Controller, Wire, run_cli
+from prometheus_client.parser import text_string_to_metric_families
+
+from lrpilot.client.protocol import ErrorMessage, LrMessage
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "lrpilot.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+JOB = "prom-e2e"  # no regex metacharacters: it stands for Grafana's $training_job as is
+SCRAPE_JOB = "lrpilot"  # the scrape job name the alerts and dashboard select on
+MIN_SCRAPES = 6  # scrapes of the controller before querying: enough for rate() over 1m
+WAIT_SECONDS = 60.0  # for Prometheus to be ready: bounded in time and in polls
+POLL_SECONDS = 0.5
+
+# Grafana's variables as a user's dashboard would expand them.
+GRAFANA_VARIABLES = {
+    "training_job": JOB,
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "5m",
+}
+
+POLICY = """\
+version: 1
+defaults:
+  policy:
+    {type: plateau, monitor: val_loss, factor: 0.5, patience: 1, min_delta: 0.0, min_lr: 1.0e-6}
+"""
+RELOADED = POLICY.replace("patience: 1", "patience: 2")
+
+BAD_FRAMES = [b"garbage", msgpack.packb({"t": "nope"}), msgpack.packb({"t": "hello", "v": 2})]
+
+Factory = Callable[..., Controller]
+
+
+def _tool(name: str) -> str:
+    """The path of a Prometheus tool; skips only where `make test` could not install it."""
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else "")
+    if path:
+        return path
+    if os.geteuid() != 0:
+        pytest.skip(
+            f"{name} is not installed and this is not root: run "
+            "'sudo apt-get install -y prometheus' (make test installs it when run as root)"
+        )
+    pytest.fail(f"{name} is missing: `make prometheus` installs Debian's prometheus package")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- expressions ------------------------------------------------------------------------
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))  # rows hold their panels when collapsed
+
+
+def dashboard_targets() -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) for every query target of the dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    return [
+        (f"panel {p.get('id')} {p.get('title')!r} {t.get('refId', '')}", t)
+        for p in _panels(board["panels"])
+        for t in p.get("targets", [])
+    ]
+
+
+def dashboard_variables() -> list[dict[str, Any]]:
+    board = json.loads(DASHBOARD.read_text())
+    return list(board.get("templating", {}).get("list", []))
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def expand(expr: str) -> str:
+    """`expr` with Grafana's `$var`, `${var}`, `${var:fmt}` and `[[var]]` substituted."""
+
+    def one(m: re.Match[str]) -> str:
+        name = next(g for g in m.groups() if g)
+        if name not in GRAFANA_VARIABLES:
+            raise AssertionError(f"{expr!r}: the test does not know Grafana variable ${name}")
+        return GRAFANA_VARIABLES[name]
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]", one, expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\blrpilot_[A-Za-z0-9_]+", expr))
+
+
+# -- Prometheus -------------------------------------------------------------------------
+
+
+class Prometheus:
+    """A `prometheus` server subprocess and its HTTP API."""
+
+    def __init__(self, binary: str, workdir: Path, target: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        shutil.copy(ALERTS, workdir / "alerts.yml")
+        config = {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [
+                {"job_name": SCRAPE_JOB, "static_configs": [{"targets": [target]}]},
+            ],
+        }
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "prometheus.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={self.config}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=workdir,
+            )
+
+    def stop(self) -> None:
+        """Terminates this server (by its PID) and waits for it."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def get(self, path: str, **params: Any) -> Any:
+        """GET /api/v1/PATH; returns `data`, fails the test on an error answer."""
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:  # Prometheus explains a bad query in the body
+            body = json.loads(exc.read() or b"{}")
+        assert body.get("status") == "success", f"{path} {params}: {body}"
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.get("query", query=expr)
+        assert data["resultType"] == "vector", f"{expr}: {data}"
+        return list(data["result"])
+
+    def query_range(self, expr: str, seconds: float = 60, step: str = "1s") -> list[Any]:
+        end = time.time()
+        data = self.get("query_range", query=expr, start=end - seconds, end=end, step=step)
+        return list(data["result"])
+
+    def wait_until_ready(self, controller: Controller, deadline: float) -> None:
+        """Until the target is up, scraped MIN_SCRAPES times and every rule evaluated."""
+        why = "not started"
+        for _ in range(int(WAIT_SECONDS / POLL_SECONDS)):
+            if time.monotonic() > deadline:
+                break
+            if self.proc.poll() is not None:
+                raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                why = self._not_ready()
+            except (OSError, AssertionError) as exc:
+                why = f"API not answering: {exc}"
+            if not why:
+                return
+            time.sleep(POLL_SECONDS)
+        raise AssertionError(
+            f"prometheus not ready in {WAIT_SECONDS:.0f}s ({why})\n{self.log()}\n{controller.log()}"
+        )
+
+    def _not_ready(self) -> str:
+        targets = self.get("targets")["activeTargets"]
+        ours = [t for t in targets if t["labels"].get("job") == SCRAPE_JOB]
+        if not ours or ours[0]["health"] != "up":
+            return f"target not up: {ours}"
+        scrapes = self.query(f'count_over_time(up{{job="{SCRAPE_JOB}"}}[1m])')
+        if not scrapes or float(scrapes[0]["value"][1]) < MIN_SCRAPES:
+            return f"fewer than {MIN_SCRAPES} scrapes: {scrapes}"
+        rules = [r for g in self.get("rules")["groups"] for r in g["rules"]]
+        if len(rules) != len(alert_rules()) or any(
+            r.get("lastEvaluation", "").startswith("0001") for r in rules
+        ):
+            return "rules not evaluated yet"
+        return ""
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    return _tool("prometheus")
+
+
+@pytest.fixture
+def promtool() -> str:
+    return _tool("promtool")
+
+
+# -- the controller's side --------------------------------------------------------------
+
+
+def report(w: Wire, epoch: int, val_loss: float) -> LrMessage:
+    """One report and its answer, skipping the pushes (override, reload) queued before it."""
+    w.report(epoch, {"val_loss": val_loss}, wait=False)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        msg = w.recv(timeout=max(0.0, deadline - time.monotonic()))
+        if msg.seq == w.seq:
+            assert isinstance(msg, LrMessage), msg
+            return msg
+    raise TimeoutError(f"no answer to report seq {w.seq}")
+
+
+class Reporter(threading.Thread):
+    """Keeps the job reporting every 0.2 s (on a plateau) so rates and histograms have data."""
+
+    def __init__(self, wire: Wire, first_epoch: int) -> None:
+        super().__init__(daemon=True)
+        self.wire, self.epoch = wire, first_epoch
+        self.halt = threading.Event()
+        self.error: BaseException | None = None
+        self.reports = 0
+
+    def run(self) -> None:
+        try:
+            while not self.halt.wait(0.2):
+                report(self.wire, self.epoch, 1.0 + 0.001 * (self.epoch % 3))
+                self.epoch += 1
+                self.reports += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(10)
+        assert not self.is_alive(), "the reporter thread did not stop"
+        assert self.error is None, f"the reporter failed: {self.error!r}"
+
+
+def exercise(c: Controller, w: Wire) -> int:
+    """LR changes of each kind, an override, a reload and invalid messages; the next epoch."""
+    assert w.hello(lr=0.1).reason == "initial"
+    replies = [report(w, e, v) for e, v in enumerate([1.0, 1.0, 1.0, 0.5])]
+    assert any(r.reason == "plateau" for r in replies), replies
+
+    done = run_cli("set-lr", JOB, "0.01", "--admin", c.admin)
+    assert done.returncode == 0, done.stderr
+    assert c.metric("lrpilot_lr_changes_total", training_job=JOB, reason="override") == 1
+
+    assert c.policy is not None
+    c.policy.write_text(RELOADED)
+    done = run_cli("reload", "--admin", c.admin)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert c.metric("lrpilot_policy_reloads_total", result="success") >= 1
+
+    bad = Wire(c.bind, "bad-peer")
+    try:
+        for frame in BAD_FRAMES:
+            bad.send_raw(frame)
+            assert isinstance(bad.recv(), ErrorMessage)
+    finally:
+        bad.close()
+    assert c.metric("lrpilot_invalid_messages_total", reason="decode") >= 1
+    return len(replies)
+
+
+# -- tests ------------------------------------------------------------------------------
+
+
+def test_promtool_accepts_the_alert_rules(promtool: str) -> None:
+    done = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in done.stdout
+
+
+def test_promtool_accepts_the_prometheus_config(promtool: str) -> None:
+    # Run on the real file: `check config` resolves rule_files relative to it, so the
+    # rules it loads are deploy/prometheus/alerts.yml themselves.
+    done = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_YML)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout and str(ALERTS.name) in done.stdout
+
+
+def test_every_dashboard_and_alert_query_runs_on_real_prometheus(
+    controller_factory: Factory,
+    prometheus_binary: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    c = controller_factory(POLICY)
+    w = Wire(c.bind, JOB)
+    reporter: Reporter | None = None
+    prom: Prometheus | None = None
+    verified: dict[str, int] = {}
+    workdir = tmp_path / "prometheus"
+    workdir.mkdir()
+    try:
+        epoch = exercise(c, w)
+        # The Wire now belongs to the reporter thread until it is stopped.
+        reporter = Reporter(w, epoch)
+        reporter.start()
+        target = urllib.parse.urlsplit(c.metrics).netloc
+        prom = Prometheus(prometheus_binary, workdir, target)
+        prom.wait_until_ready(c, deadline)
+        verified = verify_queries(prom, c)
+        reporter.stop()
+        assert reporter.reports >= MIN_SCRAPES
+    finally:
+        if reporter is not None:
+            reporter.halt.set()
+            reporter.join(10)
+        if prom is not None:
+            prom.stop()
+        w.close()
+    with capsys.disabled():
+        print(
+            f"\nverified {sum(verified.values())} PromQL queries against Prometheus "
+            + ", ".join(f"{n} {what}" for what, n in verified.items())
+        )
+
+
+def verify_queries(prom: Prometheus, c: Controller) -> dict[str, int]:
+    """Runs every expression; returns how many were verified, by source."""
+    scraped = {
+        sample.name
+        for family in text_string_to_metric_families(c.scrape())
+        for sample in family.samples
+    }
+    stored = set(prom.get("label/__name__/values"))
+    named: dict[str, str] = {}  # metric name -> where it is used
+    verified = {"dashboard panel queries": 0, "template variables": 0, "alert rules": 0}
+
+    up = prom.query(f'up{{job="{SCRAPE_JOB}"}}')
+    assert [float(s["value"][1]) for s in up] == [1.0], up
+    verified["up"] = 1
+
+    targets = dashboard_targets()
+    assert targets, "the dashboard has no queries"
+    for where, target in targets:
+        assert target.get("expr"), f"{where}: a target without a PromQL expr"
+        expr = expand(target["expr"])
+        result = prom.query(expr)
+        assert result, f"{where}: no data for {expr}"
+        if target.get("range", not target.get("instant", False)):
+            assert prom.query_range(expr), f"{where}: no data over a range for {expr}"
+        named.update(dict.fromkeys(metric_names(expr), where))
+        verified["dashboard panel queries"] += 1
+
+    for variable in dashboard_variables():
+        query = variable.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        m = re.fullmatch(r"label_values\(\s*(\w+)\s*,\s*(\w+)\s*\)", str(query).strip())
+        assert variable.get("type") == "query" and m, f"unsupported variable {variable}"
+        metric, label = m.groups()
+        values = prom.get(f"label/{label}/values", **{"match[]": metric})
+        assert JOB in values, f"variable {variable['name']}: {values}"
+        named[metric] = f"variable {variable['name']}"
+        verified["template variables"] += 1
+
+    for rule in alert_rules():
+        expr = rule["expr"]
+        prom.query(expr)  # no data is fine (no alert); a failing query is not
+        named.update(dict.fromkeys(metric_names(expr), f"alert {rule.get('alert')}"))
+        verified["alert rules"] += 1
+    health = {r["name"]: r["health"] for g in prom.get("rules")["groups"] for r in g["rules"]}
+    assert set(health.values()) == {"ok"}, health
+
+    missing = {name: where for name, where in named.items() if name not in scraped}
+    assert not missing, f"not in the controller's scrape: {missing}"
+    unstored = {name: where for name, where in named.items() if name not in stored}
+    assert not unstored, f"not stored by Prometheus: {unstored}"
+    return verified
