@@ -29,6 +29,7 @@ from .errors import ProtocolError
 __all__ = [
     "ERROR_CODES",
     "MAX_INT",
+    "MAX_LR",
     "MAX_MESSAGE_BYTES",
     "MAX_METRICS",
     "PROTOCOL_VERSION",
@@ -42,6 +43,7 @@ __all__ = [
     "check_name",
     "decode",
     "encode",
+    "parse_client_dict",
     "parse_client_message",
     "parse_server_message",
 ]
@@ -53,6 +55,8 @@ MAX_METRICS = 256
 MAX_INT = 1 << 40  # epochs and steps
 MAX_SEQ = (1 << 63) - 1
 MAX_WORLD = 1 << 16
+#: LRs on the wire are finite, at most this, and may be 0 (where cosine decay with alpha 0 ends).
+MAX_LR = 10.0
 SESSION_BYTES = 16
 NAME_RE = re.compile(r"^[A-Za-z0-9._:/@-]{1,128}$")
 
@@ -139,14 +143,13 @@ def _int(msg: Mapping[str, Any], key: str, lo: int, hi: int, *, optional: bool =
     return value
 
 
-def _lr(msg: Mapping[str, Any], key: str = "lr", lo_open: bool = True) -> float:
+def _lr(msg: Mapping[str, Any], key: str = "lr") -> float:
     value = _get(msg, key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError("schema", f"{key} must be a number, got {type(value).__name__}")
     value = float(value)
-    ok = math.isfinite(value) and (value > 0 if lo_open else value >= 0) and value <= 10
-    if not ok:
-        raise ProtocolError("out_of_range", f"{key} must be finite in (0, 10], got {value!r}")
+    if not (math.isfinite(value) and 0 <= value <= MAX_LR):
+        raise ProtocolError("out_of_range", f"{key} must be finite in [0, 10], got {value!r}")
     return value
 
 
@@ -355,7 +358,7 @@ class LrMessage:
             raise ProtocolError("schema", f"unknown action {action!r}")
         return cls(
             job=check_name(_get(msg, "job"), "job"),
-            lr=_lr(msg, lo_open=False),
+            lr=_lr(msg),
             version=int(_int(msg, "version", 0, MAX_SEQ)),
             run=int(_int(msg, "run", 0, MAX_SEQ)),
             reason=reason,
@@ -402,7 +405,15 @@ def parse_client_message(frame: bytes) -> ClientMessage:
     Raises:
         ProtocolError: with the code to answer and count.
     """
-    msg = decode(frame)
+    return parse_client_dict(decode(frame))
+
+
+def parse_client_dict(msg: Mapping[str, Any]) -> ClientMessage:
+    """Validate a decoded client message (see `decode`).
+
+    Raises:
+        ProtocolError: with the code to answer and count.
+    """
     kind = _CLIENT.get(msg["t"])
     if kind is None:
         raise ProtocolError("unknown_type", f"unknown message type {msg['t'][:40]!r}")

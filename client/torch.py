@@ -66,12 +66,16 @@ class LRPilotScheduler:
         self.timeout = timeout
         #: The number of `step()` calls so far: the epoch the next `step()` reports.
         self.last_epoch = 0
-        self._client = self._connect(self._group_lr(0))
-        self._set_lr(self._client.lr)
+        # The hello waits for the first step() or load_state_dict(): a resume must say hello
+        # with its start epoch, or the controller would start a new run of the job.
+        self._client: Client | None = None
 
     @property
     def client(self) -> Client:
-        """The lrpilot client (its `stats`, `online`, `stop_requested`)."""
+        """The lrpilot client (its `stats`, `online`, `stop_requested`); says hello if needed."""
+        if self._client is None:
+            self._client = self._connect(self._group_lr(0), start_epoch=self.last_epoch)
+            self._set_lr(self._client.lr)
         return self._client
 
     def step(self, metrics: float | Mapping[str, Any]) -> None:
@@ -90,7 +94,7 @@ class LRPilotScheduler:
                     f"step() takes a number or a mapping of metrics, got {type(metrics).__name__}"
                 )
             report = {self.monitor: value}
-        lr = self._client.report(self.last_epoch, report)
+        lr = self.client.report(self.last_epoch, report)
         self.last_epoch += 1
         self._set_lr(lr)
 
@@ -117,14 +121,16 @@ class LRPilotScheduler:
                 "loading the lrpilot state of job %r into job %r", state_dict["job"], self.job
             )
         last_lr = list(state_dict.get("last_lr") or [self._group_lr(0)])
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
         self.last_epoch = epoch
         self._client = self._connect(float(last_lr[0]), start_epoch=epoch)
         self._set_lr(self._client.lr)
 
     def close(self) -> None:
         """Says bye to the controller and closes the socket; safe to call twice."""
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> LRPilotScheduler:
         return self

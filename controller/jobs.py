@@ -11,10 +11,12 @@ from epoch e+1; the `hello` reply carries the LR for the start epoch.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,7 +195,12 @@ class JobTable:
             snap = (
                 job.run,
                 snapshot_epoch,
-                {"state": job.state.to_dict(), "version": job.version, "value": job.value},
+                {
+                    "state": job.state.to_dict(),
+                    "version": job.version,
+                    "value": job.value,
+                    "policy_key": job.policy_key,
+                },
             )
         try:
             self.store.commit(job.name, job.persisted(), snap, audit)
@@ -212,7 +219,7 @@ class JobTable:
                 job.policy.unit,
                 row.epoch,
             )
-        self.metrics.observe_job(job, self.clock())
+        self.metrics.observe_job(job, self.clock(), len(self._workers(job, self.clock())))
 
     def _restore(self, name: str, rule: JobRule, data: dict[str, Any]) -> Job:
         """A job from its stored state; a changed policy restarts from the stored LR."""
@@ -222,7 +229,8 @@ class JobTable:
         if data.get("policy_key") == key:
             state = rule.policy.load_state(stored_state)
         else:
-            state = self._start_from(rule.policy, lr, (data.get("last_epoch") or -1) + 1)
+            last = data.get("last_epoch")
+            state = self._start_from(rule.policy, lr, (-1 if last is None else int(last)) + 1)
         job = Job(
             name,
             rule,
@@ -268,6 +276,16 @@ class JobTable:
     # -- messages ---------------------------------------------------------------
 
     def hello(self, h: Hello) -> Outgoing:
+        existing = self.jobs.get(h.job)
+        try:
+            with _all_or_nothing(existing):
+                return self._hello(h)
+        except Exception as exc:
+            if existing is None and not isinstance(exc, ProtocolError):
+                self.jobs.pop(h.job, None)  # a new job that could not be stored is not a job
+            raise
+
+    def _hello(self, h: Hello) -> Outgoing:
         now = self.clock()
         job = self._get(h.job)
         rule = self.policies.rule_for(h.job)
@@ -278,7 +296,11 @@ class JobTable:
         reason = "unchanged"
         if job is None:
             job = Job(
-                h.job, rule, self._fresh_state(rule, h.lr, start), policy_key=policy_key(rule)
+                h.job,
+                rule,
+                self._fresh_state(rule, h.lr, start),
+                run=self._new_run_id(0),
+                policy_key=policy_key(rule),
             )
             job.last_epoch = start - 1 if start > 0 else None
             self.jobs[h.job] = job
@@ -290,7 +312,7 @@ class JobTable:
             silent = now - job.last_report > job.rule.aggregate_timeout if job.last_report else True
             if h.rank in job.reported_ranks or (silent and not self._workers(job, now)):
                 old = job.lr
-                job.run += 1
+                job.run = self._new_run_id(job.run)
                 job.version = 1
                 job.state = self._fresh_state(job.rule, h.lr, 0)
                 job.last_epoch, job.reported_ranks, job.pending, job.seqs = None, set(), {}, {}
@@ -300,12 +322,20 @@ class JobTable:
         job.world = h.world
         if h.directions:
             job.directions.update(h.directions)
+        replaced = job.workers.get(h.rank)
+        if replaced is not None and replaced.session != h.session:
+            job.seqs.pop(replaced.session.hex(), None)  # a restarted worker: forget its old session
         job.workers[h.rank] = Worker(h.rank, h.session, now, h.host, h.pid)
         job.seqs.setdefault(h.session.hex(), -1)
         job.last_seen = now
         self.jobs.move_to_end(h.job)
         self._commit(job, audit)
         return [(h.session, self._lr_message(job, reason, None, start))]
+
+    def _new_run_id(self, previous: int) -> int:
+        """Run ids grow with time (microseconds), so a job whose state was lost or forgotten
+        never reuses an id that its clients still hold."""
+        return max(previous + 1, int(self.wall() * 1e6))
 
     def _fresh_state(self, rule: JobRule, client_lr: float, start: int) -> State:
         return rule.policy.start(rule.lr0(client_lr), start)
@@ -324,7 +354,18 @@ class JobTable:
             )
             return "unchanged"
         old = job.lr
-        job.state = job.policy.load_state(snap["state"])
+        if snap.get("policy_key") == job.policy_key:
+            job.state = job.policy.load_state(snap["state"])
+        else:  # the policy changed since: its LR of that epoch, the current policy's memory
+            lr = float(snap["state"].get("lr", job.lr))
+            job.state = self._start_from(job.policy, lr, start)
+            log.warning(
+                "job %s: policy changed since %s %d; resuming from its LR %.6g",
+                job.name,
+                job.policy.unit,
+                start - 1,
+                lr,
+            )
         job.version += 1
         job.last_epoch = start - 1
         job.value = snap.get("value")
@@ -333,6 +374,10 @@ class JobTable:
         return "resume"
 
     def report(self, r: Report) -> Outgoing:
+        with _all_or_nothing(self.jobs.get(r.job)):
+            return self._report(r)
+
+    def _report(self, r: Report) -> Outgoing:
         now = self.clock()
         job = self.jobs.get(r.job)
         worker = job.workers.get(r.rank) if job is not None else None
@@ -383,7 +428,7 @@ class JobTable:
         self, job: Job, t: int, metrics: dict[str, float], reports: dict[int, Report]
     ) -> Outgoing:
         started = self.clock()
-        old_state, old_lr = job.state, job.lr
+        old_lr = job.lr
         try:
             state, decision = job.policy.step(job.state, t, metrics, job.directions)
         except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
@@ -419,11 +464,7 @@ class JobTable:
                 job.version += 1
                 audit.append(self._audit(job, old_lr, decision.reason, t + 1))
         job.last_epoch = t
-        try:
-            self._commit(job, audit, snapshot_epoch=t)
-        except Exception:
-            job.state = old_state  # nothing half-done: the reply is not sent
-            raise
+        self._commit(job, audit, snapshot_epoch=t)  # the caller restores the job if this fails
         reason = decision.reason if decision.lr != old_lr else "unchanged"
         out: Outgoing = []
         answered = set()
@@ -445,7 +486,7 @@ class JobTable:
             worker = job.workers.get(b.rank)
             if worker is not None and worker.session == b.session:
                 worker.gone = True
-                self.metrics.observe_job(job, self.clock())
+                self.metrics.observe_job(job, self.clock(), len(self._workers(job, self.clock())))
         return []
 
     def expire(self) -> Outgoing:
@@ -456,12 +497,19 @@ class JobTable:
             for t in sorted(job.pending):
                 pending = job.pending[t]
                 if now - pending.first_seen >= job.rule.aggregate_timeout:
-                    del job.pending[t]
-                    self.metrics.late.labels(job.name).inc()
-                    out += self._decide(job, t, self._aggregate(job, pending), pending.reports)
+                    with _all_or_nothing(job):
+                        del job.pending[t]
+                        self.metrics.late.labels(job.name).inc()
+                        out += self._decide(job, t, self._aggregate(job, pending), pending.reports)
             if now - job.last_seen > self.job_ttl and not self._workers(job, now):
                 self.drop(job.name)
         return out
+
+    def refresh_metrics(self) -> None:
+        """Keep `lrpilot_workers` true between decisions (ranks time out without a message)."""
+        now = self.clock()
+        for job in self.jobs.values():
+            self.metrics.workers.labels(job.name).set(len(self._workers(job, now)))
 
     def next_deadline(self) -> float | None:
         deadlines = [
@@ -479,6 +527,10 @@ class JobTable:
     # -- admin --------------------------------------------------------------------
 
     def set_lr(self, name: str, lr: float, reason: str) -> Outgoing:
+        with _all_or_nothing(self.jobs.get(name)):
+            return self._set_lr(name, lr, reason)
+
+    def _set_lr(self, name: str, lr: float, reason: str) -> Outgoing:
         job = self._get(name)
         if job is None:
             raise KeyError(name)
@@ -534,7 +586,8 @@ class JobTable:
         self.policies = new
         out: Outgoing = []
         for job in self.jobs.values():
-            out += self._rebind(job, new.rule_for(job.name))
+            with _all_or_nothing(job):
+                out += self._rebind(job, new.rule_for(job.name))
         return out
 
     def _rebind(self, job: Job, rule: JobRule) -> Outgoing:
@@ -556,6 +609,23 @@ class JobTable:
             ]
         self._commit(job, audit)
         return out
+
+
+@contextmanager
+def _all_or_nothing(job: Job | None) -> Iterator[None]:
+    """On an exception (a failed commit), put the job back exactly as it was."""
+    if job is None:
+        yield
+        return
+    backup = copy.copy(job)
+    backup.seqs, backup.directions = dict(job.seqs), dict(job.directions)
+    backup.reported_ranks, backup.pending = set(job.reported_ranks), dict(job.pending)
+    backup.workers = dict(job.workers)
+    try:
+        yield
+    except Exception:
+        job.__dict__.update(backup.__dict__)
+        raise
 
 
 def _plateau_compatible(a: Policy, b: Policy) -> bool:

@@ -132,7 +132,7 @@ class Metrics:
         self.build_info.labels(version).set(1)
         self._policy_labels: dict[str, tuple[str, str]] = {}
 
-    def observe_job(self, job: Job, now: float) -> None:
+    def observe_job(self, job: Job, now: float, workers: int) -> None:
         """Bring the job's labelled series in line with its state."""
         name = job.name
         info: dict[str, Any] = job.policy.describe(job.state)
@@ -150,7 +150,7 @@ class Metrics:
             self.policy_info.labels(name, *labels).set(1)
             self._policy_labels[name] = labels
         self.epoch.labels(name).set(_num(job.last_epoch))
-        self.workers.labels(name).set(sum(1 for w in job.workers.values() if not w.gone))
+        self.workers.labels(name).set(workers)
         if job.last_report_wall:
             self.last_report.labels(name).set(job.last_report_wall)
         for reason in REASONS:

@@ -83,6 +83,10 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocDict:
     out.key_lines, out.value_lines = {}, {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark
+            )
         if key in out:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -224,7 +228,7 @@ def _build_policy(m: Any, line: int, errs: _Errors, extra: Sequence[str] = ()) -
     if kind is None:
         errs.add(m.line, "policy needs a type, one of " + ", ".join(POLICY_TYPES))
         return None
-    if kind not in POLICY_TYPES:
+    if not isinstance(kind, str) or kind not in POLICY_TYPES:
         close = difflib.get_close_matches(str(kind), list(POLICY_TYPES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         if kind == "range_test":
@@ -402,6 +406,16 @@ def load_text(text: str, file: str) -> PolicySet:
     Raises:
         PolicyError: carrying every error found, each with file and line.
     """
+    try:
+        return _load_text(text, file)
+    except PolicyError:
+        raise
+    except Exception as exc:  # a shape no check foresaw: still a rejected file, never a crash
+        message = f"cannot validate this file: {type(exc).__name__}: {exc}"
+        raise PolicyError([SourceError(message, file, None)]) from None
+
+
+def _load_text(text: str, file: str) -> PolicySet:
     errs = _Errors(file)
     try:
         doc = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass

@@ -33,7 +33,7 @@ from lrpilot.client.protocol import (
     check_name,
     decode,
     encode,
-    parse_client_message,
+    parse_client_dict,
 )
 
 from . import __version__
@@ -185,7 +185,7 @@ class Server:
         for name, data in rows[: self.config.max_jobs]:
             job = self.table._restore(name, self.table.policies.rule_for(name), data)
             self.table.jobs[name] = job
-            self.metrics.observe_job(job, self.clock())
+            self.metrics.observe_job(job, self.clock(), 0)
         self.metrics.set_jobs(len(self.table.jobs))
         if rows:
             log.info(
@@ -249,7 +249,13 @@ class Server:
             deadline = self.table.next_deadline()
             if now >= next_sweep or (deadline is not None and now >= deadline):
                 next_sweep = now + SWEEP_INTERVAL
-                self._send(self.table.expire())
+                try:
+                    self._send(self.table.expire())
+                except Exception:
+                    log.exception(
+                        "could not decide timed-out epochs; retrying in %gs", SWEEP_INTERVAL
+                    )
+                self.table.refresh_metrics()
                 self.metrics.set_jobs(len(self.table.jobs))
 
     def _drain_clients(self, budget: int = 1000) -> None:
@@ -268,12 +274,18 @@ class Server:
                 raise ProtocolError(
                     "schema", f"expected one frame after the routing id, got {len(frames) - 1}"
                 )
-            message = parse_client_message(frames[1])
-            if isinstance(message, Report):
-                seq = message.seq
+            raw = decode(frames[1])
+            if isinstance(raw.get("seq"), int) and not isinstance(raw.get("seq"), bool):
+                seq = raw["seq"] if 0 <= raw["seq"] < 1 << 63 else None  # echoed in an error
+            message = parse_client_dict(raw)
             out = self._dispatch(message)
         except ProtocolError as exc:
             self._invalid(ident, exc, seq)
+            return
+        except Exception:
+            # A failed commit (disk full, I/O error): the job is unchanged and no reply is
+            # sent, so the client keeps its LR and resends; the controller keeps serving.
+            log.exception("could not process a message from %s", ident.hex()[:12])
             return
         self._send(out)
 
@@ -307,7 +319,11 @@ class Server:
                 frames = self.admin.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply = self._admin(frames[-1])
+            try:
+                reply = self._admin(frames[-1])
+            except Exception as exc:
+                log.exception("admin request failed")
+                reply = {"t": "error", "code": "internal", "message": f"controller error: {exc}"}
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
 
@@ -396,9 +412,14 @@ class Server:
             return self._reload_failed([e.located() for e in exc.errors])
         if self.watcher is not None:
             self.watcher.accept(new.digest)
+        self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
         if new.digest == self.table.policies.digest:
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
-        self._send(self.table.swap_policies(new))
+        try:
+            self._send(self.table.swap_policies(new))
+        except Exception as exc:
+            log.exception("policy swap failed part way")
+            return self._reload_failed([f"{self.config.policy}: could not store the change: {exc}"])
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload_success.set(1)
         self.metrics.last_reload_timestamp.set(time.time())

@@ -10,8 +10,10 @@ A database that fails SQLite's integrity check is refused, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["AuditRow", "StateDirLocked", "Store", "StoreCorrupt"]
+
+log = logging.getLogger("lrpilot.controller")
 
 SNAPSHOTS_KEPT = 200
 
@@ -225,12 +229,16 @@ class Store:
                 )
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                cur.execute("ROLLBACK")
             raise
-        for row in audit:
-            self._audit.write(json.dumps(row.to_json()) + "\n")
-        if audit:
-            self._audit.flush()
+        try:
+            for row in audit:
+                self._audit.write(json.dumps(row.to_json()) + "\n")
+            if audit:
+                self._audit.flush()
+        except OSError as exc:  # committed already; the mirror is completed on the next start
+            log.error("cannot append to %s: %s", self._audit_path, exc)
 
     def delete_job(self, job: str) -> None:
         with self.db:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["parse_duration"]
@@ -19,8 +20,8 @@ def parse_duration(text: str | float | int) -> float:
     if isinstance(text, bool):
         raise ValueError(f"expected a duration such as 30s, 10m or 24h, got {text!r}")
     if isinstance(text, int | float):
-        if text < 0:
-            raise ValueError(f"a duration must not be negative, got {text!r}")
+        if not (math.isfinite(text) and text >= 0):
+            raise ValueError(f"a duration must be a finite number >= 0, got {text!r}")
         return float(text)
     m = _DURATION.match(text)
     if not m:

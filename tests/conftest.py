@@ -39,7 +39,10 @@ def write(tmp_path: Path) -> Callable[[str, str], Path]:
 class Controller:
     """A real `lrpilot serve` subprocess on random loopback ports."""
 
-    def __init__(self, state_dir: Path, policy: Path | None = None, *extra: str) -> None:
+    def __init__(
+        self, state_dir: Path, policy: Path | None = None, *extra: str, max_file_bytes: int = 0
+    ) -> None:
+        self.max_file_bytes = max_file_bytes  # > 0: RLIMIT_FSIZE, a disk that fills up
         self.state_dir = state_dir
         self.policy = policy
         self.extra = extra
@@ -66,7 +69,17 @@ class Controller:
             args += ["--policy", str(self.policy)]
         self.stderr_path = self.state_dir.parent / f"controller-{os.getpid()}-{id(self)}.log"
         self._stderr = open(self.stderr_path, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        limit = self.max_file_bytes
+
+        def preexec() -> None:
+            if limit:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self._stderr, text=True, preexec_fn=preexec
+        )
         assert self.proc.stdout is not None
         import selectors
 

@@ -56,10 +56,13 @@ def test_every_group_is_scaled_by_the_ratio_of_group_0(peer: ScriptedPeer) -> No
     peer.wait_for(lambda ms: isinstance(ms[-1], Bye))
 
 
-def test_the_hello_reply_is_applied_at_once(peer: ScriptedPeer) -> None:
+def test_the_hello_reply_is_applied_at_the_first_use(peer: ScriptedPeer) -> None:
     peer.lr = 0.2  # e.g. the policy's initial_lr
     optimizer = two_group_sgd()
     sched = LRPilotScheduler(optimizer, job="job-a", endpoint=peer.endpoint, monitor="loss")
+    # No hello yet: a load_state_dict() may still come and must say hello with its epoch.
+    assert lrs(optimizer) == pytest.approx([0.1, 0.01]) and not peer.of_type(Hello)
+    assert sched.client.lr == pytest.approx(0.2)  # says hello and applies the reply
     assert lrs(optimizer) == pytest.approx([0.2, 0.02])
     sched.step(1.0)
     assert peer.of_type(Report)[0].metrics == {"loss": 1.0}
@@ -87,8 +90,9 @@ def test_state_dict_round_trip_resumes_the_epoch_count(peer: ScriptedPeer) -> No
     resumed.close()
 
     hellos = peer.of_type(Hello)
-    assert [h.start_epoch for h in hellos] == [0, 0, 3]
-    assert hellos[2].lr == pytest.approx(0.05)
+    # The resumed scheduler's only hello carries the checkpoint's epoch: no new run.
+    assert [h.start_epoch for h in hellos] == [0, 3]
+    assert hellos[1].lr == pytest.approx(0.05)
     assert [r.epoch for r in peer.of_type(Report)] == [0, 1, 2, 3]
     assert lrs(restored_optimizer) == pytest.approx([0.05, 0.005])
 

@@ -71,7 +71,7 @@ def test_metrics_match_a_scripted_run(controller_factory: Factory) -> None:
 def test_job_ttl_removes_every_series_of_a_silent_job(controller_factory: Factory) -> None:
     c = controller_factory(POLICY, "--job-ttl", "1s", "--worker-timeout", "1s")
     w = Wire(c.bind, "job-ttl")
-    w.hello()
+    run = w.hello().run
     w.report(0, {"val_loss": 1.0})
     w.close()
     assert any(s.get("training_job") == "job-ttl" for s in series(c, "lrpilot_learning_rate"))
@@ -84,7 +84,7 @@ def test_job_ttl_removes_every_series_of_a_silent_job(controller_factory: Factor
     assert status.stdout.strip() == "[]"
     # Its state is kept on disk: a resume picks it up again.
     w = Wire(c.bind, "job-ttl")
-    assert w.hello(start_epoch=1).run == 1
+    assert w.hello(start_epoch=1).run == run
     w.close()
 
 
@@ -117,3 +117,18 @@ def test_a_thousand_short_jobs_leave_a_bounded_number_of_series(
         time.sleep(0.2)
     assert c.metric("lrpilot_jobs") == 0
     assert "short-" not in c.scrape()
+
+
+def test_workers_gauge_follows_worker_timeout(controller_factory: Factory) -> None:
+    c = controller_factory(POLICY, "--worker-timeout", "1s")
+    w = Wire(c.bind, "job-wk")
+    try:
+        w.hello()
+        w.report(0, {"val_loss": 1.0})
+        assert c.metric("lrpilot_workers", training_job="job-wk") == 1
+        deadline = time.monotonic() + 10
+        while c.metric("lrpilot_workers", training_job="job-wk") != 0:
+            assert time.monotonic() < deadline, "a silent rank must stop counting as a worker"
+            time.sleep(0.2)
+    finally:
+        w.close()

@@ -108,6 +108,13 @@ def errors_of(text: str) -> list[tuple[int | None, str]]:
         ("version: 1\ndefaults:\n  policy: {type: plateau\n", 4, "invalid YAML"),
         ("version: 1\nversion: 1\n", 2, "invalid YAML: duplicate key 'version'"),
         ("- 1\n- 2\n", 1, "a policy file is a mapping"),
+        ("version: 1\ndefaults:\n  policy: {type: [plateau]}\n", 3, "unknown policy type"),
+        ("version: 1\n? [a, b]\n: 1\n", 2, "a mapping key must be a plain value"),
+        (
+            "version: 1\ndefaults:\n  policy: {type: plateau}\n  aggregate_timeout: .inf\n",
+            4,
+            "a duration must be a finite number",
+        ),
     ],
 )
 def test_each_error_names_its_line(text: str, line: int, fragment: str) -> None:

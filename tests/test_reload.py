@@ -160,6 +160,19 @@ def test_an_invalid_edit_changes_nothing_and_says_so(running, tmp_path: Path) ->
     assert w.report(2, {"val_loss": 1.0}).lr == pytest.approx(0.05)
     out = run_cli("reload", "--admin", c.admin)
     assert out.returncode == 2 and "factor must be in (0, 1)" in out.stdout
+    # A file no check foresaw (a list where a name goes) is rejected too, never a crash.
+    in_place(path, "version: 1\ndefaults:\n  policy: {type: [plateau]}\n")
+    deadline = time.monotonic() + 5
+    while c.metric("lrpilot_policy_reloads_total", result="error") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert c.proc is not None and c.proc.poll() is None
+    # Reverting to the file in force is a successful reload: the alert clears.
+    in_place(path, plateau(patience=2))
+    deadline = time.monotonic() + 5
+    while c.metric("lrpilot_policy_last_reload_success") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     # Fixing the file recovers.
     in_place(path, plateau(patience=2, min_lr=0.06))
     msg, _ = wait_push(w)
@@ -202,3 +215,22 @@ def test_a_changed_policy_type_starts_from_the_current_lr(running, tmp_path: Pat
     lrs = [w.report(e, {"val_loss": 1.0}).lr for e in range(2, 6)]
     # From 0.1 at epoch 2 the step schedule keeps its shape: halves at epochs 4 and 6.
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
+
+
+def test_resume_after_a_policy_change_restarts_from_that_epochs_lr(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "policy.yaml"
+    c, w = running(path, plateau(patience=1))  # epochs 0, 1 reported: reduced to 0.05 at 1
+    w.report(2, {"val_loss": 1.0})  # reduced again to 0.025
+    in_place(path, "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 2}\n")
+    deadline = time.monotonic() + 5
+    while c.metric("lrpilot_policy_reloads_total", result="success") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    w2 = Wire(c.bind, "job-r")
+    try:
+        back = w2.hello(start_epoch=2)  # a checkpoint from before the policy change
+        assert back.reason == "resume" and back.lr == pytest.approx(0.05)
+        nxt = w2.report(2, {"val_loss": 1.0})
+        assert nxt.lr > 0 and c.proc is not None and c.proc.poll() is None
+    finally:
+        w2.close()

@@ -145,7 +145,7 @@ def test_kill_9_keeps_every_decision_and_the_plateau_count(
     )
     c = controller_factory(policy)
     w = Wire(c.bind, "job-k")
-    w.hello(lr=0.1)
+    run = w.hello(lr=0.1).run
     lrs = [w.report(e, {"val_loss": 1.0}).lr for e in range(7)]  # reductions at epochs 3 and 6
     assert lrs[3] == pytest.approx(0.05) and lrs[6] == pytest.approx(0.025)
     w.close()
@@ -154,7 +154,7 @@ def test_kill_9_keeps_every_decision_and_the_plateau_count(
     w = Wire(c2.bind, "job-k")
     try:
         back = w.hello(lr=0.1, start_epoch=7)
-        assert back.lr == pytest.approx(0.025) and back.run == 1
+        assert back.lr == pytest.approx(0.025) and back.run == run
         after = [w.report(e, {"val_loss": 1.0}).lr for e in range(7, 11)]
         # exactly `patience` (3) further bad epochs: reduced by the report of epoch 9
         assert after == pytest.approx([0.025, 0.025, 0.0125, 0.0125])
@@ -481,5 +481,92 @@ def test_unresolved_mode_is_counted(controller_factory: Factory) -> None:
         w.hello()
         assert w.report(0, {"val_f1": 0.5}).code == "mode_unresolved"
         assert c.metric("lrpilot_invalid_messages_total", reason="mode_unresolved") == 1
+    finally:
+        w.close()
+
+
+def test_a_full_disk_loses_no_decision_and_never_stops_the_controller(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(PLATEAU)
+    c = Controller(tmp_path / "state", policy, max_file_bytes=150_000).start()
+    w = Wire(c.bind, "job-disk")
+    try:
+        w.hello()
+        received: list[LrMessage] = []
+        failed_at = None
+        for e in range(400):
+            try:
+                received.append(w.report(e, {"val_loss": 1.0 + e}, seq=e + 1))
+            except TimeoutError:
+                failed_at = e
+                break
+        assert failed_at is not None, "the file size limit must be reached"
+        assert c.proc is not None and c.proc.poll() is None  # still serving
+        assert c.metric("lrpilot_store_errors_total") >= 1
+        status = run_cli("status", "--json", "--admin", c.admin)
+        import json
+
+        row = json.loads(status.stdout)[0]
+        assert row["epoch"] == failed_at - 1  # the refused decision changed nothing
+        assert row["lr"] == pytest.approx(received[-1].lr)
+        # A resend of the refused report is processed, not deduplicated away.
+        with pytest.raises(TimeoutError):
+            w.report(failed_at, {"val_loss": 1.0}, seq=failed_at + 1)
+    finally:
+        w.close()
+        c.kill()
+    # Restarted without the limit, the last decision the client received is there.
+    c2 = Controller(tmp_path / "state", policy).start()
+    w = Wire(c2.bind, "job-disk")
+    try:
+        back = w.hello(start_epoch=failed_at)
+        assert back.lr == pytest.approx(received[-1].lr)
+    finally:
+        w.close()
+        c2.kill()
+
+
+def test_a_forgotten_job_starts_a_run_its_clients_accept(controller_factory: Factory) -> None:
+    c = controller_factory(PLATEAU)
+    w = Wire(c.bind, "job-f")
+    try:
+        first = w.hello()
+        for e in range(4):
+            w.report(e, {"val_loss": 1.0})
+        assert run_cli("forget", "job-f", "--admin", c.admin).returncode == 0
+        w2 = Wire(c.bind, "job-f")
+        again = w2.hello(start_epoch=0)
+        assert again.run != first.run  # a client holding the old run applies the new one
+        w2.close()
+    finally:
+        w.close()
+
+
+def test_many_sessions_of_one_rank_keep_the_state_small(controller_factory: Factory) -> None:
+    c = controller_factory(PLATEAU)
+    for _ in range(300):
+        w = Wire(c.bind, "job-s")
+        w.hello(start_epoch=5)
+        w.close()
+    size = (
+        sqlite3.connect(c.state_dir / "state.db")
+        .execute("SELECT length(data) FROM jobs WHERE job = 'job-s'")
+        .fetchone()[0]
+    )
+    assert size < 4000, size
+
+
+def test_cosine_down_to_zero_keeps_the_job_controlled(controller_factory: Factory) -> None:
+    c = controller_factory("version: 1\ndefaults:\n  policy: {type: cosine, decay_steps: 3}\n")
+    w = Wire(c.bind, "job-z")
+    try:
+        w.hello(lr=0.1)
+        lrs = []
+        for e in range(6):
+            reply = w.report(e, {"val_loss": 1.0}, lr=lrs[-1] if lrs else 0.1)
+            assert isinstance(reply, LrMessage), reply
+            lrs.append(reply.lr)
+        assert lrs[2:] == [0.0, 0.0, 0.0, 0.0]
+        assert c.metric("lrpilot_epoch", training_job="job-z") == 5
     finally:
         w.close()

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lrpilot.client.protocol import MAX_LR
+
 from .base import Decision, Policy, State
 
 __all__ = ["Schedule", "ScheduleState"]
@@ -33,7 +35,8 @@ class Schedule(Policy):
         """The schedule's LR at local time `t` when it starts from `lr0`."""
 
     def lr_at(self, state: ScheduleState, t: int) -> float:
-        return state.scale * self.value(state.lr0, t)
+        # A growing schedule (factor > 1) stops at the protocol's ceiling rather than overflow.
+        return min(state.scale * self.value(state.lr0, t), MAX_LR)
 
     def start(self, lr0: float, t: int) -> ScheduleState:
         base = self.initial_lr if self.initial_lr is not None else lr0
