@@ -270,11 +270,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask_job(args: argparse.Namespace, kind: str) -> dict[str, object] | None:
+    """An admin request about one job; None (after saying why) for no answer or unknown job."""
+    reply = _ask(args, {"t": kind, "job": args.job})
+    if reply is not None and reply.get("t") == "error":
+        print(f"lrpilot {args.command}: {reply.get('message')}", file=sys.stderr)
+        return None
+    return reply
+
+
 def cmd_history(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"t": "history", "job": args.job})
-    if reply is None or reply.get("t") == "error":
-        if reply is not None:
-            print(f"lrpilot history: {reply.get('message')}", file=sys.stderr)
+    reply = _ask_job(args, "history")
+    if reply is None:
         return 1
     rows = reply.get("rows", [])
     assert isinstance(rows, list)
@@ -291,10 +298,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"t": "forget", "job": args.job})
-    if reply is None or reply.get("t") == "error":
-        if reply is not None:
-            print(f"lrpilot forget: {reply.get('message')}", file=sys.stderr)
+    if _ask_job(args, "forget") is None:
         return 1
     print(f"{args.job}: forgotten")
     return 0

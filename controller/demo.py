@@ -14,6 +14,8 @@ import sys
 import tempfile
 from typing import Any
 
+from .server import parse_ready_line
+
 __all__ = ["run_demo"]
 
 JOB = "demo-keras"
@@ -45,10 +47,11 @@ def _start_controller(
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if not line.startswith("lrpilot ready"):
+    endpoints = parse_ready_line(line)
+    if endpoints is None:
         proc.kill()
         raise SystemExit(f"lrpilot demo: the controller did not start: {line!r}")
-    return proc, dict(part.split("=", 1) for part in line.split()[2:])
+    return proc, endpoints
 
 
 def _data(n: int = 384) -> tuple[Any, Any, Any, Any]:

@@ -43,7 +43,7 @@ from .policyfile import PolicySet, load_default, load_text
 from .reload import PolicyWatcher
 from .store import Store
 
-__all__ = ["ServeConfig", "Server"]
+__all__ = ["ServeConfig", "Server", "parse_ready_line", "serve"]
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -206,6 +206,7 @@ class Server:
         return out
 
     def ready_line(self) -> str:
+        """`lrpilot ready bind=... admin=... metrics=...`: the one stdout line once bound."""
         e = self.endpoints()
         metrics = e.get("metrics", "off")
         return f"lrpilot ready bind={e['bind']} admin={e['admin']} metrics={metrics}"
@@ -453,6 +454,13 @@ class Server:
             self._http.server_close()
         self.ctx.term()
         self.store.close()
+
+
+def parse_ready_line(line: str) -> dict[str, str] | None:
+    """The endpoints in a `lrpilot ready ...` line (for tools that start a controller)."""
+    if not line.startswith("lrpilot ready "):
+        return None
+    return dict(part.split("=", 1) for part in line.split()[2:] if "=" in part)
 
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:

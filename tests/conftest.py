@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from lrpilot.controller.server import parse_ready_line
+
 # TensorFlow's start-up chatter is noise in test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -89,10 +91,10 @@ class Controller:
             self.kill()
             raise AssertionError(f"controller not ready in {timeout}s: {self.log()}")
         line = self.proc.stdout.readline()
-        if not line.startswith("lrpilot ready"):
+        fields = parse_ready_line(line)
+        if fields is None:
             self.kill()
             raise AssertionError(f"unexpected first line {line!r}: {self.log()}")
-        fields = dict(part.split("=", 1) for part in line.split()[2:])
         self.bind, self.admin, self.metrics = fields["bind"], fields["admin"], fields["metrics"]
         return self
 

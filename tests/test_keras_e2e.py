@@ -142,3 +142,16 @@ def test_controller_killed_mid_fit_then_started_again(controller_factory: Factor
     # After the restart the controller heard from the job again and decided its epochs.
     assert restarted.metric("lrpilot_reports_total", training_job="chaos2") >= 10
     assert restarted.metric("lrpilot_epoch", training_job="chaos2") == 29
+
+
+def test_lrpilot_demo_shows_live_reductions() -> None:
+    from conftest import run_cli
+
+    out = run_cli("demo", timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    epochs = [ln for ln in lines if ln[:5].strip().isdigit()]
+    assert len(epochs) == 45
+    reductions = [ln for ln in epochs if "reduce" in ln and "(plateau, wait 10/10)" in ln]
+    assert len(reductions) >= 1, out.stdout
+    assert "lrpilot status" in out.stdout  # where to look next
