@@ -570,3 +570,40 @@ def test_cosine_down_to_zero_keeps_the_job_controlled(controller_factory: Factor
         assert c.metric("lrpilot_epoch", training_job="job-z") == 5
     finally:
         w.close()
+
+
+def test_shadow_mode_records_decisions_but_sends_the_old_lr(controller_factory: Factory) -> None:
+    c = controller_factory(
+        "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 1, apply: false}\n"
+    )
+    w = Wire(c.bind, "job-shadow")
+    try:
+        w.hello(lr=0.1)
+        lrs = [w.report(e, {"val_loss": 1.0}).lr for e in range(3)]
+        assert lrs == [pytest.approx(0.1)] * 3
+        import json
+
+        row = json.loads(run_cli("status", "--json", "--admin", c.admin).stdout)[0]
+        assert row["lr"] == pytest.approx(0.1)
+        rows = json.loads(run_cli("history", "job-shadow", "--json", "--admin", c.admin).stdout)
+        shadow = [r for r in rows if r["source"] == "shadow"]
+        assert len(shadow) == 3 and shadow[-1]["detail"] == "shadow lr 0.0125"
+    finally:
+        w.close()
+
+
+def test_unit_step_policies_decide_per_step(controller_factory: Factory) -> None:
+    c = controller_factory(
+        "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 100, unit: step}\n"
+    )
+    w = Wire(c.bind, "job-steps")
+    try:
+        first = w.hello(lr=0.1)
+        assert first.apply_from_step == 0 and first.apply_from_epoch is None
+        replies = [w.report(0, {"loss": 1.0}, step=s) for s in (49, 99, 149, 199)]
+        assert [r.apply_from_step for r in replies] == [50, 100, 150, 200]
+        assert [r.lr for r in replies] == pytest.approx([0.1, 0.05, 0.05, 0.025])
+        no_step = w.report(0, {"loss": 1.0})
+        assert isinstance(no_step, ErrorMessage) and no_step.code == "schema"
+    finally:
+        w.close()
