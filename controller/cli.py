@@ -179,27 +179,15 @@ def _fmt(value: object, spec: str = ".6g") -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .jobs import STATUS_FIELDS
+
     reply = _ask(args, {"t": "status"})
     if reply is None:
         return 1
     jobs = reply.get("jobs", [])
     assert isinstance(jobs, list)
     if args.json:
-        keys = (
-            "job",
-            "workers",
-            "epoch",
-            "lr",
-            "monitor",
-            "value",
-            "best",
-            "wait",
-            "patience",
-            "policy",
-            "phase",
-            "last_report_age_s",
-        )
-        print(json.dumps([{k: j.get(k) for k in keys} for j in jobs]))
+        print(json.dumps([{k: j.get(k) for k in STATUS_FIELDS} for j in jobs]))
         return 0
     header = (
         "JOB",

@@ -15,7 +15,7 @@ import copy
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,23 @@ from .policies import Decision, Phases, Plateau, Policy, State
 from .policyfile import JobRule, PolicySet
 from .store import AuditRow, Store, rfc3339
 
-__all__ = ["Job", "JobTable", "Outgoing", "Worker"]
+__all__ = ["STATUS_FIELDS", "Job", "JobTable", "Outgoing", "Worker"]
+
+#: The fields of `lrpilot status --json`, in order (DESIGN.md).
+STATUS_FIELDS = (
+    "job",
+    "workers",
+    "epoch",
+    "lr",
+    "monitor",
+    "value",
+    "best",
+    "wait",
+    "patience",
+    "policy",
+    "phase",
+    "last_report_age_s",
+)
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -219,7 +235,11 @@ class JobTable:
                 job.policy.unit,
                 row.epoch,
             )
-        self.metrics.observe_job(job, self.clock(), len(self._workers(job, self.clock())))
+        self.observe(job)
+
+    def observe(self, job: Job) -> None:
+        """Bring the job's metrics in line with its state."""
+        self.metrics.observe_job(job, len(self._workers(job, self.clock())))
 
     def _restore(self, name: str, rule: JobRule, data: dict[str, Any]) -> Job:
         """A job from its stored state; a changed policy restarts from the stored LR."""
@@ -289,7 +309,7 @@ class JobTable:
         now = self.clock()
         job = self._get(h.job)
         rule = self.policies.rule_for(h.job)
-        if job is None and (h.job in self.jobs or len(self.jobs) >= self.max_jobs):
+        if job is None and len(self.jobs) >= self.max_jobs:
             raise ProtocolError("max_jobs", f"the controller holds --max-jobs {self.max_jobs} jobs")
         start = h.start_step if rule.policy.unit == "step" else h.start_epoch
         audit: list[AuditRow] = []
@@ -486,7 +506,7 @@ class JobTable:
             worker = job.workers.get(b.rank)
             if worker is not None and worker.session == b.session:
                 worker.gone = True
-                self.metrics.observe_job(job, self.clock(), len(self._workers(job, self.clock())))
+                self.observe(job)
         return []
 
     def expire(self) -> Outgoing:
@@ -569,7 +589,7 @@ class JobTable:
                     "best": _finite(info.get("best")),
                     "wait": info.get("wait"),
                     "patience": info.get("patience"),
-                    "policy": job.policy.type if not isinstance(job.policy, Phases) else "phases",
+                    "policy": job.policy.type,
                     "phase": info.get("phase"),
                     "last_report_age_s": round(now - job.last_report, 3)
                     if job.last_report
@@ -670,7 +690,3 @@ def transfer_state(old: Policy, state: State, new: Policy, t: int) -> State:
 
 def _finite(x: Any) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else None
-
-
-def iter_jobs(table: JobTable) -> Iterable[Job]:
-    return table.jobs.values()

@@ -132,9 +132,14 @@ class Metrics:
         self.build_info.labels(version).set(1)
         self._policy_labels: dict[str, tuple[str, str]] = {}
 
-    def observe_job(self, job: Job, now: float, workers: int) -> None:
+    def observe_job(self, job: Job, workers: int) -> None:
         """Bring the job's labelled series in line with its state."""
         name = job.name
+        if name not in self._policy_labels:  # a new job: its counters start at zero
+            for reason in REASONS:
+                self.lr_changes.labels(name, reason)
+            self.reports.labels(name)
+            self.late.labels(name)
         info: dict[str, Any] = job.policy.describe(job.state)
         self.learning_rate.labels(name).set(job.lr)
         self.monitor_value.labels(name).set(_num(job.value))
@@ -153,10 +158,6 @@ class Metrics:
         self.workers.labels(name).set(workers)
         if job.last_report_wall:
             self.last_report.labels(name).set(job.last_report_wall)
-        for reason in REASONS:
-            self.lr_changes.labels(name, reason)
-        self.reports.labels(name)
-        self.late.labels(name)
 
     def remove_job(self, name: str) -> None:
         """Drop every series of a job (TTL, forget) so label cardinality stays bounded."""

@@ -20,7 +20,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -486,8 +486,3 @@ def default_policy_text() -> str:
 def load_default() -> PolicySet:
     """The embedded default policy set, used when `serve` or `simulate` get no file."""
     return load_text(default_policy_text(), DEFAULT_SOURCE)
-
-
-def describe_rule(rule: JobRule) -> Mapping[str, Any]:
-    """A short, JSON-friendly summary of a rule for `status` and logs."""
-    return {"match": rule.match, "policy": rule.policy.type, "line": rule.line}

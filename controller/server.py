@@ -185,7 +185,7 @@ class Server:
         for name, data in rows[: self.config.max_jobs]:
             job = self.table._restore(name, self.table.policies.rule_for(name), data)
             self.table.jobs[name] = job
-            self.metrics.observe_job(job, self.clock(), 0)
+            self.table.observe(job)
         self.metrics.set_jobs(len(self.table.jobs))
         if rows:
             log.info(

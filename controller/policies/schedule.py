@@ -9,7 +9,6 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from lrpilot.client.protocol import MAX_LR
 
@@ -55,6 +54,3 @@ class Schedule(Policy):
         base = self.value(state.lr0, t + 1)
         scale = lr / base if base > 0 else state.scale
         return state.replace(lr=lr, scale=scale)
-
-    def describe(self, state: State) -> dict[str, Any]:
-        return {"policy": self.type, "phase": None}
