@@ -34,6 +34,7 @@ __all__ = [
     "MAX_METRICS",
     "PROTOCOL_VERSION",
     "REASONS",
+    "RETRYABLE_CODES",
     "SOCKET_MAX_MSG_SIZE",
     "Bye",
     "ErrorMessage",
@@ -71,7 +72,12 @@ ERROR_CODES = (
     "unknown_session",
     "max_jobs",
     "mode_unresolved",
+    "unavailable",
+    "forbidden",
 )
+
+#: Error codes a client may retry: the message was not processed and should be sent again.
+RETRYABLE_CODES = ("unavailable",)
 
 #: Why an LR is what it is: in `lr` messages, the audit log and metrics.
 REASONS = (
@@ -95,14 +101,18 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def decode(frame: bytes) -> dict[str, Any]:
+def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """A msgpack frame → a dict with a string `t`, within the size limits.
+
+    Args:
+        frame: the bytes received.
+        limit: the largest frame accepted (64 KiB on the client socket, 1 MiB for admin).
 
     Raises:
         ProtocolError: `too_large`, `decode` or `schema`.
     """
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("too_large", f"message of {len(frame)} bytes > {MAX_MESSAGE_BYTES}")
+    if len(frame) > limit:
+        raise ProtocolError("too_large", f"message of {len(frame)} bytes > {limit}")
     try:
         obj = msgpack.unpackb(
             frame,

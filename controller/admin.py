@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import msgpack
 import zmq
 
-from lrpilot.client.errors import LRPilotError, ProtocolError
-from lrpilot.client.protocol import decode, encode
+from lrpilot.client.errors import LRPilotError
+from lrpilot.client.protocol import encode
 
 __all__ = ["DEFAULT_ADMIN", "NoAnswer", "default_admin", "request"]
 
@@ -37,10 +38,23 @@ def request(endpoint: str, message: dict[str, Any], timeout: float = 2.0) -> dic
         sock.send(encode(message))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             raise NoAnswer(f"no controller answered at {endpoint} within {timeout:g} s")
-        try:
-            return decode(sock.recv())
-        except ProtocolError as exc:
-            raise NoAnswer(f"garbled answer from {endpoint}: {exc}") from None
+        return decode_reply(endpoint, sock.recv())
     finally:
         sock.close(linger=0)
         ctx.term()
+
+
+def decode_reply(endpoint: str, frame: bytes) -> dict[str, Any]:
+    """An admin reply, of any size: the status of 50,000 jobs, a history of 100,000 changes
+    (the client socket's 64 KiB limit protects the controller, not the operator).
+
+    Raises:
+        NoAnswer: the reply is not an admin reply.
+    """
+    try:
+        reply = msgpack.unpackb(frame, raw=False)
+    except Exception as exc:  # msgpack raises several types for corrupt input
+        raise NoAnswer(f"garbled answer from {endpoint}: {type(exc).__name__}") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("t"), str):
+        raise NoAnswer(f"garbled answer from {endpoint}: not an admin reply")
+    return reply

@@ -179,7 +179,7 @@ def _fmt(value: object, spec: str = ".6g") -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .jobs import STATUS_FIELDS
+    from .jobstate import STATUS_FIELDS
 
     reply = _ask(args, {"t": "status"})
     if reply is None:

@@ -1,23 +1,37 @@
 """Prometheus metrics of the controller, on their own registry (names fixed by DESIGN.md).
 
-The per-job label is `training_job`: Prometheus owns `job` and `instance` as
-target labels and would rename ours to `exported_job`.
+Controller-wide metrics are ordinary prometheus_client objects. Per-job
+series are rendered at scrape time by `JobSeries` from the job table (no
+per-report gauge updates), so a report costs nothing here and a scrape reads
+one consistent state per job. The per-job label is `training_job`:
+Prometheus owns `job` and `instance` as target labels and would rename ours
+to `exported_job`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from lrpilot.client.protocol import ERROR_CODES, REASONS
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from .jobs import JobTable
 
-__all__ = ["Metrics"]
+__all__ = ["JobSeries", "Metrics"]
 
 # Decisions take from tens of microseconds (schedules) to a second (a slow disk's fsync).
 DECISION_BUCKETS = (
@@ -39,7 +53,8 @@ DECISION_BUCKETS = (
 
 
 class Metrics:
-    """Every lrpilot metric, registered on `registry` (a fresh one per controller or test).
+    """Every controller-wide lrpilot metric, registered on `registry` (fresh per controller
+    or test); `watch(table, clock)` adds the per-job series.
 
     Args:
         registry: where to register; defaults to a new `CollectorRegistry`.
@@ -49,47 +64,6 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "0") -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        j = ["training_job"]
-        self.learning_rate = Gauge(
-            "lrpilot_learning_rate", "LR in force for the job", j, registry=r
-        )
-        self.monitor_value = Gauge(
-            "lrpilot_monitor_value",
-            "Last aggregated raw value of the monitored metric",
-            j,
-            registry=r,
-        )
-        self.monitor_best = Gauge(
-            "lrpilot_monitor_best", "Best monitored value so far", j, registry=r
-        )
-        self.plateau_wait = Gauge(
-            "lrpilot_plateau_wait", "Evaluations without improvement", j, registry=r
-        )
-        self.plateau_patience = Gauge("lrpilot_plateau_patience", "Plateau patience", j, registry=r)
-        self.min_lr = Gauge("lrpilot_min_lr", "Lower bound on the job's LR", j, registry=r)
-        self.policy_info = Gauge(
-            "lrpilot_policy_info",
-            "Policy and phase of the job (always 1)",
-            ["training_job", "policy", "phase"],
-            registry=r,
-        )
-        self.epoch = Gauge(
-            "lrpilot_epoch", "Last decided epoch (step for unit: step)", j, registry=r
-        )
-        self.workers = Gauge("lrpilot_workers", "Ranks with a live session", j, registry=r)
-        self.lr_changes = Counter(
-            "lrpilot_lr_changes", "LR changes by reason", ["training_job", "reason"], registry=r
-        )
-        self.reports = Counter("lrpilot_reports", "Reports received", j, registry=r)
-        self.late = Counter(
-            "lrpilot_late_decisions",
-            "Epochs decided without every rank, or late reports",
-            j,
-            registry=r,
-        )
-        self.range_test_suggested_lr = Gauge(
-            "lrpilot_range_test_suggested_lr", "LR suggested by a range test", j, registry=r
-        )
         self.invalid = Counter(
             "lrpilot_invalid_messages", "Invalid messages by reason", ["reason"], registry=r
         )
@@ -99,7 +73,6 @@ class Metrics:
             "lrpilot_unroutable", "Messages to peers that are gone or full", registry=r
         )
         self.store_errors = Counter("lrpilot_store_errors", "Failed state commits", registry=r)
-        self.jobs = Gauge("lrpilot_jobs", "Jobs in memory", registry=r)
         self.reloads = Counter(
             "lrpilot_policy_reloads", "Policy reloads by result", ["result"], registry=r
         )
@@ -120,73 +93,143 @@ class Metrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
-        self.last_report = Gauge(
-            "lrpilot_last_report_timestamp_seconds",
-            "Unix time of the job's last report",
-            j,
-            registry=r,
-        )
         self.build_info = Gauge(
             "lrpilot_build_info", "lrpilot version (always 1)", ["version"], registry=r
         )
         self.build_info.labels(version).set(1)
-        self._policy_labels: dict[str, tuple[str, str]] = {}
 
-    def observe_job(self, job: Job, workers: int) -> None:
-        """Bring the job's labelled series in line with its state."""
-        name = job.name
-        if name not in self._policy_labels:  # a new job: its counters start at zero
+    def watch(self, table: JobTable, clock: Callable[[], float]) -> None:
+        """Render `table`'s jobs at every scrape."""
+        self._jobs = JobSeries(table, clock)
+
+    def render(self) -> bytes:
+        """The whole exposition (Prometheus text format 0.0.4), as a scrape returns it."""
+        body = generate_latest(self.registry)
+        jobs = getattr(self, "_jobs", None)
+        return body if jobs is None else body + jobs.render()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+        """Serve `/metrics` from a thread of its own; `shutdown()` and `server_close()` it."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    self.send_error(404, "only /metrics is here")
+                    return
+                body = metrics.render()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes are not news
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+        httpd = Server((host, port), Handler)
+        threading.Thread(target=httpd.serve_forever, name="lrpilot-metrics", daemon=True).start()
+        return httpd
+
+
+#: (name, type, help) of every per-job family, in the order they are rendered.
+_JOB_FAMILIES = (
+    ("lrpilot_learning_rate", "gauge", "LR in force for the job"),
+    ("lrpilot_monitor_value", "gauge", "Last aggregated raw value of the monitored metric"),
+    ("lrpilot_monitor_best", "gauge", "Best monitored value so far"),
+    ("lrpilot_plateau_wait", "gauge", "Evaluations without improvement"),
+    ("lrpilot_plateau_patience", "gauge", "Plateau patience"),
+    ("lrpilot_min_lr", "gauge", "Lower bound on the job's LR"),
+    ("lrpilot_policy_info", "gauge", "Policy and phase of the job (always 1)"),
+    ("lrpilot_epoch", "gauge", "Last decided epoch (step for unit: step)"),
+    ("lrpilot_workers", "gauge", "Ranks with a live session"),
+    ("lrpilot_lr_changes_total", "counter", "LR changes by reason"),
+    ("lrpilot_reports_total", "counter", "Reports received"),
+    (
+        "lrpilot_late_decisions_total",
+        "counter",
+        "Epochs decided without every rank, or late reports",
+    ),
+    ("lrpilot_range_test_suggested_lr", "gauge", "LR suggested by a range test"),
+    ("lrpilot_last_report_timestamp_seconds", "gauge", "Unix time of the job's last report"),
+)
+
+
+class JobSeries:
+    """The per-job series and `lrpilot_jobs`, rendered from the job table at scrape time.
+
+    Runs in the metrics server's thread. It takes one reference to each job's immutable
+    state, so a scrape shows every job as of one decision, never half of one. Job names
+    are restricted to `[A-Za-z0-9._:/@-]`, so labels need no escaping and the text is
+    written directly: 10,000 jobs render in a fraction of a second.
+    """
+
+    def __init__(self, table: JobTable, clock: Callable[[], float]) -> None:
+        self.table = table
+        self.clock = clock
+
+    def render(self) -> bytes:
+        jobs = list(self.table.jobs.values())
+        counters = self.table.counters
+        now, timeout = self.clock(), self.table.worker_timeout
+        out: list[list[str]] = [[] for _ in _JOB_FAMILIES]
+        lr, value, best, wait, patience, min_lr, info, epoch, workers = out[:9]
+        changes, reports, late, _suggested, last = out[9:]
+        for job in jobs:
+            j = f'{{training_job="{job.name}"}} '
+            described: dict[str, Any] = job.policy.describe(job.state)
+            lr.append(f"lrpilot_learning_rate{j}{_go(job.lr)}\n")
+            value.append(f"lrpilot_monitor_value{j}{_go(_num(job.value))}\n")
+            best.append(f"lrpilot_monitor_best{j}{_go(_num(described.get('best')))}\n")
+            wait.append(f"lrpilot_plateau_wait{j}{_go(_num(described.get('wait')))}\n")
+            patience.append(f"lrpilot_plateau_patience{j}{_go(_num(described.get('patience')))}\n")
+            min_lr.append(f"lrpilot_min_lr{j}{_go(_num(described.get('min_lr'), 0.0))}\n")
+            phase = str(described.get("phase") or "").replace("\\", "\\\\").replace('"', '\\"')
+            info.append(
+                f'lrpilot_policy_info{{training_job="{job.name}",policy="{job.policy.type}",'
+                f'phase="{phase}"}} 1.0\n'
+            )
+            epoch.append(f"lrpilot_epoch{j}{_go(_num(job.last_epoch))}\n")
+            live = len(job.sessions.live(now, timeout))
+            workers.append(f"lrpilot_workers{j}{_go(float(live))}\n")
+            if job.last_report_wall:
+                last.append(
+                    f"lrpilot_last_report_timestamp_seconds{j}{_go(job.last_report_wall)}\n"
+                )
+            c = counters.get(job.name)
+            if c is None:
+                continue
+            reports.append(f"lrpilot_reports_total{j}{_go(float(c.reports))}\n")
+            late.append(f"lrpilot_late_decisions_total{j}{_go(float(c.late))}\n")
             for reason in REASONS:
-                self.lr_changes.labels(name, reason)
-            self.reports.labels(name)
-            self.late.labels(name)
-        info: dict[str, Any] = job.policy.describe(job.state)
-        self.learning_rate.labels(name).set(job.lr)
-        self.monitor_value.labels(name).set(_num(job.value))
-        self.monitor_best.labels(name).set(_num(info.get("best")))
-        self.plateau_wait.labels(name).set(_num(info.get("wait")))
-        self.plateau_patience.labels(name).set(_num(info.get("patience")))
-        self.min_lr.labels(name).set(_num(info.get("min_lr"), 0.0))
-        labels = (job.policy.type, str(info.get("phase") or ""))
-        old = self._policy_labels.get(name)
-        if old != labels:
-            if old is not None:
-                self.policy_info.remove(name, *old)
-            self.policy_info.labels(name, *labels).set(1)
-            self._policy_labels[name] = labels
-        self.epoch.labels(name).set(_num(job.last_epoch))
-        self.workers.labels(name).set(workers)
-        if job.last_report_wall:
-            self.last_report.labels(name).set(job.last_report_wall)
+                n = float(c.changes.get(reason, 0))
+                changes.append(
+                    f'lrpilot_lr_changes_total{{training_job="{job.name}",reason="{reason}"}} '
+                    f"{_go(n)}\n"
+                )
+        parts: list[str] = []
+        for (name, kind, text), lines in zip(_JOB_FAMILIES, out, strict=True):
+            base = name.removesuffix("_total") if kind == "counter" else name
+            parts.append(f"# HELP {name} {text}\n# TYPE {base} {kind}\n")
+            parts.extend(lines)
+        parts.append(
+            f"# HELP lrpilot_jobs Jobs in memory\n# TYPE lrpilot_jobs gauge\n"
+            f"lrpilot_jobs {_go(float(len(jobs)))}\n"
+        )
+        return "".join(parts).encode()
 
-    def remove_job(self, name: str) -> None:
-        """Drop every series of a job (TTL, forget) so label cardinality stays bounded."""
-        for gauge in (
-            self.learning_rate,
-            self.monitor_value,
-            self.monitor_best,
-            self.plateau_wait,
-            self.plateau_patience,
-            self.min_lr,
-            self.epoch,
-            self.workers,
-            self.reports,
-            self.late,
-            self.range_test_suggested_lr,
-            self.last_report,
-        ):
-            with contextlib.suppress(KeyError):
-                gauge.remove(name)
-        for reason in REASONS:
-            with contextlib.suppress(KeyError):
-                self.lr_changes.remove(name, reason)
-        old = self._policy_labels.pop(name, None)
-        if old is not None:
-            with contextlib.suppress(KeyError):
-                self.policy_info.remove(name, *old)
 
-    def set_jobs(self, count: int) -> None:
-        self.jobs.set(count)
+def _go(x: float) -> str:
+    """A sample value as Prometheus writes it (Go's float formatting)."""
+    if x != x:
+        return "NaN"
+    if x in (math.inf, -math.inf):
+        return "+Inf" if x > 0 else "-Inf"
+    return repr(float(x))
 
 
 def _num(x: Any, default: float = math.nan) -> float:

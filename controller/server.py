@@ -1,11 +1,13 @@
 """The controller daemon: one thread, one zmq Poller loop over the client and admin sockets.
 
-The loop only moves bytes and time: it decodes and validates each frame
-(`lrpilot.client.protocol`), hands it to the `JobTable`, and sends what the
-table returns with NOBLOCK (unroutable or full peers are counted, never
-waited for). Between messages it watches the policy file, decides multi-worker
-epochs whose `aggregate_timeout` ran out, and drops jobs silent past
-`--job-ttl`. Prometheus metrics are served from prometheus_client's own thread.
+Each loop turn: drain every client message waiting (up to a budget), decode
+and validate it (`lrpilot.client.protocol`), feed it to one `Batch`
+(jobs.py), add the deadlines that came due, commit the whole turn in one
+transaction, and only then send the replies, with NOBLOCK (unroutable or full
+peers are counted, never waited for). A failed commit answers every message
+of the turn `unavailable` and changes nothing. Between turns it watches the
+policy file. Prometheus metrics are served from prometheus_client's own
+thread; per-job series are read from the job table at scrape time.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import zmq
 from lrpilot.client.errors import PolicyError, ProtocolError
 from lrpilot.client.protocol import (
     SOCKET_MAX_MSG_SIZE,
-    Bye,
     ErrorMessage,
     Hello,
     Report,
@@ -37,18 +38,25 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
-from .jobs import JobTable, Outgoing
+from .jobs import Batch, JobTable
+from .jobstate import status_row
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default, load_text
 from .reload import PolicyWatcher
 from .store import Store
+from .transitions import Outgoing
 
 __all__ = ["ServeConfig", "Server", "parse_ready_line", "serve"]
 
 log = logging.getLogger("lrpilot.controller")
 
 WATCH_INTERVAL = 0.2
-SWEEP_INTERVAL = 1.0
+#: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
+ADMIN_MAX_REQUEST = 1 << 20
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"t": "error", "code": code, "message": message}
 
 
 @dataclass(frozen=True)
@@ -108,18 +116,24 @@ class Server:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.wall = wall
         self.metrics = Metrics(version=__version__)
         self.store = Store(config.state_dir)
         self.table = JobTable(
             policies,
             self.store,
-            self.metrics,
-            clock,
-            wall,
             max_jobs=config.max_jobs,
             worker_timeout=config.worker_timeout,
             job_ttl=config.job_ttl,
         )
+        self.metrics.watch(self.table, clock)
+        self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "status": self._status,
+            "set_lr": self._set_lr,
+            "reload": lambda msg: self.reload("admin"),
+            "history": self._history,
+            "forget": self._forget,
+        }
         self.metrics.last_reload_timestamp.set(wall())
         self.watcher = (
             PolicyWatcher(config.policy, policies.digest, clock) if config.policy else None
@@ -134,17 +148,14 @@ class Server:
             self.sock = self._client_socket()
             self.admin = self.ctx.socket(zmq.ROUTER)
             self.admin.setsockopt(zmq.LINGER, 0)
+            self.admin.setsockopt(zmq.MAXMSGSIZE, ADMIN_MAX_REQUEST)
             self.admin.bind(config.admin_bind)  # close() closes it if this fails
             if config.metrics_port is not None:
-                from prometheus_client import start_http_server
-
-                self._http, _ = start_http_server(
-                    config.metrics_port, config.metrics_host, registry=self.metrics.registry
-                )
+                self._http = self.metrics.serve(config.metrics_port, config.metrics_host)
         except Exception:
             self.close()
             raise
-        self._restore_jobs(wall())
+        self._restore_jobs(clock(), wall())
 
     def _client_socket(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
@@ -174,25 +185,11 @@ class Server:
             raise
         return sock
 
-    def _restore_jobs(self, now: float) -> None:
+    def _restore_jobs(self, now: float, wall: float) -> None:
         """Bring back every job reported within --job-ttl (most recent first, up to --max-jobs)."""
-        rows = [
-            (name, data)
-            for name, data in self.store.load_jobs()
-            if now - float(data.get("last_report_wall", 0.0)) <= self.config.job_ttl
-        ]
-        rows.sort(key=lambda r: float(r[1].get("last_report_wall", 0.0)), reverse=True)
-        for name, data in rows[: self.config.max_jobs]:
-            job = self.table._restore(name, self.table.policies.rule_for(name), data)
-            self.table.jobs[name] = job
-            self.table.observe(job)
-        self.metrics.set_jobs(len(self.table.jobs))
-        if rows:
-            log.info(
-                "restored %d jobs from %s",
-                min(len(rows), self.config.max_jobs),
-                self.config.state_dir,
-            )
+        count = self.table.restore(self.store.load_jobs(), now, wall)
+        if count:
+            log.info("restored %d jobs from %s", count, self.config.state_dir)
 
     # -- endpoints ----------------------------------------------------------------
 
@@ -228,46 +225,66 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.admin, zmq.POLLIN)
-        next_watch = next_sweep = self.clock()
+        next_watch = self.clock()
         while not self._stopping:
             now = self.clock()
-            timeout = min(next_watch, next_sweep) - now
-            deadline = self.table.next_deadline()
-            if deadline is not None:
-                timeout = min(timeout, deadline - now)
-            events = dict(poller.poll(max(0, math.ceil(timeout * 1000))))
-            if self.sock in events:
-                self._drain_clients()
+            wake = min(next_watch, self.table.deadlines.next() or math.inf)
+            events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
+            self.turn(drain=self.sock in events)
             if self.admin in events:
                 self._drain_admin()
-            now = self.clock()
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload("signal")
-            if now >= next_watch:
-                next_watch = now + WATCH_INTERVAL
+            if self.clock() >= next_watch:
+                next_watch = self.clock() + WATCH_INTERVAL
                 self._watch()
-            deadline = self.table.next_deadline()
-            if now >= next_sweep or (deadline is not None and now >= deadline):
-                next_sweep = now + SWEEP_INTERVAL
-                try:
-                    self._send(self.table.expire())
-                except Exception:
-                    log.exception(
-                        "could not decide timed-out epochs; retrying in %gs", SWEEP_INTERVAL
-                    )
-                self.table.refresh_metrics()
-                self.metrics.set_jobs(len(self.table.jobs))
 
-    def _drain_clients(self, budget: int = 1000) -> None:
-        for _ in range(budget):
+    def turn(self, drain: bool = True, budget: int = 256) -> None:
+        """One group commit: decide every message waiting and every deadline due, commit
+        once, then reply (or answer every message `unavailable` if the commit failed)."""
+        now = self.clock()
+        batch = self.table.batch(now, self.wall())
+        received: list[tuple[bytes, int | None]] = []  # every message fed to the batch
+        errors: Outgoing = []
+        for _ in range(budget if drain else 0):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                break
+            self._feed(frames, batch, received, errors)
+        due = self.table.deadlines.pop_due(now)
+        batch.expire(due)
+        if batch.steps or batch.touched:
+            try:
+                self.store.commit(batch.writes())
+            except Exception as exc:
+                self.table.deadlines.restore(due)
+                self._store_failed(exc)
+                text = "the controller cannot store its state now; resend later"
+                errors += [(i, ErrorMessage("unavailable", text, seq)) for i, seq in received]
+                self._send(errors)
                 return
-            self._handle_client(frames)
+        out = self.table.publish(batch)
+        self.table.expire_idle(due, now)
+        for step in batch.steps:
+            for code in step.invalid:
+                self.metrics.invalid.labels(code).inc()
+        self._send(errors)
+        self._send(out)
+        if batch.steps:
+            elapsed = max(self.clock() - now, 0.0)
+            for step in batch.steps:
+                if step.snapshot is not None:
+                    self.metrics.decision_seconds.observe(elapsed)
 
-    def _handle_client(self, frames: list[bytes]) -> None:
+    def _feed(
+        self,
+        frames: list[bytes],
+        batch: Batch,
+        received: list[tuple[bytes, int | None]],
+        errors: Outgoing,
+    ) -> None:
         ident = frames[0]
         seq = None
         try:
@@ -279,36 +296,53 @@ class Server:
             if isinstance(raw.get("seq"), int) and not isinstance(raw.get("seq"), bool):
                 seq = raw["seq"] if 0 <= raw["seq"] < 1 << 63 else None  # echoed in an error
             message = parse_client_dict(raw)
-            out = self._dispatch(message)
+            if message.session != ident:
+                raise ProtocolError("schema", "session must equal the socket's routing id")
+            if isinstance(message, Hello):
+                batch.hello(message)
+            elif isinstance(message, Report):
+                batch.report(message)
+            else:
+                batch.bye(message)
         except ProtocolError as exc:
-            self._invalid(ident, exc, seq)
+            self._invalid(ident, exc, seq, errors)
             return
-        except Exception:
-            # A failed commit (disk full, I/O error): the job is unchanged and no reply is
-            # sent, so the client keeps its LR and resends; the controller keeps serving.
+        except Exception:  # a bug must not stop the controller; the client resends
             log.exception("could not process a message from %s", ident.hex()[:12])
             return
-        self._send(out)
+        received.append((ident, seq))
 
-    def _dispatch(self, message: Hello | Report | Bye) -> Outgoing:
-        if isinstance(message, Hello):
-            out = self.table.hello(message)
-            self.metrics.set_jobs(len(self.table.jobs))
-            return out
-        if isinstance(message, Report):
-            return self.table.report(message)
-        return self.table.bye(message)
+    def _store_failed(self, exc: BaseException) -> None:
+        self.metrics.store_errors.inc()
+        if self._limiter.allow(self.clock()):
+            log.error(
+                "cannot commit state to %s/state.db (%s: %s); answering unavailable, "
+                "retrying next turn",
+                self.config.state_dir,
+                type(exc).__name__,
+                exc,
+            )
 
-    def _invalid(self, ident: bytes, exc: ProtocolError, seq: int | None) -> None:
+    def _commit(self, batch: Batch) -> Outgoing:
+        """Commit an admin batch; raises on failure (the table is unchanged)."""
+        try:
+            self.store.commit(batch.writes())
+        except Exception as exc:
+            self._store_failed(exc)
+            raise
+        return self.table.publish(batch)
+
+    def _invalid(self, ident: bytes, exc: ProtocolError, seq: int | None, errors: Outgoing) -> None:
         self.metrics.invalid.labels(exc.code).inc()
         if self._limiter.allow(self.clock()):
             log.warning("invalid message from %s: %s", ident.hex()[:12], exc)
-        self._send([(ident, ErrorMessage(exc.code, exc.message, seq))])
+        errors.append((ident, ErrorMessage(exc.code, exc.message, seq)))
 
     def _send(self, out: Outgoing) -> None:
+        send = self.sock.send_multipart
         for ident, message in out:
             try:
-                self.sock.send_multipart([ident, encode(message.to_wire())], zmq.NOBLOCK)
+                send([ident, encode(message.to_wire())], zmq.NOBLOCK)
             except (zmq.Again, zmq.ZMQError):
                 self.metrics.unroutable.inc()
 
@@ -330,51 +364,60 @@ class Server:
 
     def _admin(self, frame: bytes) -> dict[str, Any]:
         try:
-            msg = decode(frame)
-            kind = msg["t"]
-            if kind == "status":
-                return {"t": "status", "jobs": self.table.status()}
-            if kind == "set_lr":
-                job = check_name(msg.get("job"), "job")
-                lr = msg.get("lr")
-                if (
-                    isinstance(lr, bool)
-                    or not isinstance(lr, int | float)
-                    or not (math.isfinite(lr) and 0 < lr <= 10)
-                ):
-                    return {
-                        "t": "error",
-                        "code": "out_of_range",
-                        "message": f"lr must be finite in (0, 10], got {lr!r}",
-                    }
-                reason = str(msg.get("reason") or "")[:500]
-                try:
-                    self._send(self.table.set_lr(job, float(lr), reason))
-                except KeyError:
-                    return {"t": "error", "code": "unknown_job", "message": f"no job {job!r}"}
-                return {
-                    "t": "ok",
-                    "job": job,
-                    "lr": self.table.jobs[job].lr,
-                    "version": self.table.jobs[job].version,
-                }
-            if kind == "reload":
-                return self.reload("admin")
-            if kind == "history":
-                job = check_name(msg.get("job"), "job")
-                rows = self.store.history(job)
-                if not rows and job not in self.table.jobs:
-                    return {"t": "error", "code": "unknown_job", "message": f"no job {job!r}"}
-                return {"t": "history", "job": job, "rows": [r.to_json() for r in rows]}
-            if kind == "forget":
-                job = check_name(msg.get("job"), "job")
-                if not self.table.forget(job):
-                    return {"t": "error", "code": "unknown_job", "message": f"no job {job!r}"}
-                self.metrics.set_jobs(len(self.table.jobs))
-                return {"t": "ok", "job": job}
-            return {"t": "error", "code": "unknown_type", "message": f"unknown request {kind!r}"}
+            msg = decode(frame, limit=ADMIN_MAX_REQUEST)
+            handler = self._admin_handlers.get(msg["t"])
+            if handler is None:
+                return _error("unknown_type", f"unknown request {msg['t'][:40]!r}")
+            return handler(msg)
         except ProtocolError as exc:
-            return {"t": "error", "code": exc.code, "message": exc.message}
+            return _error(exc.code, exc.message)
+
+    def _status(self, msg: dict[str, Any]) -> dict[str, Any]:
+        now, timeout = self.clock(), self.table.worker_timeout
+        return {
+            "t": "status",
+            "jobs": [status_row(j, now, timeout) for j in self.table.jobs.values()],
+        }
+
+    def _set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(msg.get("job"), "job")
+        lr = msg.get("lr")
+        if (
+            isinstance(lr, bool)
+            or not isinstance(lr, int | float)
+            or not (math.isfinite(lr) and 0 < lr <= 10)
+        ):
+            return _error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
+        reason = str(msg.get("reason") or "")[:500]
+        author = str(msg.get("author") or "operator")[:200]
+        batch = self.table.batch(self.clock(), self.wall())
+        try:
+            job = batch.override(name, float(lr), reason, author)
+        except KeyError:
+            return _error("unknown_job", f"no job {name!r}")
+        try:
+            self._send(self._commit(batch))
+        except Exception as exc:
+            return _error("unavailable", f"could not store the override: {exc}")
+        return {"t": "ok", "job": name, "lr": job.lr, "version": job.version}
+
+    def _history(self, msg: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(msg.get("job"), "job")
+        rows = self.store.history(name)
+        if not rows and name not in self.table.jobs:
+            return _error("unknown_job", f"no job {name!r}")
+        return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
+
+    def _forget(self, msg: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(msg.get("job"), "job")
+        batch = self.table.batch(self.clock(), self.wall())
+        if not batch.forget(name):
+            return _error("unknown_job", f"no job {name!r}")
+        try:
+            self._commit(batch)
+        except Exception as exc:
+            return _error("unavailable", f"could not forget {name!r}: {exc}")
+        return {"t": "ok", "job": name}
 
     # -- reload -----------------------------------------------------------------------
 
@@ -416,11 +459,14 @@ class Server:
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
         if new.digest == self.table.policies.digest:
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
+        batch = self.table.batch(self.clock(), self.wall())
+        batch.rebind_all(new)
         try:
-            self._send(self.table.swap_policies(new))
+            out = self._commit(batch)
         except Exception as exc:
-            log.exception("policy swap failed part way")
             return self._reload_failed([f"{self.config.policy}: could not store the change: {exc}"])
+        self.table.swap_policies(new)
+        self._send(out)
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload_success.set(1)
         self.metrics.last_reload_timestamp.set(time.time())

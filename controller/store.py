@@ -1,8 +1,10 @@
 """Durable state: per-job policy state, epoch snapshots and the audit log, in SQLite (WAL).
 
-A decision is committed — job row, snapshot and audit rows in one
-transaction with `synchronous=FULL` — before its reply leaves the controller,
-so an LR a client has received survives kill -9 (and a power cut).
+Commits are grouped: every job row, snapshot and audit row of one loop turn
+goes in one transaction with `synchronous=FULL`, committed before any reply
+of that turn leaves the controller, so an LR a client has received survives
+kill -9 (and a power cut). Rows are msgpack (rows written by 0.1 as JSON text
+still load); old snapshots are deleted by key range, never by scanning.
 `STATE_DIR/audit.jsonl` mirrors committed audit rows; on start the mirror is
 completed from the database, so a crash between the two loses nothing.
 A database that fails SQLite's integrity check is refused, never loaded.
@@ -17,13 +19,24 @@ import logging
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["AuditRow", "StateDirLocked", "Store", "StoreCorrupt"]
+import msgpack
+
+__all__ = [
+    "AuditRow",
+    "StateDirLocked",
+    "Store",
+    "StoreCorrupt",
+    "Writes",
+    "decode_row",
+    "encode_row",
+]
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -39,6 +52,8 @@ CREATE TABLE IF NOT EXISTS audit (
     old_lr REAL, new_lr REAL NOT NULL, reason TEXT NOT NULL, version INTEGER NOT NULL,
     epoch INTEGER, source TEXT NOT NULL, run INTEGER NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
+CREATE TABLE IF NOT EXISTS quarantine (
+    job TEXT NOT NULL, data BLOB, error TEXT NOT NULL, time TEXT NOT NULL);
 """
 
 
@@ -106,11 +121,55 @@ def _loads(text: str) -> Any:
     return _decode(json.loads(text))
 
 
-class Store:
-    """The state directory: a lock, `state.db` and `audit.jsonl`.
+def encode_row(data: dict[str, Any]) -> bytes:
+    """A stored row (job state or snapshot) as msgpack; NaN and inf are kept as they are."""
+    return msgpack.packb(data, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_row(data: bytes | str) -> dict[str, Any]:
+    """A stored row back; JSON text is a row written by lrpilot 0.1.
+
+    Raises:
+        ValueError: the row does not decode to a mapping.
+    """
+    try:
+        value = _loads(data) if isinstance(data, str) else msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several types for corrupt input
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"not a mapping but {type(value).__name__}")
+    return value
+
+
+@dataclass
+class Writes:
+    """Everything one loop turn commits, in one transaction.
 
     Args:
-        state_dir: created if missing; locked with flock for the life of the store.
+        jobs: encoded job rows by job name.
+        snapshots: (job, run, epoch, encoded row) epoch-end states for resumes.
+        prune: (job, run, epoch): delete that run's snapshots up to epoch.
+        old_runs: (job, run): delete every snapshot of a run that ended.
+        audit: LR changes.
+        deleted: jobs forgotten (row and snapshots).
+    """
+
+    jobs: dict[str, bytes] = field(default_factory=dict)
+    snapshots: list[tuple[str, int, int, bytes]] = field(default_factory=list)
+    prune: list[tuple[str, int, int]] = field(default_factory=list)
+    old_runs: list[tuple[str, int]] = field(default_factory=list)
+    audit: list[AuditRow] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs or self.snapshots or self.audit or self.deleted)
+
+
+class Store:
+    """The state directory: `state.db` (locked for the life of the store) and `audit.jsonl`.
+
+    Args:
+        state_dir: created if missing.
 
     Raises:
         StateDirLocked: another controller runs on this directory.
@@ -120,22 +179,9 @@ class Store:
     def __init__(self, state_dir: str | Path) -> None:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock: IO[str] | None = open(self.dir / "lock", "a+")  # noqa: SIM115
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "unknown"
-            self._lock.close()
-            self._lock = None
-            raise StateDirLocked(
-                f"state dir {self.dir} is locked by another controller (pid {holder})"
-            ) from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
         path = self.dir / "state.db"
+        self._lock: IO[str] | None = None
+        self._lock_db(path)
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -149,107 +195,135 @@ class Store:
             raise StoreCorrupt(
                 f"{path} is damaged ({exc}); move it aside to start with an empty state"
             ) from None
+        #: Rows moved to the `quarantine` table because they did not decode.
+        self.quarantined = 0
         self._audit_path = self.dir / "audit.jsonl"
         self._sync_audit_mirror()
         self._audit = open(self._audit_path, "a", encoding="utf-8")  # noqa: SIM115
 
+    def _lock_db(self, path: Path) -> None:
+        """flock the database file itself (SQLite's own locks are fcntl locks, independent of
+        flock), so deleting a `lock` file cannot let a second controller in; `lock` only
+        tells the holder's pid."""
+        self._lock = open(path, "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            try:
+                holder = (self.dir / "lock").read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
+            raise StateDirLocked(
+                f"state dir {self.dir} is locked by another controller (pid {holder})"
+            ) from None
+        with contextlib.suppress(OSError):
+            (self.dir / "lock").write_text(str(os.getpid()))
+
     # -- jobs -------------------------------------------------------------------
 
     def load_jobs(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every stored job's state.
-
-        Raises:
-            StoreCorrupt: a row that does not decode.
-        """
-        for job, data in self.db.execute("SELECT job, data FROM jobs ORDER BY job"):
-            yield job, self._decode_row(job, data)
+        """Every stored job's row; a row that does not decode is quarantined, not returned."""
+        bad: list[tuple[str, Any, str]] = []
+        for job, data in self.db.execute("SELECT job, data FROM jobs"):
+            try:
+                yield job, decode_row(data)
+            except ValueError as exc:
+                bad.append((job, data, str(exc)))
+        for job, data, error in bad:
+            self._quarantine(job, data, error)
 
     def load_job(self, job: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT data FROM jobs WHERE job = ?", (job,)).fetchone()
-        return None if row is None else self._decode_row(job, row[0])
-
-    def _decode_row(self, job: str, data: str) -> dict[str, Any]:
+        if row is None:
+            return None
         try:
-            value = _loads(data)
+            return decode_row(row[0])
         except ValueError as exc:
-            raise StoreCorrupt(f"state of job {job!r} does not decode: {exc}") from None
-        if not isinstance(value, dict):
-            raise StoreCorrupt(f"state of job {job!r} is not an object")
-        return value
+            self._quarantine(job, row[0], str(exc))
+            return None
+
+    def quarantine(self, job: str, error: str) -> None:
+        """Move a job's row that cannot be used (it decodes but does not fit) aside."""
+        row = self.db.execute("SELECT data FROM jobs WHERE job = ?", (job,)).fetchone()
+        if row is not None:
+            self._quarantine(job, row[0], error)
+
+    def _quarantine(self, job: str, data: Any, error: str) -> None:
+        log.error("state of job %r is unusable (%s); moved to the quarantine table", job, error)
+        self.quarantined += 1
+        try:
+            with self.db:
+                self.db.execute(
+                    "INSERT INTO quarantine (job, data, error, time) VALUES (?, ?, ?, ?)",
+                    (job, data, error, rfc3339(time.time())),
+                )
+                self.db.execute("DELETE FROM jobs WHERE job = ?", (job,))
+        except sqlite3.Error as exc:
+            log.error("cannot quarantine job %r in %s: %s", job, self.dir / "state.db", exc)
 
     def snapshot(self, job: str, run: int, epoch: int) -> dict[str, Any] | None:
         row = self.db.execute(
             "SELECT data FROM snapshots WHERE job = ? AND run = ? AND epoch = ?", (job, run, epoch)
         ).fetchone()
-        return None if row is None else self._decode_row(job, row[0])
+        if row is None:
+            return None
+        try:
+            return decode_row(row[0])
+        except ValueError:
+            return None
 
-    def commit(
-        self,
-        job: str,
-        state: dict[str, Any],
-        snapshot: tuple[int, int, dict[str, Any]] | None = None,
-        audit: list[AuditRow] | None = None,
-    ) -> None:
-        """Write a job's state, an epoch snapshot and audit rows in one durable transaction."""
-        audit = audit or []
+    def commit(self, w: Writes) -> None:
+        """Write one turn's rows in one durable transaction; nothing is written on failure.
+
+        Raises:
+            sqlite3.Error, OSError: the commit failed (full disk, I/O error, read-only).
+        """
+        if not w:
+            return
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            cur.execute(
+            cur.executemany(
                 "INSERT INTO jobs (job, data) VALUES (?, ?) "
                 "ON CONFLICT(job) DO UPDATE SET data = excluded.data",
-                (job, _dumps(state)),
+                w.jobs.items(),
             )
-            if snapshot is not None:
-                run, epoch, data = snapshot
-                cur.execute(
-                    "INSERT OR REPLACE INTO snapshots (job, run, epoch, data) VALUES (?, ?, ?, ?)",
-                    (job, run, epoch, _dumps(data)),
-                )
-                cur.execute(
-                    "DELETE FROM snapshots WHERE job = ? AND (run != ? OR epoch <= ?)",
-                    (job, run, epoch - SNAPSHOTS_KEPT),
-                )
-            for row in audit:
-                cur.execute(
-                    "INSERT INTO audit (time, job, old_lr, new_lr, reason, version, epoch, source,"
-                    " run, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        row.time,
-                        row.job,
-                        row.old_lr,
-                        row.new_lr,
-                        row.reason,
-                        row.version,
-                        row.epoch,
-                        row.source,
-                        row.run,
-                        row.detail,
-                    ),
-                )
+            cur.executemany(
+                "INSERT OR REPLACE INTO snapshots (job, run, epoch, data) VALUES (?, ?, ?, ?)",
+                w.snapshots,
+            )
+            cur.executemany(
+                "DELETE FROM snapshots WHERE job = ? AND run = ? AND epoch <= ?", w.prune
+            )
+            cur.executemany("DELETE FROM snapshots WHERE job = ? AND run = ?", w.old_runs)
+            cur.executemany(
+                "INSERT INTO audit (time, job, old_lr, new_lr, reason, version, epoch, source,"
+                " run, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [astuple(row) for row in w.audit],
+            )
+            for job in w.deleted:
+                cur.execute("DELETE FROM jobs WHERE job = ?", (job,))
+                cur.execute("DELETE FROM snapshots WHERE job = ?", (job,))
             cur.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             raise
-        try:
-            for row in audit:
-                self._audit.write(json.dumps(row.to_json()) + "\n")
-            if audit:
+        if w.audit:
+            try:
+                self._audit.write("".join(json.dumps(r.to_json()) + "\n" for r in w.audit))
                 self._audit.flush()
-        except OSError as exc:  # committed already; the mirror is completed on the next start
-            log.error("cannot append to %s: %s", self._audit_path, exc)
+            except OSError as exc:  # committed already; the mirror is completed on the next start
+                log.error("cannot append to %s: %s", self._audit_path, exc)
 
-    def delete_job(self, job: str) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM jobs WHERE job = ?", (job,))
-            self.db.execute("DELETE FROM snapshots WHERE job = ?", (job,))
-
-    def history(self, job: str, limit: int = 1000) -> list[AuditRow]:
+    def history(self, job: str, limit: int | None = None) -> list[AuditRow]:
+        """The job's audit rows, oldest first (the last `limit` only, if given)."""
         rows = self.db.execute(
             "SELECT time, job, old_lr, new_lr, reason, version, epoch, source, run, detail "
             "FROM audit WHERE job = ? ORDER BY id DESC LIMIT ?",
-            (job, limit),
+            (job, -1 if limit is None else limit),
         ).fetchall()
         return [AuditRow(*r) for r in reversed(rows)]
 

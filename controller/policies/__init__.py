@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import REASONS, Decision, Event, Policy, State, float32
+from .base import REASONS, Decision, Event, Policy, State, fingerprint, float32, parameters
 from .constant import Constant
 from .cosine import CosineDecay
 from .exponential import ExponentialDecay
@@ -35,7 +35,9 @@ __all__ = [
     "State",
     "StepDecay",
     "Warmup",
+    "fingerprint",
     "float32",
+    "parameters",
     "resolve_mode",
 ]
 

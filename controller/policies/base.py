@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import hashlib
+import json
 import math
 import struct
 from abc import ABC, abstractmethod
@@ -28,7 +30,9 @@ __all__ = [
     "Policy",
     "State",
     "Unit",
+    "fingerprint",
     "float32",
+    "parameters",
 ]
 
 Unit = Literal["epoch", "step"]
@@ -98,16 +102,23 @@ class State:
 
     lr: float
 
+    # States are flat records of numbers (a chain nests its phase's state as a plain dict),
+    # read and written on every decision: shallow copies, no deep recursion.
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def replace(self: S, **changes: Any) -> S:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes` (states have no __post_init__ to re-run)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,3 +173,37 @@ class Policy(ABC):
             warning=extra.get("warning"),
             apply=self.apply,
         )
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-able form of a policy parameter (policies and phases nest)."""
+    if isinstance(value, Policy):
+        return parameters(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, builtins.type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def parameters(policy: Policy) -> dict[str, Any]:
+    """The policy's type and every parameter that differs from its default.
+
+    Parameters left at their default are omitted, so a later version that adds
+    a parameter with a default describes an unchanged policy the same way.
+    """
+    out: dict[str, Any] = {"type": policy.type}
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
+        out[f.name] = _canonical(value)
+    return out
+
+
+def fingerprint(policy: Policy) -> str:
+    """A stable id of a policy's parameters: stored state is reused only by the same policy."""
+    text = json.dumps(parameters(policy), sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -1,0 +1,405 @@
+"""How a job reacts to each message: pure functions of (job, message, env) -> Step.
+
+A transition never mutates anything and touches no socket, clock, file or
+metric: it returns the job's new state, the audit rows to commit and the
+messages to send, in a `Step`. The daemon (jobs.Batch) commits every Step of
+a loop turn in one transaction, then assigns the new states, then sends; if
+the commit fails it simply drops the Steps, so nothing needs undoing.
+
+Timing matches the frameworks: the decision on the report of epoch e applies
+from epoch e+1; the `hello` reply carries the LR for the start epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lrpilot.client.errors import ProtocolError
+from lrpilot.client.protocol import Bye, ErrorMessage, Hello, LrMessage, Report
+
+from .aggregate import Pending, combine
+from .jobstate import JobState, start_from, state_for
+from .policies import Decision, Phases, PhasesState, Plateau, Policy, State, fingerprint
+from .policyfile import JobRule
+from .store import AuditRow, rfc3339
+
+__all__ = [
+    "Env",
+    "Outgoing",
+    "Step",
+    "bye",
+    "hello",
+    "override",
+    "rebind",
+    "report",
+    "timeout",
+    "transfer_state",
+]
+
+#: (routing id, message) pairs to send once the Step is committed.
+Outgoing = list[tuple[bytes, LrMessage | ErrorMessage]]
+
+#: Reads the stored state of (job, run, t) for a resume; None when there is none.
+SnapshotReader = Callable[[str, int, int], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a transition may know besides the job: the time and the daemon's settings."""
+
+    now: float  # monotonic seconds
+    wall: float  # Unix seconds
+    worker_timeout: float = 600.0
+
+
+@dataclass
+class Step:
+    """The effects of one transition, applied only once committed.
+
+    Args:
+        job: the job's new state.
+        out: messages to send.
+        audit: LR changes to record.
+        snapshot: t whose end-of-epoch state `job` is (stored for resumes), or None.
+        persist: whether the job row changed in a way the store keeps.
+        reports, late: counts for `lrpilot_reports_total`, `lrpilot_late_decisions_total`.
+        invalid: error codes to count in `lrpilot_invalid_messages_total`.
+        warnings: lines for the controller's log.
+        waiting: a new aggregation deadline (t, when) for the job.
+    """
+
+    job: JobState
+    out: Outgoing = field(default_factory=list)
+    audit: list[AuditRow] = field(default_factory=list)
+    snapshot: int | None = None
+    persist: bool = True
+    reports: int = 0
+    late: int = 0
+    invalid: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    waiting: tuple[int, float] | None = None
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def lr_message(
+    job: JobState, reason: str, seq: int | None, apply_from: int, action: str | None = None
+) -> LrMessage:
+    step = job.unit == "step"
+    return LrMessage(
+        job=job.name,
+        lr=job.lr,
+        version=job.version,
+        run=job.run,
+        reason=reason,
+        seq=seq,
+        apply_from_epoch=None if step else apply_from,
+        apply_from_step=apply_from if step else None,
+        action=action,
+    )
+
+
+def audit_row(
+    job: JobState,
+    env: Env,
+    old: float | None,
+    reason: str,
+    epoch: int | None,
+    source: str = "policy",
+    detail: str | None = None,
+) -> AuditRow:
+    return AuditRow(
+        rfc3339(env.wall),
+        job.name,
+        old,
+        job.lr,
+        reason,
+        job.version,
+        epoch,
+        source,
+        job.run,
+        detail,
+    )
+
+
+def new_run_id(previous: int, wall: float) -> int:
+    """Run ids grow with time (microseconds), so a job whose state was lost or forgotten
+    never reuses an id that its clients still hold."""
+    return max(previous + 1, int(wall * 1e6))
+
+
+def _push(job: JobState, env: Env, reason: str, apply_from: int, skip: set[int]) -> Outgoing:
+    """The decision to every live worker not answered already."""
+    return [
+        (w.session, lr_message(job, reason, None, apply_from))
+        for w in job.sessions.live(env.now, env.worker_timeout)
+        if w.rank not in skip
+    ]
+
+
+# -- hello -----------------------------------------------------------------------------
+
+
+def hello(
+    job: JobState | None, h: Hello, rule: JobRule, env: Env, snapshots: SnapshotReader
+) -> Step:
+    """A rank starts: a new job, a resumed run, a new run, or a rank joining the run."""
+    audit: list[AuditRow] = []
+    reason = "unchanged"
+    if job is None:
+        start = h.start_step if rule.policy.unit == "step" else h.start_epoch
+        job = JobState(
+            h.job,
+            rule,
+            rule.policy.start(rule.lr0(h.lr), start),
+            fingerprint(rule.policy),
+            run=new_run_id(0, env.wall),
+            last_epoch=start - 1 if start > 0 else None,
+        )
+        reason = "initial"
+        audit.append(audit_row(job, env, None, "initial", start, source="hello"))
+    else:
+        start = h.start_step if job.unit == "step" else h.start_epoch
+        if start > 0:
+            job, reason, audit = _resume(job, start, env, snapshots)
+        elif _starts_new_run(job, h.rank, env):
+            old = job.lr
+            job = job.with_(
+                run=new_run_id(job.run, env.wall),
+                version=1,
+                state=job.policy.start(job.rule.lr0(h.lr), 0),
+                last_epoch=None,
+                pending={},
+                value=None,
+                sessions=job.sessions.new_run(),
+            )
+            reason = "initial"
+            audit.append(audit_row(job, env, old, "initial", 0, source="hello"))
+    job = job.with_(
+        world=h.world,
+        directions={**job.directions, **h.directions} if h.directions else job.directions,
+        sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid),
+        last_seen=env.now,
+    )
+    return Step(job, [(h.session, lr_message(job, reason, None, start))], audit)
+
+
+def _starts_new_run(job: JobState, rank: int, env: Env) -> bool:
+    """A hello at epoch 0 starts a new run if this rank already reported in the current
+    run, or the job has been silent past aggregate_timeout with no live worker."""
+    if rank in job.sessions.reported:
+        return True
+    silent = env.now - job.last_report > job.rule.aggregate_timeout if job.last_report else True
+    return silent and not job.sessions.live(env.now, env.worker_timeout)
+
+
+def _resume(
+    job: JobState, start: int, env: Env, snapshots: SnapshotReader
+) -> tuple[JobState, str, list[AuditRow]]:
+    """A client restarts at `start` > 0: continue, or roll back to the end of start-1."""
+    if job.last_epoch is None or start > job.last_epoch:
+        return job, "unchanged", []
+    snap = snapshots(job.name, job.run, start - 1)
+    if snap is None:
+        return job, "unchanged", []
+    old = job.lr
+    job = job.with_(
+        state=state_for(job.rule, snap, next_t=start),
+        version=job.version + 1,
+        last_epoch=start - 1,
+        value=snap.get("value"),
+        pending={t: p for t, p in job.pending.items() if t < start},
+    )
+    return job, "resume", [audit_row(job, env, old, "resume", start, source="hello")]
+
+
+# -- reports and decisions ---------------------------------------------------------------
+
+
+def report(job: JobState | None, r: Report, env: Env) -> Step:
+    """A rank's metrics for one epoch (or step): decide, wait for the other ranks, or
+    answer a duplicate or late report with the decision in force.
+
+    Raises:
+        ProtocolError: `unknown_session` (say hello first) or `schema`.
+    """
+    if job is None or job.sessions.worker(r.rank, r.session) is None:
+        raise ProtocolError(
+            "unknown_session", "say hello first (the controller may have restarted)"
+        )
+    if job.unit == "step":
+        if r.step is None:
+            raise ProtocolError("schema", f"job {job.name} runs a unit: step policy; report step")
+        t = r.step
+    else:
+        t = r.epoch
+    duplicate = job.sessions.seen(r.session, r.seq)
+    late = not duplicate and job.last_epoch is not None and t <= job.last_epoch
+    sessions = job.sessions.record(
+        r.rank, r.session, r.seq, env.now, counts=not (duplicate or late)
+    )
+    if duplicate or late:
+        # Answer with the decision in force, change nothing else.
+        job = job.with_(sessions=sessions, last_seen=env.now)
+        return Step(job, [(r.session, lr_message(job, "unchanged", r.seq, t + 1))], late=int(late))
+    job = job.with_(
+        sessions=sessions, last_seen=env.now, last_report=env.now, last_report_wall=env.wall
+    )
+    aggregate = job.rule.aggregate
+    if job.world <= 1 or aggregate == "chief":
+        if aggregate == "chief" and r.rank != 0:
+            return Step(job, [(r.session, lr_message(job, "unchanged", r.seq, t + 1))], reports=1)
+        step = decide(job, t, r.metrics, {r.rank: r}, env)
+    else:
+        waiting = job.pending.get(t)
+        pending = (waiting or Pending(t, env.now)).add(r)
+        if not pending.complete(job.world):
+            job = job.with_(pending={**job.pending, t: pending})
+            deadline = None if waiting else (t, env.now + job.rule.aggregate_timeout)
+            return Step(job, reports=1, waiting=deadline)
+        job = job.with_(pending={k: v for k, v in job.pending.items() if k != t})
+        step = decide(job, t, combine(pending.reports, aggregate), pending.reports, env)
+    step.reports = 1
+    return step
+
+
+def timeout(job: JobState, t: int, env: Env) -> Step | None:
+    """Epoch t's aggregate_timeout ran out: decide on the reports that came (late)."""
+    pending = job.pending.get(t)
+    if pending is None or env.now < pending.first_seen + job.rule.aggregate_timeout:
+        return None
+    job = job.with_(pending={k: v for k, v in job.pending.items() if k != t})
+    step = decide(job, t, combine(pending.reports, job.rule.aggregate), pending.reports, env)
+    step.late = 1
+    return step
+
+
+def decide(
+    job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
+) -> Step:
+    """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
+    try:
+        state, decision = job.policy.step(job.state, t, metrics, job.directions)
+    except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
+        errors: Outgoing = [
+            (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
+        ]
+        return Step(job, errors, invalid=[exc.code], warnings=[exc.message])
+    warnings = [decision.warning] if decision.warning else []
+    monitor = getattr(_current_policy(job.policy, state), "monitor", None)
+    value = metrics.get(monitor) if isinstance(monitor, str) else None
+    old_lr = job.lr
+    audit: list[AuditRow] = []
+    if not decision.apply:
+        # Shadow mode: keep the policy's memory and record the decision, send the old LR.
+        job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_lr))
+        if decision.lr != old_lr:
+            detail = f"shadow lr {decision.lr:.6g}"
+            audit.append(
+                audit_row(job, env, old_lr, decision.reason, t + 1, source="shadow", detail=detail)
+            )
+        decision = Decision(old_lr)
+    else:
+        changed = decision.lr != old_lr
+        job = job.with_(state=state, version=job.version + 1 if changed else job.version)
+        if changed:
+            audit.append(audit_row(job, env, old_lr, decision.reason, t + 1))
+    job = job.with_(last_epoch=t, value=value)
+    reason = decision.reason if decision.lr != old_lr else "unchanged"
+    out: Outgoing = [
+        (r.session, lr_message(job, reason, r.seq, t + 1, decision.action))
+        for r in reports.values()
+    ]
+    if decision.lr != old_lr or decision.action:
+        out += [
+            (w.session, lr_message(job, reason, None, t + 1, decision.action))
+            for w in job.sessions.live(env.now, env.worker_timeout)
+            if w.rank not in reports
+        ]
+    return Step(job, out, audit, snapshot=t, warnings=warnings)
+
+
+def _current_policy(policy: Policy, state: State) -> Policy:
+    """The policy deciding now: the current phase's, for a chain."""
+    if isinstance(policy, Phases) and isinstance(state, PhasesState):
+        return policy.phases[state.index].policy
+    return policy
+
+
+def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:
+    """A rank is done: it no longer counts as a worker (nothing to store)."""
+    if job is None or job.sessions.worker(b.rank, b.session) is None:
+        return None
+    return Step(job.with_(sessions=job.sessions.leave(b.rank, b.session)), persist=False)
+
+
+# -- operator and reload -------------------------------------------------------------------
+
+
+def override(job: JobState, lr: float, reason: str, author: str, env: Env) -> Step:
+    """`lrpilot set-lr`: from the next epoch; a plateau keeps best/wait, a schedule rebases."""
+    old = job.lr
+    t = job.last_epoch if job.last_epoch is not None else -1
+    job = job.with_(state=job.policy.rebase(job.state, lr, t), version=job.version + 1)
+    detail = reason or None
+    row = audit_row(job, env, old, "override", t + 1, source=author or "operator", detail=detail)
+    return Step(job, _push(job, env, "override", t + 1, set()), [row])
+
+
+def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
+    """A reloaded policy file gave the job `rule`: carry its state over (None: no change)."""
+    if rule.policy == job.policy and rule.match == job.rule.match:
+        return Step(job.with_(rule=rule), persist=False)
+    t = job.next_t()
+    old_lr = job.lr
+    job = job.with_(
+        rule=rule,
+        state=transfer_state(job.policy, job.state, rule.policy, t),
+        fingerprint=fingerprint(rule.policy),
+    )
+    if job.lr == old_lr:
+        return Step(job)
+    job = job.with_(version=job.version + 1)
+    row = audit_row(job, env, old_lr, "reload", t, source="reload")
+    return Step(job, _push(job, env, "reload", t, set()), [row])
+
+
+def _plateau_compatible(a: Policy, b: Policy) -> bool:
+    return (
+        isinstance(a, Plateau)
+        and isinstance(b, Plateau)
+        and (a.monitor, a.mode, a.compat) == (b.monitor, b.mode, b.compat)
+    )
+
+
+def transfer_state(old: Policy, state: State, new: Policy, t: int) -> State:
+    """The state a job continues with after a reload changed its policy.
+
+    A plateau keeps best/wait/cooldown when monitor, mode and compat are
+    unchanged (its LR clamped to a new min_lr); a chain stays in the phase of
+    the same index and type, else enters the phase containing `t`; any other
+    change starts the new policy from the job's current LR.
+    """
+    lr = state.lr
+    if _plateau_compatible(old, new):
+        assert isinstance(new, Plateau)
+        return state.replace(lr=max(lr, new.min_lr))
+    if isinstance(old, Phases) and isinstance(new, Phases):
+        assert isinstance(state, PhasesState)
+        i = state.index
+        if (
+            i < len(new.phases)
+            and i < len(old.phases)
+            and type(new.phases[i].policy) is type(old.phases[i].policy)
+        ):
+            inner = transfer_state(
+                old.phases[i].policy,
+                old.phases[i].policy.load_state(state.inner),
+                new.phases[i].policy,
+                t - state.start,
+            )
+            return state.replace(lr=inner.lr, inner=inner.to_dict())
+    return start_from(new, lr, t)
