@@ -62,6 +62,7 @@ class JobState:
     last_report_wall: float = 0.0
     value: float | None = None
     shadow_lr: float | None = None
+    framework: str = ""  # rank 0's, from its hello: binds `compat: auto`
 
     @property
     def policy(self) -> Policy:
@@ -103,15 +104,19 @@ class JobState:
             "last_report_wall": self.last_report_wall,
             "value": self.value,
             "shadow_lr": self.shadow_lr,
+            "framework": self.framework,
         }
 
     @classmethod
     def from_stored(cls, name: str, rule: JobRule, data: Mapping[str, Any], now: float) -> JobState:
-        """A job from its stored row; a changed policy restarts from the stored LR.
+        """A job from its stored row under `rule` (not yet bound to the job's framework);
+        a changed policy restarts from the stored LR.
 
         Raises:
             ValueError, TypeError, KeyError: a row that does not fit the schema.
         """
+        framework = str(data.get("framework") or "")
+        rule = rule.for_framework(framework)
         state = state_for(rule, data, next_t=_next(data.get("last_epoch")))
         seqs = {str(k): int(v) for k, v in dict(data.get("seqs", {})).items()}
         return cls(
@@ -129,6 +134,7 @@ class JobState:
             last_report_wall=float(data.get("last_report_wall", 0.0)),
             value=_opt_float(data.get("value")),
             shadow_lr=_opt_float(data.get("shadow_lr")),
+            framework=framework,
         )
 
 

@@ -31,6 +31,7 @@ import yaml
 from lrpilot.client.errors import PolicyError, SourceError
 
 from .policies import POLICY_TYPES, Phase, Phases, Plateau, Policy
+from .policies.plateau import is_loss
 from .units import parse_duration
 
 __all__ = [
@@ -129,6 +130,11 @@ class JobRule:
     aggregate: str = "mean"
     aggregate_timeout: float = 30.0
     line: int = 0
+
+    def for_framework(self, framework: str) -> JobRule:
+        """This rule for a job whose rank 0 runs `framework` (`compat: auto` resolved)."""
+        policy = self.policy.for_framework(framework)
+        return self if policy is self.policy else dataclasses.replace(self, policy=policy)
 
     def lr0(self, client_lr: float) -> float:
         """lr0 is the rule's (or policy's) `initial_lr`, else the LR the client said hello with."""
@@ -276,7 +282,7 @@ def _build_policy(m: Any, line: int, errs: _Errors, extra: Sequence[str] = ()) -
                 _line(m, "monitor"),
                 f"monitor must be 1-128 of [A-Za-z0-9._:/@-], got {policy.monitor!r}",
             )
-        elif policy.mode == "auto" and policy.monitor.removeprefix("val_") != "loss":
+        elif policy.mode in ("auto", None) and not is_loss(policy.monitor):
             errs.warn(
                 _line(m, "monitor"),
                 f"mode auto: the direction of {policy.monitor!r} comes from the client's hello "

@@ -458,6 +458,8 @@ class Server:
             self.watcher.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
         if new.digest == self.table.policies.digest:
+            if source != "watch":  # an operator asked: say it was heard
+                log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
         batch = self.table.batch(self.clock(), self.wall())
         batch.rebind_all(new)

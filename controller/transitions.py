@@ -150,6 +150,7 @@ def hello(
     audit: list[AuditRow] = []
     reason = "unchanged"
     if job is None:
+        rule = rule.for_framework(h.framework)
         start = h.start_step if rule.policy.unit == "step" else h.start_epoch
         job = JobState(
             h.job,
@@ -158,6 +159,7 @@ def hello(
             fingerprint(rule.policy),
             run=new_run_id(0, env.wall),
             last_epoch=start - 1 if start > 0 else None,
+            framework=h.framework,
         )
         reason = "initial"
         audit.append(audit_row(job, env, None, "initial", start, source="hello"))
@@ -351,6 +353,7 @@ def override(job: JobState, lr: float, reason: str, author: str, env: Env) -> St
 
 def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
     """A reloaded policy file gave the job `rule`: carry its state over (None: no change)."""
+    rule = rule.for_framework(job.framework)
     if rule.policy == job.policy and rule.match == job.rule.match:
         return Step(job.with_(rule=rule), persist=False)
     t = job.next_t()

@@ -223,7 +223,8 @@ def test_torch_parity_on_generated_sequences() -> None:
 def test_keras_defaults_are_keras_callback_defaults() -> None:
     keras = pytest.importorskip("keras")
     cb = keras.callbacks.ReduceLROnPlateau()
-    p = Plateau()
+    p = Plateau().for_framework("keras")  # compat: auto, bound for a Keras client
+    assert p.compat == "keras"
     assert (p.monitor, p.mode, p.factor, p.patience, p.min_delta, p.cooldown, p.min_lr) == (
         cb.monitor,
         cb.mode,
@@ -239,23 +240,23 @@ def test_torch_defaults_are_torch_scheduler_defaults() -> None:
     torch = pytest.importorskip("torch")
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     s = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
-    p = Plateau(compat="torch")
-    assert (
-        p.mode,
-        p.factor,
-        p.patience,
-        p.min_delta,
-        p.threshold_mode,
-        p.cooldown,
-        p.min_lr,
-        p.eps,
-    ) == (
-        s.mode,
-        s.factor,
-        s.patience,
-        s.threshold,
-        s.threshold_mode,
-        s.cooldown,
-        s.min_lrs[0],
-        s.eps,
-    )
+    for p in (Plateau(compat="torch"), Plateau().for_framework("torch")):
+        assert (
+            p.mode,
+            p.factor,
+            p.patience,
+            p.min_delta,
+            p.threshold_mode,
+            p.cooldown,
+            p.min_lr,
+            p.eps,
+        ) == (
+            s.mode,
+            s.factor,
+            s.patience,
+            s.threshold,
+            s.threshold_mode,
+            s.cooldown,
+            s.min_lrs[0],
+            s.eps,
+        )

@@ -167,9 +167,14 @@ def test_valid_files_round_trip_to_the_same_objects(tmp_path: Path) -> None:
         )
 
 
-def test_embedded_default_is_keras_reduce_lr_on_plateau() -> None:
+def test_embedded_default_is_the_frameworks_reduce_lr_on_plateau() -> None:
     policy = load_default().defaults.policy
-    assert policy == Plateau()
+    assert isinstance(policy, Plateau) and policy.compat == "auto"
+    # Bound to a job's framework, it is exactly that framework's constructor defaults
+    # (test_plateau_parity.py compares those with Keras' and torch's own classes).
+    assert policy.for_framework("keras") == Plateau(compat="keras")
+    for framework in ("torch", "lightning", "hf"):
+        assert policy.for_framework(framework) == Plateau(compat="torch")
     packaged = ROOT / "controller" / "default_policy.yaml"
     assert packaged.read_text() == (ROOT / "policies" / "default.yaml").read_text()
 

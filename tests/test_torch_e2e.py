@@ -75,3 +75,32 @@ def test_load_state_dict_resumes_the_run(controller_factory: Factory) -> None:
         assert sched2.get_last_lr()[0] == pytest.approx(checkpoint["last_lr"][0])
     finally:
         sched2.close()
+
+
+def test_without_a_policy_file_torch_users_get_torch_lrs_bit_for_bit(
+    controller_factory: Factory,
+) -> None:
+    """`compat: auto` in the embedded default: a torch client's job decides as torch's own
+    ReduceLROnPlateau with its defaults, exactly (no float32 rounding), on generated runs."""
+    import random
+
+    c = controller_factory(None)  # the embedded default policy
+    rng = random.Random(11)
+    reductions = 0
+    for run in range(6):
+        ref_opt = _optimizer()
+        ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt)  # torch's defaults
+        opt = _optimizer()
+        sched = LRPilotScheduler(opt, job=f"torch-default-{run}", endpoint=c.bind)
+        try:
+            value = 1.0
+            for _ in range(50):
+                # improve, stall, drift within torch's threshold, worsen
+                value *= rng.choices([0.9, 1.0, 1.00005, 1.02], weights=[1, 4, 3, 2])[0]
+                ref.step(value)
+                sched.step(value)
+                assert sched.get_last_lr() == [g["lr"] for g in ref_opt.param_groups]
+            reductions += ref_opt.param_groups[0]["lr"] < 0.1
+        finally:
+            sched.close()
+    assert reductions >= 3  # the runs did reach plateaus

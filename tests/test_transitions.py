@@ -125,12 +125,15 @@ def test_a_policy_that_gains_a_defaulted_parameter_keeps_its_fingerprint() -> No
 
 
 def test_stored_state_round_trips_and_0_1_rows_keep_their_plateau_memory() -> None:
-    rule = load_text(PLATEAU, "p.yaml").rule_for("job")
+    rule = load_text(PLATEAU, "p.yaml").rule_for("job").for_framework("keras")
     state = rule.policy.start(0.1, 0).replace(best=0.5, wait=1)
     job = JobState("job", rule, state, fingerprint(rule.policy), run=7, version=3, last_epoch=4)
+    job = job.with_(framework="keras")
     back = JobState.from_stored("job", rule, job.stored(), now=0.0)
     assert (back.state, back.run, back.version, back.last_epoch) == (state, 7, 3, 4)
-    legacy = {**job.stored(), "policy": None, "policy_key": f"{rule.match}|{rule.policy!r}"}
+    # 0.1 wrote no framework and keyed state on the repr of its (Keras) policy.
+    legacy = {**job.stored(), "policy": None, "framework": None}
+    legacy["policy_key"] = f"{rule.match}|{rule.policy!r}"
     assert JobState.from_stored("job", rule, legacy, now=0.0).state == state
     other = {**job.stored(), "policy": "something else"}
     assert JobState.from_stored("job", rule, other, now=0.0).state.best is None  # type: ignore[attr-defined]

@@ -156,6 +156,10 @@ class Policy(ABC):
     def rebase(self, state: State, lr: float, t: int) -> State:
         """An operator set `lr` from t+1 on; keep the policy's memory and shape."""
 
+    def for_framework(self, framework: str) -> Policy:
+        """This policy for a job whose rank 0 runs `framework` (`compat: auto` resolved)."""
+        return self
+
     def load_state(self, data: Mapping[str, Any]) -> State:
         return self.state_class.from_dict(data)
 

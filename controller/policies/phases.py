@@ -9,6 +9,7 @@ local time `until`: a warmup of 3 epochs leaves exactly `to_lr`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,12 @@ class Phases(Policy):
             inner = phase.policy.start(phase_lr0, t - begin)
             return PhasesState(lr=inner.lr, index=index, start=begin, inner=inner.to_dict())
         raise AssertionError("phases is never empty")  # pragma: no cover
+
+    def for_framework(self, framework: str) -> Policy:
+        phases = tuple(
+            dataclasses.replace(p, policy=p.policy.for_framework(framework)) for p in self.phases
+        )
+        return self if phases == self.phases else dataclasses.replace(self, phases=phases)
 
     def inner_state(self, state: PhasesState) -> State:
         return self.phases[state.index].policy.load_state(state.inner)

@@ -13,6 +13,7 @@ cooldown).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,10 @@ from typing import Any
 from .base import Decision, Policy, State, float32
 from .fields import at_least, between, one_of, param
 
-__all__ = ["Plateau", "PlateauState", "resolve_mode"]
+__all__ = ["TORCH_FRAMEWORKS", "Plateau", "PlateauState", "resolve_mode"]
+
+#: `hello.framework` values whose jobs get `compat: torch` under `compat: auto`.
+TORCH_FRAMEWORKS = frozenset({"torch", "lightning", "hf", "transformers"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,18 +38,23 @@ class PlateauState(State):
     stop_sent: bool = False
 
 
+def is_loss(monitor: str) -> bool:
+    """A loss, by name: `loss` or anything ending in `_loss`."""
+    return monitor == "loss" or monitor.endswith("_loss")
+
+
 def resolve_mode(monitor: str, mode: str, directions: Mapping[str, str]) -> str | None:
     """min or max for `monitor`, or None when `mode: auto` cannot tell.
 
-    Order: an explicit mode; a monitor named `loss` once `val_` is removed is
-    min; the direction the client sent in `hello.directions`; a name
-    containing `acc` or `auc` is max.
+    Order: an explicit mode; a monitor named `loss` or ending in `_loss`
+    (`val_loss`, `eval_loss`, `train_kl_loss`) is min; the direction the client
+    sent in `hello.directions`; a name containing `acc` or `auc` is max.
     """
     if mode in ("min", "max"):
         return mode
-    name = monitor.removeprefix("val_")
-    if name == "loss":
+    if is_loss(monitor):
         return "min"
+    name = monitor.removeprefix("val_")
     direction = directions.get(monitor) or directions.get(name)
     if direction in ("min", "max"):
         return direction
@@ -81,10 +90,17 @@ class Plateau(Policy):
     smoothing: float | None = param(
         None, between(0, 1, hi_open=False), "EMA alpha on the monitored value; best is smoothed"
     )
-    compat: str = param("keras", one_of("keras", "torch"), "keras or torch semantics")
+    compat: str = param(
+        "auto",
+        one_of("auto", "keras", "torch"),
+        "keras or torch semantics; auto: torch for jobs whose rank 0 is a torch (or Lightning, "
+        "HF Trainer) client, else keras",
+    )
     stop_at_min_lr: bool = param(False, doc="ask the trainer to stop at min_lr on a plateau")
 
     def __post_init__(self) -> None:
+        if self.compat == "auto":
+            return  # the framework defaults are filled in by for_framework()
         torch = self.compat == "torch"
         if self.mode is None:
             object.__setattr__(self, "mode", "min" if torch else "auto")
@@ -93,9 +109,16 @@ class Plateau(Policy):
         if self.threshold_mode is None:
             object.__setattr__(self, "threshold_mode", "rel" if torch else "abs")
 
+    def for_framework(self, framework: str) -> Plateau:
+        """`compat: auto` made concrete for a job whose rank 0 runs `framework`."""
+        if self.compat != "auto":
+            return self
+        compat = "torch" if framework in TORCH_FRAMEWORKS else "keras"
+        return dataclasses.replace(self, compat=compat)
+
     def problems(self) -> list[tuple[str | None, str]]:
         out: list[tuple[str | None, str]] = []
-        if self.compat == "keras" and self.threshold_mode == "rel":
+        if self.compat in ("keras", "auto") and self.threshold_mode == "rel":
             out.append(("threshold_mode", "threshold_mode rel needs compat: torch (Keras is abs)"))
         if self.compat == "torch" and self.mode == "auto":
             out.append(("mode", "mode auto needs compat: keras (torch takes min or max)"))
@@ -107,7 +130,7 @@ class Plateau(Policy):
 
     @property
     def keras(self) -> bool:
-        return self.compat == "keras"
+        return self.compat != "torch"  # an unbound `auto` decides as Keras does
 
     def _held(self, lr: float) -> float:
         return float32(lr) if self.keras else lr
@@ -143,6 +166,8 @@ class Plateau(Policy):
         self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
     ) -> tuple[State, Decision]:
         assert isinstance(state, PlateauState)
+        if self.compat == "auto":  # not bound to a framework (simulate, tests): Keras
+            return self.for_framework("").step(state, t, metrics, directions)
         raw = metrics.get(self.monitor)
         if raw is None:
             available = ",".join(sorted(metrics)) or "none"
