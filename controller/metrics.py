@@ -29,7 +29,8 @@ from prometheus_client import (
 from lrpilot.client.protocol import ERROR_CODES, REASONS
 
 if TYPE_CHECKING:
-    from .jobs import JobTable
+    from .jobs import Counters, JobTable
+    from .jobstate import JobState
 
 __all__ = ["JobSeries", "Metrics"]
 
@@ -171,56 +172,84 @@ class JobSeries:
     def __init__(self, table: JobTable, clock: Callable[[], float]) -> None:
         self.table = table
         self.clock = clock
+        # job name -> (the JobState rendered, its report count, its lines per family):
+        # between two scrapes most jobs do not change, and their text is reused.
+        self._cache: dict[str, tuple[JobState, int, tuple[str, ...]]] = {}
 
     def render(self) -> bytes:
         jobs = list(self.table.jobs.values())
         counters = self.table.counters
         now, timeout = self.clock(), self.table.worker_timeout
         out: list[list[str]] = [[] for _ in _JOB_FAMILIES]
-        lr, value, best, wait, patience, min_lr, info, epoch, workers = out[:9]
-        changes, reports, late, _suggested, last = out[9:]
+        workers = out[_WORKERS]
+        cache: dict[str, tuple[JobState, int, tuple[str, ...]]] = {}
         for job in jobs:
-            j = f'{{training_job="{job.name}"}} '
-            described: dict[str, Any] = job.policy.describe(job.state)
-            lr.append(f"lrpilot_learning_rate{j}{_go(job.lr)}\n")
-            value.append(f"lrpilot_monitor_value{j}{_go(_num(job.value))}\n")
-            best.append(f"lrpilot_monitor_best{j}{_go(_num(described.get('best')))}\n")
-            wait.append(f"lrpilot_plateau_wait{j}{_go(_num(described.get('wait')))}\n")
-            patience.append(f"lrpilot_plateau_patience{j}{_go(_num(described.get('patience')))}\n")
-            min_lr.append(f"lrpilot_min_lr{j}{_go(_num(described.get('min_lr'), 0.0))}\n")
-            phase = str(described.get("phase") or "").replace("\\", "\\\\").replace('"', '\\"')
-            info.append(
-                f'lrpilot_policy_info{{training_job="{job.name}",policy="{job.policy.type}",'
-                f'phase="{phase}"}} 1.0\n'
-            )
-            epoch.append(f"lrpilot_epoch{j}{_go(_num(job.last_epoch))}\n")
-            live = len(job.sessions.live(now, timeout))
-            workers.append(f"lrpilot_workers{j}{_go(float(live))}\n")
-            if job.last_report_wall:
-                last.append(
-                    f"lrpilot_last_report_timestamp_seconds{j}{_go(job.last_report_wall)}\n"
-                )
             c = counters.get(job.name)
-            if c is None:
-                continue
-            reports.append(f"lrpilot_reports_total{j}{_go(float(c.reports))}\n")
-            late.append(f"lrpilot_late_decisions_total{j}{_go(float(c.late))}\n")
-            for reason in REASONS:
-                n = float(c.changes.get(reason, 0))
-                changes.append(
-                    f'lrpilot_lr_changes_total{{training_job="{job.name}",reason="{reason}"}} '
-                    f"{_go(n)}\n"
-                )
+            reports = -1 if c is None else c.reports
+            hit = self._cache.get(job.name)
+            if hit is not None and hit[0] is job and hit[1] == reports:
+                lines = hit[2]
+            else:
+                lines = _job_lines(job, c)
+            cache[job.name] = (job, reports, lines)
+            for family, text in zip(out, lines, strict=False):
+                if text:
+                    family.append(text)
+            live = len(job.sessions.live(now, timeout))
+            workers.append(f'lrpilot_workers{{training_job="{job.name}"}} {_go(float(live))}\n')
+        self._cache = cache
         parts: list[str] = []
-        for (name, kind, text), lines in zip(_JOB_FAMILIES, out, strict=True):
+        for (name, kind, text), family in zip(_JOB_FAMILIES, out, strict=True):
             base = name.removesuffix("_total") if kind == "counter" else name
             parts.append(f"# HELP {name} {text}\n# TYPE {base} {kind}\n")
-            parts.extend(lines)
+            parts.extend(family)
         parts.append(
             f"# HELP lrpilot_jobs Jobs in memory\n# TYPE lrpilot_jobs gauge\n"
             f"lrpilot_jobs {_go(float(len(jobs)))}\n"
         )
         return "".join(parts).encode()
+
+
+_WORKERS = 8  # index of lrpilot_workers in _JOB_FAMILIES: it changes with time, never cached
+
+
+def _job_lines(job: JobState, c: Counters | None) -> tuple[str, ...]:
+    """A job's lines per family of _JOB_FAMILIES ("" where it has none)."""
+    j = f'{{training_job="{job.name}"}} '
+    described: dict[str, Any] = job.policy.describe(job.state)
+    phase = str(described.get("phase") or "").replace("\\", "\\\\").replace('"', '\\"')
+    info = (
+        f'lrpilot_policy_info{{training_job="{job.name}",policy="{job.policy.type}",'
+        f'phase="{phase}"}} 1.0\n'
+    )
+    last = ""
+    if job.last_report_wall:
+        last = f"lrpilot_last_report_timestamp_seconds{j}{_go(job.last_report_wall)}\n"
+    changes = reports = late = ""
+    if c is not None:
+        reports = f"lrpilot_reports_total{j}{_go(float(c.reports))}\n"
+        late = f"lrpilot_late_decisions_total{j}{_go(float(c.late))}\n"
+        changes = "".join(
+            f'lrpilot_lr_changes_total{{training_job="{job.name}",reason="{reason}"}} '
+            f"{_go(float(c.changes.get(reason, 0)))}\n"
+            for reason in REASONS
+        )
+    return (
+        f"lrpilot_learning_rate{j}{_go(job.lr)}\n",
+        f"lrpilot_monitor_value{j}{_go(_num(job.value))}\n",
+        f"lrpilot_monitor_best{j}{_go(_num(described.get('best')))}\n",
+        f"lrpilot_plateau_wait{j}{_go(_num(described.get('wait')))}\n",
+        f"lrpilot_plateau_patience{j}{_go(_num(described.get('patience')))}\n",
+        f"lrpilot_min_lr{j}{_go(_num(described.get('min_lr'), 0.0))}\n",
+        info,
+        f"lrpilot_epoch{j}{_go(_num(job.last_epoch))}\n",
+        "",  # lrpilot_workers: rendered fresh
+        changes,
+        reports,
+        late,
+        "",  # lrpilot_range_test_suggested_lr
+        last,
+    )
 
 
 def _go(x: float) -> str:
