@@ -7,18 +7,67 @@ all change one of them. An unchanged hash is not a reload; a burst of edits is
 debounced until the file has been stable for one poll; a file missing for
 under a second (mid swap) is not an error. No dependency beyond the standard
 library, and an idle check costs two `stat` calls.
+
+`PolicyLoader` runs the watcher, reads and validates the file in a thread of
+its own, so a huge or slow file never delays a decision; the daemon's loop only
+swaps in a validated `PolicySet` (or records the errors).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import queue
+import stat
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PolicyWatcher"]
+from lrpilot.client.errors import PolicyError
 
-Signature = tuple[int, int, int, int, int, int] | None
+from .policyfile import PolicySet, load_text
+
+__all__ = ["MAX_POLICY_BYTES", "Loaded", "PolicyFileError", "PolicyLoader", "PolicyWatcher"]
+
+#: Larger policy files are rejected without being read.
+MAX_POLICY_BYTES = 10 << 20
+
+
+class PolicyFileError(Exception):
+    """The policy file cannot be read: missing, a directory, a symlink loop, unreadable,
+    too large, not UTF-8."""
+
+
+def read_policy(path: Path) -> bytes:
+    """The policy file's bytes, or a PolicyFileError saying why not."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PolicyFileError(f"{path}: policy file is missing") from None
+    except OSError as exc:
+        why = "a symlink loop" if exc.errno == errno.ELOOP else exc.strerror
+        raise PolicyFileError(f"{path}: cannot read policy file: {why}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise PolicyFileError(f"{path}: policy file is a directory")
+    if st.st_size > MAX_POLICY_BYTES:
+        raise PolicyFileError(
+            f"{path}: policy file of {st.st_size} bytes is over {MAX_POLICY_BYTES} (10 MiB); "
+            "not read"
+        )
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyFileError(f"{path}: cannot read policy file: {exc.strerror}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyFileError(f"{path}: policy file is over {MAX_POLICY_BYTES} bytes; not read")
+    return data
+
+
+Signature = tuple[int, int, int, int, int, int, int] | None
 
 
 def _stat_signature(path: Path) -> Signature:
@@ -34,6 +83,7 @@ def _stat_signature(path: Path) -> Signature:
         target.st_mtime_ns,
         target.st_size,
         target.st_ctime_ns,
+        target.st_mode,
     )
 
 
@@ -64,19 +114,23 @@ class PolicyWatcher:
         self._changed_at: float | None = None
         self._missing_since: float | None = None
 
-    def poll(self) -> str | None:
-        """The new text when the file changed and has been stable for one poll, else None.
+    def poll(self) -> bytes | None:
+        """The new content when the file changed and has been stable for one poll, else None.
 
-        Returns "" (empty) when the file has been missing for longer than the grace period.
+        Raises:
+            PolicyFileError: the file has been missing (or unreadable: a directory, a
+                symlink loop...) for longer than the grace period; once per grace period.
         """
         signature = _stat_signature(self.path)
         now = self.clock()
-        if signature is None:
+        if signature is None or stat.S_ISDIR(signature[-1]):
             if self._missing_since is None:
                 self._missing_since = now
             if now - self._missing_since >= self.missing_grace:
                 self._missing_since = now  # report once per grace period
-                return ""
+                self._signature = signature
+                self.digest = ""  # whatever comes back next is news, even the same text
+                read_policy(self.path)  # raises with the reason
             return None
         self._missing_since = None
         if signature != self._signature:
@@ -87,15 +141,118 @@ class PolicyWatcher:
             return None
         self._changed_at = None
         try:
-            data = self.path.read_bytes()
-        except OSError:
-            return None
+            data = read_policy(self.path)
+        except PolicyFileError:
+            self.digest = ""
+            raise
         digest = hashlib.sha256(data).hexdigest()
         if digest == self.digest:
             return None
         self.digest = digest
-        return data.decode("utf-8", errors="replace")
+        return data
 
     def accept(self, digest: str) -> None:
         """Record the digest now in force (after an explicit reload)."""
         self.digest = digest
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One outcome of reading the policy file: a validated set, or the errors.
+
+    Args:
+        source: what asked: `watch` (a change seen), `signal` (SIGHUP), `admin`.
+        policies: the validated policy set, or None.
+        errors: `FILE:LINE: message` lines when the file was rejected.
+        token: the admin request waiting for this outcome, if any.
+    """
+
+    source: str
+    policies: PolicySet | None = None
+    errors: list[str] = field(default_factory=list)
+    token: Any = None
+
+
+class PolicyLoader:
+    """Watches, reads and validates the policy file in a thread of its own.
+
+    The daemon calls `request()` for an explicit reload (SIGHUP, `lrpilot reload`) and
+    takes outcomes with `results()`; `wake` (a callable) is invoked after each outcome so
+    a sleeping loop can take it at once.
+
+    Args:
+        path: the policy file.
+        digest: SHA-256 hex of the content in force.
+        clock: monotonic seconds.
+        wake: called (from the loader's thread) when an outcome is ready.
+        interval: seconds between watcher polls.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        digest: str,
+        clock: Callable[[], float],
+        wake: Callable[[], None] = lambda: None,
+        interval: float = 0.2,
+    ) -> None:
+        self.path = Path(path)
+        self.watcher = PolicyWatcher(path, digest, clock)
+        self.interval = interval
+        self._wake = wake
+        self._requests: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._results: queue.Queue[Loaded] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lrpilot-policy", daemon=True)
+        self._thread.start()
+
+    def request(self, source: str, token: Any = None) -> None:
+        """Read the file now (whether or not it changed); the outcome comes as a result."""
+        self._requests.put((source, token))
+
+    def results(self) -> list[Loaded]:
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def accept(self, digest: str) -> None:
+        """The content now in force (an explicit reload applied it)."""
+        self.watcher.accept(digest)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._requests.put(("", None))
+        self._thread.join(2)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                source, token = self._requests.get(timeout=self.interval)
+            except queue.Empty:
+                source, token = "watch", None
+            if self._stop.is_set():
+                return
+            try:
+                if source == "watch":
+                    data = self.watcher.poll()
+                    if data is None:
+                        continue
+                else:
+                    data = read_policy(self.path)
+                outcome = Loaded(source, load_text(_text(data, self.path), str(self.path)))
+            except PolicyFileError as exc:
+                outcome = Loaded(source, errors=[str(exc)])
+            except PolicyError as exc:
+                outcome = Loaded(source, errors=[e.located() for e in exc.errors])
+            self._results.put(Loaded(outcome.source, outcome.policies, outcome.errors, token))
+            self._wake()
+
+
+def _text(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyFileError(f"{path}: policy file is not UTF-8 ({exc.reason})") from None

@@ -17,15 +17,15 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import zmq
 
-from lrpilot.client.errors import PolicyError, ProtocolError
+from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import (
     SOCKET_MAX_MSG_SIZE,
     ErrorMessage,
@@ -41,8 +41,8 @@ from . import __version__
 from .jobs import Batch, JobTable
 from .jobstate import status_row
 from .metrics import Metrics
-from .policyfile import PolicySet, load_default, load_text
-from .reload import PolicyWatcher
+from .policyfile import PolicySet, load_default
+from .reload import Loaded, PolicyLoader
 from .store import Store
 from .transitions import Outgoing
 
@@ -50,7 +50,9 @@ __all__ = ["ServeConfig", "Server", "parse_ready_line", "serve"]
 
 log = logging.getLogger("lrpilot.controller")
 
-WATCH_INTERVAL = 0.2
+#: The loop wakes at least this often with nothing to do (signals are seen within it).
+IDLE_WAKE = 0.2
+_DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
@@ -131,16 +133,17 @@ class Server:
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": self._status,
             "set_lr": self._set_lr,
-            "reload": lambda msg: self.reload("admin"),
+            "reload": self._reload_request,
             "history": self._history,
             "forget": self._forget,
         }
         self.metrics.last_reload_timestamp.set(wall())
-        self.watcher = (
-            PolicyWatcher(config.policy, policies.digest, clock) if config.policy else None
-        )
+        self.loader: PolicyLoader | None = None
+        self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
         self._stopping = False
         self._reload_requested = False
+        self._admin_token = 0
+        self._admin_token = 0
         self._limiter = _LogLimiter()
         self.ctx = zmq.Context()
         self._auth: Any = None
@@ -151,12 +154,32 @@ class Server:
             self.admin.setsockopt(zmq.LINGER, 0)
             self.admin.setsockopt(zmq.MAXMSGSIZE, ADMIN_MAX_REQUEST)
             self.admin.bind(config.admin_bind)  # close() closes it if this fails
+            self._wakeup = self.ctx.socket(zmq.PULL)
+            self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
             if config.metrics_port is not None:
                 self._http = self.metrics.serve(config.metrics_port, config.metrics_host)
         except Exception:
             self.close()
             raise
         self._restore_jobs(clock(), wall())
+        if config.policy:
+            self.loader = PolicyLoader(config.policy, policies.digest, clock, self._waker())
+
+    def _waker(self) -> Callable[[], None]:
+        """Wakes the loop from the loader's thread (its socket is created in that thread)."""
+        local = threading.local()
+        endpoint = f"inproc://lrpilot-wake-{id(self)}"
+
+        def wake() -> None:
+            sock = getattr(local, "sock", None)
+            if sock is None:
+                sock = local.sock = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(b"", zmq.NOBLOCK)
+
+        return wake
 
     def _client_socket(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
@@ -226,20 +249,23 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.admin, zmq.POLLIN)
-        next_watch = self.clock()
+        poller.register(self._wakeup, zmq.POLLIN)
         while not self._stopping:
             now = self.clock()
-            wake = min(next_watch, self.table.deadlines.next() or math.inf)
+            wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
             events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
             self.turn(drain=self.sock in events)
             if self.admin in events:
                 self._drain_admin()
+            if self._wakeup in events:
+                with contextlib.suppress(zmq.Again):
+                    while self._wakeup.recv(zmq.NOBLOCK) is not None:
+                        pass
             if self._reload_requested:
                 self._reload_requested = False
-                self.reload("signal")
-            if self.clock() >= next_watch:
-                next_watch = self.clock() + WATCH_INTERVAL
-                self._watch()
+                if self.loader is not None:
+                    self.loader.request("signal")
+            self.apply_loaded()
 
     def turn(self, drain: bool = True, budget: int = 256) -> None:
         """One group commit: decide every message waiting and every deadline due, commit
@@ -360,6 +386,9 @@ class Server:
             except Exception as exc:
                 log.exception("admin request failed")
                 reply = {"t": "error", "code": "internal", "message": f"controller error: {exc}"}
+            if reply is _DEFERRED:  # a reload: answered when the loader has read the file
+                self._waiting_admin[self._admin_token] = frames[:-1]
+                continue
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
 
@@ -422,20 +451,8 @@ class Server:
 
     # -- reload -----------------------------------------------------------------------
 
-    def _watch(self) -> None:
-        if self.watcher is None:
-            return
-        text = self.watcher.poll()
-        if text is None:
-            return
-        if text == "":
-            log.error("policy file %s is missing; keeping the policy in force", self.config.policy)
-            return
-        self._apply_text(text, "watch")
-
-    def reload(self, source: str) -> dict[str, Any]:
-        """Re-read the policy file now; validate, then swap. Returns the admin reply."""
-        if not self.config.policy:
+    def _reload_request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.loader is None:
             return {
                 "t": "reload",
                 "ok": False,
@@ -443,20 +460,28 @@ class Server:
                     "no policy file: serve runs the embedded default (start it with --policy)"
                 ],
             }
-        try:
-            text = Path(self.config.policy).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            return self._reload_failed([f"{self.config.policy}: cannot read policy file: {exc}"])
-        return self._apply_text(text, source)
+        self._admin_token += 1
+        self.loader.request("admin", self._admin_token)
+        return _DEFERRED
 
-    def _apply_text(self, text: str, source: str) -> dict[str, Any]:
-        assert self.config.policy is not None
-        try:
-            new = load_text(text, self.config.policy)
-        except PolicyError as exc:
-            return self._reload_failed([e.located() for e in exc.errors])
-        if self.watcher is not None:
-            self.watcher.accept(new.digest)
+    def apply_loaded(self) -> None:
+        """Swap in what the loader read and validated (or record why it could not)."""
+        if self.loader is None:
+            return
+        for loaded in self.loader.results():
+            reply = self._apply(loaded)
+            frames = self._waiting_admin.pop(loaded.token, None) if loaded.token else None
+            if frames is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.admin.send_multipart([*frames, encode(reply)], zmq.NOBLOCK)
+
+    def _apply(self, loaded: Loaded) -> dict[str, Any]:
+        """Validate-then-swap: the new set replaces the old in one commit, or nothing does."""
+        assert self.loader is not None
+        new, source = loaded.policies, loaded.source
+        if new is None:
+            return self._reload_failed(loaded.errors)
+        self.loader.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
         if new.digest == self.table.policies.digest:
             if source != "watch":  # an operator asked: say it was heard
@@ -471,8 +496,9 @@ class Server:
         self.table.swap_policies(new)
         self._send(out)
         self.metrics.reloads.labels("success").inc()
-        self.metrics.last_reload_success.set(1)
-        self.metrics.last_reload_timestamp.set(time.time())
+        self.metrics.last_reload_timestamp.set(self.wall())
+        for warning in new.warnings:
+            log.warning("%s", warning)
         log.info(
             "policy reloaded from %s (%s); %d jobs re-evaluated",
             self.config.policy,
@@ -492,7 +518,9 @@ class Server:
 
     def close(self) -> None:
         """Close sockets with linger 0, stop the metrics server, release the state dir."""
-        for name in ("sock", "admin"):
+        if self.loader is not None:
+            self.loader.close()
+        for name in ("sock", "admin", "_wakeup"):
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=0)

@@ -238,3 +238,72 @@ def test_resume_after_a_policy_change_restarts_from_that_epochs_lr(running, tmp_
         assert nxt.lr > 0 and c.proc is not None and c.proc.poll() is None
     finally:
         w2.close()
+
+
+def _wait_metric(
+    c: Controller, name: str, value: float, timeout: float = 10.0, **labels: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while c.metric(name, **labels) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} never became {value}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("breakage", ["deleted", "directory", "symlink-loop"])
+def test_a_file_that_cannot_be_read_is_a_reload_error(
+    running, tmp_path: Path, breakage: str
+) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "policy.yaml"
+    c, w = running(path, plateau(patience=2))
+    path.unlink()
+    if breakage == "directory":
+        path.mkdir()
+    elif breakage == "symlink-loop":
+        path.symlink_to(path.name)  # policy.yaml -> policy.yaml
+    _wait_metric(c, "lrpilot_policy_last_reload_success", 0)
+    assert c.metric("lrpilot_policy_reloads_total", result="error") >= 1
+    why = {"deleted": "missing", "directory": "a directory", "symlink-loop": "symlink loop"}
+    assert why[breakage] in c.log()
+    out = run_cli("reload", "--admin", c.admin)
+    assert out.returncode == 2 and why[breakage] in out.stdout
+    # The policy in force goes on deciding (patience 2, factor 0.5).
+    assert w.report(2, {"val_loss": 1.0}).lr == pytest.approx(0.05)
+    # Putting the file back as it was is a successful reload again.
+    if path.is_dir():
+        path.rmdir()
+    elif path.is_symlink():
+        path.unlink()
+    path.write_text(plateau(patience=2))
+    _wait_metric(c, "lrpilot_policy_last_reload_success", 1)
+
+
+def test_a_20_mb_policy_file_is_rejected_unread_and_never_stalls_clients(
+    running, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "policy.yaml"
+    c, _w = running(path, plateau(patience=100))
+    peers = [Wire(c.bind, f"busy-{i}") for i in range(8)]
+    try:
+        for p in peers:
+            p.hello()
+        huge = plateau(patience=100) + "# padding\n" * (2 << 20)  # about 21 MB, valid YAML
+        rename_into_place(path, huge)
+        slowest, epoch = 0.0, 0
+        deadline = time.monotonic() + 10
+        while c.metric("lrpilot_policy_reloads_total", result="error") < 1:
+            assert time.monotonic() < deadline, "the huge file was never rejected"
+            for p in peers:
+                t0 = time.monotonic()
+                p.report(epoch, {"val_loss": 1.0})
+                slowest = max(slowest, time.monotonic() - t0)
+            epoch += 1
+        for p in peers:  # and after the rejection
+            t0 = time.monotonic()
+            p.report(epoch, {"val_loss": 1.0})
+            slowest = max(slowest, time.monotonic() - t0)
+        assert epoch >= 1 and slowest < 0.05, f"slowest report {slowest * 1000:.1f} ms"
+        assert "over 10485760 bytes" in c.log() or "(10 MiB); not read" in c.log()
+        assert c.metric("lrpilot_policy_last_reload_success") == 0
+    finally:
+        for p in peers:
+            p.close()
