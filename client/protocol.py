@@ -32,6 +32,9 @@ __all__ = [
     "MAX_LR",
     "MAX_MESSAGE_BYTES",
     "MAX_METRICS",
+    "MAX_UNDECIDED",
+    "MAX_WORLD",
+    "NAME_RE",
     "PROTOCOL_VERSION",
     "REASONS",
     "RETRYABLE_CODES",
@@ -55,11 +58,14 @@ MAX_MESSAGE_BYTES = 64 * 1024  # rejected before unpacking above this
 MAX_METRICS = 256
 MAX_INT = 1 << 40  # epochs and steps
 MAX_SEQ = (1 << 63) - 1
-MAX_WORLD = 1 << 16
+MAX_WORLD = 4096
+#: A job holds at most this many epochs (or steps) waiting for other ranks' reports.
+MAX_UNDECIDED = 64
 #: LRs on the wire are finite, at most this, and may be 0 (where cosine decay with alpha 0 ends).
 MAX_LR = 10.0
 SESSION_BYTES = 16
-NAME_RE = re.compile(r"^[A-Za-z0-9._:/@-]{1,128}$")
+#: Job and metric names, matched in full (`fullmatch`: no trailing newline slips through).
+NAME_RE = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
 
 #: Error codes in `error` replies, and reasons of `lrpilot_invalid_messages_total`.
 ERROR_CODES = (
@@ -153,13 +159,16 @@ def _int(msg: Mapping[str, Any], key: str, lo: int, hi: int, *, optional: bool =
     return value
 
 
-def _lr(msg: Mapping[str, Any], key: str = "lr") -> float:
+def _lr(msg: Mapping[str, Any], key: str = "lr", *, zero: bool = True) -> float:
+    """An LR: finite, at most 10, and > 0 unless `zero` (cosine decay may end at 0)."""
     value = _get(msg, key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError("schema", f"{key} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not (math.isfinite(value) and 0 <= value <= MAX_LR):
-        raise ProtocolError("out_of_range", f"{key} must be finite in [0, 10], got {value!r}")
+    low_ok = value >= 0 if zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= MAX_LR):
+        interval = "[0, 10]" if zero else "(0, 10]"
+        raise ProtocolError("out_of_range", f"{key} must be finite in {interval}, got {value!r}")
     return value
 
 
@@ -172,7 +181,7 @@ def _str(msg: Mapping[str, Any], key: str, limit: int, *, optional: bool = False
 
 def check_name(value: Any, what: str) -> str:
     """A job or metric name: 1-128 characters of [A-Za-z0-9._:/@-]."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         shown = repr(value)[:60] if isinstance(value, str) else type(value).__name__
         raise ProtocolError("schema", f"{what} must be 1-128 of [A-Za-z0-9._:/@-], got {shown}")
     return value
@@ -245,7 +254,7 @@ class Hello:
             rank=rank,
             world=world,
             session=_session(msg),
-            lr=_lr(msg),
+            lr=_lr(msg, zero=False),
             start_epoch=int(_int(msg, "start_epoch", 0, MAX_INT)),
             start_step=int(_int(msg, "start_step", 0, MAX_INT, optional=True) or 0),
             framework=_str(msg, "framework", 64, optional=True),

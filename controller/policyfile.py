@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from lrpilot.client.errors import PolicyError, SourceError
+from lrpilot.client.protocol import NAME_RE
 
 from .policies import POLICY_TYPES, Phase, Phases, Plateau, Policy
 from .policies.plateau import is_loss
@@ -46,7 +47,6 @@ __all__ = [
 
 DEFAULT_SOURCE = "policies/default.yaml"
 AGGREGATES = ("mean", "max", "chief")
-NAME_RE = re.compile(r"^[A-Za-z0-9._:/@-]{1,128}$")
 
 # -- YAML with line numbers -------------------------------------------------
 
@@ -277,7 +277,7 @@ def _build_policy(m: Any, line: int, errs: _Errors, extra: Sequence[str] = ()) -
     if len(errs.items) > before:
         return None
     if isinstance(policy, Plateau):
-        if not NAME_RE.match(policy.monitor):
+        if not NAME_RE.fullmatch(policy.monitor):
             errs.add(
                 _line(m, "monitor"),
                 f"monitor must be 1-128 of [A-Za-z0-9._:/@-], got {policy.monitor!r}",

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrpilot.client.errors import ProtocolError
-from lrpilot.client.protocol import Bye, ErrorMessage, Hello, LrMessage, Report
+from lrpilot.client.protocol import (
+    MAX_METRICS,
+    MAX_UNDECIDED,
+    Bye,
+    ErrorMessage,
+    Hello,
+    LrMessage,
+    Report,
+)
 
 from .aggregate import Pending, combine
 from .jobstate import JobState, start_from, state_for
@@ -165,7 +173,12 @@ def hello(
         audit.append(audit_row(job, env, None, "initial", start, source="hello"))
     else:
         start = h.start_step if job.unit == "step" else h.start_epoch
-        if start > 0:
+        if h.session.hex() in job.sessions.seqs:
+            # The same client object again (it lost the controller and reconnects, then
+            # replays the reports it kept): it rejoins; replayed reports are decided in order
+            # and those decided already are deduplicated by seq. No rollback, no new run.
+            pass
+        elif start > 0:
             job, reason, audit = _resume(job, start, env, snapshots)
         elif _starts_new_run(job, h.rank, env):
             old = job.lr
@@ -180,9 +193,12 @@ def hello(
             )
             reason = "initial"
             audit.append(audit_row(job, env, old, "initial", 0, source="hello"))
+    directions = {**job.directions, **h.directions} if h.directions else job.directions
+    if len(directions) > MAX_METRICS:  # bounded: many hellos never grow the stored row
+        directions = dict(h.directions)
     job = job.with_(
         world=h.world,
-        directions={**job.directions, **h.directions} if h.directions else job.directions,
+        directions=directions,
         sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid),
         last_seen=env.now,
     )
@@ -257,6 +273,12 @@ def report(job: JobState | None, r: Report, env: Env) -> Step:
         step = decide(job, t, r.metrics, {r.rank: r}, env)
     else:
         waiting = job.pending.get(t)
+        if waiting is None and len(job.pending) >= MAX_UNDECIDED:
+            raise ProtocolError(
+                "out_of_range",
+                f"job {job.name} already waits for other ranks on {MAX_UNDECIDED} epochs; "
+                f"{job.unit} {t} is too far ahead",
+            )
         pending = (waiting or Pending(t, env.now)).add(r)
         if not pending.complete(job.world):
             job = job.with_(pending={**job.pending, t: pending})

@@ -1,0 +1,116 @@
+"""Hijack attempts and out-of-bounds input: each answered with its error code, none changes
+a job (DESIGN.md "Wire protocol" limits). Real controller, raw protocol peers."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import msgpack
+import pytest
+from conftest import Controller, Wire, run_cli
+
+from lrpilot.client.protocol import ErrorMessage, Hello, LrMessage, Report, encode
+
+Factory = Callable[..., Controller]
+PLATEAU = """\
+version: 1
+defaults:
+  policy: {type: plateau, monitor: val_loss, factor: 0.5, patience: 1, min_delta: 0.0}
+  aggregate_timeout: 30
+"""
+
+
+def _raw_hello(w: Wire, **fields: object) -> object:
+    base = Hello(w.job, w.rank, w.world, w.session, 0.1, 0).to_wire()
+    base.update(fields)
+    w.send_raw(msgpack.packb(base, use_bin_type=True))
+    return w.recv()
+
+
+def _status(c: Controller) -> dict[str, dict[str, object]]:
+    out = run_cli("status", "--json", "--admin", c.admin)
+    return {row["job"]: row for row in json.loads(out.stdout)}
+
+
+def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Factory) -> None:
+    c = controller_factory(PLATEAU)
+    victim = Wire(c.bind, "victim")
+    attacker = Wire(c.bind, "victim")
+    try:
+        victim.hello(lr=0.1)
+        victim.report(0, {"val_loss": 1.0})
+        before = _status(c)["victim"]
+        refused = {
+            "lr 0": _raw_hello(attacker, lr=0.0),
+            "lr 11": _raw_hello(attacker, lr=11.0),
+            "world 5000": _raw_hello(attacker, world=5000),
+            "rank >= world": _raw_hello(attacker, rank=2, world=2),
+            "name with newline": _raw_hello(attacker, job="victim\n"),
+            "300 directions": _raw_hello(attacker, directions={f"m{i}": "min" for i in range(300)}),
+        }
+        codes = {k: v.code if isinstance(v, ErrorMessage) else v for k, v in refused.items()}
+        assert codes == {
+            "lr 0": "out_of_range",
+            "lr 11": "out_of_range",
+            "world 5000": "out_of_range",
+            "rank >= world": "out_of_range",
+            "name with newline": "schema",
+            "300 directions": "schema",
+        }
+        # A report carrying the victim's session from another socket: schema, and the
+        # answer goes to the sender, not to the victim.
+        forged = Report("victim", 0, victim.session, 2, 1, {"val_loss": 9.0}, 0.1)
+        attacker.send_raw(encode(forged.to_wire()))
+        answer = attacker.recv()
+        assert isinstance(answer, ErrorMessage) and answer.code == "schema"
+        assert not victim.sock.poll(200)
+        # A hello whose session is not its socket's routing id: schema, no phantom worker.
+        other = Hello("victim", 0, 1, os.urandom(16), 0.1, 0)
+        attacker.send_raw(encode(other.to_wire()))
+        answer = attacker.recv()
+        assert isinstance(answer, ErrorMessage) and answer.code == "schema"
+        assert "phantom" not in _status(c)
+        after = _status(c)["victim"]
+        for key in ("lr", "epoch", "best", "wait", "workers"):
+            assert after[key] == before[key], key
+        assert c.metric("lrpilot_invalid_messages_total", reason="out_of_range") == 4
+        assert c.metric("lrpilot_invalid_messages_total", reason="schema") >= 4
+        # The victim decides on as before: the second bad epoch reduces.
+        assert victim.report(1, {"val_loss": 1.0}).lr == pytest.approx(0.05)
+    finally:
+        victim.close(), attacker.close()
+
+
+def test_a_rank_cannot_park_more_than_64_epochs_ahead(controller_factory: Factory) -> None:
+    c = controller_factory(PLATEAU)
+    r0, r1 = Wire(c.bind, "ddp", 0, 2), Wire(c.bind, "ddp", 1, 2)
+    try:
+        r0.hello(), r1.hello()
+        for e in range(64):  # rank 1 never reports: 64 epochs wait for it
+            r0.report(e, {"val_loss": 1.0}, wait=False)
+        far = r0.report(64, {"val_loss": 1.0})
+        assert isinstance(far, ErrorMessage) and far.code == "out_of_range"
+        assert not r0.sock.poll(100)  # the 64 parked reports are still undecided
+        r1.report(0, {"val_loss": 1.0}, wait=False)  # rank 1 catches up on epoch 0
+        for sock in (r0, r1):
+            answer = sock.recv()
+            assert isinstance(answer, LrMessage) and answer.apply_from_epoch == 1
+    finally:
+        r0.close(), r1.close()
+
+
+def test_many_hellos_never_grow_a_jobs_directions(controller_factory: Factory) -> None:
+    c = controller_factory(PLATEAU)
+    for i in range(30):
+        w = Wire(c.bind, "many-hellos")
+        answer = w.hello(directions={f"metric{i}_{k}": "max" for k in range(20)})
+        assert isinstance(answer, LrMessage)
+        w.close()
+    import sqlite3
+
+    db = sqlite3.connect(c.state_dir / "state.db")
+    (row,) = db.execute("SELECT data FROM jobs WHERE job = 'many-hellos'").fetchone()
+    db.close()
+    assert len(msgpack.unpackb(row, raw=False)["directions"]) <= 256
