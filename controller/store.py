@@ -184,6 +184,10 @@ class Store:
         self._lock_db(path)
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # One process owns the database (the flock above): exclusive locking keeps the WAL
+            # index in the heap, so there is no -shm file whose mmap could SIGBUS the
+            # controller on a full or broken disk (and no shared-memory locking per commit).
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             ok = self.db.execute("PRAGMA quick_check").fetchone()[0]

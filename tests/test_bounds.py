@@ -110,6 +110,7 @@ def test_many_hellos_never_grow_a_jobs_directions(controller_factory: Factory) -
         w.close()
     import sqlite3
 
+    c.stop()  # the controller holds the database exclusively while it runs
     db = sqlite3.connect(c.state_dir / "state.db")
     (row,) = db.execute("SELECT data FROM jobs WHERE job = 'many-hellos'").fetchone()
     db.close()

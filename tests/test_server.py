@@ -456,6 +456,8 @@ def test_store_is_sqlite_wal(controller_factory: Factory) -> None:
     w = Wire(c.bind, "job-w")
     w.hello()
     w.close()
+    assert not (c.state_dir / "state.db-shm").exists()  # no mmap that could SIGBUS
+    c.stop()  # the controller holds the database exclusively while it runs
     mode = sqlite3.connect(c.state_dir / "state.db").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 
@@ -549,6 +551,7 @@ def test_many_sessions_of_one_rank_keep_the_state_small(controller_factory: Fact
         w = Wire(c.bind, "job-s")
         w.hello(start_epoch=5)
         w.close()
+    c.stop()  # the controller holds the database exclusively while it runs
     size = (
         sqlite3.connect(c.state_dir / "state.db")
         .execute("SELECT length(data) FROM jobs WHERE job = 'job-s'")

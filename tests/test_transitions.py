@@ -7,9 +7,11 @@ SQLite store) one `turn()` at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import sqlite3
+import resource
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -206,29 +208,25 @@ def test_a_failed_commit_answers_unavailable_and_puts_every_job_back(
 ) -> None:
     s, _clock = server
     a, b = Wire(s.endpoints()["bind"], "job-a"), Wire(s.endpoints()["bind"], "job-b")
-    blocker = sqlite3.connect(Path(s.config.state_dir) / "state.db", isolation_level=None)
     try:
         for p in (a, b):
             p.sock.send(_hello(p))
         turn_until(s, a, b)
         for p in (a, b):
             p.report(0, {"val_loss": 1.0}, wait=False)
-        s.store.db.execute("PRAGMA busy_timeout = 0")
-        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database: commits fail
         before = {name: job for name, job in s.table.jobs.items()}
-        answers = turn_until(s, a, b)
+        with disk_full(Path(s.config.state_dir) / "state.db-wal"):
+            answers = turn_until(s, a, b)
         assert all(isinstance(x, ErrorMessage) and x.code == "unavailable" for x in answers)
         assert [x.seq for x in answers] == [1, 1]  # type: ignore[attr-defined]
         assert s.table.jobs == before  # nothing changed
         assert _sample(s, "lrpilot_store_errors_total") >= 1
-        blocker.execute("ROLLBACK")
         for p in (a, b):  # the clients resend the same reports; now they are decided
             p.report(0, {"val_loss": 1.0}, seq=1, wait=False)
         answers = turn_until(s, a, b)
         assert all(isinstance(x, LrMessage) and x.seq == 1 for x in answers)
         assert all(s.table.jobs[n].last_epoch == 0 for n in ("job-a", "job-b"))
     finally:
-        blocker.close()
         a.close(), b.close()
 
 
@@ -323,6 +321,20 @@ def test_scrape_renders_per_job_series_from_the_table(server: tuple[Server, Cloc
         assert _sample(s, "lrpilot_jobs") == 1
     finally:
         w.close()
+
+
+@contextlib.contextmanager
+def disk_full(wal: Path) -> Iterator[None]:
+    """No file of this process may grow past the WAL's size: the next commit fails as on a
+    full disk (SQLite: "database or disk is full"). Restored on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (wal.stat().st_size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 # -- helpers ----------------------------------------------------------------------------------
