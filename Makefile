@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench clean prometheus modules
+.PHONY: test check lint typecheck pytest demo bench fuzz clean prometheus modules
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[keras,torch,plot,dev]" --config-settings editable_mode=strict
+	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install links each module: relink when the set of modules changes.
@@ -49,6 +49,10 @@ check: test
 
 demo: modules
 	$(VENV)/bin/lrpilot demo
+
+# Long property-based runs (the short profile runs inside make test).
+fuzz: modules
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py
 
 bench: modules
 	$(PY) bench/run.py
