@@ -30,10 +30,17 @@ def request(endpoint: str, message: dict[str, Any], timeout: float = 2.0) -> dic
     Raises:
         NoAnswer: nothing answered in time (no controller, or a wrong endpoint).
     """
+    from lrpilot.client.env import curve_keys
+
+    keys = curve_keys()  # LRPILOT_CURVE_*: the admin socket needs an authorized key
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        if keys is not None:
+            sock.curve_serverkey = keys.server_public
+            sock.curve_publickey = keys.public
+            sock.curve_secretkey = keys.secret
         sock.connect(endpoint)
         sock.send(encode(message))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):

@@ -165,7 +165,7 @@ def _ask(args: argparse.Namespace, message: dict[str, object]) -> dict[str, obje
 
     try:
         return request(args.admin, message)
-    except NoAnswer as exc:
+    except (NoAnswer, ValueError) as exc:  # ValueError: LRPILOT_CURVE_* set up wrong
         print(f"lrpilot: {exc}", file=sys.stderr)
         return None
 
@@ -294,13 +294,35 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     import os
+    from pathlib import Path
 
     from zmq.auth import create_certificates
 
-    os.makedirs(args.dir, exist_ok=True)
-    public, secret = create_certificates(args.dir, "lrpilot")
+    from .auth import write_jobs
+
+    directory = Path(args.dir)
+    public, secret = directory / f"{args.name}.key", directory / f"{args.name}.key_secret"
+    existing = [str(p) for p in (public, secret) if p.exists()]
+    if existing and not args.force:
+        print(
+            f"lrpilot keygen: {' and '.join(existing)} exist; pass --force to replace them "
+            "(clients holding the old keys will be refused)",
+            file=sys.stderr,
+        )
+        return 2
+    directory.mkdir(parents=True, exist_ok=True)
+    old = os.umask(0o077)  # the secret is never readable by others, not even for a moment
+    try:
+        create_certificates(directory, args.name)
+    finally:
+        os.umask(old)
     os.chmod(secret, 0o600)
-    print(f"public key: {public}\nsecret key: {secret} (mode 0600)")
+    os.chmod(public, 0o644)
+    if args.jobs:
+        write_jobs(public, args.jobs)
+        write_jobs(secret, args.jobs)
+    limits = f" (jobs {args.jobs})" if args.jobs else ""
+    print(f"public key: {public}{limits}\nsecret key: {secret} (mode 0600)")
     return 0
 
 
@@ -378,8 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.set_defaults(handler=cmd_forget)
 
-    p = sub.add_parser("keygen", help="create a CURVE key pair")
-    p.add_argument("dir")
+    p = sub.add_parser(
+        "keygen",
+        help="create a CURVE key pair",
+        description="Create a CURVE key pair in zmq.auth certificate format. Copy NAME.key into "
+        "the controller's --curve-authorized-dir to let its holder in.",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--name", default="lrpilot", help="file names NAME.key / NAME.key_secret")
+    p.add_argument(
+        "--jobs",
+        metavar="GLOBS",
+        help="comma-separated job globs this key may use, e.g. 'bert-*' (default: any job)",
+    )
+    p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(handler=cmd_keygen)
 
     p = sub.add_parser("demo", help="a controller driving a short real Keras training")

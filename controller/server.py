@@ -38,6 +38,7 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
+from .auth import Authorizer, Grant
 from .jobs import Batch, JobTable
 from .jobstate import status_row
 from .metrics import Metrics
@@ -147,11 +148,16 @@ class Server:
         self._limiter = _LogLimiter()
         self.ctx = zmq.Context()
         self._auth: Any = None
+        #: The grants of the authorized keys when CURVE is on, else None.
+        self.authorizer: Authorizer | None = None
+        self._admin_grant: Grant | None = None  # of the admin request being handled
         self._http: Any = None
         try:
             self.sock = self._client_socket()
             self.admin = self.ctx.socket(zmq.ROUTER)
             self.admin.setsockopt(zmq.LINGER, 0)
+            if self.authorizer is not None:  # the admin socket needs an authorized key too
+                self._curve_server(self.admin)
             self.admin.setsockopt(zmq.MAXMSGSIZE, ADMIN_MAX_REQUEST)
             self.admin.bind(config.admin_bind)  # close() closes it if this fails
             self._wakeup = self.ctx.socket(zmq.PULL)
@@ -192,22 +198,34 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 15000)
         if self.config.curve_secret_key:
-            from zmq.auth import load_certificate
             from zmq.auth.thread import ThreadAuthenticator
 
-            public, secret = load_certificate(self.config.curve_secret_key)
             self._auth = ThreadAuthenticator(self.ctx)
             self._auth.start()
             self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
-            sock.curve_secretkey = secret
-            sock.curve_publickey = public
-            sock.curve_server = True
+            self.authorizer = Authorizer(self.config.curve_authorized_dir or ".")
+            self._curve_server(sock)
         try:
             sock.bind(self.config.bind)
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
         return sock
+
+    def _curve_server(self, sock: zmq.Socket[bytes]) -> None:
+        from zmq.auth import load_certificate
+
+        assert self.config.curve_secret_key is not None
+        public, secret = load_certificate(self.config.curve_secret_key)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def reload_keys(self) -> None:
+        """Re-read the authorized dir: for new handshakes (ZAP) and for every next message."""
+        if self.authorizer is not None and self._auth is not None:
+            self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
+            self.authorizer.reload()
 
     def _restore_jobs(self, now: float, wall: float) -> None:
         """Bring back every job reported within --job-ttl (most recent first, up to --max-jobs)."""
@@ -263,6 +281,7 @@ class Server:
                         pass
             if self._reload_requested:
                 self._reload_requested = False
+                self.reload_keys()
                 if self.loader is not None:
                     self.loader.request("signal")
             self.apply_loaded()
@@ -276,10 +295,10 @@ class Server:
         errors: Outgoing = []
         for _ in range(budget if drain else 0):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames, user = self._recv(self.sock)
             except zmq.Again:
                 break
-            self._feed(frames, batch, received, errors)
+            self._feed(frames, batch, received, errors, user)
         due = self.table.deadlines.pop_due(now)
         batch.expire(due)
         if batch.steps or batch.touched:
@@ -305,12 +324,24 @@ class Server:
                 if step.snapshot is not None:
                     self.metrics.decision_seconds.observe(elapsed)
 
+    def _recv(self, sock: zmq.Socket[bytes]) -> tuple[list[bytes], str | None]:
+        """One message and, with CURVE on, the User-Id (z85 public key) it came with."""
+        if self.authorizer is None:
+            return sock.recv_multipart(zmq.NOBLOCK), None
+        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        try:
+            user = parts[-1].get("User-Id")
+        except zmq.ZMQError:
+            user = None
+        return [p.bytes for p in parts], None if user is None else str(user)
+
     def _feed(
         self,
         frames: list[bytes],
         batch: Batch,
         received: list[tuple[bytes, int | None]],
         errors: Outgoing,
+        user: str | None = None,
     ) -> None:
         ident = frames[0]
         seq = None
@@ -325,6 +356,11 @@ class Server:
             message = parse_client_dict(raw)
             if message.session != ident:
                 raise ProtocolError("schema", "session must equal the socket's routing id")
+            if self.authorizer is not None:
+                grant = self.authorizer.grant(user)
+                if grant is None or not grant.allows(message.job):
+                    who = "a key no longer authorized" if grant is None else f"key {grant.name}"
+                    raise ProtocolError("forbidden", f"{who} may not use job {message.job}")
             if isinstance(message, Hello):
                 batch.hello(message)
             elif isinstance(message, Report):
@@ -378,11 +414,17 @@ class Server:
     def _drain_admin(self, budget: int = 100) -> None:
         for _ in range(budget):
             try:
-                frames = self.admin.recv_multipart(zmq.NOBLOCK)
+                frames, user = self._recv(self.admin)
             except zmq.Again:
                 return
             try:
+                if self.authorizer is not None:
+                    self._admin_grant = self.authorizer.grant(user)
+                    if self._admin_grant is None:
+                        raise ProtocolError("forbidden", "this key is no longer authorized")
                 reply = self._admin(frames[-1])
+            except ProtocolError as exc:
+                reply = _error(exc.code, exc.message)
             except Exception as exc:
                 log.exception("admin request failed")
                 reply = {"t": "error", "code": "internal", "message": f"controller error: {exc}"}
@@ -402,15 +444,25 @@ class Server:
         except ProtocolError as exc:
             return _error(exc.code, exc.message)
 
+    def _allowed(self, job: str) -> None:
+        """An admin request about `job` from a key that may not steer it is forbidden."""
+        grant = self._admin_grant
+        if self.authorizer is not None and (grant is None or not grant.allows(job)):
+            raise ProtocolError("forbidden", f"this key may not use job {job}")
+
     def _status(self, msg: dict[str, Any]) -> dict[str, Any]:
         now, timeout = self.clock(), self.table.worker_timeout
-        return {
-            "t": "status",
-            "jobs": [status_row(j, now, timeout) for j in self.table.jobs.values()],
-        }
+        grant = self._admin_grant if self.authorizer is not None else None
+        jobs = [
+            status_row(j, now, timeout)
+            for j in self.table.jobs.values()
+            if grant is None or grant.allows(j.name)
+        ]
+        return {"t": "status", "jobs": jobs}
 
     def _set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
+        self._allowed(name)
         lr = msg.get("lr")
         if (
             isinstance(lr, bool)
@@ -433,6 +485,7 @@ class Server:
 
     def _history(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
+        self._allowed(name)
         rows = self.store.history(name)
         if not rows and name not in self.table.jobs:
             return _error("unknown_job", f"no job {name!r}")
@@ -440,6 +493,7 @@ class Server:
 
     def _forget(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
+        self._allowed(name)
         batch = self.table.batch(self.clock(), self.wall())
         if not batch.forget(name):
             return _error("unknown_job", f"no job {name!r}")
@@ -452,6 +506,10 @@ class Server:
     # -- reload -----------------------------------------------------------------------
 
     def _reload_request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        grant = self._admin_grant
+        if self.authorizer is not None and (grant is None or not grant.unrestricted):
+            raise ProtocolError("forbidden", "reload needs a key without a jobs restriction")
+        self.reload_keys()
         if self.loader is None:
             return {
                 "t": "reload",
@@ -495,6 +553,7 @@ class Server:
             return self._reload_failed([f"{self.config.policy}: could not store the change: {exc}"])
         self.table.swap_policies(new)
         self._send(out)
+        self.reload_keys()
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload_timestamp.set(self.wall())
         for warning in new.warnings:
