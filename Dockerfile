@@ -50,14 +50,16 @@ WORKDIR /var/lib/lrpilot
 USER 10001:10001
 VOLUME /var/lib/lrpilot
 
-# 5555 clients (ZeroMQ), 9477 Prometheus metrics. The admin socket (5556)
-# stays on the container's loopback: `docker exec <ctr> lrpilot status`.
+# 5555 clients (ZeroMQ), 9477 Prometheus metrics. The admin socket is a Unix
+# socket in the state dir, mode 0600: only the controller's user (the one
+# `docker exec <ctr> lrpilot status` runs as) can steer jobs.
 EXPOSE 5555 9477
+ENV LRPILOT_ADMIN=ipc:///var/lib/lrpilot/admin.sock
 
 # Asks the controller's own loop (not just a port): exits 0 only when the
 # admin socket answers within 2 s.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["lrpilot", "status", "--admin", "tcp://127.0.0.1:5556"]
+    CMD ["lrpilot", "status"]
 
 ENTRYPOINT ["lrpilot", "serve"]
-CMD ["--policy", "/etc/lrpilot/policy.yaml", "--state-dir", "/var/lib/lrpilot", "--bind", "tcp://0.0.0.0:5555", "--metrics-host", "0.0.0.0", "--metrics-port", "9477"]
+CMD ["--policy", "/etc/lrpilot/policy.yaml", "--state-dir", "/var/lib/lrpilot", "--bind", "tcp://0.0.0.0:5555", "--admin-bind", "ipc:///var/lib/lrpilot/admin.sock", "--metrics-host", "0.0.0.0", "--metrics-port", "9477"]

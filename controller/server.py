@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -159,7 +160,7 @@ class Server:
             if self.authorizer is not None:  # the admin socket needs an authorized key too
                 self._curve_server(self.admin)
             self.admin.setsockopt(zmq.MAXMSGSIZE, ADMIN_MAX_REQUEST)
-            self.admin.bind(config.admin_bind)  # close() closes it if this fails
+            self._bind_admin(config.admin_bind)  # close() closes it if this fails
             self._wakeup = self.ctx.socket(zmq.PULL)
             self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
             if config.metrics_port is not None:
@@ -211,6 +212,25 @@ class Server:
             sock.close(linger=0)
             raise
         return sock
+
+    def _bind_admin(self, endpoint: str) -> None:
+        """Bind the admin socket; an ipc:// socket file is created mode 0600 (only this user
+        can steer jobs); loopback TCP is open to every local user, and the log says so."""
+        if endpoint.startswith("ipc://"):
+            old = os.umask(0o077)
+            try:
+                self.admin.bind(endpoint)
+            finally:
+                os.umask(old)
+            os.chmod(endpoint.removeprefix("ipc://"), 0o600)
+            return
+        self.admin.bind(endpoint)
+        if self.authorizer is None:
+            log.warning(
+                "admin socket %s: any local user can steer jobs; on a shared machine use "
+                "--admin-bind ipc://PATH (created mode 0600) or CURVE",
+                endpoint,
+            )
 
     def _curve_server(self, sock: zmq.Socket[bytes]) -> None:
         from zmq.auth import load_certificate

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -115,3 +119,43 @@ def test_many_hellos_never_grow_a_jobs_directions(controller_factory: Factory) -
     (row,) = db.execute("SELECT data FROM jobs WHERE job = 'many-hellos'").fetchone()
     db.close()
     assert len(msgpack.unpackb(row, raw=False)["directions"]) <= 256
+
+
+CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+except PermissionError:
+    print("refused")
+else:
+    print("connected")
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"),
+    reason="needs root and setpriv to act as another user",
+)
+def test_the_ipc_admin_socket_refuses_other_users(controller_factory: Factory) -> None:
+    import subprocess
+
+    shared = Path(tempfile.mkdtemp(prefix="lrpilot-admin-"))  # a directory anyone may enter
+    try:
+        shared.chmod(0o755)
+        sock = shared / "admin.sock"
+        c = controller_factory(PLATEAU, "--admin-bind", f"ipc://{sock}")
+        assert c.admin == f"ipc://{sock}"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+        def connect(*prefix: str) -> str:
+            argv = [*prefix, "/usr/bin/python3", "-c", CONNECT, str(sock)]
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            return out.stdout.strip() or out.stderr
+
+        assert connect() == "connected"  # the controller's own user
+        nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        assert connect(*nobody) == "refused"
+        assert run_cli("status", "--admin", c.admin).returncode == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

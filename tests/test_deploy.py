@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.parse
@@ -25,7 +26,6 @@ import pytest
 import yaml
 from conftest import Controller, run_cli
 
-from lrpilot.controller.admin import DEFAULT_ADMIN
 from lrpilot.controller.policyfile import load_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,13 +128,16 @@ def test_dockerfile_runtime_contract() -> None:
     assert flag(cmd, "--policy") == POLICY_PATH and flag(cmd, "--state-dir") == STATE_DIR
     assert flag(cmd, "--metrics-port") == str(METRICS_PORT)
     assert flag(cmd, "--bind").endswith(f":{CLIENT_PORT}")
-    assert "--admin-bind" not in cmd, "the admin socket stays on the default loopback endpoint"
+    admin = flag(cmd, "--admin-bind")
+    assert admin == f"ipc://{STATE_DIR}/admin.sock", "the admin socket is a 0600 Unix socket"
+    env = only(final, "ENV")
+    assert f"LRPILOT_ADMIN={admin}" in env.split(), "lrpilot status in the container finds it"
     copies = [args.split() for w, args in final if w == "COPY" and "--from" not in args]
     assert ["policies/default.yaml", POLICY_PATH] in copies, "default policy not baked in"
     health = only(final, "HEALTHCHECK")
     assert health != "NONE"
     argv = exec_form(health[health.index("CMD") + 3 :].strip())
-    assert argv[:2] == ["lrpilot", "status"] and flag(argv, "--admin") == DEFAULT_ADMIN
+    assert argv == ["lrpilot", "status"]  # asks the event loop, at LRPILOT_ADMIN
     timeout = re.search(r"--timeout=(\d+)s", health)
     assert timeout and int(timeout.group(1)) > 2, "status waits up to 2 s for an answer"
 
@@ -220,9 +223,9 @@ def test_the_image_install_runs_serve_check_and_healthcheck(
         "--bind": "tcp://127.0.0.1:0",
         "--metrics-host": "127.0.0.1",
         "--metrics-port": "0",
+        "--admin-bind": f"ipc://{tmp_path}/admin.sock",
     }
     argv = [local.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)]
-    argv += ["--admin-bind", "tcp://127.0.0.1:0"]
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -231,10 +234,13 @@ def test_the_image_install_runs_serve_check_and_healthcheck(
         line = proc.stdout.readline()  # the controller prints it once bound, or exits
         assert line.startswith("lrpilot ready"), (line, proc.poll())
         admin = dict(part.split("=", 1) for part in line.split()[2:])["admin"]
+        assert admin == f"ipc://{tmp_path}/admin.sock"
+        assert stat.S_IMODE(os.stat(tmp_path / "admin.sock").st_mode) == 0o600
         health = only(final, "HEALTHCHECK")
         check = exec_form(health[health.index("CMD") + 3 :].strip())
-        check[check.index("--admin") + 1] = admin
-        done = subprocess.run(check, capture_output=True, text=True, timeout=30, env=env)
+        done = subprocess.run(
+            check, capture_output=True, text=True, timeout=30, env={**env, "LRPILOT_ADMIN": admin}
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         proc.terminate()
@@ -307,9 +313,13 @@ def test_compose_controller_policy_exists_and_passes_check() -> None:
     assert (done.returncode, done.stdout.strip()) == (0, f"{policy}: ok")
     assert flag(argv, "--state-dir") == STATE_DIR
     assert flag(argv, "--metrics-port") == str(METRICS_PORT)
-    # The admin socket is not published: only the client and metrics ports are.
+    # The admin socket is a 0600 Unix socket in the container, never published.
     published = {str(p).split(":")[-1].split("/")[0] for p in controller.get("ports", [])}
     assert published == {str(CLIENT_PORT), str(METRICS_PORT)}
+    admin = flag(argv, "--admin-bind")
+    assert admin == f"ipc://{STATE_DIR}/admin.sock"
+    assert controller["environment"]["LRPILOT_ADMIN"] == admin
+    assert controller["healthcheck"]["test"] == ["CMD", "lrpilot", "status"]
 
 
 def test_compose_trainer_runs_the_demo_module() -> None:
@@ -455,6 +465,11 @@ def test_k8s_deployment_is_single_recreate_with_pvc_and_configmap_directory() ->
     assert policy.parent == PurePosixPath(policy_mount["mountPath"])
     assert policy.name in configmap["data"]
     assert flag(args, "--state-dir") == STATE_DIR
+    admin = flag(args, "--admin-bind")
+    assert admin == f"ipc://{STATE_DIR}/admin.sock"
+    assert {"name": "LRPILOT_ADMIN", "value": admin} in container["env"]
+    # Liveness asks the event loop, not the metrics thread.
+    assert container["livenessProbe"]["exec"]["command"] == ["lrpilot", "status"]
 
     uid = pod["securityContext"]["runAsUser"]
     assert str(uid) == only(instructions()[-1], "USER").split(":")[0]
