@@ -1,37 +1,75 @@
-"""Talking to a running controller's admin socket (`status`, `set-lr`, `reload`, ...)."""
+"""The controller's admin API: what `lrpilot status|set-lr|reload|history|forget|range-test`
+do, as plain Python calls returning plain dicts and lists.
+
+Example (a notebook next to a running controller):
+
+    from lrpilot.controller.admin import Admin
+    admin = Admin("ipc:///var/lib/lrpilot/admin.sock")
+    for job in admin.status():
+        print(job["job"], job["epoch"], job["lr"])
+    admin.set_lr("bert-base-1", 3e-5, reason="loss spike", epochs=2)
+    changes = admin.history("bert-base-1")
+"""
 
 from __future__ import annotations
 
+import getpass
 import os
+import socket
 from typing import Any
 
 import msgpack
 import zmq
 
-from lrpilot.client.errors import LRPilotError
 from lrpilot.client.protocol import encode
 
-__all__ = ["DEFAULT_ADMIN", "NoAnswer", "default_admin", "request"]
+from .errors import AdminError, BadEndpoint, Forbidden, NoAnswer, UnknownJob
+from .units import parse_duration
+
+__all__ = [
+    "DEFAULT_ADMIN",
+    "Admin",
+    "AdminError",
+    "BadEndpoint",
+    "Forbidden",
+    "NoAnswer",
+    "UnknownJob",
+    "check_endpoint",
+    "default_admin",
+    "request",
+]
 
 DEFAULT_ADMIN = "tcp://127.0.0.1:5556"
-
-
-class NoAnswer(LRPilotError):
-    """No controller answered on the admin endpoint in time."""
+_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
 def default_admin() -> str:
     return os.environ.get("LRPILOT_ADMIN") or DEFAULT_ADMIN
 
 
+def check_endpoint(endpoint: str) -> str:
+    """The endpoint if ZeroMQ can use it; else BadEndpoint naming the fix."""
+    if endpoint.startswith(_SCHEMES):
+        return endpoint
+    if "://" not in endpoint:
+        raise BadEndpoint(
+            f"admin endpoint {endpoint!r} has no scheme; did you mean tcp://{endpoint}? "
+            "(or ipc:///path/to/admin.sock)"
+        )
+    raise BadEndpoint(f"admin endpoint {endpoint!r}: use tcp://HOST:PORT or ipc:///PATH")
+
+
 def request(endpoint: str, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
     """Send one admin request and wait at most `timeout` seconds for its answer.
 
     Raises:
+        BadEndpoint: the endpoint has no usable scheme.
         NoAnswer: nothing answered in time (no controller, or a wrong endpoint).
+        ValueError: LRPILOT_CURVE_* is set up wrong.
     """
     from lrpilot.client.env import curve_keys
 
+    check_endpoint(endpoint)
     keys = curve_keys()  # LRPILOT_CURVE_*: the admin socket needs an authorized key
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -41,7 +79,10 @@ def request(endpoint: str, message: dict[str, Any], timeout: float = 2.0) -> dic
             sock.curve_serverkey = keys.server_public
             sock.curve_publickey = keys.public
             sock.curve_secretkey = keys.secret
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            raise BadEndpoint(f"cannot use admin endpoint {endpoint!r}: {exc}") from None
         sock.send(encode(message))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             raise NoAnswer(f"no controller answered at {endpoint} within {timeout:g} s")
@@ -65,3 +106,108 @@ def decode_reply(endpoint: str, frame: bytes) -> dict[str, Any]:
     if not isinstance(reply, dict) or not isinstance(reply.get("t"), str):
         raise NoAnswer(f"garbled answer from {endpoint}: not an admin reply")
     return reply
+
+
+def author() -> str:
+    """Who is asking, for the audit log: user@host."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name (a container with an unnamed uid)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+class Admin:
+    """A running controller's admin socket, as Python calls.
+
+    Args:
+        endpoint: the admin endpoint; default `LRPILOT_ADMIN`, else tcp://127.0.0.1:5556.
+        timeout: seconds to wait for each answer.
+
+    Raises (from every call):
+        NoAnswer: no controller answered in time.
+        UnknownJob, Forbidden, AdminError: the controller refused the request.
+
+    Example:
+
+        admin = Admin()
+        admin.set_lr("resnet-a", 0.01, reason="spike", expires="2h")
+    """
+
+    def __init__(self, endpoint: str | None = None, timeout: float = 2.0) -> None:
+        self.endpoint = check_endpoint(endpoint or default_admin())
+        self.timeout = timeout
+
+    def _ask(self, message: dict[str, Any], expect: str) -> dict[str, Any]:
+        reply = request(self.endpoint, message, self.timeout)
+        if reply.get("t") == "error":
+            code, text = str(reply.get("code")), str(reply.get("message"))
+            kind = {"unknown_job": UnknownJob, "forbidden": Forbidden}.get(code, AdminError)
+            raise kind(code, text)
+        if reply.get("t") != expect:
+            raise NoAnswer(f"{self.endpoint} answered {reply.get('t')!r}, not {expect!r}")
+        return reply
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every live job: job, workers, epoch, lr, monitor, value, best, wait, patience,
+        policy, phase, last_report_age_s, run, version, override."""
+        jobs: list[dict[str, Any]] = self._ask({"t": "status"}, "status")["jobs"]
+        return jobs
+
+    def set_lr(
+        self,
+        job: str,
+        lr: float,
+        reason: str | None = None,
+        expires: str | float | None = None,
+        epochs: int | None = None,
+    ) -> dict[str, Any]:
+        """Override the job's LR from its next epoch (audited with user@host and `reason`).
+
+        Args:
+            expires: a duration (`"2h"`, seconds) after which the policy's LR returns.
+            epochs: or a number of epochs (steps for `unit: step`) the override lasts.
+        """
+        message: dict[str, Any] = {
+            "t": "set_lr",
+            "job": job,
+            "lr": lr,
+            "reason": reason or "",
+            "author": author(),
+        }
+        if expires is not None:
+            message["seconds"] = parse_duration(expires)
+        if epochs is not None:
+            message["epochs"] = epochs
+        return self._ask(message, "ok")
+
+    def history(
+        self,
+        job: str,
+        run: int | None = None,
+        all_runs: bool = False,
+        since: str | float | None = None,
+        tail: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The job's LR changes, oldest first (default: the current run)."""
+        message: dict[str, Any] = {"t": "history", "job": job, "all_runs": all_runs}
+        if run is not None:
+            message["run"] = run
+        if since is not None:
+            message["since"] = parse_duration(since)
+        if tail is not None:
+            message["tail"] = tail
+        rows: list[dict[str, Any]] = self._ask(message, "history")["rows"]
+        return rows
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the policy file now; `{"ok": bool, "changed": bool, "errors": [...]}`."""
+        return self._ask({"t": "reload"}, "reload")
+
+    def forget(self, job: str) -> None:
+        """Drop the job's state (memory, metrics, disk)."""
+        self._ask({"t": "forget", "job": job}, "ok")
+
+    def range_test(self, job: str) -> dict[str, Any]:
+        """The job's last LR range test: points, suggestions, why it stopped."""
+        return self._ask({"t": "range_test", "job": job}, "range_test")

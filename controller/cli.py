@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lrpilot.client.errors import PolicyError, ProtocolError, SourceError
 
@@ -18,6 +19,16 @@ from . import __version__
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -165,9 +176,25 @@ def _ask(args: argparse.Namespace, message: dict[str, object]) -> dict[str, obje
 
     try:
         return request(args.admin, message)
-    except (NoAnswer, ValueError) as exc:  # ValueError: LRPILOT_CURVE_* set up wrong
+    except (NoAnswer, ValueError) as exc:  # ValueError: a bad endpoint or LRPILOT_CURVE_*
         print(f"lrpilot: {exc}", file=sys.stderr)
         return None
+
+
+def _with_admin(args: argparse.Namespace, call: Callable[[Any], int]) -> int:
+    """Run `call(Admin)`; no answer, a bad endpoint or a refusal is printed and exits 1
+    (a value the controller finds out of range: 2). Never shown as an empty result."""
+    from .admin import Admin
+    from .errors import AdminError, NoAnswer
+
+    try:
+        return call(Admin(args.admin))
+    except (NoAnswer, ValueError) as exc:  # ValueError: a bad endpoint or LRPILOT_CURVE_*
+        print(f"lrpilot {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except AdminError as exc:
+        print(f"lrpilot {args.command}: {exc.message}", file=sys.stderr)
+        return 2 if exc.code == "out_of_range" else 1
 
 
 def _fmt(value: object, spec: str = ".6g") -> str:
@@ -178,17 +205,29 @@ def _fmt(value: object, spec: str = ".6g") -> str:
     return str(value)
 
 
+def _override_note(o: dict[str, Any] | None) -> str:
+    if not o:
+        return ""
+    until = f"epoch {o['until_epoch']}" if o.get("until_epoch") is not None else o.get("until")
+    return f"override by {o.get('author')} until {until}"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .jobstate import STATUS_FIELDS
 
-    reply = _ask(args, {"t": "status"})
-    if reply is None:
-        return 1
-    jobs = reply.get("jobs", [])
-    assert isinstance(jobs, list)
-    if args.json:
-        print(json.dumps([{k: j.get(k) for k in STATUS_FIELDS} for j in jobs]))
+    def run(admin: Any) -> int:
+        jobs = admin.status()
+        if args.json:
+            print(json.dumps([{k: j.get(k) for k in STATUS_FIELDS} for j in jobs]))
+            return 0
+        print(status_table(jobs))
         return 0
+
+    return _with_admin(args, run)
+
+
+def status_table(jobs: list[dict[str, Any]]) -> str:
+    """The `lrpilot status` table."""
     header = (
         "JOB",
         "WORKERS",
@@ -201,6 +240,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "POLICY",
         "PHASE",
         "AGE",
+        "NOTE",
     )
     rows = [header]
     for j in jobs:
@@ -219,77 +259,77 @@ def cmd_status(args: argparse.Namespace) -> int:
                 _fmt(j["policy"]),
                 _fmt(j["phase"]),
                 age,
+                _override_note(j.get("override")),
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     if not jobs:
-        print("(no jobs yet)")
-    return 0
+        lines.append("(no jobs yet)")
+    return "\n".join(lines)
 
 
 def cmd_set_lr(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"t": "set_lr", "job": args.job, "lr": args.lr, "reason": args.reason})
-    if reply is None:
-        return 1
-    if reply.get("t") == "error":
-        print(f"lrpilot set-lr: {reply.get('message')}", file=sys.stderr)
-        return 1 if reply.get("code") == "unknown_job" else 2
-    print(
-        f"{args.job}: lr {_fmt(reply.get('lr'))} from the next epoch"
-        f" (version {reply.get('version')})"
-    )
-    return 0
+    def run(admin: Any) -> int:
+        reply = admin.set_lr(
+            args.job, args.lr, reason=args.reason, expires=args.for_, epochs=args.epochs
+        )
+        note = _override_note(reply.get("override"))
+        print(
+            f"{args.job}: lr {_fmt(reply.get('lr'))} from epoch {reply.get('apply_from')}"
+            f" (version {reply.get('version')})" + (f"; {note}" if note else "")
+        )
+        return 0
+
+    return _with_admin(args, run)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    reply = _ask(args, {"t": "reload"})
-    if reply is None:
-        return 1
-    if not reply.get("ok"):
-        errors = reply.get("errors") or []
-        assert isinstance(errors, list)
-        for line in errors:
-            print(line)
-        print("reload rejected; the old policy stays in force", file=sys.stderr)
-        return 2
-    print("reloaded" if reply.get("changed") else "reloaded (no change)")
-    return 0
+    def run(admin: Any) -> int:
+        reply = admin.reload()
+        if not reply.get("ok"):
+            for line in reply.get("errors") or []:
+                print(line)
+            print("reload rejected; the old policy stays in force", file=sys.stderr)
+            return 2
+        print("reloaded" if reply.get("changed") else "reloaded (no change)")
+        return 0
 
-
-def _ask_job(args: argparse.Namespace, kind: str) -> dict[str, object] | None:
-    """An admin request about one job; None (after saying why) for no answer or unknown job."""
-    reply = _ask(args, {"t": kind, "job": args.job})
-    if reply is not None and reply.get("t") == "error":
-        print(f"lrpilot {args.command}: {reply.get('message')}", file=sys.stderr)
-        return None
-    return reply
+    return _with_admin(args, run)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    reply = _ask_job(args, "history")
-    if reply is None:
-        return 1
-    rows = reply.get("rows", [])
-    assert isinstance(rows, list)
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    for r in rows:
-        print(
-            f"{r['time']}  epoch {_fmt(r['epoch']):>5}  {_fmt(r['old_lr']):>10} -> "
-            f"{_fmt(r['new_lr']):<10}  {r['reason']:<9} v{r['version']}  {r['source']}"
-            + (f"  ({r['detail']})" if r.get("detail") else "")
+    def run(admin: Any) -> int:
+        rows = admin.history(
+            args.job, run=args.run, all_runs=args.all_runs, since=args.since, tail=args.tail
         )
-    return 0
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        run_id = None
+        for r in rows:
+            if r.get("run") != run_id:
+                run_id = r.get("run")
+                print(f"-- run {run_id} --")
+            print(
+                f"{r['time']}  epoch {_fmt(r['epoch']):>5}  {_fmt(r['old_lr']):>10} -> "
+                f"{_fmt(r['new_lr']):<10}  {r['reason']:<9} v{r['version']}  {r['source']}"
+                + (f"  ({r['detail']})" if r.get("detail") else "")
+            )
+        return 0
+
+    return _with_admin(args, run)
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    if _ask_job(args, "forget") is None:
-        return 1
-    print(f"{args.job}: forgotten")
-    return 0
+    def run(admin: Any) -> int:
+        admin.forget(args.job)
+        print(f"{args.job}: forgotten")
+        return 0
+
+    return _with_admin(args, run)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -382,10 +422,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("set-lr", parents=[admin], help="operator override of a job's LR")
+    p = sub.add_parser(
+        "set-lr",
+        parents=[admin],
+        help="operator override of a job's LR",
+        description="Set the job's LR from its next epoch. The audit log names you (user@host) "
+        "and the reason. With --for or --epochs the override ends by itself and the policy's "
+        "LR takes over again.",
+    )
     p.add_argument("job")
     p.add_argument("lr", type=_positive_float)
-    p.add_argument("--reason", default="", metavar="TEXT")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why, for the audit log")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument(
+        "--for", dest="for_", type=_duration, metavar="DURATION", help="e.g. 30m, 2h"
+    )
+    until.add_argument(
+        "--epochs", type=_positive_int, metavar="N", help="epochs (steps with unit: step)"
+    )
     p.set_defaults(handler=cmd_set_lr)
 
     p = sub.add_parser("reload", parents=[admin], help="re-read the policy file now")
@@ -394,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", parents=[admin], help="a job's LR changes from the audit log")
     p.add_argument("job")
     p.add_argument("--json", action="store_true")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--run", type=int, metavar="RUN", help="this run (default: the current)")
+    runs.add_argument("--all-runs", action="store_true", help="every run, marked")
+    p.add_argument("--since", type=_duration, metavar="DURATION", help="only the last DURATION")
+    p.add_argument("--tail", type=_positive_int, metavar="N", help="only the last N changes")
     p.set_defaults(handler=cmd_history)
 
     p = sub.add_parser("forget", parents=[admin], help="drop a job's state")

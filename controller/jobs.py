@@ -129,13 +129,18 @@ class JobTable:
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 self.store.quarantine(name, f"{type(exc).__name__}: {exc}")
                 continue
-            self._add(job)
+            self._add(job, wall)
         return len(self.jobs)
 
-    def _add(self, job: JobState) -> None:
+    def _add(self, job: JobState, wall: float | None = None) -> None:
         if job.name not in self.counters:
             self.counters[job.name] = Counters()
             self.deadlines.push(job.last_seen + self.job_ttl, "ttl", job.name)
+            o = job.override
+            if wall is not None and o is not None and o.until_wall is not None:
+                self.deadlines.push(
+                    job.last_seen + max(o.until_wall - wall, 0.0), "override", job.name
+                )
         self.jobs[job.name] = job
 
     def publish(self, batch: Batch) -> Outgoing:
@@ -166,6 +171,8 @@ class JobTable:
             if step.waiting is not None:
                 t, when = step.waiting
                 self.deadlines.push(when, "aggregate", name, t)
+            if step.override_until is not None:
+                self.deadlines.push(step.override_until, "override", name)
         return batch.out
 
     def drop(self, name: str) -> None:
@@ -254,16 +261,29 @@ class Batch:
     def expire(self, due: list[tuple[float, str, str, int]]) -> None:
         """Decide multi-worker epochs whose aggregate_timeout passed."""
         for _, kind, name, t in due:
-            job = self.job(name) if kind == "aggregate" else None
-            if job is not None:
+            job = self.job(name) if kind in ("aggregate", "override") else None
+            if job is None:
+                continue
+            if kind == "aggregate":
                 self._apply(transitions.timeout(job, t, self.env))
+            else:
+                self._apply(transitions.expire_override(job, self.env))
 
-    def override(self, name: str, lr: float, reason: str, author: str) -> JobState:
+    def override(
+        self,
+        name: str,
+        lr: float,
+        reason: str,
+        author: str,
+        epochs: int | None = None,
+        seconds: float | None = None,
+    ) -> JobState:
         """Raises KeyError for an unknown job."""
         job = self.job(name)
         if job is None:
             raise KeyError(name)
-        self._apply(transitions.override(job, lr, reason, author, self.env))
+        step = transitions.override(job, lr, reason, author, self.env, epochs, seconds)
+        self._apply(step)
         return self.touched[name]
 
     def rebind_all(self, policies: PolicySet) -> None:

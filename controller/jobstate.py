@@ -19,7 +19,7 @@ from .policies import Policy, State, fingerprint
 from .policyfile import JobRule
 from .sessions import Sessions
 
-__all__ = ["STATUS_FIELDS", "JobState", "start_from", "status_row"]
+__all__ = ["STATUS_FIELDS", "JobState", "Override", "start_from", "status_row"]
 
 #: The fields of `lrpilot status --json`, in order (DESIGN.md).
 STATUS_FIELDS = (
@@ -36,6 +36,43 @@ STATUS_FIELDS = (
     "phase",
     "last_report_age_s",
 )
+
+
+@dataclass(frozen=True)
+class Override:
+    """An operator's LR that ends by itself (`set-lr --epochs N` or `--for DURATION`).
+
+    `saved` is the policy state from just before the override: at expiry the policy's own
+    LR comes back (a plateau's LR as it was, a schedule's curve without the override).
+    """
+
+    lr: float
+    author: str
+    reason: str = ""
+    until_epoch: int | None = None  # first epoch (step) run without the override
+    until_wall: float | None = None  # Unix time it ends
+    saved: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "author": self.author,
+            "reason": self.reason,
+            "until_epoch": self.until_epoch,
+            "until_wall": self.until_wall,
+            "saved": self.saved,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Override:
+        return cls(
+            float(data["lr"]),
+            str(data.get("author", "")),
+            str(data.get("reason", "")),
+            _opt_int(data.get("until_epoch")),
+            _opt_float(data.get("until_wall")),
+            dict(data.get("saved") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +100,7 @@ class JobState:
     value: float | None = None
     shadow_lr: float | None = None
     framework: str = ""  # rank 0's, from its hello: binds `compat: auto`
+    override: Override | None = None  # an expiring operator override in force
 
     @property
     def policy(self) -> Policy:
@@ -105,6 +143,7 @@ class JobState:
             "value": self.value,
             "shadow_lr": self.shadow_lr,
             "framework": self.framework,
+            "override": None if self.override is None else self.override.to_dict(),
         }
 
     @classmethod
@@ -135,6 +174,7 @@ class JobState:
             value=_opt_float(data.get("value")),
             shadow_lr=_opt_float(data.get("shadow_lr")),
             framework=framework,
+            override=Override.from_dict(data["override"]) if data.get("override") else None,
         )
 
 
@@ -178,6 +218,22 @@ def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, An
         "run": job.run,
         "version": job.version,
         "shadow_lr": job.shadow_lr,
+        "override": _override_view(job.override),
+    }
+
+
+def _override_view(o: Override | None) -> dict[str, Any] | None:
+    if o is None:
+        return None
+    from .store import rfc3339
+
+    until = None if o.until_wall is None else rfc3339(o.until_wall)
+    return {
+        "lr": o.lr,
+        "author": o.author,
+        "reason": o.reason,
+        "until_epoch": o.until_epoch,
+        "until": until,
     }
 
 

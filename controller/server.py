@@ -45,7 +45,7 @@ from .jobstate import status_row
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import Store
+from .store import Store, rfc3339
 from .transitions import Outgoing
 
 __all__ = ["ServeConfig", "Server", "parse_ready_line", "serve"]
@@ -492,23 +492,53 @@ class Server:
             return _error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
         reason = str(msg.get("reason") or "")[:500]
         author = str(msg.get("author") or "operator")[:200]
+        epochs, seconds = msg.get("epochs"), msg.get("seconds")
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1 << 40
+        ):
+            return _error("out_of_range", f"epochs must be an integer >= 1, got {epochs!r}")
+        if seconds is not None and (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not (math.isfinite(seconds) and seconds > 0)
+        ):
+            return _error("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
+        if epochs is not None and seconds is not None:
+            return _error("schema", "an override ends after epochs or after a duration, not both")
         batch = self.table.batch(self.clock(), self.wall())
         try:
-            job = batch.override(name, float(lr), reason, author)
+            job = batch.override(name, float(lr), reason, author, epochs, seconds)
         except KeyError:
             return _error("unknown_job", f"no job {name!r}")
         try:
             self._send(self._commit(batch))
         except Exception as exc:
             return _error("unavailable", f"could not store the override: {exc}")
-        return {"t": "ok", "job": name, "lr": job.lr, "version": job.version}
+        reply = {"t": "ok", "job": name, "lr": job.lr, "version": job.version}
+        row = status_row(job, self.clock(), self.table.worker_timeout)
+        reply["override"] = row["override"]
+        reply["apply_from"] = job.next_t()
+        return reply
 
     def _history(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self._allowed(name)
         rows = self.store.history(name)
-        if not rows and name not in self.table.jobs:
+        job = self.table.jobs.get(name)
+        if not rows and job is None:
             return _error("unknown_job", f"no job {name!r}")
+        if not msg.get("all_runs"):  # one run: the one asked for, else the current one
+            run = msg.get("run")
+            if not isinstance(run, int):
+                run = job.run if job is not None else (rows[-1].run if rows else None)
+            rows = [r for r in rows if r.run == run]
+        since = msg.get("since")
+        if isinstance(since, int | float) and not isinstance(since, bool):
+            start = rfc3339(self.wall() - float(since))
+            rows = [r for r in rows if r.time >= start]
+        tail = msg.get("tail")
+        if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0:
+            rows = rows[len(rows) - tail :] if tail else []
         return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
 
     def _forget(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -28,8 +28,19 @@ from lrpilot.client.protocol import (
 )
 
 from .aggregate import Pending, combine
-from .jobstate import JobState, start_from, state_for
-from .policies import Decision, Phases, PhasesState, Plateau, Policy, State, fingerprint
+from .jobstate import JobState, Override, start_from, state_for
+from .policies import (
+    Decision,
+    Event,
+    Phases,
+    PhasesState,
+    Plateau,
+    Policy,
+    Schedule,
+    ScheduleState,
+    State,
+    fingerprint,
+)
 from .policyfile import JobRule
 from .store import AuditRow, rfc3339
 
@@ -38,6 +49,7 @@ __all__ = [
     "Outgoing",
     "Step",
     "bye",
+    "expire_override",
     "hello",
     "override",
     "rebind",
@@ -88,6 +100,7 @@ class Step:
     invalid: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     waiting: tuple[int, float] | None = None
+    override_until: float | None = None  # monotonic time a timed override ends
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -332,6 +345,15 @@ def decide(
         if changed:
             audit.append(audit_row(job, env, old_lr, decision.reason, t + 1))
     job = job.with_(last_epoch=t, value=value)
+    o = job.override
+    if o is not None and (
+        (o.until_epoch is not None and t + 1 >= o.until_epoch)
+        or (o.until_wall is not None and env.wall >= o.until_wall)
+    ):
+        job, row = _end_override(job, env, t)
+        if row is not None:
+            audit.append(row)
+            decision = Decision(job.lr, Event("override", old_lr, job.lr), decision.action)
     reason = decision.reason if decision.lr != old_lr else "unchanged"
     out: Outgoing = [
         (r.session, lr_message(job, reason, r.seq, t + 1, decision.action))
@@ -363,14 +385,85 @@ def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:
 # -- operator and reload -------------------------------------------------------------------
 
 
-def override(job: JobState, lr: float, reason: str, author: str, env: Env) -> Step:
-    """`lrpilot set-lr`: from the next epoch; a plateau keeps best/wait, a schedule rebases."""
+def override(
+    job: JobState,
+    lr: float,
+    reason: str,
+    author: str,
+    env: Env,
+    epochs: int | None = None,
+    seconds: float | None = None,
+) -> Step:
+    """`lrpilot set-lr`: from the next epoch; a plateau keeps best/wait, a schedule rebases.
+
+    With `epochs` or `seconds` the override ends by itself: then the policy's own LR
+    comes back (audited as `override` with detail `expired`).
+    """
     old = job.lr
     t = job.last_epoch if job.last_epoch is not None else -1
-    job = job.with_(state=job.policy.rebase(job.state, lr, t), version=job.version + 1)
+    timed = None
+    if epochs is not None or seconds is not None:
+        saved = (job.override.saved if job.override else None) or job.state.to_dict()
+        timed = Override(
+            lr,
+            author,
+            reason,
+            until_epoch=None if epochs is None else t + 1 + epochs,
+            until_wall=None if seconds is None else env.wall + seconds,
+            saved=saved,
+        )
+    job = job.with_(
+        state=job.policy.rebase(job.state, lr, t), version=job.version + 1, override=timed
+    )
     detail = reason or None
+    if timed is not None:
+        ends = f"{epochs} {job.unit}s" if epochs is not None else f"{seconds:g} s"
+        detail = f"{reason}; for {ends}" if reason else f"for {ends}"
     row = audit_row(job, env, old, "override", t + 1, source=author or "operator", detail=detail)
-    return Step(job, _push(job, env, "override", t + 1, set()), [row])
+    step = Step(job, _push(job, env, "override", t + 1, set()), [row])
+    if seconds is not None:
+        step.override_until = env.now + seconds
+    return step
+
+
+def expire_override(job: JobState, env: Env) -> Step | None:
+    """An expiring override ran out (by time): the policy's own LR from the next epoch."""
+    o = job.override
+    if o is None or o.until_wall is None or env.wall < o.until_wall:
+        return None
+    job, row = _end_override(job, env, job.next_t() - 1)
+    if row is None:
+        return Step(job)
+    return Step(job, _push(job, env, "override", job.next_t(), set()), [row])
+
+
+def _end_override(job: JobState, env: Env, t: int) -> tuple[JobState, AuditRow | None]:
+    """The job without its override, from t+1 on: the LR the policy would have now."""
+    o = job.override
+    assert o is not None
+    lr = _policy_lr(job.policy, job.policy.load_state(o.saved), job.state, t)
+    job = job.with_(override=None)
+    if lr is None or lr == job.lr:
+        return job, None
+    old = job.lr
+    job = job.with_(state=job.policy.rebase(job.state, lr, t), version=job.version + 1)
+    return job, audit_row(job, env, old, "override", t + 1, source="expiry", detail="expired")
+
+
+def _policy_lr(policy: Policy, saved: State, now: State, t: int) -> float | None:
+    """The LR `policy` would set for t+1 from its pre-override state `saved` (None: the
+    chain has moved to another phase since, which set its own LR)."""
+    if isinstance(policy, Phases):
+        assert isinstance(saved, PhasesState) and isinstance(now, PhasesState)
+        if saved.index != now.index:
+            return None
+        inner = policy.phases[now.index].policy
+        return _policy_lr(
+            inner, inner.load_state(saved.inner), inner.load_state(now.inner), t - now.start
+        )
+    if isinstance(policy, Schedule) and isinstance(saved, ScheduleState):
+        return policy.lr_at(saved, t + 1)
+    return saved.lr
 
 
 def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:

@@ -355,7 +355,11 @@ def test_set_lr_pushes_to_workers_and_is_audited(controller_factory: Factory) ->
 
         rows = json.loads(history.stdout)
         assert [r["reason"] for r in rows] == ["initial", "override", "plateau"]
-        assert rows[1]["source"] == "operator" and rows[1]["detail"] == "spike at epoch 0"
+        import getpass
+        import socket
+
+        author = f"{getpass.getuser()}@{socket.gethostname()}"  # who ran set-lr
+        assert rows[1]["source"] == author and rows[1]["detail"] == "spike at epoch 0"
         lines = (c.state_dir / "audit.jsonl").read_text().splitlines()
         assert len(lines) == 3 and '"override"' in lines[1]
         assert run_cli("set-lr", "nope", "0.1", "--admin", c.admin).returncode == 1

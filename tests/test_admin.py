@@ -1,0 +1,175 @@
+"""The admin API and CLI: expiring overrides with their author, history filters and run
+markers, errors that never pass for results."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Controller, Wire, run_cli
+
+from lrpilot.client.protocol import Hello, LrMessage, encode
+from lrpilot.controller.admin import Admin
+from lrpilot.controller.errors import AdminError, BadEndpoint, UnknownJob
+from lrpilot.controller.policyfile import load_text
+from lrpilot.controller.server import ServeConfig, Server
+
+Factory = Callable[..., Controller]
+STEP = "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 2}\n"
+AUTHOR = f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def test_an_override_for_n_epochs_ends_and_the_schedule_takes_over(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(STEP)
+    admin = Admin(c.admin)
+    w = Wire(c.bind, "exp")
+    try:
+        w.hello(lr=0.8)
+        lrs = [w.report(e, {"loss": 1.0}).lr for e in range(2)]  # LR for epochs 1, 2
+        assert lrs == [0.8, 0.4]
+        reply = admin.set_lr("exp", 0.05, reason="spike", epochs=2)
+        assert reply["apply_from"] == 2 and reply["override"]["until_epoch"] == 4
+        push = w.recv()
+        assert isinstance(push, LrMessage) and push.lr == 0.05 and push.apply_from_epoch == 2
+        row = next(j for j in admin.status() if j["job"] == "exp")
+        assert row["override"] == {
+            "lr": 0.05,
+            "author": AUTHOR,
+            "reason": "spike",
+            "until_epoch": 4,
+            "until": None,
+        }
+        table = run_cli("status", "--admin", c.admin).stdout
+        assert f"override by {AUTHOR} until epoch 4" in table
+        # Epochs 2 and 3 run at the override; from epoch 4 the step schedule's own LR
+        # (0.8 * 0.5 ** (4 // 2) = 0.2), as if the override had never been.
+        after = [w.report(e, {"loss": 1.0}).lr for e in range(2, 6)]
+        assert after == [0.05, 0.2, 0.2, 0.1]
+        history = admin.history("exp")
+        kinds = [(r["reason"], r["source"], r["detail"]) for r in history]
+        assert ("override", AUTHOR, "spike; for 2 epochs") in kinds
+        assert ("override", "expiry", "expired") in kinds
+        assert next(j for j in admin.status() if j["job"] == "exp")["override"] is None
+    finally:
+        w.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 500.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return 1.7e9 + self.t
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[Server, Clock]]:
+    clock = Clock()
+    config = ServeConfig(
+        bind="tcp://127.0.0.1:0",
+        admin_bind="tcp://127.0.0.1:0",
+        metrics_port=None,
+        state_dir=str(tmp_path / "state"),
+        worker_timeout=86400.0,  # a rank silent for the two hours below is still a worker
+    )
+    s = Server(config, load_text(STEP, "p.yaml"), clock=clock, wall=clock.wall)
+    try:
+        yield s, clock
+    finally:
+        s.close()
+
+
+def _turn_until_answer(s: Server, w: Wire, tries: int = 200) -> object:
+    for _ in range(tries):
+        if w.sock.poll(0):
+            return w.recv()
+        s.sock.poll(10)
+        s.turn()
+    raise AssertionError("no answer")
+
+
+def test_an_override_for_a_duration_ends_at_its_time(server: tuple[Server, Clock]) -> None:
+    s, clock = server
+    w = Wire(s.endpoints()["bind"], "timed")
+    try:
+        w.sock.send(encode(Hello("timed", 0, 1, w.session, 0.8, 0).to_wire()))
+        _turn_until_answer(s, w)
+        w.report(0, {"loss": 1.0}, wait=False)
+        assert _turn_until_answer(s, w).lr == 0.8  # type: ignore[attr-defined]
+        batch = s.table.batch(clock(), clock.wall())
+        batch.override("timed", 0.01, "night shift", "ops@host", seconds=7200)
+        s._send(s._commit(batch))
+        assert _turn_until_answer(s, w).lr == 0.01  # type: ignore[attr-defined]
+        clock.t += 7199
+        s.turn()
+        assert not w.sock.poll(50) and s.table.jobs["timed"].lr == 0.01
+        clock.t += 2  # the two hours are over: the schedule's LR is pushed for the next epoch
+        s.turn()
+        back = _turn_until_answer(s, w)
+        assert isinstance(back, LrMessage) and back.lr == 0.8 and back.apply_from_epoch == 1
+        assert back.reason == "override" and s.table.jobs["timed"].override is None
+        rows = s.store.history("timed")
+        assert (rows[-1].reason, rows[-1].source, rows[-1].detail) == (
+            "override",
+            "expiry",
+            "expired",
+        )
+    finally:
+        w.close()
+
+
+def test_history_marks_runs_and_filters(controller_factory: Factory) -> None:
+    c = controller_factory(STEP)
+    for _ in range(2):  # two runs: each process says hello at epoch 0 after reporting
+        w = Wire(c.bind, "runs")
+        w.hello(lr=0.8)
+        for e in range(3):
+            w.report(e, {"loss": 1.0})
+        w.close()
+    admin = Admin(c.admin)
+    every = admin.history("runs", all_runs=True)
+    runs = sorted({r["run"] for r in every})
+    assert len(runs) == 2
+    current = admin.history("runs")
+    assert {r["run"] for r in current} == {runs[-1]} and current[0]["reason"] == "initial"
+    assert [r["run"] for r in admin.history("runs", run=runs[0])] == [runs[0]] * len(current)
+    assert admin.history("runs", tail=1) == current[-1:]
+    text = run_cli("history", "runs", "--all-runs", "--admin", c.admin).stdout
+    assert [line for line in text.splitlines() if line.startswith("-- run")] == [
+        f"-- run {runs[0]} --",
+        f"-- run {runs[1]} --",
+    ]
+    assert json.loads(run_cli("history", "runs", "--json", "--admin", c.admin).stdout) == current
+
+
+def test_admin_errors_never_pass_for_results(controller_factory: Factory) -> None:
+    c = controller_factory(STEP)
+    w = Wire(c.bind, "known")
+    w.hello()
+    w.close()
+    with pytest.raises(UnknownJob):
+        Admin(c.admin).set_lr("nope", 0.1)
+    with pytest.raises(AdminError) as err:
+        Admin(c.bind).status()  # the client port: refused, not an empty list
+    assert err.value.code == "unknown_type"
+    out = run_cli("status", "--admin", c.bind)
+    assert out.returncode == 1 and "unknown" in out.stderr and "no jobs" not in out.stdout
+    out = run_cli("reload", "--admin", c.bind)
+    assert out.returncode == 1 and "rejected" not in out.stderr
+    host_port = c.admin.removeprefix("tcp://")
+    with pytest.raises(BadEndpoint, match="did you mean tcp://"):
+        Admin(host_port)
+    out = run_cli("status", "--admin", host_port)
+    assert out.returncode == 1 and f"did you mean tcp://{host_port}" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run_cli("set-lr", "known", "0.1", "--for", "1h", "--epochs", "2", "--admin", c.admin)
+    assert out.returncode == 2 and "not allowed with" in out.stderr
