@@ -35,6 +35,7 @@ __all__ = [
     "MAX_UNDECIDED",
     "MAX_WORLD",
     "NAME_RE",
+    "NOTICE_CODES",
     "PROTOCOL_VERSION",
     "REASONS",
     "RETRYABLE_CODES",
@@ -100,6 +101,11 @@ REASONS = (
 )
 
 ACTIONS = ("snapshot", "restore", "stop")
+
+#: What the controller tells the trainer about its job (in `lr.notices`); clients log each
+#: code once per run.
+NOTICE_CODES = ("monitor_missing", "mode_unresolved", "shadow", "clamped", "restore_unsupported")
+MAX_NOTICES = 16
 
 
 def encode(message: Mapping[str, Any]) -> bytes:
@@ -346,6 +352,7 @@ class LrMessage:
     apply_from_epoch: int | None = None
     apply_from_step: int | None = None
     action: str | None = None
+    notices: tuple[tuple[str, str], ...] = ()  # (code, message) pairs
 
     def to_wire(self) -> dict[str, Any]:
         msg: dict[str, Any] = {
@@ -361,6 +368,8 @@ class LrMessage:
         }
         if self.action is not None:
             msg["action"] = self.action
+        if self.notices:
+            msg["notices"] = [{"code": c, "message": m} for c, m in self.notices]
         return msg
 
     @classmethod
@@ -375,6 +384,15 @@ class LrMessage:
         action = msg.get("action")
         if action is not None and action not in ACTIONS:
             raise ProtocolError("schema", f"unknown action {action!r}")
+        notices = msg.get("notices") or []
+        if not isinstance(notices, list) or len(notices) > MAX_NOTICES:
+            raise ProtocolError("schema", f"notices must be a list of at most {MAX_NOTICES}")
+        parsed = []
+        for n in notices:
+            if not isinstance(n, dict) or not isinstance(n.get("code"), str):
+                raise ProtocolError("schema", "a notice is {code, message}")
+            # An unknown code (a newer controller) is kept: clients log it like the others.
+            parsed.append((n["code"][:64], _str(n, "message", 4096, optional=True)))
         return cls(
             job=check_name(_get(msg, "job"), "job"),
             lr=_lr(msg),
@@ -385,6 +403,7 @@ class LrMessage:
             apply_from_epoch=epoch,
             apply_from_step=step,
             action=action,
+            notices=tuple(parsed),
         )
 
 

@@ -107,7 +107,12 @@ class Step:
 
 
 def lr_message(
-    job: JobState, reason: str, seq: int | None, apply_from: int, action: str | None = None
+    job: JobState,
+    reason: str,
+    seq: int | None,
+    apply_from: int,
+    action: str | None = None,
+    notices: tuple[tuple[str, str], ...] = (),
 ) -> LrMessage:
     step = job.unit == "step"
     return LrMessage(
@@ -120,6 +125,7 @@ def lr_message(
         apply_from_epoch=None if step else apply_from,
         apply_from_step=apply_from if step else None,
         action=action,
+        notices=notices,
     )
 
 
@@ -328,9 +334,19 @@ def decide(
     warnings = [decision.warning] if decision.warning else []
     monitor = getattr(_current_policy(job.policy, state), "monitor", None)
     value = metrics.get(monitor) if isinstance(monitor, str) else None
+    notices: list[tuple[str, str]] = []
+    if isinstance(monitor, str) and monitor not in metrics and decision.warning:
+        notices.append(("monitor_missing", decision.warning))
     old_lr = job.lr
     audit: list[AuditRow] = []
     if not decision.apply:
+        notices.append(
+            (
+                "shadow",
+                f"the policy runs in shadow mode (apply: false): it decided lr "
+                f"{decision.lr:.6g}, the LR stays {old_lr:.6g}",
+            )
+        )
         # Shadow mode: keep the policy's memory and record the decision, send the old LR.
         job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_lr))
         if decision.lr != old_lr:
@@ -356,7 +372,7 @@ def decide(
             decision = Decision(job.lr, Event("override", old_lr, job.lr), decision.action)
     reason = decision.reason if decision.lr != old_lr else "unchanged"
     out: Outgoing = [
-        (r.session, lr_message(job, reason, r.seq, t + 1, decision.action))
+        (r.session, lr_message(job, reason, r.seq, t + 1, decision.action, tuple(notices)))
         for r in reports.values()
     ]
     if decision.lr != old_lr or decision.action:

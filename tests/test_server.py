@@ -615,3 +615,29 @@ def test_unit_step_policies_decide_per_step(controller_factory: Factory) -> None
         assert isinstance(no_step, ErrorMessage) and no_step.code == "schema"
     finally:
         w.close()
+
+
+def test_notices_tell_the_trainer_what_is_wrong(controller_factory: Factory) -> None:
+    policy = """\
+version: 1
+defaults:
+  policy: {type: plateau, monitor: val_loss, patience: 1}
+jobs:
+  - match: "shadow-*"
+    policy: {type: step, factor: 0.5, step_size: 1, apply: false}
+"""
+    c = controller_factory(policy)
+    missing, shadow = Wire(c.bind, "no-val"), Wire(c.bind, "shadow-1")
+    try:
+        missing.hello()
+        reply = missing.report(0, {"loss": 1.0})  # fit without validation data
+        assert isinstance(reply, LrMessage)
+        assert [code for code, _ in reply.notices] == ["monitor_missing"]
+        assert "val_loss" in reply.notices[0][1] and "loss" in reply.notices[0][1]
+        shadow.hello()
+        reply = shadow.report(0, {"loss": 1.0})
+        assert isinstance(reply, LrMessage) and reply.lr == pytest.approx(0.1)
+        assert [code for code, _ in reply.notices] == ["shadow"]
+        assert "0.05" in reply.notices[0][1]
+    finally:
+        missing.close(), shadow.close()
