@@ -117,17 +117,19 @@ def _setup_logging(level: str, fmt: str) -> None:
 
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
+        from .store import rfc3339
 
         class _Json(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
-                return json.dumps(
-                    {
-                        "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                        "level": record.levelname.lower(),
-                        "logger": record.name,
-                        "message": record.getMessage(),
-                    }
-                )
+                line = {
+                    "time": rfc3339(record.created),  # RFC 3339, UTC, milliseconds
+                    "level": record.levelname.lower(),
+                    "logger": record.name,
+                    "message": record.getMessage(),
+                }
+                if record.exc_info:
+                    line["exception"] = self.formatException(record.exc_info)
+                return json.dumps(line)
 
         handler.setFormatter(_Json())
     else:
@@ -138,23 +140,24 @@ def _setup_logging(level: str, fmt: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     from .policyfile import load_default, load_file
     from .server import ServeConfig, serve
 
     _setup_logging(args.log_level, args.log_format)
+    log = logging.getLogger("lrpilot.controller")  # every line, startup errors too, as asked
     if bool(args.curve_secret_key) != bool(args.curve_authorized_dir):
-        print(
-            "lrpilot serve: --curve-secret-key and --curve-authorized-dir go together",
-            file=sys.stderr,
-        )
+        log.error("lrpilot serve: --curve-secret-key and --curve-authorized-dir go together")
         return 2
     try:
         policies = load_file(args.policy) if args.policy else load_default()
     except PolicyError as exc:
-        print(str(exc), file=sys.stderr)
+        for error in exc.errors:
+            log.error("%s", error.located())
         return 2
     for warning in policies.warnings:
-        print(warning, file=sys.stderr)
+        log.warning("%s", warning)
     config = ServeConfig(
         policy=args.policy,
         bind=args.bind,
@@ -394,20 +397,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="draw the value and the LR into a PNG")
     p.set_defaults(handler=cmd_simulate)
 
-    p = sub.add_parser("serve", help="run the controller")
-    p.add_argument("--policy", metavar="FILE", help="policy file (default: the embedded default)")
-    p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="client endpoint")
-    p.add_argument("--admin-bind", default="tcp://127.0.0.1:5556", help="admin endpoint")
-    p.add_argument("--metrics-port", type=_port, default=9477)
-    p.add_argument("--metrics-host", default="0.0.0.0")
-    p.add_argument("--state-dir", default="./lrpilot-state")
-    p.add_argument("--job-ttl", type=_duration, default=_duration("24h"), metavar="DURATION")
-    p.add_argument("--max-jobs", type=int, default=10000)
-    p.add_argument("--worker-timeout", type=_duration, default=_duration("10m"), metavar="DURATION")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
-    p.add_argument("--curve-secret-key", metavar="F", help="server certificate (lrpilot keygen)")
-    p.add_argument("--curve-authorized-dir", metavar="D", help="client public keys allowed in")
+    p = sub.add_parser(
+        "serve",
+        help="run the controller",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the controller until SIGTERM/SIGINT. Prints one line "
+        "`lrpilot ready bind=... admin=... metrics=...` once bound.",
+    )
+    p.add_argument(
+        "--policy", metavar="FILE", help="policy file, hot-reloaded (none: the embedded default)"
+    )
+    p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="endpoint for training clients")
+    p.add_argument(
+        "--admin-bind",
+        default="tcp://127.0.0.1:5556",
+        help="admin endpoint; ipc:///PATH makes a mode-0600 Unix socket (shared machines)",
+    )
+    p.add_argument("--metrics-port", type=_port, default=9477, help="Prometheus port (0: any)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus address")
+    p.add_argument("--state-dir", default="./lrpilot-state", help="durable state (SQLite)")
+    p.add_argument(
+        "--job-ttl",
+        type=_duration,
+        default="24h",
+        metavar="DURATION",
+        help="silent jobs leave memory and metrics after this (kept on disk)",
+    )
+    p.add_argument("--max-jobs", type=int, default=10000, help="jobs in memory at most")
+    p.add_argument(
+        "--worker-timeout",
+        type=_duration,
+        default="10m",
+        metavar="DURATION",
+        help="a rank not heard from this long is no longer a worker",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log"
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line, time in RFC 3339 UTC",
+    )
+    p.add_argument(
+        "--curve-secret-key", metavar="F", help="server certificate (lrpilot keygen); enables CURVE"
+    )
+    p.add_argument(
+        "--curve-authorized-dir", metavar="D", help="client public keys (.key) allowed in"
+    )
     p.set_defaults(handler=cmd_serve)
 
     admin = argparse.ArgumentParser(add_help=False)
@@ -490,7 +528,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.admin = default_admin()
     handler: Handler = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except BrokenPipeError:  # `lrpilot simulate --json | head`: the reader is gone, quietly
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

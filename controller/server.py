@@ -48,7 +48,7 @@ from .reload import Loaded, PolicyLoader
 from .store import Store, rfc3339
 from .transitions import Outgoing
 
-__all__ = ["ServeConfig", "Server", "parse_ready_line", "serve"]
+__all__ = ["BindError", "ServeConfig", "Server", "parse_ready_line", "serve"]
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -58,6 +58,17 @@ _DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
+
+
+class BindError(OSError):
+    """An endpoint or port the controller cannot bind; the message names it and the flag."""
+
+
+def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise BindError(f"cannot bind {endpoint} ({flag}): {exc}") from None
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -164,7 +175,14 @@ class Server:
             self._wakeup = self.ctx.socket(zmq.PULL)
             self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
             if config.metrics_port is not None:
-                self._http = self.metrics.serve(config.metrics_port, config.metrics_host)
+                host, port = config.metrics_host, config.metrics_port
+                try:
+                    self._http = self.metrics.serve(port, host)
+                except OSError as exc:
+                    raise BindError(
+                        f"cannot serve metrics on {host}:{port} (--metrics-port): "
+                        f"{exc.strerror or exc}"
+                    ) from None
         except Exception:
             self.close()
             raise
@@ -207,8 +225,8 @@ class Server:
             self.authorizer = Authorizer(self.config.curve_authorized_dir or ".")
             self._curve_server(sock)
         try:
-            sock.bind(self.config.bind)
-        except zmq.ZMQError:
+            _bind(sock, self.config.bind, "--bind")
+        except BindError:
             sock.close(linger=0)
             raise
         return sock
@@ -219,12 +237,12 @@ class Server:
         if endpoint.startswith("ipc://"):
             old = os.umask(0o077)
             try:
-                self.admin.bind(endpoint)
+                _bind(self.admin, endpoint, "--admin-bind")
             finally:
                 os.umask(old)
             os.chmod(endpoint.removeprefix("ipc://"), 0o600)
             return
-        self.admin.bind(endpoint)
+        _bind(self.admin, endpoint, "--admin-bind")
         if self.authorizer is None:
             log.warning(
                 "admin socket %s: any local user can steer jobs; on a shared machine use "
@@ -660,13 +678,16 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     try:
         server = Server(config, policies)
     except (StateDirLocked, StoreCorrupt) as exc:
-        print(f"lrpilot serve: {exc}", file=sys.stderr)
+        log.error("lrpilot serve: %s", exc)
+        return 1
+    except BindError as exc:
+        log.error("lrpilot serve: %s", exc)
         return 1
     except zmq.ZMQError as exc:
-        print(f"lrpilot serve: cannot bind: {exc}", file=sys.stderr)
+        log.error("lrpilot serve: cannot bind: %s", exc)
         return 1
     except OSError as exc:
-        print(f"lrpilot serve: cannot start: {exc}", file=sys.stderr)
+        log.error("lrpilot serve: cannot start: %s", exc)
         return 1
     server.install_signal_handlers()
     print(server.ready_line(), flush=True)

@@ -173,3 +173,21 @@ def test_admin_errors_never_pass_for_results(controller_factory: Factory) -> Non
     assert "Traceback" not in out.stderr
     out = run_cli("set-lr", "known", "0.1", "--for", "1h", "--epochs", "2", "--admin", c.admin)
     assert out.returncode == 2 and "not allowed with" in out.stderr
+
+
+def test_a_closed_pipe_ends_the_output_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    csv = tmp_path / "long.csv"
+    csv.write_text("epoch,val_loss\n" + "".join(f"{e},{1.0 / (e + 1)}\n" for e in range(20000)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrpilot.controller.cli", "simulate", "--job", "x", "--json",
+         "--metrics", str(csv)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(10)  # `| head -c 10`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 0 and "Traceback" not in err and "BrokenPipe" not in err

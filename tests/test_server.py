@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import time
@@ -452,7 +454,27 @@ def test_bind_failure_exits_1(controller_factory: Factory, tmp_path: Path) -> No
         "--state-dir",
         str(tmp_path / "other"),
     )
-    assert out.returncode == 1 and "cannot bind" in out.stderr
+    assert out.returncode == 1 and f"cannot bind {c.bind} (--bind)" in out.stderr
+    busy = c.metrics.split("//")[1].split("/")[0]  # host:port of the running one's metrics
+    out = run_cli(
+        "serve",
+        "--bind",
+        "tcp://127.0.0.1:0",
+        "--admin-bind",
+        "tcp://127.0.0.1:0",
+        "--metrics-host",
+        busy.split(":")[0],
+        "--metrics-port",
+        busy.split(":")[1],
+        "--state-dir",
+        str(tmp_path / "third"),
+        "--log-format",
+        "json",
+    )
+    assert out.returncode == 1
+    line = json.loads(out.stderr.strip().splitlines()[-1])  # startup errors are JSON too
+    assert f"cannot serve metrics on {busy} (--metrics-port)" in line["message"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
 
 
 def test_store_is_sqlite_wal(controller_factory: Factory) -> None:
