@@ -157,6 +157,7 @@ _JOB_FAMILIES = (
     ),
     ("lrpilot_range_test_suggested_lr", "gauge", "LR suggested by a range test"),
     ("lrpilot_last_report_timestamp_seconds", "gauge", "Unix time of the job's last report"),
+    ("lrpilot_job_finished", "gauge", "1 when every worker of the job said bye (a normal end)"),
 )
 
 
@@ -249,6 +250,7 @@ def _job_lines(job: JobState, c: Counters | None) -> tuple[str, ...]:
         late,
         "",  # lrpilot_range_test_suggested_lr
         last,
+        f"lrpilot_job_finished{j}{'1.0' if job.sessions.finished() else '0.0'}\n",
     )
 
 

@@ -80,5 +80,9 @@ class Sessions:
     def live(self, now: float, timeout: float) -> list[Worker]:
         return [w for w in self.workers.values() if w.live(now, timeout)]
 
+    def finished(self) -> bool:
+        """Every rank that said hello has said bye: the job ended normally."""
+        return bool(self.workers) and all(w.gone for w in self.workers.values())
+
     def last_heard(self) -> float:
         return max((w.last_seen for w in self.workers.values() if not w.gone), default=0.0)

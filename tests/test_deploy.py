@@ -401,9 +401,19 @@ def test_grafana_datasource_has_the_fixed_uid_the_dashboard_uses() -> None:
             for value in node:
                 yield from refs(value)
 
+    # Every query goes through the `datasource` variable (so the JSON imports into any
+    # Grafana: an input asks for the Prometheus); provisioned, it defaults to the fixed uid.
     used = [r for r in refs(dashboard()) if r.get("type") != "grafana"]
     assert used, "the dashboard names no datasource"
-    assert {(r.get("type"), r.get("uid")) for r in used} == {("prometheus", source["uid"])}
+    assert {(r.get("type"), r.get("uid")) for r in used} == {("prometheus", "${datasource}")}
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    ds = variables["datasource"]
+    assert (ds["type"], ds["query"], ds["current"]["value"]) == (
+        "datasource",
+        "prometheus",
+        source["uid"],
+    )
+    assert [i["pluginId"] for i in dashboard()["__inputs"]] == ["prometheus"]
 
 
 def test_dashboard_has_the_training_job_variable() -> None:

@@ -102,8 +102,19 @@ def dashboard_targets() -> list[tuple[str, dict[str, Any]]]:
 
 
 def dashboard_variables() -> list[dict[str, Any]]:
+    """The query variables (the `datasource` variable picks Prometheus, it queries nothing)."""
     board = json.loads(DASHBOARD.read_text())
-    return list(board.get("templating", {}).get("list", []))
+    return [v for v in board.get("templating", {}).get("list", []) if v.get("type") != "datasource"]
+
+
+def dashboard_annotations() -> list[tuple[str, dict[str, Any]]]:
+    """(name, annotation) for every annotation that runs a PromQL query."""
+    board = json.loads(DASHBOARD.read_text())
+    return [
+        (f"annotation {a.get('name')!r}", a)
+        for a in board.get("annotations", {}).get("list", [])
+        if a.get("expr")
+    ]
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -391,6 +402,12 @@ def verify_queries(prom: Prometheus, c: Controller) -> dict[str, int]:
 
     targets = dashboard_targets()
     assert targets, "the dashboard has no queries"
+    annotations = dashboard_annotations()
+    assert annotations, "the dashboard marks no overrides or reloads"
+    for where, target in annotations:  # events: no data is fine, a failing query is not
+        prom.query(expand(target["expr"]))
+        named.update(dict.fromkeys(metric_names(target["expr"]), where))
+        verified["annotation queries"] = verified.get("annotation queries", 0) + 1
     for where, target in targets:
         assert target.get("expr"), f"{where}: a target without a PromQL expr"
         expr = expand(target["expr"])
@@ -425,3 +442,51 @@ def verify_queries(prom: Prometheus, c: Controller) -> dict[str, int]:
     unstored = {name: where for name, where in named.items() if name not in stored}
     assert not unstored, f"not stored by Prometheus: {unstored}"
     return verified
+
+
+def test_the_stale_alert_fires_for_stalled_jobs_not_finished_ones(
+    promtool: str, tmp_path: Path
+) -> None:
+    """promtool's rule unit test: two jobs stop reporting at t=0; the one whose workers all
+    said bye (lrpilot_job_finished 1) finished normally and must not page anyone."""
+    tests = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'lrpilot_last_report_timestamp_seconds{{training_job="{j}"}}',
+                        "values": "0x60",
+                    }
+                    for j in ("stalled", "done")
+                ]
+                + [
+                    {"series": 'lrpilot_job_finished{training_job="stalled"}', "values": "0x60"},
+                    {"series": 'lrpilot_job_finished{training_job="done"}', "values": "1x60"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "40m",
+                        "alertname": "LrpilotJobStale",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "info", "training_job": "stalled"},
+                                "exp_annotations": {
+                                    "summary": "Training job stalled stopped reporting",
+                                    "description": "No report from stalled for 40m 0s.",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "stale-test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
