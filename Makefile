@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench fuzz clean prometheus modules
+.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus modules
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ fuzz: modules
 
 bench: modules
 	$(PY) bench/run.py
+
+# A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl).
+dist: $(STAMP)
+	$(PY) -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -21,6 +21,16 @@ __all__ = ["main"]
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -208,6 +218,16 @@ def _fmt(value: object, spec: str = ".6g") -> str:
     return str(value)
 
 
+def _lr(value: object) -> str:
+    """An LR as people write them: 0.1, 0.005, 3e-04, 2.5e-05."""
+    if not isinstance(value, float | int) or isinstance(value, bool):
+        return "-"
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return format(value, ".4g")
+    mantissa, exponent = format(value, ".3e").split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+
+
 def _override_note(o: dict[str, Any] | None) -> str:
     if not o:
         return ""
@@ -226,7 +246,37 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(status_table(jobs))
         return 0
 
+    if args.watch is not None:
+        return _watch(args)
     return _with_admin(args, run)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """`status --watch`: the table redrawn in place every SECONDS until Ctrl-C."""
+    import time
+
+    from .admin import Admin
+    from .errors import AdminError, NoAnswer
+
+    try:
+        admin = Admin(args.admin)
+    except ValueError as exc:
+        print(f"lrpilot status: {exc}", file=sys.stderr)
+        return 1
+    try:
+        while True:
+            try:
+                body = status_table(admin.status())
+            except (NoAnswer, AdminError) as exc:  # keep watching: it may come back
+                body = f"(no answer: {exc})"
+            stamp = time.strftime("%H:%M:%S")
+            header = f"lrpilot status at {admin.endpoint}, every {args.watch:g} s, {stamp}"
+            sys.stdout.write(f"\x1b[H\x1b[2J{header} (Ctrl-C to stop)\n\n{body}\n")
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 0
 
 
 def status_table(jobs: list[dict[str, Any]]) -> str:
@@ -254,10 +304,10 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
                 j["job"],
                 _fmt(j["workers"]),
                 _fmt(j["epoch"]),
-                _fmt(j["lr"]),
+                _lr(j["lr"]),
                 _fmt(j["monitor"]),
-                _fmt(j["value"]),
-                _fmt(j["best"]),
+                _fmt(j["value"], ".4g"),
+                _fmt(j["best"], ".4g"),
                 wait,
                 _fmt(j["policy"]),
                 _fmt(j["phase"]),
@@ -333,6 +383,40 @@ def cmd_forget(args: argparse.Namespace) -> int:
         return 0
 
     return _with_admin(args, run)
+
+
+def _examples() -> dict[str, Any]:
+    """The example policies shipped with lrpilot (also in a wheel install), by name."""
+    from importlib.resources import files
+
+    folder = files("lrpilot.policies")
+    return {p.name.removesuffix(".yaml"): p for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    examples = _examples()
+    if args.example not in examples:
+        print(
+            f"lrpilot init: no example {args.example!r}; one of: {', '.join(sorted(examples))}",
+            file=sys.stderr,
+        )
+        return 2
+    target = Path(args.file)
+    if target.exists():
+        print(f"lrpilot init: {target} exists; not overwritten", file=sys.stderr)
+        return 2
+    target.write_text(examples[args.example].read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"wrote {target} (from {args.example}); check it: lrpilot check {target}")
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -457,7 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("status", parents=[admin], help="live jobs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="a list of objects, one per job")
+    p.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw the table in place every SECONDS (default 2) until Ctrl-C",
+    )
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser(
@@ -513,9 +605,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(handler=cmd_keygen)
 
-    p = sub.add_parser("demo", help="a controller driving a short real Keras training")
-    p.add_argument("--epochs", type=int, default=45)
-    p.add_argument("--policy", metavar="FILE", help="policy file (default: a demo plateau policy)")
+    p = sub.add_parser(
+        "init",
+        help="write a commented starter policy",
+        description="Write a commented starter policy (or one of the example policies).",
+    )
+    p.add_argument("file", nargs="?", default="lrpilot-policy.yaml", metavar="FILE")
+    p.add_argument(
+        "--example",
+        default="starter",
+        metavar="NAME",
+        help="an example policy instead: default, warmup-plateau, step-decay, per-job, ...",
+    )
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser("completion", help="print a shell completion script")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(handler=cmd_completion)
+
+    p = sub.add_parser(
+        "demo",
+        help="a controller driving a short real Keras training",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--epochs", type=int, default=45, help="epochs of the demo training")
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="policy file (none: the embedded default, ReduceLROnPlateau: factor 0.1, patience 10)",
+    )
     p.set_defaults(handler=cmd_demo)
     return parser
 

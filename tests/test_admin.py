@@ -191,3 +191,86 @@ def test_a_closed_pipe_ends_the_output_quietly(tmp_path: Path) -> None:
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_init_writes_a_starter_that_passes_check_and_never_overwrites(tmp_path: Path) -> None:
+    target = tmp_path / "lrpilot-policy.yaml"
+    out = run_cli("init", cwd=tmp_path)
+    assert out.returncode == 0 and target.is_file(), out.stderr
+    assert run_cli("check", str(target)).stdout.strip() == f"{target}: ok"
+    assert "#" in target.read_text()  # commented
+    before = target.read_text()
+    again = run_cli("init", cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr and target.read_text() == before
+    other = tmp_path / "warm.yaml"
+    assert run_cli("init", str(other), "--example", "warmup-plateau").returncode == 0
+    assert "warmup" in other.read_text()
+    unknown = run_cli("init", str(tmp_path / "x.yaml"), "--example", "nope")
+    assert unknown.returncode == 2 and "warmup-plateau" in unknown.stderr
+
+
+def test_completion_scripts_complete_the_subcommands(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    bash = run_cli("completion", "bash")
+    assert bash.returncode == 0 and "set-lr" in bash.stdout and "--watch" in bash.stdout
+    zsh = run_cli("completion", "zsh")
+    assert zsh.returncode == 0 and "#compdef lrpilot" in zsh.stdout
+    if shutil.which("bash"):  # the script loads and completes `lrpilot st<TAB>`
+        script = tmp_path / "lrpilot.bash"
+        script.write_text(bash.stdout)
+        probe = (
+            f"source {script}; COMP_WORDS=(lrpilot st); COMP_CWORD=1; "
+            "_shtab_lrpilot 2>/dev/null || true; printf '%s\\n' \"${COMPREPLY[@]}\""
+        )
+        done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=30)
+        assert "status" in done.stdout.split(), done.stdout + done.stderr
+
+
+def test_status_watch_redraws_until_ctrl_c(controller_factory: Factory) -> None:
+    import os
+    import pty
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    c = controller_factory(STEP)
+    w = Wire(c.bind, "watched")
+    w.hello()
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lrpilot.controller.cli", "status", "--watch", "0.2",
+         "--admin", c.admin],
+        stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True,
+    )  # fmt: skip
+    os.close(secondary)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while seen.count(b"\x1b[2J") < 3 and time.monotonic() < deadline:
+            import select
+
+            if select.select([primary], [], [], 1.0)[0]:
+                seen += os.read(primary, 65536)
+        assert seen.count(b"\x1b[2J") >= 3, seen  # redrawn in place, again and again
+        assert b"watched" in seen and b"every 0.2 s" in seen
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(primary)
+        w.close()
+
+
+def test_status_prints_lrs_as_the_readme_shows(controller_factory: Factory) -> None:
+    c = controller_factory("version: 1\ndefaults:\n  policy: {type: plateau, patience: 3}\n")
+    w = Wire(c.bind, "fmt")
+    w.hello(lr=3e-4)
+    w.report(0, {"val_loss": 0.41213})
+    table = run_cli("status", "--admin", c.admin).stdout
+    assert "3e-04" in table and "0.4121" in table, table
+    w.close()

@@ -34,6 +34,8 @@ def test_wheel_installs_and_lrpilot_runs(tmp_path: Path) -> None:
     assert not any(n.startswith("lrpilot/__init__") for n in names)  # implicit namespace
     packaged = zipfile.ZipFile(wheel).read("lrpilot/controller/default_policy.yaml")
     assert packaged == (ROOT / "policies" / "default.yaml").read_bytes()
+    for example in (ROOT / "policies").glob("*.yaml"):  # lrpilot init --example finds them
+        assert f"lrpilot/policies/{example.name}" in names, example.name
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False, system_site_packages=False)
@@ -56,6 +58,27 @@ def test_wheel_installs_and_lrpilot_runs(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "simulate" in out.stdout and "check" in out.stdout
+    # The examples come out of the installed package, not a checkout.
+    init = subprocess.run(
+        [
+            str(py),
+            "-c",
+            "import sys; from lrpilot.controller.cli import main; sys.exit(main())",
+            "init",
+            str(tmp_path / "mine.yaml"),
+            "--example",
+            "warmup-plateau",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert init.returncode == 0, init.stderr
+    assert (tmp_path / "mine.yaml").read_bytes() == (
+        ROOT / "policies" / "warmup-plateau.yaml"
+    ).read_bytes()
     entry = (
         zipfile.ZipFile(wheel)
         .read(next(n for n in names if n.endswith("entry_points.txt")))
