@@ -28,6 +28,11 @@ def _current_lr(optimizer: Any) -> float:
     return value
 
 
+def _iterations(optimizer: Any) -> int:
+    """The optimizer's step count (a device read)."""
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
 def _flatten(nested: Any) -> list[Any]:
     if isinstance(nested, dict):
         return [x for value in nested.values() for x in _flatten(value)]
@@ -94,7 +99,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         verbose: 1 prints each LR change, like Keras' own LR callbacks.
         unit: `"epoch"`, or `"step"` for policies with `unit: step`: then it reports every
             `report_every` optimizer steps without waiting and applies decisions from the
-            next step.
+            next step. It counts the steps itself (`optimizer.iterations` is read once, at
+            the start of `fit`) and assigns the optimizer's LR only when it changes.
         report_every: with `unit="step"`, report every this many steps.
 
     Raises:
@@ -133,6 +139,14 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.client: Client | None = None
         self._epoch = 0
         self._lr = 0.0  # the LR last set on (or read from) the optimizer
+        # With unit="step" the callback counts optimizer steps itself: `optimizer.iterations`
+        # is read once, at the hello (each read converts a variable, a device round trip).
+        self._step = 0  # the next step to run
+        self._epoch_start = 0  # the step the current epoch started at
+        if unit == "step":
+            # Keras dispatches batch ends asynchronously unless a callback overrides them;
+            # only step mode needs them, so only step mode has them.
+            self.on_train_batch_end = self._on_step_end
 
     # -- fit -------------------------------------------------------------------------------
 
@@ -161,7 +175,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch = epoch
         optimizer = self.model.optimizer
-        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        if self.client is None or self.unit == "epoch":
+            self._step = _iterations(optimizer)
         if self.client is None:  # the first epoch of this fit: hello from here
             self._lr = _current_lr(optimizer)
             self.client = Client(
@@ -170,13 +185,14 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 initial_lr=self._lr,
                 start_epoch=epoch,
                 timeout=self.timeout,
-                start_step=step,
+                start_step=self._step,
                 framework="keras",
                 directions=_directions(self.model),
             )
             lr = self.client.lr
         else:
-            lr = self.client.poll(epoch=epoch, step=step)
+            lr = self.client.poll(epoch=epoch, step=self._step)
+        self._epoch_start = self._step
         self._set_lr(epoch, lr, "setting")
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -187,7 +203,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             metrics = {k: v for k, v in scalar_metrics(logs).items() if k != "learning_rate"}
             new_lr = self.client.report(epoch, metrics)
         else:
-            new_lr = self.client.poll(step=self._step())
+            new_lr = self.client.poll(step=self._step)
         if logs is not None:
             logs["learning_rate"] = used
         self._set_lr(epoch, new_lr, "reducing" if new_lr < used else "raising")
@@ -196,23 +212,25 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     # -- steps (unit="step") ---------------------------------------------------------------
 
-    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self.unit == "step" and self.client is not None:
-            self._set_lr(self._epoch, self.client.poll(step=self._step()), "setting", quiet=True)
-
-    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self.unit != "step" or self.client is None:
+    def _on_step_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """`on_train_batch_end` in step mode: report every `report_every` steps, and set the
+        LR decided for the next step, if it changed. `batch` is the epoch's last batch done
+        (with `steps_per_execution` > 1 Keras calls this once per execution)."""
+        client = self.client
+        if client is None:
             return
-        step = self._step() - 1  # the update just made, 0-based
-        if (step + 1) % self.report_every == 0:
-            self.client.report(self._epoch, scalar_metrics(logs), step=step, wait=False)
-            if self.client.stop_requested:
-                self.model.stop_training = True
+        step = self._epoch_start + batch  # the update just made, 0-based
+        done_before, self._step = self._step, step + 1
+        if self._step // self.report_every > done_before // self.report_every:
+            lr = client.report(self._epoch, scalar_metrics(logs), step=step, wait=False)
+        else:
+            lr = client.poll(step=self._step)
+        if lr != self._lr:
+            self._set_lr(self._epoch, lr, "setting", quiet=True)
+        if client.stop_requested:
+            self.model.stop_training = True
 
     # -- helpers ---------------------------------------------------------------------------
-
-    def _step(self) -> int:
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def _set_lr(self, epoch: int, lr: float, verb: str, quiet: bool = False) -> None:
         if lr == self._lr:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 np = pytest.importorskip("numpy")
 
+from conftest import Controller, run_cli  # noqa: E402
 from test_client import ScriptedPeer, free_endpoint  # noqa: E402
 
 from lrpilot.client.keras import LRPilotCallback  # noqa: E402
@@ -163,3 +165,62 @@ def test_a_second_fit_says_hello_again_with_a_new_session(peer: ScriptedPeer) ->
     assert first.session != second.session
     assert second.start_epoch == 0 and second.start_step == 6  # 3 steps per epoch so far
     assert first.directions == second.directions
+
+
+class CountingSGD(keras.optimizers.SGD):  # type: ignore[misc]
+    """A real SGD that counts reads of `iterations` and assignments of `learning_rate`."""
+
+    reads = 0
+    sets = 0
+
+    @property
+    def iterations(self) -> Any:
+        CountingSGD.reads += 1
+        return super().iterations
+
+    @property
+    def learning_rate(self) -> Any:
+        return super().learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        CountingSGD.sets += 1
+        keras.optimizers.SGD.learning_rate.fset(self, value)
+
+
+def test_unit_step_reads_the_step_count_once_and_sets_the_lr_only_when_it_changes(
+    peer: ScriptedPeer,
+) -> None:
+    peer.lr = 0.25  # exact in float32, as the optimizer holds it: no set for the same LR
+    peer.decide = lambda r: 0.125 if r.step is not None and r.step >= 15 else None
+    model = make_model(CountingSGD(learning_rate=0.25))
+    fit(model, keras.callbacks.Callback(), epochs=1)  # builds and traces the model
+    CountingSGD.reads = CountingSGD.sets = 0
+    fit(model, keras.callbacks.Callback(), epochs=3)
+    by_keras = CountingSGD.reads  # what fit itself reads
+    CountingSGD.reads = CountingSGD.sets = 0
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint, unit="step")
+    history = fit(model, callback, epochs=3)  # 9 more steps, each reported
+    assert [r.step for r in peer.of_type(Report)] == list(range(12, 21))  # counted from 12
+    assert CountingSGD.reads == by_keras + 1  # once, for the hello
+    assert CountingSGD.sets == 1  # the one change, 0.25 -> 0.125
+    assert history.history["learning_rate"][-1] == pytest.approx(0.125)
+
+
+def test_unit_step_against_a_real_controller_decides_every_step(
+    controller_factory: Callable[..., Controller],
+) -> None:
+    c = controller_factory(
+        "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 4, unit: step}\n"
+    )
+    model = make_model(keras.optimizers.SGD(learning_rate=0.25))
+    callback = LRPilotCallback(job="steps", endpoint=c.bind, unit="step")
+    fit(model, callback, epochs=3)  # 9 steps; the end of fit waits for the last answers
+    assert c.metric("lrpilot_reports_total", training_job="steps") == 9
+    out = run_cli("history", "steps", "--json", "--admin", c.admin)
+    assert out.returncode == 0, out.stderr
+    changes = [
+        (r["epoch"], r["new_lr"]) for r in json.loads(out.stdout) if r["reason"] != "initial"
+    ]
+    assert changes == [(4, pytest.approx(0.125)), (8, pytest.approx(0.0625))]  # from steps 4, 8
+    assert callback.client is None

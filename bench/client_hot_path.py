@@ -1,0 +1,410 @@
+"""The client's hot path: `Client.report` in step mode, and the Keras step-mode callback.
+
+    .venv/bin/python bench/client_hot_path.py [--quick] [--no-record]
+
+Against a real `lrpilot serve` with a `unit: step` policy, each figure next to a baseline
+measured in the same run:
+
+- `Client.report(epoch, metrics, step=s, wait=False)` per call (median and p99) in a tight
+  loop, vs a raw msgpack pack + NOBLOCK send of the same report on a bare DEALER;
+- reports dropped at 1 report/ms: what the controller counted (`lrpilot_reports_total`) vs
+  what was reported, and the client's own `stats["dropped"]`; the same for the tight loop;
+- the Keras per-batch cost of `LRPilotCallback(unit="step")` vs the same fit without a
+  callback, and vs a callback whose `on_train_batch_end` does nothing (Keras' own price for
+  a synchronous batch hook), plus the time spent inside the callback's batch hook.
+
+The figures are appended to bench/RESULTS.md (date, machine, versions) unless --no-record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from conftest import Controller  # noqa: E402
+
+from lrpilot.client import Client  # noqa: E402
+from lrpilot.client.protocol import Hello, encode  # noqa: E402
+
+POLICY = "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 500, unit: step}\n"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def raw_pack_send(endpoint: str, job: str, n: int) -> list[float]:
+    """Per-call µs of packing a report and sending it NOBLOCK on a DEALER that said hello."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    session = os.urandom(16)
+    sock.setsockopt(zmq.ROUTING_ID, session)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)  # never Again: the figure is the cost of pack + send
+    sock.connect(endpoint)
+    sock.send(encode(Hello(job, 0, 1, session, 0.1, 0).to_wire()))
+    sock.poll(5000)
+    times = []
+    clock, packb, noblock = time.perf_counter_ns, msgpack.packb, zmq.NOBLOCK
+    for s in range(n):
+        t0 = clock()
+        message = {
+            "t": "report",
+            "job": job,
+            "rank": 0,
+            "session": session,
+            "seq": s + 1,
+            "epoch": 0,
+            "step": s,
+            "metrics": {"loss": 1.0 / (s + 1)},
+            "lr": 0.1,
+        }
+        sock.send(packb(message, use_bin_type=True), noblock)
+        times.append((clock() - t0) / 1000)
+    sock.close(0)
+    ctx.term()
+    return times
+
+
+def client_reports(endpoint: str, job: str, n: int) -> tuple[list[float], Client]:
+    """Per-call µs of `Client.report` in step mode, tight loop; the client, still open."""
+    client = Client(endpoint, job=job, initial_lr=0.1, rank=0, world=1)
+    times = []
+    clock, report = time.perf_counter_ns, client.report
+    for s in range(n):
+        t0 = clock()
+        report(0, {"loss": 1.0 / (s + 1)}, step=s, wait=False)
+        times.append((clock() - t0) / 1000)
+    return times, client
+
+
+def paced_reports(endpoint: str, job: str, n: int) -> Client:
+    """One report per millisecond, as a fast training loop would send them."""
+    client = Client(endpoint, job=job, initial_lr=0.1, rank=0, world=1)
+    start = time.perf_counter()
+    for s in range(n):
+        due = start + s / 1000
+        while (left := due - time.perf_counter()) > 0:
+            if left > 3e-4:
+                time.sleep(left - 2e-4)
+        client.report(0, {"loss": 1.0 / (s + 1)}, step=s, wait=False)
+    return client
+
+
+def reached(c: Controller, job: str, expected: int, client: Client) -> float:
+    """The controller's count of decided reports of `job`, once the client is answered."""
+    client.flush(timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        count = float(c.metric("lrpilot_reports_total", training_job=job))
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        client.poll()
+
+
+# A peer that answers every message as the controller would, at the least CPU cost: with it,
+# what the callback adds is the client's own cost, not the controller's sharing the cores.
+STAND_IN = """
+import msgpack, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+while True:
+    identity, frame = sock.recv_multipart()
+    m = msgpack.unpackb(frame, raw=False)
+    if m["t"] == "bye":
+        continue
+    report = m["t"] == "report"
+    sock.send_multipart([identity, msgpack.packb({
+        "t": "lr", "job": m["job"], "lr": m["lr"], "version": 1, "run": 1,
+        "seq": m["seq"] if report else None, "apply_from_epoch": None,
+        "apply_from_step": m["step"] + 1 if report else m["start_step"],
+        "reason": "unchanged" if report else "initial"}, use_bin_type=True)])
+"""
+
+
+def keras_per_batch(c: Controller, epochs: int, rounds: int) -> dict[str, float]:
+    """µs per batch of the same fit: no callback, an empty batch hook, LRPilotCallback against
+    the controller and against a minimal stand-in."""
+    import keras
+    import numpy as np
+
+    from lrpilot.client.keras import LRPilotCallback
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, 8)).astype("float32")
+    y = rng.normal(size=(2048, 1)).astype("float32")
+    batch_size = 8
+    batches = epochs * len(x) // batch_size
+
+    class EmptyHook(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, batch: int, logs: object = None) -> None:
+            pass
+
+    class Timed(LRPilotCallback):  # type: ignore[misc]
+        spent = 0.0
+        calls = 0
+
+        def _on_step_end(self, batch: int, logs: Any = None) -> None:
+            t0 = time.perf_counter()
+            super()._on_step_end(batch, logs)
+            Timed.spent += time.perf_counter() - t0
+            Timed.calls += 1
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0)  # trace outside the timing
+
+    def fit(callbacks: list[Any]) -> float:
+        model.optimizer.learning_rate = 0.01
+        t0 = time.perf_counter()
+        model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=callbacks)
+        return (time.perf_counter() - t0) / batches * 1e6
+
+    assert c.proc is not None
+    pid = c.proc.pid
+    stand_in = subprocess.Popen([sys.executable, "-c", STAND_IN], stdout=subprocess.PIPE, text=True)
+    assert stand_in.stdout is not None
+    stand_in_endpoint = f"tcp://127.0.0.1:{int(stand_in.stdout.readline())}"
+    names = ("none", "empty", "pilot", "stand_in", "controller", "stand_in_cpu")
+    runs: dict[str, list[float]] = {name: [] for name in names}
+
+    def variant(name: str, i: int) -> None:
+        if name == "none":
+            runs[name].append(fit([]))
+        elif name == "empty":
+            runs[name].append(fit([EmptyHook()]))
+        elif name == "pilot":
+            before = cpu_seconds(pid)
+            runs[name].append(fit([Timed(job=f"bench-keras-{i}", endpoint=c.bind, unit="step")]))
+            runs["controller"].append((cpu_seconds(pid) - before) / batches * 1e6)
+        else:
+            alone = LRPilotCallback(job=f"bench-{i}", endpoint=stand_in_endpoint, unit="step")
+            before = cpu_seconds(stand_in.pid)
+            runs[name].append(fit([alone]))
+            runs["stand_in_cpu"].append((cpu_seconds(stand_in.pid) - before) / batches * 1e6)
+
+    order = ["none", "empty", "pilot", "stand_in"]
+    try:
+        # Short fits, interleaved, in a rotating order: the load of a shared machine drifts
+        # over seconds, and so hits every variant alike.
+        for i in range(rounds):
+            for name in order[i % 4 :] + order[: i % 4]:
+                variant(name, i)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    out = {name: statistics.median(values) for name, values in runs.items()}
+
+    def extra(name: str, base: str) -> float:
+        # From the differences within each round: robust to a load that changes between them.
+        return statistics.median(a - b for a, b in zip(runs[name], runs[base], strict=True))
+
+    out["extra"], out["own"] = extra("pilot", "none"), extra("pilot", "empty")
+    out["alone"] = extra("stand_in", "none")
+    out["inside"] = Timed.spent / max(1, Timed.calls) * 1e6
+    out["batches"] = batches
+    return out
+
+
+def git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def context(started_load: str) -> list[str]:
+    """The lines that say where and on what the figures were measured."""
+    model = platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    found = [f"Python {platform.python_version()}"]
+    found.append(f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})")
+    for dist in ("msgpack", "keras", "tensorflow", "tensorflow-cpu", "lrpilot"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+    head = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--", "client")
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"machine: {os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}",
+        f"versions: {', '.join(found)}",
+        f"code measured: commit {head[:12]}"
+        + (" + uncommitted changes in client/" if dirty else ""),
+        f"load average (1/5/15 min) at the start {started_load}, at the end {load} (the "
+        "controller, and other work on the machine, share its cores with the client)",
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+Row = tuple[str, str, str, str, str]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer reports and batches")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    n = 2000 if args.quick else 5000
+    paced = 2000 if args.quick else 5000
+    started = time.monotonic()
+    started_load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    rows: list[Row] = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = Path(tmp) / "policy.yaml"
+        policy.write_text(POLICY)
+        c = Controller(Path(tmp) / "state", policy).start()
+        try:
+            rows += tight_loop(c, n)
+            rows += one_per_millisecond(c, paced)
+            try:
+                import keras  # noqa: F401
+            except ImportError:
+                print("Keras not installed: skipped the callback figure")
+            else:
+                rows += keras_rows(c, quick=args.quick)
+        finally:
+            c.stop()
+
+    for row in rows:
+        print(" | ".join(row))
+    if not args.no_record:
+        argv = " ".join(sys.argv[1:])
+        run = f"run: `bench/client_hot_path.py{' ' + argv if argv else ''}`"
+        record(rows, [*context(started_load), f"{run}, {time.monotonic() - started:.0f} s"])
+    return 0
+
+
+def tight_loop(c: Controller, n: int) -> list[Row]:
+    raw: list[float] = []
+    ours: list[float] = []
+    decided = dropped = 0.0
+    for i in range(3):  # interleaved with the baseline
+        raw += raw_pack_send(c.bind, f"bench-raw-{i}", n)
+        times, client = client_reports(c.bind, f"bench-tight-{i}", n)
+        ours += times
+        decided += reached(c, f"bench-tight-{i}", n, client)
+        dropped += client.stats["dropped"]
+        client.close()
+    med, raw_med = statistics.median(ours), statistics.median(raw)
+    p99, raw_p99 = percentile(ours, 0.99), percentile(raw, 0.99)
+    mean, raw_mean = statistics.mean(ours), statistics.mean(raw)
+    return [
+        (
+            f"`Client.report(..., step=s, wait=False)` per call, tight loop of 3 × {n}",
+            f"median {med:.2f} µs, p99 {p99:.2f} µs, mean {mean:.2f} µs",
+            f"raw msgpack pack + NOBLOCK send: median {raw_med:.2f} µs, p99 {raw_p99:.2f} µs, "
+            f"mean {raw_mean:.2f} µs",
+            f"{med / raw_med:.2f} (mean {mean / raw_mean:.2f})",
+            "≤ 10 µs median: " + ("met" if med <= 10 else "NOT met"),
+        ),
+        (
+            "reports of that tight loop decided by the controller",
+            f"{int(decided)} (client `dropped` {int(dropped)})",
+            f"{3 * n} reported",
+            f"{decided / (3 * n):.3f}",
+            "none lost: " + ("met" if decided == 3 * n and not dropped else "NOT met"),
+        ),
+    ]
+
+
+def one_per_millisecond(c: Controller, paced: int) -> list[Row]:
+    client = paced_reports(c.bind, "bench-paced", paced)
+    decided = int(reached(c, "bench-paced", paced, client))
+    stats = dict(client.stats)
+    client.close()
+    lost = paced - decided
+    return [
+        (
+            f"reports dropped at 1 report/ms ({paced} reports)",
+            f"{lost} (controller decided {decided}; client `dropped` {stats['dropped']}, "
+            f"`backpressure` {stats['backpressure']}, `timeouts` {stats['timeouts']})",
+            f"{paced} reported",
+            f"{decided / paced:.3f}",
+            "0 dropped: " + ("met" if lost == 0 and stats["dropped"] == 0 else "NOT met"),
+        )
+    ]
+
+
+def keras_rows(c: Controller, quick: bool) -> list[Row]:
+    k = keras_per_batch(c, 1, 4 if quick else 16)
+    return [
+        (
+            "Keras `LRPilotCallback(unit='step')` against a minimal stand-in controller in its "
+            "own process (the client's own cost), extra per batch",
+            f"{k['alone']:+.1f} µs ({k['stand_in']:.0f} µs/batch); the stand-in's own CPU "
+            f"{k['stand_in_cpu']:.0f} µs/batch on the same cores",
+            f"no callback {k['none']:.0f} µs/batch",
+            f"{k['stand_in'] / k['none']:.3f}",
+            "≤ 30 µs: " + ("met" if k["alone"] <= 30 else "NOT met"),
+        ),
+        (
+            f"Keras `LRPilotCallback(unit='step')`, extra per batch ({int(k['batches'])} "
+            "batches a fit, median of the per-round differences)",
+            f"{k['extra']:+.1f} µs ({k['pilot']:.0f} µs/batch); inside its batch hook "
+            f"{k['inside']:.1f} µs; {k['own']:+.1f} µs over an empty batch hook; the "
+            f"controller's own CPU {k['controller']:.0f} µs/batch on the same cores",
+            f"no callback {k['none']:.0f} µs/batch; an empty `on_train_batch_end` "
+            f"{k['empty']:.0f} µs/batch",
+            f"{k['pilot'] / k['none']:.3f}",
+            "≤ 30 µs: " + ("met" if k["extra"] <= 30 else "NOT met"),
+        ),
+    ]
+
+
+def record(rows: list[Row], lines: list[str]) -> None:
+    """Appends one section to bench/RESULTS.md."""
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = [
+        "",
+        f"## {when} — client hot path (bench/client_hot_path.py)",
+        "",
+        *(f"- {line}" for line in lines),
+        "",
+        "| figure | value | baseline (same run) | ratio | goal (issue 8) |",
+        "|---|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+    ]
+    if not RESULTS.exists():
+        text[0:1] = [
+            "# Benchmark results",
+            "",
+            "Sections are appended by the scripts in bench/.",
+            "",
+        ]
+    with RESULTS.open("a") as out:
+        out.write("\n".join(text))
+    print(f"appended to {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
