@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .errors import ControllerUnavailable, LRPilotError
+
 if TYPE_CHECKING:
     from .core import Client
 
-__all__ = ["Client"]
+__all__ = ["Client", "ControllerUnavailable", "LRPilotError"]
 
 
 def __getattr__(name: str) -> Any:

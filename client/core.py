@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 
 from .env import curve_keys, default_endpoint, resolve_job, resolve_rank_world
-from .errors import ProtocolError
+from .errors import ControllerUnavailable, ProtocolError
 from .protocol import (
     MAX_INT,
     MAX_METRICS,
@@ -216,9 +216,12 @@ class Client:
         framework: told to the controller for its status (`keras`, `torch`, `python`).
         directions: `{metric: "min"|"max"}` for metrics whose direction a policy with
             `mode: auto` cannot guess from the name.
+        strict: True raises `ControllerUnavailable` when the hello gets no answer within
+            `timeout`, for those who would rather not train without the controller.
 
     Raises:
         ValueError: for bad arguments, with what to change (at construction only).
+        ControllerUnavailable: `strict=True` and no controller answered.
 
     Example:
 
@@ -243,8 +246,10 @@ class Client:
         start_step: int = 0,
         framework: str = "python",
         directions: Mapping[str, str] | None = None,
+        strict: bool = False,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
+        self.strict = bool(strict)
         self.job = resolve_job(job)
         self.rank, self.world = resolve_rank_world(rank, world)
         seconds = to_scalar(timeout)
@@ -306,6 +311,10 @@ class Client:
         self._next_turn = 0.0  # see _TURN_EVERY
         self._online = True
         self._warned: set[str] = set()
+        self._noticed: set[tuple[int, str]] = set()  # (run, code) of the notices logged
+        self._ever_heard = False
+        #: (code, message) of every notice logged, in order (adapters print new ones).
+        self.notices: list[tuple[str, str]] = []
         self._closed = False
 
         self._ctx: zmq.Context[Any] = zmq.Context()
@@ -337,6 +346,13 @@ class Client:
             self._await(lambda: self._hello_answered, deadline)
         else:
             self._go_offline(f"no connection within {self.timeout:g} s")
+        if self.strict and not self._hello_answered:
+            self._finalizer()
+            self._closed = True
+            raise ControllerUnavailable(
+                f"strict=True: the lrpilot controller at {self.endpoint} did not answer within "
+                f"{self.timeout:g} s (is `lrpilot serve` running there? LRPILOT_ENDPOINT?)"
+            )
         self._apply_due()
 
     # -- public ----------------------------------------------------------------------------
@@ -444,7 +460,14 @@ class Client:
             return
         if self._kept and self._online:
             self.flush()
-        if self.stats["dropped"]:
+        if not self._ever_heard:
+            logger.warning(
+                "lrpilot: the controller at %s was never reached; job %s trained at its own "
+                "learning rate (pass strict=True to fail instead)",
+                self.endpoint,
+                self.job,
+            )
+        elif self.stats["dropped"]:
             logger.warning(
                 "lrpilot dropped %d reports of job %s unanswered (more than %d were kept); "
                 "%d more were unanswered at close",
@@ -696,11 +719,14 @@ class Client:
 
     def _handle(self, message: ServerMessage) -> None:
         self._silent_since = None
+        self._ever_heard = True
         if not self._online:
             self._online = True
             logger.info("reconnected to the lrpilot controller at %s", self.endpoint)
         if isinstance(message, LrMessage):
             self.stats["replies"] += 1
+            if message.notices:
+                self._notice(message)
             if message.seq is None:
                 self._hello_answered = True  # or a push: either way the controller knows us
             else:
@@ -739,6 +765,16 @@ class Client:
         else:
             self._refused(message)
             self._answered(kept.seq)
+
+    def _notice(self, message: LrMessage) -> None:
+        """Controller notices: each code logged once per run, in this training process."""
+        for code, text in message.notices:
+            key = (message.run, code)
+            if key in self._noticed:
+                continue
+            self._noticed.add(key)
+            self.notices.append((code, text))
+            logger.warning("lrpilot controller, job %s: %s (%s)", self.job, text, code)
 
     def _refused(self, message: ErrorMessage) -> None:
         self._warn_once(

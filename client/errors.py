@@ -6,7 +6,7 @@ They live in the client package because the controller imports the client
 
 from __future__ import annotations
 
-__all__ = ["LRPilotError", "PolicyError", "ProtocolError", "SourceError"]
+__all__ = ["ControllerUnavailable", "LRPilotError", "PolicyError", "ProtocolError", "SourceError"]
 
 
 class LRPilotError(Exception):
@@ -64,3 +64,7 @@ class ProtocolError(LRPilotError):
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+
+class ControllerUnavailable(LRPilotError):
+    """`strict=True`: the controller did not answer the client's hello within `timeout`."""

@@ -96,12 +96,15 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         job: the job name; default `LRPILOT_JOB`.
         endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, an epoch end waits for the controller.
-        verbose: 1 prints each LR change, like Keras' own LR callbacks.
+        verbose: 1 prints each LR change, like Keras' own LR callbacks, and the controller's
+            notices (they are logged at WARNING on `lrpilot.client` whatever the verbosity).
         unit: `"epoch"`, or `"step"` for policies with `unit: step`: then it reports every
             `report_every` optimizer steps without waiting and applies decisions from the
             next step. It counts the steps itself (`optimizer.iterations` is read once, at
             the start of `fit`) and assigns the optimizer's LR only when it changes.
         report_every: with `unit="step"`, report every this many steps.
+        strict: True makes `fit` fail (`ControllerUnavailable`) when the controller does not
+            answer at the first epoch, instead of training on at the optimizer's LR.
 
     Raises:
         ValueError: no job name, a bad argument, or (at `fit`) an optimizer built on a
@@ -121,6 +124,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         verbose: int = 0,
         unit: str = "epoch",
         report_every: int = 1,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if unit not in ("epoch", "step"):
@@ -135,6 +139,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self.verbose = verbose
         self.unit = unit
         self.report_every = report_every
+        self.strict = strict
+        self._notices_shown = 0
         #: The lrpilot client of the running `fit`, None outside of one.
         self.client: Client | None = None
         self._epoch = 0
@@ -188,6 +194,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 start_step=self._step,
                 framework="keras",
                 directions=_directions(self.model),
+                strict=self.strict,
             )
             lr = self.client.lr
         else:
@@ -207,6 +214,10 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if logs is not None:
             logs["learning_rate"] = used
         self._set_lr(epoch, new_lr, "reducing" if new_lr < used else "raising")
+        if self.verbose > 0 and len(self.client.notices) > self._notices_shown:
+            for code, text in self.client.notices[self._notices_shown :]:
+                print(f"\nEpoch {epoch + 1}: LRPilotCallback: {text} ({code})")
+            self._notices_shown = len(self.client.notices)
         if self.client.stop_requested:
             self.model.stop_training = True
 

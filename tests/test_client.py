@@ -355,8 +355,30 @@ def test_an_absent_controller_costs_at_most_one_timeout(
     c.close()
     assert time.monotonic() - start < 5.0
     assert set(lrs) == {0.1} and c.lr == 0.1
-    assert len(warnings_of(caplog)) == 1
+    _outage, summary = warnings_of(caplog)  # one for the outage, one summary line at close
+    assert "never reached" in summary and "strict=True" in summary
     assert c.stats["hellos"] == 0 and c.stats["timeouts"] == 0
+
+
+def test_strict_refuses_to_train_without_the_controller(make_client: Callable[..., Client]) -> None:
+    from lrpilot.client import ControllerUnavailable
+
+    start = time.monotonic()
+    with pytest.raises(ControllerUnavailable, match=r"did not answer within 0\.3 s"):
+        make_client(free_endpoint(), timeout=0.3, strict=True)
+    assert time.monotonic() - start < 3.0
+
+
+def test_notices_are_logged_once_per_code_in_the_training_process(
+    controller_factory: Callable[..., Controller], caplog: pytest.LogCaptureFixture
+) -> None:
+    c = controller_factory(PLATEAU)  # monitors val_loss
+    with Client(c.bind, job="no-val", initial_lr=0.1, rank=0, world=1, strict=True) as client:
+        for epoch in range(4):  # a fit without validation data reports only `loss`
+            client.report(epoch, {"loss": 1.0})
+    notices = [r.getMessage() for r in caplog.records if "(monitor_missing)" in r.getMessage()]
+    assert len(notices) == 1 and "val_loss" in notices[0]
+    assert client.notices == [("monitor_missing", client.notices[0][1])]
 
 
 def test_a_controller_started_later_gets_a_hello_before_the_first_report(

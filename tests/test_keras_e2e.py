@@ -155,3 +155,30 @@ def test_lrpilot_demo_shows_live_reductions() -> None:
     reductions = [ln for ln in epochs if "reduce" in ln and "(plateau, wait 10/10)" in ln]
     assert len(reductions) >= 1, out.stdout
     assert "lrpilot status" in out.stdout  # where to look next
+
+
+def test_fit_without_validation_data_warns_in_the_training_output(
+    controller_factory: Factory,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Keras' own callback warns when its monitor is missing; so does lrpilot, in the trainer."""
+    c = controller_factory(POLICY)  # monitors val_loss
+    keras.utils.set_random_seed(1)
+    x, y, _, _ = _data()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    cb = LRPilotCallback(job="no-validation", endpoint=c.bind, verbose=1)
+    model.fit(x, y, epochs=3, batch_size=64, verbose=0, callbacks=[cb])  # no validation_data
+    printed = capsys.readouterr().out
+    assert printed.count("(monitor_missing)") == 1 and "val_loss" in printed
+    logged = [r.getMessage() for r in caplog.records if "(monitor_missing)" in r.getMessage()]
+    assert len(logged) == 1
+
+
+def test_strict_fit_fails_without_a_controller() -> None:
+    from lrpilot.client import ControllerUnavailable
+
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    with pytest.raises(ControllerUnavailable):
+        _fit(LRPilotCallback(job="strict", endpoint=endpoint, timeout=0.3, strict=True), epochs=2)
