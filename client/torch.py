@@ -1,45 +1,128 @@
 """PyTorch adapter: a scheduler that lets the lrpilot controller set the learning rate.
 
-Used like `torch.optim.lr_scheduler.ReduceLROnPlateau`: call `step(val_loss)` once per
-epoch after validation. The module needs no torch import of its own: it only touches the
-optimizer's `param_groups`, so `lrpilot.client` never imports torch.
+Used like `torch.optim.lr_scheduler.ReduceLROnPlateau`, and is one (a subclass), so trainers
+that treat plateau schedulers specially accept it: Lightning's `"monitor"` in
+`configure_optimizers`, the HF Trainer's "step after evaluation". Importing this module
+imports torch; importing `lrpilot.client` does not.
+
+Example:
+
+    from lrpilot.client.torch import LRPilotScheduler
+    sched = LRPilotScheduler(optimizer, job="resnet-a")
+    for epoch in range(100):
+        train(...)
+        sched.step(validate(...))
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from .core import Client, scalar_metrics, to_scalar
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from .core import Client, to_scalar
 from .env import resolve_job
 
-if TYPE_CHECKING:
-    from torch.optim import Optimizer
-
-__all__ = ["LRPilotScheduler"]
+__all__ = ["LRPilotScheduler", "number", "scalars", "set_lr"]
 
 logger = logging.getLogger("lrpilot.client")
 
+# Attributes that describe this process's connection, not the training: never in a checkpoint.
+_NOT_SAVED = frozenset({"_client", "endpoint", "timeout"})
 
-class LRPilotScheduler:
+
+def number(value: Any) -> float | None:
+    """A metric as a float: a number, a numpy scalar, a 0-d or one-element tensor or array
+    (as torch's `float(metrics)` takes them); None for anything else."""
+    found = to_scalar(value)
+    if found is not None:
+        return found
+    size = getattr(value, "numel", None)
+    count = size() if callable(size) else getattr(value, "size", None)
+    if count == 1 and callable(getattr(value, "item", None)):
+        return to_scalar(value.item())
+    return None
+
+
+def scalars(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The entries of `metrics` that are numbers (see `number`), as floats."""
+    out: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        found = number(value)
+        if isinstance(name, str) and found is not None:
+            out[name] = found
+    return out
+
+
+def _group_lr(group: Mapping[str, Any]) -> float:
+    value = number(group["lr"])
+    if value is None:
+        raise ValueError(f"a param group's lr is not a number: {group['lr']!r}")
+    return value
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
+    """Gives the job LR `lr` to every param group of `optimizers`.
+
+    The first group of the first optimizer gets `lr` exactly; every other group keeps its
+    ratio to it (it is scaled by lr / old_lr), so layer-wise LRs keep their shape.
+
+    Returns:
+        False when the LR was `lr` already (nothing changed).
+    """
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    if not groups:
+        return False
+    old_lr = _group_lr(groups[0])
+    if lr == old_lr:
+        return False
+    for i, group in enumerate(groups):
+        new = lr if i == 0 or old_lr == 0 else _group_lr(group) * (lr / old_lr)
+        if isinstance(group["lr"], torch.Tensor):  # a tensor LR (capturable optimizers)
+            group["lr"].fill_(new)
+        else:
+            group["lr"] = new
+    return True
+
+
+class LRPilotScheduler(ReduceLROnPlateau):
     """Reports each epoch's metrics to the lrpilot controller and sets the LR it decides.
 
-    `step()` counts epochs: the n-th call (0-based) reports epoch n, and the LR it sets
-    applies from epoch n+1, as torch's `ReduceLROnPlateau`. Every param group is scaled by
-    the same ratio new_lr / old_lr of group 0, so groups keep their relative LRs. The
-    controller being absent or slow never stops training: the LR then stays as it is.
+    A subclass of torch's `ReduceLROnPlateau`: `step(metrics)` after validation, the n-th
+    call (0-based) reports epoch n and the LR it sets applies from epoch n+1, as torch's.
+    The controller's policy decides; this class's own plateau fields (`factor`, `patience`,
+    `best`...) are torch's defaults and unused. Every param group is scaled by the same
+    ratio new_lr / old_lr of group 0, so groups keep their relative LRs. With
+    `unit="step"`, `step()` is called after every optimizer step (like `OneCycleLR`),
+    reports every `report_every` steps without waiting, and sets each decision at the first
+    `step()` after it has arrived (the decision on step s usually from step s+2). The hello
+    waits for the first `step()`, `load_state_dict()` or use of `client` (so that a resume
+    says hello from its checkpoint); touch `client` to get a policy's `initial_lr` before
+    the first epoch. The controller being absent or slow never stops training: the LR then
+    stays.
+
+    `torch.save(scheduler)` works (the connection is made again, at the epoch reached,
+    after `torch.load`), and so does a checkpoint of `state_dict()`, which holds torch's
+    keys (`last_epoch`, `_last_lr`, ...) and lrpilot's (`epoch`, `last_lr`, `job`).
     Not thread-safe: call it from the training loop.
 
     Args:
         optimizer: a torch optimizer; group 0's LR is the job's LR.
         job: the job name; default `LRPILOT_JOB`.
-        monitor: the metric name a float passed to `step()` is reported under.
+        monitor: the metric name a number passed to `step()` is reported under.
         endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, a `step()` waits for the controller.
+        strict: True raises `ControllerUnavailable` when the controller does not answer the
+            hello within `timeout`, instead of training on at the optimizer's LR.
+        unit: `"epoch"`, or `"step"` for policies with `unit: step`.
+        report_every: with `unit="step"`, report every this many optimizer steps.
 
     Raises:
-        ValueError: no job name, or an optimizer whose LR is not a number in (0, 10].
+        ValueError: no job name, a bad argument, or an LR that is not a number.
+        TypeError: `optimizer` is not a torch optimizer.
 
     Example:
 
@@ -51,21 +134,39 @@ class LRPilotScheduler:
 
     def __init__(
         self,
-        optimizer: Optimizer,
+        optimizer: torch.optim.Optimizer,
         job: str | None = None,
         monitor: str = "val_loss",
         endpoint: str | None = None,
         timeout: float = 1.0,
+        *,
+        unit: str = "epoch",
+        report_every: int = 1,
+        strict: bool = False,
     ) -> None:
-        if not getattr(optimizer, "param_groups", None):
-            raise ValueError("LRPilotScheduler needs a torch optimizer with param groups")
-        self.optimizer = optimizer
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        if isinstance(report_every, bool) or not isinstance(report_every, int) or report_every < 1:
+            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"LRPilotScheduler needs a torch optimizer, got {type(optimizer).__name__}"
+            )
+        if not optimizer.param_groups:
+            raise ValueError("LRPilotScheduler needs an optimizer with param groups")
+        super().__init__(optimizer)
         self.job = resolve_job(job)
         self.monitor = monitor
         self.endpoint = endpoint
         self.timeout = timeout
-        #: The number of `step()` calls so far: the epoch the next `step()` reports.
+        self.strict = bool(strict)
+        self.unit = unit
+        self.report_every = report_every
+        #: The number of `step()` calls so far (torch's meaning): with unit="epoch" the
+        #: epoch the next `step()` reports, with unit="step" the next optimizer step.
         self.last_epoch = 0
+        #: With unit="step": the epoch the steps belong to (for `lrpilot status`).
+        self.epoch_in_progress = 0
         # The hello waits for the first step() or load_state_dict(): a resume must say hello
         # with its start epoch, or the controller would start a new run of the job.
         self._client: Client | None = None
@@ -74,57 +175,76 @@ class LRPilotScheduler:
     def client(self) -> Client:
         """The lrpilot client (its `stats`, `online`, `stop_requested`); says hello if needed."""
         if self._client is None:
-            self._client = self._connect(self._group_lr(0), start_epoch=self.last_epoch)
+            self._client = self._connect(self._lr0())
             self._set_lr(self._client.lr)
         return self._client
 
-    def step(self, metrics: float | Mapping[str, Any]) -> None:
-        """Reports the epoch just finished and sets the LR for the next one.
+    # torch's own ReduceLROnPlateau.step differs from LRScheduler.step the same way.
+    def step(self, metrics: Any = None, epoch: int | None = None) -> None:  # type: ignore[override]
+        """Reports the epoch (or step) just finished and sets the LR for the next one.
 
         Args:
-            metrics: the monitored value (a float, numpy scalar or 0-d tensor), reported
-                under `monitor`, or a mapping of metric names to values.
+            metrics: the monitored value (a number, numpy scalar, 0-d or one-element
+                tensor), reported under `monitor`, or a mapping of metric names to values.
+                Optional with `unit="step"` (a schedule needs none).
+            epoch: with `unit="epoch"`, the 0-based epoch just finished (torch's deprecated
+                argument, read as `for epoch in range(n)` code means it); default: the
+                number of earlier `step()` calls. With `unit="step"`, the epoch in progress.
         """
-        if isinstance(metrics, Mapping):
-            report = scalar_metrics(metrics)
-        else:
-            value = to_scalar(metrics)
-            if value is None:
-                raise ValueError(
-                    f"step() takes a number or a mapping of metrics, got {type(metrics).__name__}"
-                )
-            report = {self.monitor: value}
-        lr = self.client.report(self.last_epoch, report)
-        self.last_epoch += 1
+        report = self._metrics(metrics)
+        if self.unit == "step":
+            self._step_end(report, epoch)
+            return
+        if epoch is not None:
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+            if self._client is None:
+                self.last_epoch = epoch  # the first call says hello from there
+        done = self.last_epoch if epoch is None else epoch
+        lr = self.client.report(done, report)
+        self.last_epoch = done + 1
         self._set_lr(lr)
 
-    def get_last_lr(self) -> list[float]:
+    def get_last_lr(self) -> list[float]:  # type: ignore[override]  # floats only
         """The LR of each param group, as torch schedulers return it."""
-        return [self._group_lr(i) for i in range(len(self.optimizer.param_groups))]
+        return [_group_lr(group) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs: the epoch count, the LRs and the job."""
-        return {"epoch": self.last_epoch, "last_lr": self.get_last_lr(), "job": self.job}
+        """What a checkpoint needs: torch's keys (`last_epoch`, `_last_lr`, ...) and
+        lrpilot's (`epoch`, `last_lr`, `job`, `unit`); no connection details."""
+        state = {k: v for k, v in super().state_dict().items() if k not in _NOT_SAVED}
+        lrs = self.get_last_lr()
+        state.update(_last_lr=lrs, epoch=self.last_epoch, last_lr=lrs)
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Resumes from a checkpoint: the next `step()` reports the saved epoch count.
 
-        Says hello again with that start epoch, so the controller resumes the job's run
-        (and restores its policy state if the checkpoint is older than its last epoch).
-        Load the optimizer's state first: the LR the controller answers is set on it.
+        Takes this class's `state_dict()` and torch's `ReduceLROnPlateau` one (its
+        `last_epoch` and `_last_lr`). Says hello again with that start epoch, so the
+        controller resumes the job's run (and restores its policy state if the checkpoint
+        is older than its last epoch). Load the optimizer's state first: the LR the
+        controller answers is set on it.
         """
-        epoch = state_dict["epoch"]
+        epoch = state_dict.get("epoch", state_dict.get("last_epoch"))
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"state_dict['epoch'] must be an integer >= 0, got {epoch!r}")
+            raise ValueError(
+                f"state_dict['epoch'] (or torch's 'last_epoch') must be an integer >= 0, "
+                f"got {epoch!r}"
+            )
         if state_dict.get("job", self.job) != self.job:
             logger.warning(
                 "loading the lrpilot state of job %r into job %r", state_dict["job"], self.job
             )
-        last_lr = list(state_dict.get("last_lr") or [self._group_lr(0)])
+        saved = state_dict.get("last_lr") or state_dict.get("_last_lr") or []
+        lr = number(saved[0]) if saved else None
         if self._client is not None:
             self._client.close()
         self.last_epoch = epoch
-        self._client = self._connect(float(last_lr[0]), start_epoch=epoch)
+        in_progress = state_dict.get("epoch_in_progress")
+        if isinstance(in_progress, int) and not isinstance(in_progress, bool):
+            self.epoch_in_progress = in_progress
+        self._client = self._connect(lr if lr is not None and 0 < lr <= 10 else self._lr0())
         self._set_lr(self._client.lr)
 
     def close(self) -> None:
@@ -138,32 +258,59 @@ class LRPilotScheduler:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A socket does not pickle: `torch.save(scheduler)` keeps everything else.
+        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._client = None  # the next use says hello from `last_epoch`: the run resumes
+
     # -- helpers ---------------------------------------------------------------------------
 
-    def _connect(self, initial_lr: float, start_epoch: int = 0) -> Client:
+    def _step_end(self, report: dict[str, float], epoch: int | None) -> None:
+        """unit="step": `step()` after optimizer step `last_epoch` (0-based)."""
+        if epoch is not None:
+            self.epoch_in_progress = epoch
+        client = self.client
+        done = self.last_epoch
+        self.last_epoch = done + 1
+        if self.last_epoch % self.report_every == 0:
+            lr = client.report(self.epoch_in_progress, report, step=done, wait=False)
+        else:
+            lr = client.poll(step=self.last_epoch)
+        self._set_lr(lr)
+
+    def _metrics(self, metrics: Any) -> dict[str, float]:
+        if isinstance(metrics, Mapping):
+            return scalars(metrics)
+        if metrics is None and self.unit == "step":
+            return {}
+        value = number(metrics)
+        if value is None:
+            raise ValueError(
+                "step() takes a number or a mapping of metrics (a 0-d or one-element tensor "
+                f"is a number), got {type(metrics).__name__}"
+            )
+        return {self.monitor: value}
+
+    def _connect(self, initial_lr: float) -> Client:
+        step_unit = self.unit == "step"
         return Client(
             self.endpoint,
             self.job,
             initial_lr=initial_lr,
-            start_epoch=start_epoch,
+            start_epoch=self.epoch_in_progress if step_unit else self.last_epoch,
             timeout=self.timeout,
+            start_step=self.last_epoch if step_unit else 0,
             framework="torch",
+            strict=getattr(self, "strict", False),
         )
 
-    def _group_lr(self, index: int) -> float:
-        value = to_scalar(self.optimizer.param_groups[index]["lr"])
-        if value is None:
-            raise ValueError(f"param group {index} has no numeric lr")
-        return value
+    def _lr0(self) -> float:
+        return _group_lr(self.optimizer.param_groups[0])
 
-    def _set_lr(self, new_lr: float) -> None:
-        old_lr = self._group_lr(0)
-        if new_lr == old_lr:
-            return
-        for i, group in enumerate(self.optimizer.param_groups):
-            # Group 0 gets the decided value exactly; the others keep their ratio to it.
-            lr = new_lr if i == 0 or old_lr == 0 else self._group_lr(i) * (new_lr / old_lr)
-            if hasattr(group["lr"], "fill_"):  # a tensor LR (capturable optimizers)
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
+    def _set_lr(self, lr: float) -> None:
+        if set_lr([self.optimizer], lr):
+            lrs: list[float | torch.Tensor] = [*self.get_last_lr()]
+            self._last_lr = lrs

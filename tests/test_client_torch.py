@@ -78,7 +78,11 @@ def test_state_dict_round_trip_resumes_the_epoch_count(peer: ScriptedPeer) -> No
         sched.step(value)
     state = sched.state_dict()
     sched.close()
-    assert state == {"epoch": 3, "last_lr": pytest.approx([0.05, 0.005]), "job": "job-a"}
+    assert (state["epoch"], state["job"]) == (3, "job-a")
+    assert state["last_lr"] == pytest.approx([0.05, 0.005])
+    # torch's own keys are there too, for code that reads a ReduceLROnPlateau checkpoint.
+    assert state["last_epoch"] == 3 and state["_last_lr"] == pytest.approx([0.05, 0.005])
+    assert not {"_client", "endpoint", "timeout", "optimizer"} & set(state)
 
     # A new process: fresh optimizer (its saved state loaded first), fresh scheduler.
     restored_optimizer = two_group_sgd()
@@ -115,3 +119,117 @@ def test_bad_input_is_a_clear_error(peer: ScriptedPeer, monkeypatch: pytest.Monk
             sched.step("low")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="epoch"):
             sched.load_state_dict({"epoch": -1})
+
+
+def test_it_is_a_reduce_lr_on_plateau_with_torch_signatures(peer: ScriptedPeer) -> None:
+    """What trainers check and call: isinstance, step(metrics, epoch), one-element tensors."""
+    import numpy as np
+
+    peer.decide = lambda r: 0.05 if r.epoch == 4 else None
+    optimizer = two_group_sgd()
+    with LRPilotScheduler(optimizer, job="job-a", endpoint=peer.endpoint) as sched:
+        assert isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        sched.step(torch.tensor([0.9]))  # one element, shape (1,): torch's float() takes it
+        sched.step(np.array([[0.8]]))
+        sched.step({"val_loss": torch.tensor([0.7]), "val_acc": np.float32(0.5)})
+        sched.step(0.6, 4)  # torch's (deprecated) epoch argument: the epoch just finished
+        assert sched.last_epoch == 5
+        sched.step(0.6)
+        with pytest.raises(ValueError, match="number or a mapping"):
+            sched.step(torch.ones(2))
+    reports = peer.of_type(Report)
+    assert [r.epoch for r in reports] == [0, 1, 2, 4, 5]
+    assert [r.metrics.get("val_loss") for r in reports] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.6])
+    assert reports[2].metrics["val_acc"] == 0.5
+    assert lrs(optimizer) == pytest.approx([0.05, 0.005])
+
+
+def test_a_first_step_with_an_epoch_says_hello_from_it(peer: ScriptedPeer) -> None:
+    with LRPilotScheduler(two_group_sgd(), job="job-a", endpoint=peer.endpoint) as sched:
+        sched.step(0.5, epoch=7)  # a script that resumes by counting its own epochs
+    assert [h.start_epoch for h in peer.of_type(Hello)] == [7]
+    assert [r.epoch for r in peer.of_type(Report)] == [7]
+
+
+def test_torch_reduce_lr_on_plateau_state_dict_resumes(peer: ScriptedPeer) -> None:
+    """A checkpoint written by torch's own scheduler (last_epoch, _last_lr) loads."""
+    ref_opt = two_group_sgd()
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(ref_opt, patience=0)
+    for value in (1.0, 1.0, 1.0):
+        ref.step(value)
+    optimizer = two_group_sgd()
+    optimizer.load_state_dict(ref_opt.state_dict())
+    with LRPilotScheduler(optimizer, job="job-a", endpoint=peer.endpoint) as sched:
+        sched.load_state_dict(ref.state_dict())
+        assert sched.last_epoch == 3
+        sched.step(1.0)
+    hello = peer.of_type(Hello)[0]
+    assert hello.start_epoch == 3 and hello.lr == pytest.approx(ref.get_last_lr()[0])
+    assert [r.epoch for r in peer.of_type(Report)] == [3]
+
+
+def test_torch_save_and_load_keep_the_epoch_and_reconnect(
+    peer: ScriptedPeer, tmp_path: Any
+) -> None:
+    peer.decide = lambda r: 0.05 if r.epoch == 1 else None
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = LRPilotScheduler(optimizer, job="job-a", endpoint=peer.endpoint)
+    for value in (1.0, 0.9):
+        sched.step(value)
+    path = tmp_path / "sched.pt"
+    torch.save(sched, path)  # the socket is left out; the optimizer goes along, as torch's
+    sched.close()
+
+    loaded = torch.load(path, weights_only=False)
+    assert isinstance(loaded, LRPilotScheduler) and loaded.last_epoch == 2
+    assert loaded.get_last_lr() == pytest.approx([0.05])
+    loaded.step(0.8)
+    loaded.close()
+    hellos = peer.of_type(Hello)
+    assert [h.start_epoch for h in hellos] == [0, 2] and hellos[1].session != hellos[0].session
+    assert [r.epoch for r in peer.of_type(Report)] == [0, 1, 2]
+
+
+def test_unit_step_reports_every_n_steps_without_waiting(peer: ScriptedPeer) -> None:
+    """unit="step": step() after each optimizer step; a decision for step s+1 that has
+    arrived is applied at the next step() call (as the Keras callback does)."""
+    peer.decide = lambda r: 0.1 * 0.5 ** ((r.step + 1) // 4)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    used: list[float] = []
+    with LRPilotScheduler(
+        optimizer, job="job-a", endpoint=peer.endpoint, unit="step", report_every=2
+    ) as sched:
+        for step in range(12):
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            sched.step({"loss": 1.0 / (step + 1)}, epoch=step // 6)
+            # Wait until this step's report (if any) is answered, so the test is exact.
+            assert sched.client.flush(timeout=5)
+        hello = peer.of_type(Hello)[0]
+    reports = peer.of_type(Report)
+    assert [r.step for r in reports] == [1, 3, 5, 7, 9, 11]
+    assert [r.epoch for r in reports] == [0, 0, 0, 1, 1, 1]
+    assert reports[0].metrics == {"loss": 0.5}
+    assert (hello.start_step, hello.start_epoch) == (0, 0)
+    # The answer to the report of step s (for s+1) is not waited for: the next step() call,
+    # after step s+1, applies it, from step s+2. Step 3's report lowers the LR from step 5.
+    expected = [0.1] * 5 + [0.05] * 4 + [0.025] * 3
+    assert used == pytest.approx(expected)
+
+
+def test_strict_fails_the_first_step_without_a_controller() -> None:
+    from lrpilot.client import ControllerUnavailable
+
+    endpoint = free_endpoint()
+    model = torch.nn.Linear(1, 1)
+    sched = LRPilotScheduler(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        job="strict",
+        endpoint=endpoint,
+        timeout=0.3,
+        strict=True,
+    )
+    with pytest.raises(ControllerUnavailable):
+        sched.step(1.0)

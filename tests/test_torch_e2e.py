@@ -104,3 +104,33 @@ def test_without_a_policy_file_torch_users_get_torch_lrs_bit_for_bit(
         finally:
             sched.close()
     assert reductions >= 3  # the runs did reach plateaus
+
+
+def test_torch_save_of_the_scheduler_resumes_the_run(
+    controller_factory: Factory, tmp_path: object
+) -> None:
+    """`torch.save(scheduler)` mid-run, then `torch.load` in place of it: the decisions go on
+    as torch's ReduceLROnPlateau's would, in the same run of the job."""
+    from pathlib import Path
+
+    c = controller_factory(POLICY)
+    ref_opt = _optimizer()
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        ref_opt, factor=0.5, patience=1, threshold=0.01, threshold_mode="abs", cooldown=1
+    )
+    sched = LRPilotScheduler(_optimizer(), job="torch-pickle", endpoint=c.bind)
+    path = Path(str(tmp_path)) / "scheduler.pt"
+    got, expected = [], []
+    for epoch, v in enumerate(VALUES):
+        if epoch == 4:  # a checkpoint, and a new process that loads it
+            torch.save(sched, path)
+            sched.close()
+            sched = torch.load(path, weights_only=False)
+        ref.step(v)
+        sched.step(v)
+        expected.append([g["lr"] for g in ref_opt.param_groups])
+        got.append(sched.get_last_lr())
+    sched.close()
+    assert got == expected and got[-1][0] < 0.1
+    history = json.loads(run_cli("history", "torch-pickle", "--json", "--admin", c.admin).stdout)
+    assert [r["reason"] for r in history].count("initial") == 1  # one run throughout

@@ -1,0 +1,218 @@
+"""PyTorch Lightning 2.x adapter: a callback that lets the lrpilot controller set the LR.
+
+Importing this module imports Lightning and torch; importing `lrpilot.client` does not.
+It works with either distribution of Lightning 2.x: `pytorch_lightning` (the `lightning`
+extra), or `lightning.pytorch` when that is the one a script imported (or the only one there).
+
+Example:
+
+    from lrpilot.client.lightning import LRPilotCallback
+    trainer = pl.Trainer(max_epochs=50, callbacks=[LRPilotCallback(job="resnet-a")])
+    trainer.fit(model, train_loader, val_loader)
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from .core import Client
+from .env import resolve_job
+from .torch import number, scalars, set_lr
+
+__all__ = ["LRPilotCallback"]
+
+logger = logging.getLogger("lrpilot.client")
+
+
+def _lightning() -> Any:
+    """`pytorch_lightning`, or `lightning.pytorch` if that is the one in use: a callback
+    must derive from the Callback of the Trainer the script runs."""
+    if "lightning.pytorch" in sys.modules and "pytorch_lightning" not in sys.modules:
+        return sys.modules["lightning.pytorch"]
+    try:
+        return importlib.import_module("pytorch_lightning")
+    except ImportError:
+        return importlib.import_module("lightning.pytorch")
+
+
+_Callback: Any = _lightning().Callback
+
+
+class LRPilotCallback(_Callback):  # type: ignore[misc]
+    """Lets the lrpilot controller decide the learning rate of a Lightning `Trainer`.
+
+    Says hello when training starts, with the first optimizer's LR, the epoch reached (so a
+    `fit(ckpt_path=...)` resumes the job's run) and the trainer's rank and world size.
+    After every validation run (not the sanity check) it reports the scalar
+    `trainer.callback_metrics` and sets the decided LR on every param group of every
+    optimizer, so it applies from the next training step, as Lightning's own handling of a
+    `ReduceLROnPlateau` with `"monitor": "val_loss"` does. Each validation run is one
+    epoch for the controller. Pushed changes (`lrpilot set-lr`) apply at the next training
+    epoch start. With `unit="step"` it reports the training loss every `report_every`
+    optimizer steps without waiting and sets each decision at the first step end after it
+    has arrived (as the Keras callback does). The
+    controller being absent or slow never stops training: the LR then stays as it is.
+
+    Args:
+        job: the job name; default `LRPILOT_JOB`.
+        monitor: the metric the policy watches; a validation run that does not log it is
+            warned about once (log it with `self.log("val_loss", loss)`). None: no check.
+        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        timeout: the longest, in seconds, a validation end waits for the controller.
+        strict: True raises `ControllerUnavailable` when the controller does not answer the
+            hello within `timeout`, instead of training on at the optimizer's LR.
+        unit: `"epoch"`, or `"step"` for policies with `unit: step`.
+        report_every: with `unit="step"`, report every this many optimizer steps.
+
+    Raises:
+        ValueError: no job name, a bad argument, or (when training starts) an LR scheduler
+            in `configure_optimizers`, which would overwrite the controller's LR.
+
+    Example:
+
+        trainer = pl.Trainer(max_epochs=50, callbacks=[LRPilotCallback(job="resnet-a")])
+        trainer.fit(model, train_loader, val_loader)
+    """
+
+    def __init__(
+        self,
+        job: str | None = None,
+        monitor: str | None = "val_loss",
+        endpoint: str | None = None,
+        timeout: float = 1.0,
+        unit: str = "epoch",
+        report_every: int = 1,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        if isinstance(report_every, bool) or not isinstance(report_every, int) or report_every < 1:
+            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        self.job = resolve_job(job)
+        self.monitor = monitor
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.strict = bool(strict)
+        self.unit = unit
+        self.report_every = report_every
+        #: The lrpilot client of the running `fit`, None outside of one.
+        self.client: Client | None = None
+        self._evaluations = 0  # validation runs reported: the controller's epoch
+        self._restored: int | None = None  # from a checkpoint, for the next fit
+        self._step = 0  # the trainer's global step last seen (unit="step")
+        self._warned_monitor = False
+
+    # -- fit -------------------------------------------------------------------------------
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.lr_scheduler_configs:
+            names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
+            raise ValueError(
+                f"LRPilotCallback sets the learning rate itself, but configure_optimizers "
+                f"returned an LR scheduler ({names}) that would overwrite it: return only the "
+                "optimizer; lrpilot's policy file does the scheduling"
+            )
+        if not trainer.optimizers:
+            raise ValueError("LRPilotCallback needs an optimizer from configure_optimizers")
+        start = trainer.current_epoch if self._restored is None else self._restored
+        self._restored = None
+        self._evaluations = start
+        self._step = trainer.global_step
+        self._warned_monitor = False
+        lr = number(trainer.optimizers[0].param_groups[0]["lr"])
+        if lr is None:
+            raise ValueError("LRPilotCallback: the first optimizer's LR is not a number")
+        self.client = Client(
+            self.endpoint,
+            self.job,
+            initial_lr=lr,
+            start_epoch=start,
+            timeout=self.timeout,
+            rank=trainer.global_rank,
+            world=trainer.world_size,
+            start_step=self._step,
+            framework="lightning",
+            strict=self.strict,
+        )
+        self._apply(trainer, self.client.lr)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in Lightning checkpoints: the number of validation runs reported."""
+        return {"evaluations": self._evaluations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        evaluations = state_dict.get("evaluations")
+        if isinstance(evaluations, int) and not isinstance(evaluations, bool):
+            self._restored = evaluations
+
+    # -- epochs ----------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.client is None:
+            return
+        if self.unit == "epoch":
+            lr = self.client.poll(epoch=self._evaluations)
+        else:
+            lr = self.client.poll(step=trainer.global_step)
+        self._apply(trainer, lr)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.client is None or trainer.sanity_checking or self.unit != "epoch":
+            return
+        metrics = scalars(trainer.callback_metrics)
+        if self.monitor is not None and self.monitor not in metrics and not self._warned_monitor:
+            self._warned_monitor = True
+            logger.warning(
+                "LRPilotCallback: %r is not among the validation metrics (%s); log it with "
+                "self.log(%r, ...) in validation_step",
+                self.monitor,
+                ", ".join(sorted(metrics)) or "none",
+                self.monitor,
+            )
+        lr = self.client.report(self._evaluations, metrics)
+        self._evaluations += 1
+        self._apply(trainer, lr)
+
+    # -- steps (unit="step") ---------------------------------------------------------------
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """unit="step": after each optimizer step, report every `report_every` steps
+        without waiting (else only look for decisions), and set the LR decided for the next
+        step if one has arrived, as the Keras callback does."""
+        client = self.client
+        if client is None or self.unit != "step" or trainer.global_step == self._step:
+            return  # epoch mode, or a batch that only accumulated gradients
+        self._step = trainer.global_step
+        if self._step % self.report_every:
+            lr = client.poll(step=self._step)
+        else:
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+            value = number(loss)
+            metrics = {} if value is None else {"loss": value}
+            lr = client.report(trainer.current_epoch, metrics, step=self._step - 1, wait=False)
+        self._apply(trainer, lr)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _apply(self, trainer: Any, lr: float) -> None:
+        set_lr(trainer.optimizers, lr)
+        if self.client is not None and self.client.stop_requested:
+            trainer.should_stop = True
+
+    def _close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
