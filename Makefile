@@ -54,8 +54,13 @@ demo: modules
 fuzz: modules
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py
 
+# Each prints its figures beside a baseline measured in the same run and appends them to
+# bench/RESULTS.md (about 15 minutes in all on 2 cores).
 bench: modules
 	$(PY) bench/run.py
+	$(PY) bench/scale.py
+	$(PY) bench/client_hot_path.py
+	$(PY) bench/adapters.py
 
 # A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl).
 dist: $(STAMP)
