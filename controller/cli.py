@@ -71,14 +71,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .policyfile import load_default, load_file
-    from .simulate import format_table, initial_lr, monitor_of, plot, read_history, replay, to_json
+    from .simulate import (
+        format_range_test,
+        format_table,
+        initial_lr,
+        monitor_of,
+        plot,
+        read_history,
+        run,
+        to_json,
+    )
 
     try:
         policy_set = load_file(args.policy) if args.policy else load_default()
         rule = policy_set.rule_for(args.job)
         history = read_history(args.metrics)
         lr0 = initial_lr(rule, history, args.initial_lr)
-        rows = replay(rule, history, lr0, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        replay = run(rule, history, lr0, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        rows = replay.rows
     except PolicyError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -91,12 +101,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     monitor = monitor_of(rule.policy)
     if args.json:
         print(json.dumps(to_json(rows)))
+        if replay.range_test is not None:  # stdout keeps its documented shape
+            print(format_range_test(replay.range_test), file=sys.stderr)
     else:
         print(f"job {args.job}: rule {rule.match!r} ({rule.policy.type}), initial lr {lr0:.6g}")
+        if replay.start_action == "snapshot":
+            print(f"start: lr {replay.start_lr:.6g}; snapshot the weights (a range test starts)")
         print(format_table(rows, monitor))
+        if replay.range_test is not None:
+            print(format_range_test(replay.range_test))
     if args.plot:
         try:
-            plot(rows, monitor, args.plot)
+            plot(rows, monitor, args.plot, replay.range_test)
         except ImportError:
             print("--plot needs matplotlib: pip install 'lrpilot[plot]'", file=sys.stderr)
             return 2
@@ -478,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True, metavar="CSV", help="CSV with an epoch column")
     p.add_argument("--initial-lr", type=_positive_float, metavar="X")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--plot", metavar="PNG", help="draw the value and the LR into a PNG")
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="draw the value and the LR into a PNG (a range test: loss vs LR, suggestions marked)",
+    )
     p.set_defaults(handler=cmd_simulate)
 
     p = sub.add_parser(

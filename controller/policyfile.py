@@ -31,7 +31,7 @@ import yaml
 from lrpilot.client.errors import PolicyError, SourceError
 from lrpilot.client.protocol import NAME_RE
 
-from .policies import POLICY_TYPES, Phase, Phases, Plateau, Policy
+from .policies import POLICY_TYPES, Phase, Phases, Plateau, Policy, RangeTest
 from .policies.plateau import is_loss
 from .units import parse_duration
 
@@ -237,8 +237,6 @@ def _build_policy(m: Any, line: int, errs: _Errors, extra: Sequence[str] = ()) -
     if not isinstance(kind, str) or kind not in POLICY_TYPES:
         close = difflib.get_close_matches(str(kind), list(POLICY_TYPES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        if kind == "range_test":
-            hint = " (the LR range test is not available in this version)"
         errs.add(
             _line(m, "type"),
             f"unknown policy type {kind!r}{hint}; one of {', '.join(POLICY_TYPES)}",
@@ -276,6 +274,11 @@ def _build_policy(m: Any, line: int, errs: _Errors, extra: Sequence[str] = ()) -
         errs.add(_line(m, key) if key else m.line, message)
     if len(errs.items) > before:
         return None
+    if isinstance(policy, RangeTest) and not NAME_RE.fullmatch(policy.monitor):
+        errs.add(
+            _line(m, "monitor"),
+            f"monitor must be 1-128 of [A-Za-z0-9._:/@-], got {policy.monitor!r}",
+        )
     if isinstance(policy, Plateau):
         if not NAME_RE.fullmatch(policy.monitor):
             errs.add(
@@ -297,28 +300,42 @@ def _build_phases(seq: Any, line: int, errs: _Errors) -> Policy | None:
         return None
     built: list[Phase] = []
     before = len(errs.items)
+    range_test_before = False
     for i, (item, item_line) in enumerate(zip(seq, seq.item_lines, strict=True)):
-        policy = _build_policy(item, item_line, errs, extra=("until", "lr"))
+        kind = item.get("type") if isinstance(item, LocDict) else None
+        suggested_ok = range_test_before  # `lr: suggested` needs a range test before it
+        range_test_before = range_test_before or kind == "range_test"
+        # A formula's own `lr` is its expression; it starts from the LR the phase before left.
+        formula = kind == "formula"
+        extra = ("until",) if formula else ("until", "lr")
+        policy = _build_policy(item, item_line, errs, extra=extra)
         if policy is None or not isinstance(item, LocDict):
             continue
         until = item.get(
             "until", getattr(policy, "epochs", None) if policy.type == "warmup" else None
         )
         last = i == len(seq) - 1
-        if until is None and not last:
+        if isinstance(policy, RangeTest):
+            if "until" in item:
+                errs.add(
+                    _line(item, "until"),
+                    "a range_test phase ends by itself (divergence or end_lr) and then "
+                    "restores the weights; shorten it with end_lr, not until",
+                )
+        elif until is None and not last:
             errs.add(item.line, f"phase {i + 1} needs until (only the last phase may run forever)")
         elif until is not None and (
             isinstance(until, bool) or not isinstance(until, int) or until < 1
         ):
             errs.add(_line(item, "until"), f"until must be an integer >= 1, got {_show(until)}")
-        lr = item.get("lr", "previous")
+        lr = "previous" if formula else item.get("lr", "previous")
         if isinstance(lr, int | float) and not isinstance(lr, bool):
             if not (math.isfinite(lr) and 0 < lr <= 10):
                 errs.add(_line(item, "lr"), f"lr must be in (0, 10], got {lr!r}")
             lr = float(lr)
-        elif lr == "suggested":
+        elif lr == "suggested" and not suggested_ok:
             errs.add(_line(item, "lr"), "lr: suggested needs a range_test phase before it")
-        elif lr != "previous":
+        elif lr not in ("previous", "suggested"):
             errs.add(
                 _line(item, "lr"), f"lr must be a number, previous or suggested, got {_show(lr)}"
             )
@@ -327,9 +344,14 @@ def _build_phases(seq: Any, line: int, errs: _Errors) -> Policy | None:
         return None
     units = {p.policy.unit for p in built}
     if len(units) > 1:
+        hint = ""
+        if any(isinstance(p.policy, RangeTest) for p in built):
+            hint = " (range_test counts steps unless it says unit: epoch)"
         errs.add(
             line,
-            "every phase must use the same unit (epoch or step), got " + ", ".join(sorted(units)),
+            "every phase must use the same unit (epoch or step), got "
+            + ", ".join(sorted(units))
+            + hint,
         )
         return None
     return Phases(phases=tuple(built), unit=built[0].policy.unit)

@@ -1,8 +1,13 @@
 """Offline replay: run a recorded metric history through the engine the daemon uses.
 
 The CSV has an `epoch` column (0-based, as Keras' CSVLogger writes it) and one
-column per metric; empty cells are missing values, `nan`/`inf` are kept (a
-diverged loss is information).
+column per metric; empty cells (and CSVLogger's `NA`) are missing values,
+`nan`/`inf` are kept (a diverged loss is information). With a `step` column
+(for `unit: step` policies) an epoch may span many rows; the steps increase.
+
+A range test needs only its loss column: the policy sets the LR, so a history
+recorded under the same sweep (the seeds' `1e-8 * 10**(epoch / 20)`) replays as
+it ran. Its curve and suggestions come back in `Replay.range_test`.
 """
 
 from __future__ import annotations
@@ -21,13 +26,17 @@ from .policyfile import JobRule
 
 __all__ = [
     "History",
+    "Replay",
     "Row",
+    "format_range_test",
     "format_table",
     "initial_lr",
     "monitor_of",
     "plot",
+    "plot_range_test",
     "read_history",
     "replay",
+    "run",
     "to_json",
 ]
 
@@ -55,6 +64,17 @@ class Row:
     event: Event | None
     action: str | None = None
     phase: str | None = None
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A whole replay: the rows, the LR and action of the start, the last range test's report."""
+
+    rows: list[Row]
+    start_lr: float
+    start_action: str | None = None
+    range_test: dict[str, Any] | None = None
 
 
 def _number(text: str, path: str, line: int, column: str) -> float:
@@ -118,9 +138,19 @@ def read_history(path: str | Path) -> History:
                         epoch = _integer(cell, name, line, column)
                     elif column == "step":
                         step = _integer(cell, name, line, column) if cell else None
-                    elif cell:
+                    elif cell and cell != "NA":  # Keras' CSVLogger writes NA for no value
                         metrics[column] = _number(cell, name, line, column)
-                if epochs and epoch <= epochs[-1]:
+                if "step" in header and step is not None and steps and steps[-1] is not None:
+                    # Per-step rows: an epoch spans many of them, the steps increase.
+                    if step <= steps[-1]:
+                        raise SourceError(
+                            f"steps must increase, got {step} after {steps[-1]}", name, line
+                        )
+                    if epoch < epochs[-1]:
+                        raise SourceError(
+                            f"epochs must not decrease, got {epoch} after {epochs[-1]}", name, line
+                        )
+                elif epochs and epoch <= epochs[-1]:
                     raise SourceError(
                         f"epochs must increase, got {epoch} after {epochs[-1]}", name, line
                     )
@@ -165,17 +195,32 @@ def replay(
         ProtocolError: `mode_unresolved` when `mode: auto` cannot tell a direction.
         SourceError: a `unit: step` policy on a history without a step column.
     """
+    return run(rule, history, lr0, directions, warn).rows
+
+
+def run(
+    rule: JobRule,
+    history: History,
+    lr0: float,
+    directions: Mapping[str, str] | None = None,
+    warn: Any = None,
+) -> Replay:
+    """`replay`, with the start (LR and action, as a hello reply) and the range test's report."""
     policy = rule.policy
     times: Sequence[int | None] = history.epochs
     if policy.unit == "step":
         times = history.steps
         if any(t is None for t in times):
             raise SourceError(
-                "a unit: step policy needs a step column with a value in every row", history.path, 1
+                "a unit: step policy needs a step column with a value in every row "
+                "(or the policy says unit: epoch)",
+                history.path,
+                1,
             )
     first = times[0]
     assert first is not None
     state = policy.start(lr0, first)
+    start = Replay([], state.lr, policy.start_action(state))
     out: list[Row] = []
     seen: set[str] = set()
     monitor = monitor_of(policy)
@@ -186,12 +231,15 @@ def replay(
         if decision.warning and warn is not None and decision.warning not in seen:
             seen.add(decision.warning)
             warn(decision.warning)
-        out.append(_row(epoch, value, decision, policy.describe(state).get("phase")))
-    return out
+        step = t if policy.unit == "step" else None
+        out.append(_row(epoch, value, decision, policy.describe(state).get("phase"), step))
+    return Replay(out, start.start_lr, start.start_action, policy.range_test_report(state))
 
 
-def _row(epoch: int, value: float | None, decision: Decision, phase: Any) -> Row:
-    return Row(epoch, value, decision.lr, decision.event, decision.action, phase)
+def _row(
+    epoch: int, value: float | None, decision: Decision, phase: Any, step: int | None = None
+) -> Row:
+    return Row(epoch, value, decision.lr, decision.event, decision.action, phase, step)
 
 
 def _finite(x: float | None) -> float | None:
@@ -211,50 +259,204 @@ def to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
     ]
 
 
+_ACTIONS = {
+    "stop": "stop (at min_lr and still on a plateau)",
+    "snapshot": "snapshot the weights (a range test starts)",
+    "restore": "restore the weights from before the range test",
+}
+
+
 def _event_text(row: Row) -> str:
     parts = []
     if row.event is not None:
         parts.append(row.event.describe())
-    if row.action == "stop":
-        parts.append("stop (at min_lr and still on a plateau)")
+    if row.action in _ACTIONS:
+        parts.append(_ACTIONS[row.action])
     return "; ".join(parts)
 
 
 def format_table(rows: Sequence[Row], monitor: str | None) -> str:
-    """A table: epoch, monitored value, the LR in force from the next epoch on, and the event."""
+    """A table: epoch, monitored value, the LR in force from the next epoch on, and the event.
+
+    Rows of a `unit: step` policy show their step too.
+    """
     title = monitor or "value"
-    lines = [f"{'epoch':>5}  {title:>12}  {'next lr':>12}  event"]
+    steps = any(r.step is not None for r in rows)
+    head = f"{'epoch':>5}  {'step':>7}  " if steps else f"{'epoch':>5}  "
+    lines = [f"{head}{title:>12}  {'next lr':>12}  event"]
     for r in rows:
         value = "-" if r.value is None else f"{r.value:.6g}"
-        lines.append(f"{r.epoch:>5}  {value:>12}  {r.lr:>12.6g}  {_event_text(r)}".rstrip())
+        where = f"{r.epoch:>5}  {r.step if r.step is not None else '-':>7}  "
+        if not steps:
+            where = f"{r.epoch:>5}  "
+        lines.append(f"{where}{value:>12}  {r.lr:>12.6g}  {_event_text(r)}".rstrip())
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[Row], monitor: str | None, path: str) -> None:
-    """Draw the monitored value and the LR (log axis) over epochs into a PNG (extra `plot`)."""
+_STOPS = {
+    "divergence": "stopped by divergence (smoothed loss above 4x its best, or not finite)",
+    "end_lr": "stopped at end_lr",
+}
+
+
+def format_range_test(report: Mapping[str, Any]) -> str:
+    """The range test in a few lines: why it stopped, the LRs it swept, the suggestions."""
+    points = report["points"]
+    if report["done"]:
+        head = f"range test: {_STOPS.get(report['stop_reason'], 'stopped')}"
+    else:
+        head = "range test: still sweeping at the end of the history (suggestions so far)"
+    lines = [head]
+    if points:
+        lines.append(f"  {len(points)} points, lr {points[0][0]:.3g} .. {points[-1][0]:.3g}")
+    for name, lr in report["suggestions"].items():
+        mark = "  <- suggested" if name == report["suggest"] else ""
+        shown = "-" if lr is None else f"{lr:.3g}"
+        lines.append(f"  {name:<8} {shown}{mark}")
+    return "\n".join(lines)
+
+
+def plot(
+    rows: Sequence[Row],
+    monitor: str | None,
+    path: str,
+    range_test: Mapping[str, Any] | None = None,
+) -> None:
+    """Draw the replay into a PNG (extra `plot`).
+
+    Without a range test: the monitored value and the LR (log axis) over epochs. With one:
+    its loss against the LR (log axis) with the three suggestions marked, and, when the
+    history goes on after the test, the epochs panel beside it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r.epoch for r in rows]
-    fig, ax_value = plt.subplots(figsize=(9, 4.5))
+    after = [r for r in rows if r.phase is not None and "range_test" not in str(r.phase)]
+    if range_test is None:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        _plot_timeline(ax, rows, monitor)
+    elif not after:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        _plot_range_test(ax, range_test)
+    else:
+        fig, (ax_rt, ax) = plt.subplots(1, 2, figsize=(15, 5.5))
+        _plot_range_test(ax_rt, range_test)
+        _plot_timeline(ax, rows, monitor)
+        ax.set_title("the whole replay")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_range_test(report: Mapping[str, Any], path: str) -> None:
+    """Draw a range test's report (`Policy.range_test_report`) into a PNG: loss against LR.
+
+    The picture of `simulate --plot` for a range test, for `lrpilot range-test JOB --plot`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    _plot_range_test(ax, report)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_timeline(ax_value: Any, rows: Sequence[Row], monitor: str | None) -> None:
+    steps = any(r.step is not None for r in rows)
+    xs = [r.step if r.step is not None else r.epoch for r in rows]
     ax_value.plot(
-        epochs,
+        xs,
         [r.value if r.value is not None else math.nan for r in rows],
         "o-",
         color="tab:blue",
         ms=3,
     )
-    ax_value.set_xlabel("epoch")
+    ax_value.set_xlabel("step" if steps else "epoch")
     ax_value.set_ylabel(monitor or "monitored value", color="tab:blue")
     ax_lr = ax_value.twinx()
-    ax_lr.step([e + 1 for e in epochs], [r.lr for r in rows], where="post", color="tab:red")
+    ax_lr.step([x + 1 for x in xs], [r.lr for r in rows], where="post", color="tab:red")
     ax_lr.set_yscale("log")
-    ax_lr.set_ylabel("learning rate (from the next epoch)", color="tab:red")
-    for r in rows:
-        if r.event is not None:
-            ax_lr.axvline(r.epoch + 1, color="tab:red", alpha=0.2, lw=1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax_lr.set_ylabel(
+        f"learning rate (from the next {'step' if steps else 'epoch'})", color="tab:red"
+    )
+    for x, r in zip(xs, rows, strict=True):
+        if r.event is not None and r.event.kind != "range_test":
+            ax_lr.axvline(x + 1, color="tab:red", alpha=0.2, lw=1)
+
+
+_SUGGESTION_STYLE = {"valley": "tab:green", "steep": "tab:orange", "minimum": "tab:purple"}
+
+
+def _plot_range_test(ax: Any, report: Mapping[str, Any]) -> None:
+    """Loss against LR on a log axis: raw, smoothed, the suggestions and where it stopped."""
+    points = report["points"]
+    lrs = [p[0] for p in points]
+    raw = [p[1] if p[1] is not None else math.nan for p in points]
+    smooth = [p[2] if p[2] is not None else math.nan for p in points]
+    ax.plot(lrs, raw, ".", color="0.6", ms=4, label="loss")
+    ax.plot(lrs, smooth, "-", color="tab:blue", lw=2, label="smoothed loss (bias-corrected EMA)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    finite = [v for v in smooth if math.isfinite(v)]
+    if finite:
+        # The blow-up that stops the sweep would flatten the rest of the curve: cut it off.
+        top = max(finite[:-1] or finite)
+        low = min(min(finite), min((v for v in raw if math.isfinite(v)), default=min(finite)))
+        if low > 0 and top / low > 20:  # a loss falling by decades: show them all
+            ax.set_yscale("log")
+            ax.set_ylim(low / 1.5, top * 2)
+        else:
+            pad = 0.08 * (top - low) or 0.1 * abs(top) or 1.0
+            ax.set_ylim(low - pad, top + 2 * pad)
+    for name, lr in report["suggestions"].items():
+        if lr is None:
+            continue
+        chosen = name == report["suggest"]
+        y = _loss_at(lrs, smooth, lr)
+        label = f"{name}: {lr:.2g}" + ("  (suggested)" if chosen else "")
+        color = _SUGGESTION_STYLE.get(name, "black")
+        ax.axvline(lr, color=color, ls="-" if chosen else "--", lw=2 if chosen else 1.2)
+        if math.isfinite(y):
+            ax.plot([lr], [y], "o", color=color, ms=10 if chosen else 7, label=label, zorder=5)
+        else:
+            ax.plot([], [], "o", color=color, label=label)
+    if report["done"] and lrs:
+        why = "divergence" if report["stop_reason"] == "divergence" else "end_lr"
+        ax.axvline(lrs[-1], color="tab:red", ls=":", lw=1.2)
+        ax.annotate(
+            f"stop: {why}",
+            (lrs[-1], 0.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(-4, 6),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            color="tab:red",
+        )
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", framealpha=0.9)
+    ax.set_title(f"LR range test: {len(points)} points, suggested lr {_lr_text(report)}")
+
+
+def _lr_text(report: Mapping[str, Any]) -> str:
+    lr = report.get("suggested_lr")
+    return "-" if lr is None else f"{lr:.2g} ({report['suggest']})"
+
+
+def _loss_at(lrs: Sequence[float], losses: Sequence[float], lr: float) -> float:
+    """The smoothed loss at `lr`, interpolated in log LR (NaN outside the curve)."""
+    for i in range(len(lrs) - 1):
+        a, b = lrs[i], lrs[i + 1]
+        if a <= lr <= b:
+            w = (math.log(lr) - math.log(a)) / (math.log(b) - math.log(a)) if b > a else 0.0
+            return losses[i] + w * (losses[i + 1] - losses[i])
+    if lrs and lr == lrs[-1]:
+        return losses[-1]
+    return math.nan

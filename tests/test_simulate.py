@@ -163,3 +163,132 @@ def test_warmup_plateau_example_is_what_the_readme_says() -> None:
     rows = json.loads(result.stdout)
     assert math.isclose(rows[4]["lr"], 1e-3, rel_tol=1e-6) and rows[4]["event"]["kind"] == "phase"
     assert [r["epoch"] for r in rows if r["event"] and r["event"]["kind"] == "plateau"] == [11, 17]
+
+
+# -- the LR range test -----------------------------------------------------------------------
+
+RANGE_TEST = "version: 1\ndefaults:\n  policy: {type: range_test, unit: epoch}\n"
+
+
+def _seed_history(n: int = 120) -> str:
+    """A loss recorded under the seeds' sweep: falling, then blowing up past 1e-4."""
+    rows = []
+    for e in range(n):
+        lr = 1e-8 * 10 ** (e / 20)
+        x = math.log10(lr)
+        loss = (
+            0.5 + 2.0 / (1 + math.exp(2.0 * (x + 5.5))) + (math.exp(3 * (x + 4)) if x > -5 else 0)
+        )
+        rows.append(f"{e},{loss!r}\n")
+    return "epoch,loss\n" + "".join(rows)
+
+
+def test_a_range_test_replays_a_loss_column_and_keeps_the_json_shape(
+    write: Callable[[str, str], Path],
+) -> None:
+    policy = write("p.yaml", RANGE_TEST)
+    csv = write("h.csv", _seed_history())
+    result = run_cli(
+        "simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert all(set(r) == {"epoch", "value", "lr", "event"} for r in rows)
+    sweep = [r["lr"] for r in rows]
+    stop = next(i for i in range(1, len(rows)) if rows[i]["lr"] < rows[i - 1]["lr"])
+    assert sweep[:stop] == [1e-8 * 10 ** ((e + 1) / 20) for e in range(stop)]
+    event = rows[stop]["event"]
+    assert set(event) == {"kind", "old", "new", "wait", "patience"}
+    assert event["kind"] == "range_test" and event["new"] == rows[stop]["lr"]
+    assert all(r["lr"] == rows[stop]["lr"] and r["event"] is None for r in rows[stop + 1 :])
+    # The curve's summary goes to stderr: stdout stays the documented list.
+    assert "range test: stopped by divergence" in result.stderr
+    assert f"valley   {rows[stop]['lr']:.3g}  <- suggested" in result.stderr
+
+
+def test_a_range_test_table_shows_the_snapshot_restore_and_suggestions(
+    write: Callable[[str, str], Path],
+) -> None:
+    policy = write("p.yaml", RANGE_TEST.replace("unit: epoch}", "unit: epoch, suggest: minimum}"))
+    csv = write("h.csv", _seed_history())
+    result = run_cli("simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "start: lr 1e-08; snapshot the weights (a range test starts)" in out
+    assert "(range_test); restore the weights from before the range test" in out
+    assert "minimum" in out and "<- suggested" in out.split("minimum")[-1]
+
+
+def test_a_per_step_history_may_repeat_epochs(write: Callable[[str, str], Path]) -> None:
+    policy = write("p.yaml", "version: 1\ndefaults:\n  policy: {type: range_test}\n")
+    lines = "".join(f"{s // 50},{s},{2.0 - 0.001 * s}\n" for s in range(200))
+    csv = write("h.csv", "epoch,step,loss\n" + lines)
+    result = run_cli(
+        "simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert rows[0]["lr"] == 10 ** (1 / 20) * 1e-8 and rows[60]["epoch"] == 1
+    bad = write("bad.csv", "epoch,step,loss\n0,0,1\n0,0,1\n")
+    result = run_cli("simulate", "--policy", str(policy), "--job", "j", "--metrics", str(bad))
+    assert result.returncode == 2 and "bad.csv:3: steps must increase" in result.stderr
+
+
+def test_keras_csvlogger_na_cells_are_missing(write: Callable[[str, str], Path]) -> None:
+    policy = write("p.yaml", RANGE_TEST)
+    csv = write("h.csv", "epoch,learning_rate,loss,val_loss\n0,1e-08,2.0,NA\n1,1.1e-08,1.9,NA\n")
+    result = run_cli(
+        "simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv), "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r["value"] for r in json.loads(result.stdout)] == [2.0, 1.9]
+
+
+def test_range_test_plot_is_loss_against_lr(
+    write: Callable[[str, str], Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    policy = write(
+        "p.yaml",
+        "version: 1\ndefaults:\n  phases:\n    - {type: range_test, unit: epoch}\n"
+        "    - {type: plateau, lr: suggested, monitor: loss}\n",
+    )
+    csv = write("h.csv", _seed_history())
+    png = tmp_path / "rt.png"
+    result = run_cli(
+        "simulate", "--policy", str(policy), "--job", "j", "--metrics", str(csv), "--plot", str(png)
+    )
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_range_test_plot_marks_the_three_suggestions(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrpilot.controller.policies import RangeTest
+    from lrpilot.controller.simulate import _plot_range_test, plot_range_test
+
+    policy = RangeTest(unit="epoch")
+    state = policy.start(1e-3, 0)
+    for line in _seed_history().splitlines()[1:]:
+        epoch, loss = line.split(",")
+        state, d = policy.step(state, int(epoch), {"loss": float(loss)}, {})
+        if d.action == "restore":
+            break
+    report = policy.range_test_report(state)
+    assert report is not None
+    fig, ax = plt.subplots()
+    _plot_range_test(ax, report)
+    assert ax.get_xscale() == "log" and ax.get_xlabel().startswith("learning rate")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    for name in ("valley", "steep", "minimum"):
+        assert any(label.startswith(f"{name}: ") for label in labels), labels
+    assert any("(suggested)" in label and label.startswith("valley") for label in labels)
+    plt.close(fig)
+    png = tmp_path / "report.png"  # what `lrpilot range-test JOB --plot` can draw
+    plot_range_test(report, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

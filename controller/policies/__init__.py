@@ -6,10 +6,12 @@ from .base import REASONS, Decision, Event, Policy, State, fingerprint, float32,
 from .constant import Constant
 from .cosine import CosineDecay
 from .exponential import ExponentialDecay
+from .formula import Formula, FormulaError, FormulaState
 from .inverse_time import InverseTimeDecay
 from .multistep import MultiStep
 from .phases import Phase, Phases, PhasesState
 from .plateau import Plateau, PlateauState, resolve_mode
+from .range_test import RangeTest, RangeTestState
 from .schedule import Schedule, ScheduleState
 from .step import StepDecay
 from .warmup import Warmup
@@ -22,6 +24,9 @@ __all__ = [
     "Decision",
     "Event",
     "ExponentialDecay",
+    "Formula",
+    "FormulaError",
+    "FormulaState",
     "InverseTimeDecay",
     "MultiStep",
     "Phase",
@@ -30,6 +35,8 @@ __all__ = [
     "Plateau",
     "PlateauState",
     "Policy",
+    "RangeTest",
+    "RangeTestState",
     "Schedule",
     "ScheduleState",
     "State",
@@ -53,5 +60,7 @@ POLICY_TYPES: dict[str, type[Policy]] = {
         CosineDecay,
         Warmup,
         Constant,
+        RangeTest,
+        Formula,
     )
 }

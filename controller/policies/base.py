@@ -77,9 +77,13 @@ class Decision:
     Args:
         lr: the learning rate to use from t+1.
         event: what changed, or None when nothing did.
-        action: `"stop"` when the policy asks the trainer to stop.
+        action: what the trainer should do at the boundary, besides using `lr`: `"stop"`
+            (stop training), `"snapshot"` (keep a copy of the model and optimizer state: a
+            range test starts) or `"restore"` (put that copy back: a range test ended).
         warning: something the user should hear about (a missing metric, say).
         apply: False in shadow mode: the decision is recorded but not sent.
+        detail: a line for the audit row (a range test's curve and suggestions, as JSON).
+        notice: a notice code for the client (`"clamped"`: a formula left (0, 10]).
     """
 
     lr: float
@@ -87,6 +91,8 @@ class Decision:
     action: str | None = None
     warning: str | None = None
     apply: bool = True
+    detail: str | None = None
+    notice: str | None = None
 
     @property
     def reason(self) -> str:
@@ -166,6 +172,28 @@ class Policy(ABC):
     def describe(self, state: State) -> dict[str, Any]:
         """What `status` shows about this policy's state: monitor, value, best, wait, patience."""
         return {"policy": self.type, "phase": None}
+
+    # -- hooks for policies that end by themselves (the range test); no-ops for the rest --
+
+    def finished(self, state: State) -> bool:
+        """Whether this policy has done its work; a finished phase ends even without `until`."""
+        return False
+
+    def start_action(self, state: State) -> str | None:
+        """The action to send with the first LR of this policy (hello, or entering its phase).
+
+        A range test that has not started yet returns `"snapshot"`; every other policy None.
+        """
+        return None
+
+    def range_test_report(self, state: State) -> dict[str, Any] | None:
+        """The LR range test's curve and suggestions, or None for policies that run none.
+
+        Shape: `{"points": [[lr, loss, smoothed], ...], "suggestions": {"valley": x,
+        "steep": y, "minimum": z}, "suggest": "valley", "suggested_lr": x,
+        "stop_reason": "divergence"|"end_lr"|None, "done": bool}`; non-finite numbers are None.
+        """
+        return None
 
     def decision(self, state: State, new_lr: float, kind: str, **extra: Any) -> Decision:
         event = Event(kind, state.lr, new_lr, extra.get("wait"), extra.get("patience"))

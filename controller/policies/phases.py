@@ -1,10 +1,15 @@
 """A chain of policies (`phases:`), each lasting `until` epochs (or steps).
 
-Local time `t` restarts at 0 in each phase. When a phase ends, the next one
-starts from the LR the previous left (`lr: previous`, the default), from a
-fixed `lr: <float>`, or from a range test's suggestion (`lr: suggested`). The
+Local time `t` restarts at 0 in each phase. A phase ends after `until`, or when
+its policy has `finished` (a range test that stopped). The next one starts from
+the LR the previous left (`lr: previous`, the default), from a fixed
+`lr: <float>`, or from the last range test's suggestion (`lr: suggested`). The
 LR a phase leaves is the one it decided for its last report, i.e. its value at
 local time `until`: a warmup of 3 epochs leaves exactly `to_lr`.
+
+The decision that changes phase carries the ending phase's action and detail (a
+range test's `restore` and its curve), or else the action the next phase starts
+with (`snapshot` when entering a range test).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class PhasesState(State):
     index: int = 0
     start: int = 0
     inner: dict[str, Any] = field(default_factory=dict)
-    suggested: float | None = None
+    suggested: float | None = None  # the last range test's suggestion: `lr: suggested`
+    range_test: dict[str, Any] | None = None  # that test's report, kept after its phase
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,21 +86,35 @@ class Phases(Policy):
     ) -> tuple[State, Decision]:
         assert isinstance(state, PhasesState)
         phase = self.phases[state.index]
-        inner, decision = phase.policy.step(
-            self.inner_state(state), t - state.start, metrics, directions
-        )
+        before = self.inner_state(state)
+        inner, decision = phase.policy.step(before, t - state.start, metrics, directions)
         new = state.replace(lr=inner.lr, inner=inner.to_dict())
+        finished = phase.policy.finished(inner) and not phase.policy.finished(before)
+        if finished:
+            report = phase.policy.range_test_report(inner)
+            if report is not None:
+                new = new.replace(suggested=report["suggested_lr"], range_test=report)
         last = state.index == len(self.phases) - 1
-        if phase.until is None or last or t + 1 - state.start < phase.until:
+        timed_out = phase.until is not None and t + 1 - state.start >= phase.until
+        if last or not (finished or timed_out):
             return new, decision
         # The phase ends with this report: the next one owns the LR from t+1.
         index = state.index + 1
-        begin = state.start + phase.until
+        begin = state.start + phase.until if timed_out and phase.until is not None else t + 1
         nxt = self.phases[index]
-        inner = nxt.policy.start(self._phase_lr(nxt, inner.lr, state.suggested), t + 1 - begin)
+        inner = nxt.policy.start(self._phase_lr(nxt, inner.lr, new.suggested), t + 1 - begin)
         new = new.replace(lr=inner.lr, index=index, start=begin, inner=inner.to_dict())
-        event = Event("phase", state.lr, inner.lr)
-        return new, Decision(inner.lr, event, decision.action, decision.warning, nxt.policy.apply)
+        # A policy that ended itself names the change (range_test); otherwise it is `phase`.
+        kind = decision.event.kind if finished and decision.event is not None else "phase"
+        return new, Decision(
+            inner.lr,
+            Event(kind, state.lr, inner.lr),
+            decision.action or nxt.policy.start_action(inner),
+            decision.warning,
+            nxt.policy.apply,
+            detail=decision.detail,
+            notice=decision.notice,
+        )
 
     def rebase(self, state: State, lr: float, t: int) -> State:
         assert isinstance(state, PhasesState)
@@ -107,4 +127,21 @@ class Phases(Policy):
         policy = self.phases[state.index].policy
         info = policy.describe(self.inner_state(state))
         info["phase"] = f"{state.index + 1}/{len(self.phases)} {policy.type}"
+        if state.suggested is not None:
+            info.setdefault("suggested_lr", state.suggested)
         return info
+
+    # The hooks ask the phase in force; a finished range test's report outlives its phase.
+
+    def finished(self, state: State) -> bool:
+        assert isinstance(state, PhasesState)
+        return self.phases[state.index].policy.finished(self.inner_state(state))
+
+    def start_action(self, state: State) -> str | None:
+        assert isinstance(state, PhasesState)
+        return self.phases[state.index].policy.start_action(self.inner_state(state))
+
+    def range_test_report(self, state: State) -> dict[str, Any] | None:
+        assert isinstance(state, PhasesState)
+        report = self.phases[state.index].policy.range_test_report(self.inner_state(state))
+        return report if report is not None else state.range_test
