@@ -218,6 +218,11 @@ class Client:
             `mode: auto` cannot guess from the name.
         strict: True raises `ControllerUnavailable` when the hello gets no answer within
             `timeout`, for those who would rather not train without the controller.
+        snapshot_fn, restore_fn: for LR range tests: called (in this thread, at the boundary
+            the controller names) to keep a copy of the model's and optimizer's state and to
+            put it back; the restore runs before the suggested LR applies. Without them a
+            policy that starts with a range test is refused at hello (notice
+            `restore_unsupported`) and the job keeps its own LR.
 
     Raises:
         ValueError: for bad arguments, with what to change (at construction only).
@@ -247,9 +252,14 @@ class Client:
         framework: str = "python",
         directions: Mapping[str, str] | None = None,
         strict: bool = False,
+        snapshot_fn: Callable[[], None] | None = None,
+        restore_fn: Callable[[], None] | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.strict = bool(strict)
+        if (snapshot_fn is None) != (restore_fn is None):
+            raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
+        self._snapshot_fn, self._restore_fn = snapshot_fn, restore_fn
         self.job = resolve_job(job)
         self.rank, self.world = resolve_rank_world(rank, world)
         seconds = to_scalar(timeout)
@@ -627,6 +637,7 @@ class Client:
             host=socket.gethostname()[:255],
             pid=os.getpid(),
             directions=self.directions,
+            restore=self._restore_fn is not None,
         )
         if not self._send(encode(hello.to_wire())):
             return False
@@ -805,7 +816,11 @@ class Client:
         for n, decision in due:
             # A decision received before the one in force is outdated: it changes no LR
             # (e.g. a plateau step for epoch 5 after an override for epoch 3), but its
-            # action still happens.
+            # action still happens. A restore puts the weights back before the LR changes.
+            if decision.action == "snapshot" and self._snapshot_fn is not None:
+                self._snapshot_fn()
+            elif decision.action == "restore" and self._restore_fn is not None:
+                self._restore_fn()
             if n > self._applied:
                 self._lr, self._applied = decision.lr, n
             if decision.action == "stop":

@@ -222,6 +222,7 @@ class Hello:
     host: str = ""
     pid: int = 0
     directions: dict[str, str] = field(default_factory=dict)
+    restore: bool = False  # the client can snapshot and restore its weights (range test)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -238,6 +239,7 @@ class Hello:
             "host": self.host,
             "pid": self.pid,
             "directions": self.directions,
+            "restore": self.restore,
         }
 
     @classmethod
@@ -267,6 +269,7 @@ class Hello:
             host=_str(msg, "host", 255, optional=True),
             pid=int(_int(msg, "pid", 0, 1 << 32, optional=True) or 0),
             directions=dict(directions),
+            restore=msg.get("restore") is True,
         )
 
 
