@@ -392,6 +392,33 @@ def cmd_history(args: argparse.Namespace) -> int:
     return _with_admin(args, run)
 
 
+def cmd_range_test(args: argparse.Namespace) -> int:
+    def run(admin: Any) -> int:
+        report = admin.range_test(args.job)
+        if args.plot:
+            from .simulate import plot_range_test
+
+            plot_range_test(report, args.plot)
+        if args.json:
+            print(json.dumps(report))
+            return 0
+        found = report.get("suggestions") or {}
+        state = "done" if report.get("done") else "running"
+        print(
+            f"{args.job}: LR range test {state}, {len(report.get('points') or [])} points, "
+            f"stopped: {report.get('stop_reason') or '-'}"
+        )
+        for name in ("valley", "steep", "minimum"):
+            mark = "  <- suggest" if name == report.get("suggest") else ""
+            print(f"  {name:<8} {_lr(found.get(name))}{mark}")
+        print(f"suggested lr: {_lr(report.get('suggested_lr'))}")
+        if args.plot:
+            print(f"plot: {args.plot}")
+        return 0
+
+    return _with_admin(args, run)
+
+
 def cmd_forget(args: argparse.Namespace) -> int:
     def run(admin: Any) -> int:
         admin.forget(args.job)
@@ -604,6 +631,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_duration, metavar="DURATION", help="only the last DURATION")
     p.add_argument("--tail", type=_positive_int, metavar="N", help="only the last N changes")
     p.set_defaults(handler=cmd_history)
+
+    p = sub.add_parser(
+        "range-test", parents=[admin], help="the job's last LR range test and its suggestions"
+    )
+    p.add_argument("job")
+    p.add_argument("--json", action="store_true", help="points, suggestions, stop reason")
+    p.add_argument("--plot", metavar="PNG", help="draw loss against LR (log axis) into a PNG")
+    p.set_defaults(handler=cmd_range_test)
 
     p = sub.add_parser("forget", parents=[admin], help="drop a job's state")
     p.add_argument("job")

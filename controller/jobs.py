@@ -250,6 +250,9 @@ class Batch:
             limit = self.table.max_jobs
             raise ProtocolError("max_jobs", f"the controller holds --max-jobs {limit} jobs")
         rule = job.rule if job is not None else self.table.rule_for(h.job)
+        if not h.restore and transitions.needs_restore(job, h, rule):
+            self.out += transitions.refuse_range_test(h)
+            return
         self._apply(transitions.hello(job, h, rule, self.env, self.snapshot))
 
     def report(self, r: Report) -> None:

@@ -219,6 +219,7 @@ def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, An
         "version": job.version,
         "shadow_lr": job.shadow_lr,
         "override": _override_view(job.override),
+        "suggested_lr": finite(info.get("suggested_lr")),
     }
 
 

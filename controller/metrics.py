@@ -223,6 +223,9 @@ def _job_lines(job: JobState, c: Counters | None) -> tuple[str, ...]:
         f'lrpilot_policy_info{{training_job="{job.name}",policy="{job.policy.type}",'
         f'phase="{phase}"}} 1.0\n'
     )
+    suggested = ""
+    if isinstance(described.get("suggested_lr"), float):
+        suggested = f"lrpilot_range_test_suggested_lr{j}{_go(described['suggested_lr'])}\n"
     last = ""
     if job.last_report_wall:
         last = f"lrpilot_last_report_timestamp_seconds{j}{_go(job.last_report_wall)}\n"
@@ -248,7 +251,7 @@ def _job_lines(job: JobState, c: Counters | None) -> tuple[str, ...]:
         changes,
         reports,
         late,
-        "",  # lrpilot_range_test_suggested_lr
+        suggested,
         last,
         f"lrpilot_job_finished{j}{'1.0' if job.sessions.finished() else '0.0'}\n",
     )

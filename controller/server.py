@@ -149,6 +149,7 @@ class Server:
             "reload": self._reload_request,
             "history": self._history,
             "forget": self._forget,
+            "range_test": self._range_test,
         }
         self.metrics.last_reload_timestamp.set(wall())
         self.loader: PolicyLoader | None = None
@@ -558,6 +559,17 @@ class Server:
         if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0:
             rows = rows[len(rows) - tail :] if tail else []
         return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
+
+    def _range_test(self, msg: dict[str, Any]) -> dict[str, Any]:
+        name = check_name(msg.get("job"), "job")
+        self._allowed(name)
+        job = self.table.jobs.get(name)
+        if job is None:
+            return _error("unknown_job", f"no job {name!r}")
+        report = job.policy.range_test_report(job.state)
+        if report is None:
+            return _error("unknown_job", f"job {name!r} has run no LR range test")
+        return {"t": "range_test", "job": name, **report}
 
     def _forget(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")

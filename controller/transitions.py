@@ -221,7 +221,39 @@ def hello(
         sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid),
         last_seen=env.now,
     )
-    return Step(job, [(h.session, lr_message(job, reason, None, start))], audit)
+    # A policy that starts with a range test: every rank keeps a copy of its weights first.
+    action = job.policy.start_action(job.state)
+    return Step(job, [(h.session, lr_message(job, reason, None, start, action))], audit)
+
+
+def needs_restore(job: JobState | None, h: Hello, rule: JobRule) -> bool:
+    """Whether this hello would start (or join) a range test that has not begun yet."""
+    if job is None:
+        rule = rule.for_framework(h.framework)
+        start = h.start_step if rule.policy.unit == "step" else h.start_epoch
+        state = rule.policy.start(rule.lr0(h.lr), start)
+        return rule.policy.start_action(state) == "snapshot"
+    return job.policy.start_action(job.state) == "snapshot"
+
+
+def refuse_range_test(h: Hello) -> Outgoing:
+    """The answer to a client that cannot restore weights, for a job that starts with a
+    range test: its own LR and notice `restore_unsupported`; the rank does not join."""
+    text = (
+        f"job {h.job}'s policy starts with an LR range test, which needs a client that can "
+        "put its weights back: the Keras callback, LRPilotScheduler(optimizer, model=model), "
+        "or Client(snapshot_fn=..., restore_fn=...); training goes on at its own LR"
+    )
+    refusal = LrMessage(
+        job=h.job,
+        lr=h.lr,
+        version=0,
+        run=0,
+        reason="unchanged",
+        apply_from_epoch=h.start_epoch,
+        notices=(("restore_unsupported", text),),
+    )
+    return [(h.session, refusal)]
 
 
 def _starts_new_run(job: JobState, rank: int, env: Env) -> bool:
@@ -337,6 +369,8 @@ def decide(
     notices: list[tuple[str, str]] = []
     if isinstance(monitor, str) and monitor not in metrics and decision.warning:
         notices.append(("monitor_missing", decision.warning))
+    if decision.notice is not None:
+        notices.append((decision.notice, decision.warning or decision.notice))
     old_lr = job.lr
     audit: list[AuditRow] = []
     if not decision.apply:
@@ -356,26 +390,28 @@ def decide(
             )
         decision = Decision(old_lr)
     else:
-        changed = decision.lr != old_lr
+        changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
         job = job.with_(state=state, version=job.version + 1 if changed else job.version)
         if changed:
-            audit.append(audit_row(job, env, old_lr, decision.reason, t + 1))
+            row = audit_row(job, env, old_lr, decision.reason, t + 1, detail=decision.detail)
+            audit.append(row)
     job = job.with_(last_epoch=t, value=value)
     o = job.override
     if o is not None and (
         (o.until_epoch is not None and t + 1 >= o.until_epoch)
         or (o.until_wall is not None and env.wall >= o.until_wall)
     ):
-        job, row = _end_override(job, env, t)
-        if row is not None:
-            audit.append(row)
+        job, expired = _end_override(job, env, t)
+        if expired is not None:
+            audit.append(expired)
             decision = Decision(job.lr, Event("override", old_lr, job.lr), decision.action)
-    reason = decision.reason if decision.lr != old_lr else "unchanged"
+    changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
+    reason = decision.reason if changed else "unchanged"
     out: Outgoing = [
         (r.session, lr_message(job, reason, r.seq, t + 1, decision.action, tuple(notices)))
         for r in reports.values()
     ]
-    if decision.lr != old_lr or decision.action:
+    if changed or decision.action:
         out += [
             (w.session, lr_message(job, reason, None, t + 1, decision.action))
             for w in job.sessions.live(env.now, env.worker_timeout)
