@@ -137,7 +137,7 @@ class Controller:
             return str(resp.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample's value from a real scrape (0.0 when absent)."""
+        """One sample's value from a real scrape; a missing series fails the test."""
         from prometheus_client.parser import text_string_to_metric_families
 
         for family in text_string_to_metric_families(self.scrape()):
@@ -146,7 +146,7 @@ class Controller:
                     sample.labels.get(k) == v for k, v in labels.items()
                 ):
                     return float(sample.value)
-        return 0.0
+        raise AssertionError(f"no series {name}{labels} in the scrape")
 
 
 @pytest.fixture
