@@ -32,20 +32,19 @@ from lrpilot.client.protocol import (
     ErrorMessage,
     Hello,
     Report,
-    check_name,
     decode,
     encode,
     parse_client_dict,
 )
 
 from . import __version__
+from .admin_requests import JobRequests, error
 from .auth import Authorizer, Grant
 from .jobs import Batch, JobTable
-from .jobstate import status_row
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import Store, rfc3339
+from .store import Store
 from .transitions import Outgoing
 
 __all__ = ["BindError", "ServeConfig", "Server", "parse_ready_line", "serve"]
@@ -69,10 +68,6 @@ def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         raise BindError(f"cannot bind {endpoint} ({flag}): {exc}") from None
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"t": "error", "code": code, "message": message}
 
 
 @dataclass(frozen=True)
@@ -143,13 +138,14 @@ class Server:
             job_ttl=config.job_ttl,
         )
         self.metrics.watch(self.table, clock)
+        jobs = JobRequests(self)
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "status": self._status,
-            "set_lr": self._set_lr,
+            "status": jobs.status,
+            "set_lr": jobs.set_lr,
+            "history": jobs.history,
+            "forget": jobs.forget,
+            "range_test": jobs.range_test,
             "reload": self._reload_request,
-            "history": self._history,
-            "forget": self._forget,
-            "range_test": self._range_test,
         }
         self.metrics.last_reload_timestamp.set(wall())
         self.loader: PolicyLoader | None = None
@@ -163,7 +159,7 @@ class Server:
         self._auth: Any = None
         #: The grants of the authorized keys when CURVE is on, else None.
         self.authorizer: Authorizer | None = None
-        self._admin_grant: Grant | None = None  # of the admin request being handled
+        self.admin_grant: Grant | None = None  # of the admin request being handled
         self._http: Any = None
         try:
             self.sock = self._client_socket()
@@ -348,15 +344,15 @@ class Server:
                 self._store_failed(exc)
                 text = "the controller cannot store its state now; resend later"
                 errors += [(i, ErrorMessage("unavailable", text, seq)) for i, seq in received]
-                self._send(errors)
+                self.send(errors)
                 return
         out = self.table.publish(batch)
         self.table.expire_idle(due, now)
         for step in batch.steps:
             for code in step.invalid:
                 self.metrics.invalid.labels(code).inc()
-        self._send(errors)
-        self._send(out)
+        self.send(errors)
+        self.send(out)
         if batch.steps:
             elapsed = max(self.clock() - now, 0.0)
             for step in batch.steps:
@@ -425,7 +421,7 @@ class Server:
                 exc,
             )
 
-    def _commit(self, batch: Batch) -> Outgoing:
+    def commit(self, batch: Batch) -> Outgoing:
         """Commit an admin batch; raises on failure (the table is unchanged)."""
         try:
             self.store.commit(batch.writes())
@@ -440,7 +436,7 @@ class Server:
             log.warning("invalid message from %s: %s", ident.hex()[:12], exc)
         errors.append((ident, ErrorMessage(exc.code, exc.message, seq)))
 
-    def _send(self, out: Outgoing) -> None:
+    def send(self, out: Outgoing) -> None:
         send = self.sock.send_multipart
         for ident, message in out:
             try:
@@ -458,12 +454,12 @@ class Server:
                 return
             try:
                 if self.authorizer is not None:
-                    self._admin_grant = self.authorizer.grant(user)
-                    if self._admin_grant is None:
+                    self.admin_grant = self.authorizer.grant(user)
+                    if self.admin_grant is None:
                         raise ProtocolError("forbidden", "this key is no longer authorized")
                 reply = self._admin(frames[-1])
             except ProtocolError as exc:
-                reply = _error(exc.code, exc.message)
+                reply = error(exc.code, exc.message)
             except Exception as exc:
                 log.exception("admin request failed")
                 reply = {"t": "error", "code": "internal", "message": f"controller error: {exc}"}
@@ -478,115 +474,15 @@ class Server:
             msg = decode(frame, limit=ADMIN_MAX_REQUEST)
             handler = self._admin_handlers.get(msg["t"])
             if handler is None:
-                return _error("unknown_type", f"unknown request {msg['t'][:40]!r}")
+                return error("unknown_type", f"unknown request {msg['t'][:40]!r}")
             return handler(msg)
         except ProtocolError as exc:
-            return _error(exc.code, exc.message)
-
-    def _allowed(self, job: str) -> None:
-        """An admin request about `job` from a key that may not steer it is forbidden."""
-        grant = self._admin_grant
-        if self.authorizer is not None and (grant is None or not grant.allows(job)):
-            raise ProtocolError("forbidden", f"this key may not use job {job}")
-
-    def _status(self, msg: dict[str, Any]) -> dict[str, Any]:
-        now, timeout = self.clock(), self.table.worker_timeout
-        grant = self._admin_grant if self.authorizer is not None else None
-        jobs = [
-            status_row(j, now, timeout)
-            for j in self.table.jobs.values()
-            if grant is None or grant.allows(j.name)
-        ]
-        return {"t": "status", "jobs": jobs}
-
-    def _set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self._allowed(name)
-        lr = msg.get("lr")
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, int | float)
-            or not (math.isfinite(lr) and 0 < lr <= 10)
-        ):
-            return _error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
-        reason = str(msg.get("reason") or "")[:500]
-        author = str(msg.get("author") or "operator")[:200]
-        epochs, seconds = msg.get("epochs"), msg.get("seconds")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1 << 40
-        ):
-            return _error("out_of_range", f"epochs must be an integer >= 1, got {epochs!r}")
-        if seconds is not None and (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (math.isfinite(seconds) and seconds > 0)
-        ):
-            return _error("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
-        if epochs is not None and seconds is not None:
-            return _error("schema", "an override ends after epochs or after a duration, not both")
-        batch = self.table.batch(self.clock(), self.wall())
-        try:
-            job = batch.override(name, float(lr), reason, author, epochs, seconds)
-        except KeyError:
-            return _error("unknown_job", f"no job {name!r}")
-        try:
-            self._send(self._commit(batch))
-        except Exception as exc:
-            return _error("unavailable", f"could not store the override: {exc}")
-        reply = {"t": "ok", "job": name, "lr": job.lr, "version": job.version}
-        row = status_row(job, self.clock(), self.table.worker_timeout)
-        reply["override"] = row["override"]
-        reply["apply_from"] = job.next_t()
-        return reply
-
-    def _history(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self._allowed(name)
-        rows = self.store.history(name)
-        job = self.table.jobs.get(name)
-        if not rows and job is None:
-            return _error("unknown_job", f"no job {name!r}")
-        if not msg.get("all_runs"):  # one run: the one asked for, else the current one
-            run = msg.get("run")
-            if not isinstance(run, int):
-                run = job.run if job is not None else (rows[-1].run if rows else None)
-            rows = [r for r in rows if r.run == run]
-        since = msg.get("since")
-        if isinstance(since, int | float) and not isinstance(since, bool):
-            start = rfc3339(self.wall() - float(since))
-            rows = [r for r in rows if r.time >= start]
-        tail = msg.get("tail")
-        if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0:
-            rows = rows[len(rows) - tail :] if tail else []
-        return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
-
-    def _range_test(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self._allowed(name)
-        job = self.table.jobs.get(name)
-        if job is None:
-            return _error("unknown_job", f"no job {name!r}")
-        report = job.policy.range_test_report(job.state)
-        if report is None:
-            return _error("unknown_job", f"job {name!r} has run no LR range test")
-        return {"t": "range_test", "job": name, **report}
-
-    def _forget(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self._allowed(name)
-        batch = self.table.batch(self.clock(), self.wall())
-        if not batch.forget(name):
-            return _error("unknown_job", f"no job {name!r}")
-        try:
-            self._commit(batch)
-        except Exception as exc:
-            return _error("unavailable", f"could not forget {name!r}: {exc}")
-        return {"t": "ok", "job": name}
+            return error(exc.code, exc.message)
 
     # -- reload -----------------------------------------------------------------------
 
     def _reload_request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        grant = self._admin_grant
+        grant = self.admin_grant
         if self.authorizer is not None and (grant is None or not grant.unrestricted):
             raise ProtocolError("forbidden", "reload needs a key without a jobs restriction")
         self.reload_keys()
@@ -628,11 +524,11 @@ class Server:
         batch = self.table.batch(self.clock(), self.wall())
         batch.rebind_all(new)
         try:
-            out = self._commit(batch)
+            out = self.commit(batch)
         except Exception as exc:
             return self._reload_failed([f"{self.config.policy}: could not store the change: {exc}"])
         self.table.swap_policies(new)
-        self._send(out)
+        self.send(out)
         self.reload_keys()
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload_timestamp.set(self.wall())

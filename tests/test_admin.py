@@ -107,7 +107,7 @@ def test_an_override_for_a_duration_ends_at_its_time(server: tuple[Server, Clock
         assert _turn_until_answer(s, w).lr == 0.8  # type: ignore[attr-defined]
         batch = s.table.batch(clock(), clock.wall())
         batch.override("timed", 0.01, "night shift", "ops@host", seconds=7200)
-        s._send(s._commit(batch))
+        s.send(s.commit(batch))
         assert _turn_until_answer(s, w).lr == 0.01  # type: ignore[attr-defined]
         clock.t += 7199
         s.turn()
