@@ -170,6 +170,22 @@ def controller_factory(tmp_path: Path) -> Iterator[Callable[..., Controller]]:
         c.kill()
 
 
+class Clock:
+    """Monotonic and wall time that move only when a test says so (`clock.t += 5`).
+
+    Pass the clock itself as `clock=` and `clock.wall` as `wall=` to a `Server`.
+    """
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return 1.7e9 + self.t
+
+
 class Wire:
     """A raw protocol peer (a DEALER speaking msgpack) for exact, deterministic tests."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Controller, Wire, run_cli
+from conftest import Clock, Controller, Wire, run_cli
 
 from lrpilot.client.protocol import Hello, LrMessage, encode
 from lrpilot.controller.admin import Admin
@@ -58,17 +58,6 @@ def test_an_override_for_n_epochs_ends_and_the_schedule_takes_over(
         assert next(j for j in admin.status() if j["job"] == "exp")["override"] is None
     finally:
         w.close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 500.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return 1.7e9 + self.t
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Wire
+from conftest import Clock, Wire
 from prometheus_client.parser import text_string_to_metric_families
 
 from lrpilot.client.errors import ProtocolError
@@ -37,19 +37,6 @@ defaults:
   policy: {type: plateau, monitor: val_loss, factor: 0.5, patience: 1, min_delta: 0.0}
   aggregate_timeout: 5
 """
-
-
-class Clock:
-    """Monotonic and wall time that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return 1.7e9 + self.t
 
 
 def session() -> bytes:
