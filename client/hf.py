@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,9 +22,11 @@ import transformers
 
 from .core import Client
 from .env import resolve_job
-from .torch import number, scalars, set_lr
+from .torch import StateSnapshot, number, scalars, set_lr
 
 __all__ = ["LRPilotTrainerCallback"]
+
+logger = logging.getLogger("lrpilot.client")
 
 # Logged values that are not metrics of the model.
 _NOT_METRICS = frozenset({"epoch", "learning_rate", "total_flos", "step"})
@@ -63,6 +66,14 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
     logged `learning_rate` is the LR the optimizer used. An evaluation before any
     training step (`eval_on_start`) is not reported. The controller being absent or slow
     never stops training: the LR then stays as it is.
+
+    LR range tests (`type: range_test`; per step they need `unit="step"` and
+    `logging_steps=1`, the sweep taking one LR per report): the hello comes before the
+    first step; when the test starts (`action: snapshot`) the callback keeps CPU copies of
+    `model.state_dict()` and the optimizer's `state_dict()`, and when it stops (`action:
+    restore`, at the log or evaluation whose report ended it) it loads them back and sets
+    the suggested LR, on the optimizer and as the constant scheduler's base LR. Not
+    restored: the trainer's state (`global_step`, the epoch, its RNGs) and an AMP scaler.
 
     Args:
         job: the job name; default `LRPILOT_JOB`.
@@ -106,6 +117,9 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         self._lr = 0.0  # the LR set on the optimizer
         self._next_eval = 0  # the controller's epoch of the next evaluation
         self._trained_at = 0  # the global step of the last report (or of the start)
+        self._model: Any = None
+        self._snapshot: StateSnapshot | None = None  # from a range test's start to its end
+        self._restored = False  # a restore put the optimizer's own LRs back: set them again
 
     # -- training --------------------------------------------------------------------------
 
@@ -116,6 +130,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         control: Any,
         optimizer: Any = None,
         lr_scheduler: Any = None,
+        model: Any = None,
         **kwargs: Any,
     ) -> None:
         kind = _name(args.lr_scheduler_type)
@@ -135,7 +150,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
             )
         if optimizer is None or not optimizer.param_groups:
             raise ValueError("LRPilotTrainerCallback needs the Trainer's optimizer")
-        self._optimizer, self._scheduler = optimizer, scheduler
+        self._optimizer, self._scheduler, self._model = optimizer, scheduler, model
         lr = number(optimizer.param_groups[0]["lr"])
         if lr is None:
             raise ValueError("LRPilotTrainerCallback: the optimizer's LR is not a number")
@@ -159,6 +174,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
             framework="hf",
             directions=directions,
             strict=self.strict,
+            snapshot_fn=self._take_snapshot if model is not None else None,
+            restore_fn=self._restore if model is not None else None,
         )
         self._apply(self.client.lr, control)
 
@@ -166,7 +183,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         if self.client is not None:
             self.client.close()
             self.client = None
-        self._optimizer = self._scheduler = None
+        self._optimizer = self._scheduler = self._model = None
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.client is not None and self.unit == "epoch":
@@ -210,6 +227,26 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         self._trained_at = state.global_step
         self._apply(lr, control)
 
+    # -- range tests -----------------------------------------------------------------------
+
+    def _take_snapshot(self) -> None:
+        """`action: snapshot`: copy the model's and the optimizer's state."""
+        self._snapshot = StateSnapshot(self._model, [self._optimizer])
+
+    def _restore(self) -> None:
+        """`action: restore`: load the copy back; `_apply` then sets the suggested LR."""
+        if self._snapshot is None:
+            logger.warning(
+                "lrpilot: the range test of job %s ended, but this callback kept no copy of "
+                "the state from its start (it joined later); training goes on from the "
+                "weights as they are",
+                self.job,
+            )
+            return
+        self._snapshot.restore()
+        self._snapshot = None
+        self._restored = True
+
     # -- helpers ---------------------------------------------------------------------------
 
     @staticmethod
@@ -230,7 +267,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
 
     def _apply(self, lr: float, control: Any) -> None:
         optimizer = self._optimizer
-        if set_lr([optimizer], lr):
+        if set_lr([optimizer], lr) or self._restored:
+            self._restored = False
             lrs = [number(group["lr"]) or 0.0 for group in optimizer.param_groups]
             scheduler = self._scheduler
             if scheduler is not None:

@@ -5,15 +5,21 @@ Importing this module imports Keras; `lrpilot.client` itself never does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
+import numpy as np
 
 from .core import Client, scalar_metrics, to_scalar
 from .env import resolve_job
 
 __all__ = ["LRPilotCallback"]
+
+logger = logging.getLogger("lrpilot.client")
 
 _FIX = (
     "compile with a float learning rate, e.g. keras.optimizers.Adam(learning_rate=1e-3); "
@@ -31,6 +37,48 @@ def _current_lr(optimizer: Any) -> float:
 def _iterations(optimizer: Any) -> int:
     """The optimizer's step count (a device read)."""
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def _loss_tracker(model: Any) -> Any:
+    """The compiled model's `Mean` named "loss" (what batch-end logs read), or None."""
+    for metric in getattr(model, "metrics", None) or []:
+        if getattr(metric, "name", None) == "loss" and hasattr(metric, "count"):
+            return metric
+    return None
+
+
+def _tracked(tracker: Any) -> tuple[float, float]:
+    """The loss tracker's (total, count): sums over the batches of the epoch so far."""
+    total = keras.ops.convert_to_numpy(tracker.total)
+    return float(total), float(keras.ops.convert_to_numpy(tracker.count))
+
+
+class _Snapshot:
+    """The model's weights and the optimizer's variables, copied to host memory."""
+
+    __slots__ = ("variables", "weights")
+
+    def __init__(self, model: Any) -> None:
+        optimizer = model.optimizer
+        if not model.built:
+            raise ValueError(
+                "LRPilotCallback: an LR range test starts, but the model has no weights yet to "
+                "keep: build it before fit (a keras.Input first, or model.build(input_shape))"
+            )
+        if not optimizer.built:
+            # Its slots (momentum, Adam's moments) are made at the first step otherwise, and
+            # could not be put back as they were; Keras builds them on the same variables.
+            strategy = getattr(model, "distribute_strategy", None)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                optimizer.build(model.trainable_variables)
+        self.weights: list[Any] = model.get_weights()
+        # Every optimizer variable (its step count and learning rate too): put back exactly.
+        self.variables = [(v, np.array(v.numpy(), copy=True)) for v in optimizer.variables]
+
+    def restore(self, model: Any) -> None:
+        model.set_weights(self.weights)
+        for variable, value in self.variables:
+            variable.assign(value)
 
 
 def _flatten(nested: Any) -> list[Any]:
@@ -92,6 +140,18 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
     apply at the next epoch begin. Writes `logs["learning_rate"]`. The controller being
     absent or slow never stops training: the LR then stays as it is.
 
+    LR range tests (`type: range_test` in the policy): when the test starts (`action:
+    snapshot`) the callback copies `model.get_weights()` and the values of every optimizer
+    variable (the optimizer is built first if no step has made its slots yet); when it
+    stops (`action: restore`, at an epoch or, with `unit="step"`, a step boundary, also in
+    mid-epoch) it puts them back exactly, `optimizer.iterations` and the learning-rate
+    variable included, then sets the suggested LR. The steps it tells the controller keep
+    counting on: the job's step count is not reset. During the test each step report waits
+    for its answer (at most `timeout`), so every rank of a job runs each LR of the sweep at
+    the same step and restores at the same step. Keras' batch-end logs hold the mean loss
+    of the epoch so far; during the test the callback reports each step's own loss instead
+    (from the loss tracker's sums), as a range test needs it.
+
     Args:
         job: the job name; default `LRPILOT_JOB`.
         endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
@@ -105,10 +165,14 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         report_every: with `unit="step"`, report every this many steps.
         strict: True makes `fit` fail (`ControllerUnavailable`) when the controller does not
             answer at the first epoch, instead of training on at the optimizer's LR.
+        snapshot_fn, restore_fn: for models too large to copy in memory: called instead of
+            the copy (e.g. to write and read a checkpoint) when a range test starts and
+            ends; both or neither. The callback still sets the LR after `restore_fn`.
 
     Raises:
         ValueError: no job name, a bad argument, or (at `fit`) an optimizer built on a
-            `LearningRateSchedule` or a MultiOptimizer.
+            `LearningRateSchedule` or a MultiOptimizer, or a range test that starts before
+            the model has weights.
 
     Example:
 
@@ -125,10 +189,14 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         unit: str = "epoch",
         report_every: int = 1,
         strict: bool = False,
+        snapshot_fn: Callable[[], None] | None = None,
+        restore_fn: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         if unit not in ("epoch", "step"):
             raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        if (snapshot_fn is None) != (restore_fn is None):
+            raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
         if isinstance(report_every, bool) or not isinstance(report_every, int):
             raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
         if report_every < 1:
@@ -149,6 +217,16 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # is read once, at the hello (each read converts a variable, a device round trip).
         self._step = 0  # the next step to run
         self._epoch_start = 0  # the step the current epoch started at
+        self._snapshot_fn, self._restore_fn = snapshot_fn, restore_fn
+        # The copy kept from a range test's start to its end (kept across fits: a test may
+        # outlast one); `_testing` while it runs.
+        self._snapshot: _Snapshot | None = None
+        self._testing = False
+        # Steps a restore took off `optimizer.iterations`: the job's step count goes on.
+        self._steps_restored = 0
+        # During a test with unit="step": the loss tracker and its sums at the last report.
+        self._tracker: Any = None
+        self._sums = (0.0, 0.0)
         if unit == "step":
             # Keras dispatches batch ends asynchronously unless a callback overrides them;
             # only step mode needs them, so only step mode has them.
@@ -182,7 +260,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         self._epoch = epoch
         optimizer = self.model.optimizer
         if self.client is None or self.unit == "epoch":
-            self._step = _iterations(optimizer)
+            self._step = _iterations(optimizer) + self._steps_restored
         if self.client is None:  # the first epoch of this fit: hello from here
             self._lr = _current_lr(optimizer)
             self.client = Client(
@@ -195,11 +273,14 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 framework="keras",
                 directions=_directions(self.model),
                 strict=self.strict,
+                snapshot_fn=self._take_snapshot,
+                restore_fn=self._restore,
             )
             lr = self.client.lr
         else:
             lr = self.client.poll(epoch=epoch, step=self._step)
         self._epoch_start = self._step
+        self._sums = (0.0, 0.0)  # fit resets its metrics right before each epoch begin
         self._set_lr(epoch, lr, "setting")
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -233,13 +314,65 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         step = self._epoch_start + batch  # the update just made, 0-based
         done_before, self._step = self._step, step + 1
         if self._step // self.report_every > done_before // self.report_every:
-            lr = client.report(self._epoch, scalar_metrics(logs), step=step, wait=False)
+            metrics = scalar_metrics(logs)
+            if self._testing and self._tracker is not None:
+                self._own_loss(metrics)
+            lr = client.report(self._epoch, metrics, step=step, wait=self._testing)
         else:
             lr = client.poll(step=self._step)
         if lr != self._lr:
             self._set_lr(self._epoch, lr, "setting", quiet=True)
         if client.stop_requested:
             self.model.stop_training = True
+
+    # -- range tests -----------------------------------------------------------------------
+
+    def _take_snapshot(self) -> None:
+        """`action: snapshot`: keep the state from before the range test."""
+        if self._snapshot_fn is not None:
+            self._snapshot_fn()
+        else:
+            self._snapshot = _Snapshot(self.model)
+        self._testing = True
+        if self.unit == "step":
+            self._tracker = _loss_tracker(self.model)
+            if self._tracker is not None:
+                self._sums = _tracked(self._tracker)
+
+    def _own_loss(self, metrics: dict[str, float]) -> None:
+        """`metrics["loss"]` of the batches since the last report, not of the epoch so far."""
+        total, count = sums = _tracked(self._tracker)
+        before_total, before_count = self._sums
+        if count < before_count:  # reset in a way this callback did not see
+            before_total = before_count = 0.0
+        self._sums = sums
+        if count > before_count and "loss" in metrics:
+            metrics["loss"] = (total - before_total) / (count - before_count)
+
+    def _restore(self) -> None:
+        """`action: restore`: put the state from before the range test back; the client
+        then hands over the suggested LR, which `_set_lr` assigns."""
+        self._testing = False
+        self._tracker = None
+        optimizer = self.model.optimizer
+        before = _iterations(optimizer)
+        if self._restore_fn is not None:
+            self._restore_fn()
+        elif self._snapshot is not None:
+            self._snapshot.restore(self.model)
+            self._snapshot = None  # one test, one restore: free the copy
+        else:
+            logger.warning(
+                "lrpilot: the range test of job %s ended, but this callback kept no copy of "
+                "the weights from its start (it joined later); training goes on from the "
+                "weights as they are",
+                self.job,
+            )
+            return
+        self._steps_restored += before - _iterations(optimizer)
+        # The optimizer's learning-rate variable went back too: the next LR must be set even
+        # if it equals the one this callback set last.
+        self._lr = math.nan
 
     # -- helpers ---------------------------------------------------------------------------
 

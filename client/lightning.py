@@ -21,7 +21,7 @@ from typing import Any
 
 from .core import Client
 from .env import resolve_job
-from .torch import number, scalars, set_lr
+from .torch import StateSnapshot, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -56,6 +56,15 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
     optimizer steps without waiting and sets each decision at the first step end after it
     has arrived (as the Keras callback does). The
     controller being absent or slow never stops training: the LR then stays as it is.
+
+    LR range tests (`type: range_test`): the hello comes before the first step; when the
+    test starts (`action: snapshot`) the callback keeps CPU copies of
+    `pl_module.state_dict()` and every optimizer's `state_dict()`, and when it stops
+    (`action: restore`, after a validation run or, with `unit="step"`, after a step) it
+    loads them back and sets the suggested LR. During the test each step report waits for
+    its answer (at most `timeout`), so all ranks sweep in lockstep and restore at the same
+    step. Not restored: the trainer's counters (`global_step`, the epoch) and a precision
+    plugin's gradient scaler.
 
     Args:
         job: the job name; default `LRPILOT_JOB`.
@@ -106,6 +115,10 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         self._restored: int | None = None  # from a checkpoint, for the next fit
         self._step = 0  # the trainer's global step last seen (unit="step")
         self._warned_monitor = False
+        self._trainer: Any = None  # of the running fit, for the range test's hooks
+        self._module: Any = None
+        self._snapshot: StateSnapshot | None = None  # from a range test's start to its end
+        self._testing = False
 
     # -- fit -------------------------------------------------------------------------------
 
@@ -127,6 +140,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         lr = number(trainer.optimizers[0].param_groups[0]["lr"])
         if lr is None:
             raise ValueError("LRPilotCallback: the first optimizer's LR is not a number")
+        self._trainer, self._module = trainer, pl_module
         self.client = Client(
             self.endpoint,
             self.job,
@@ -138,6 +152,8 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             start_step=self._step,
             framework="lightning",
             strict=self.strict,
+            snapshot_fn=self._take_snapshot,
+            restore_fn=self._restore,
         )
         self._apply(trainer, self.client.lr)
 
@@ -202,8 +218,30 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
             value = number(loss)
             metrics = {} if value is None else {"loss": value}
-            lr = client.report(trainer.current_epoch, metrics, step=self._step - 1, wait=False)
+            step = self._step - 1
+            lr = client.report(trainer.current_epoch, metrics, step=step, wait=self._testing)
         self._apply(trainer, lr)
+
+    # -- range tests -----------------------------------------------------------------------
+
+    def _take_snapshot(self) -> None:
+        """`action: snapshot`: copy the module's and the optimizers' state."""
+        self._snapshot = StateSnapshot(self._module, self._trainer.optimizers)
+        self._testing = True
+
+    def _restore(self) -> None:
+        """`action: restore`: load the copy back; `_apply` then sets the suggested LR."""
+        self._testing = False
+        if self._snapshot is None:
+            logger.warning(
+                "lrpilot: the range test of job %s ended, but this callback kept no copy of "
+                "the state from its start (it joined later); training goes on from the "
+                "weights as they are",
+                self.job,
+            )
+            return
+        self._snapshot.restore()
+        self._snapshot = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -216,3 +254,4 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         if self.client is not None:
             self.client.close()
             self.client = None
+        self._trainer = self._module = None

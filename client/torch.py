@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,17 +28,34 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from .core import Client, to_scalar
 from .env import resolve_job
 
-__all__ = ["LRPilotScheduler", "number", "scalars", "set_lr"]
+__all__ = ["LRPilotScheduler", "StateSnapshot", "cpu_copy", "number", "scalars", "set_lr"]
 
 logger = logging.getLogger("lrpilot.client")
 
-# Attributes that describe this process's connection, not the training: never in a checkpoint.
-_NOT_SAVED = frozenset({"_client", "endpoint", "timeout"})
+# What a range test keeps in this process: never pickled.
+_SNAPSHOT = frozenset({"_snapshot", "_first_step", "_first_step_hook"})
+# Attributes that describe this process's connection or hold the model, not the scheduler's
+# progress: never in a state_dict().
+_NOT_SAVED = frozenset(
+    {
+        "_client",
+        "endpoint",
+        "timeout",
+        "model",
+        "snapshot_fn",
+        "restore_fn",
+        "_kept",
+        "_testing",
+        *_SNAPSHOT,
+    }
+)
 
 
 def number(value: Any) -> float | None:
     """A metric as a float: a number, a numpy scalar, a 0-d or one-element tensor or array
     (as torch's `float(metrics)` takes them); None for anything else."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()  # e.g. the loss itself, passed straight from the training step
     found = to_scalar(value)
     if found is not None:
         return found
@@ -64,6 +83,42 @@ def _group_lr(group: Mapping[str, Any]) -> float:
     return value
 
 
+def cpu_copy(value: Any) -> Any:
+    """A deep copy of a state dict with every tensor copied to the CPU (detached), so that
+    training on cannot change it and it takes no accelerator memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return type(value)((k, cpu_copy(v)) for k, v in value.items())  # type: ignore[call-arg]
+    if isinstance(value, list | tuple):
+        return type(value)(cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class StateSnapshot:
+    """The `state_dict()` of a model and of its optimizers, copied to the CPU; `restore()`
+    loads them back once (`load_state_dict` moves every tensor back where it lives; an
+    optimizer on the CPU keeps the copy's tensors as its own, so drop the snapshot then).
+
+    Args:
+        model: a `torch.nn.Module` (a DDP wrapper is fine).
+        optimizers: the optimizers training it.
+    """
+
+    __slots__ = ("model", "model_state", "optimizer_states", "optimizers")
+
+    def __init__(self, model: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        self.model = model
+        self.optimizers = list(optimizers)
+        self.model_state = cpu_copy(model.state_dict())
+        self.optimizer_states = [cpu_copy(o.state_dict()) for o in self.optimizers]
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.model_state)
+        for optimizer, state in zip(self.optimizers, self.optimizer_states, strict=True):
+            optimizer.load_state_dict(state)
+
+
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
     """Gives the job LR `lr` to every param group of `optimizers`.
 
@@ -88,6 +143,38 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
     return True
 
 
+class _InertHook:
+    """What a `_BeforeFirstStep` hook becomes when its optimizer is pickled or copied."""
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        return None
+
+
+class _BeforeFirstStep:
+    """An optimizer step pre-hook that tells the scheduler once that training starts.
+
+    It holds the scheduler weakly (the optimizer does not keep it alive) and pickles as an
+    inert hook (a pickled optimizer does not drag the scheduler along). It does nothing
+    once it has fired; the scheduler removes it later, outside `optimizer.step()` (torch
+    iterates over the hooks while it calls them).
+    """
+
+    def __init__(self, scheduler: LRPilotScheduler) -> None:
+        self._scheduler = weakref.ref(scheduler)
+        self.fired = False
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            scheduler._before_first_step()
+
+    def __reduce__(self) -> tuple[type[_InertHook], tuple[()]]:
+        return _InertHook, ()
+
+
 class LRPilotScheduler(ReduceLROnPlateau):
     """Reports each epoch's metrics to the lrpilot controller and sets the LR it decides.
 
@@ -104,10 +191,30 @@ class LRPilotScheduler(ReduceLROnPlateau):
     the first epoch. The controller being absent or slow never stops training: the LR then
     stays.
 
+    LR range tests (`type: range_test` in the policy) need `model=`: the scheduler then
+    keeps CPU copies of `model.state_dict()` and `optimizer.state_dict()` from right before
+    the first optimizer step (the hello comes only with the first `step()`, after that
+    optimizer step, so the state from before any training is copied before it is asked
+    for; weights loaded between construction and the first step are in it). When the hello
+    reply says a range test starts (`action: snapshot`) the copy is kept; else it is dropped
+    there. When the test stops (`action: restore`) both state dicts are loaded back and the
+    suggested LR is set on the param groups. During the test each step report waits for its
+    answer (at most `timeout`), so every rank runs each LR of the sweep at the same step
+    and restores at the same step. Touch `client` before the first optimizer step to have
+    the sweep's first LR from step 0 on. Without `model` (or `snapshot_fn`/`restore_fn`)
+    the hello says the process cannot restore: the controller then runs no range test for
+    it, answers with notice `restore_unsupported` (logged once) and the LR stays the
+    optimizer's.
+
     `torch.save(scheduler)` works (the connection is made again, at the epoch reached,
     after `torch.load`), and so does a checkpoint of `state_dict()`, which holds torch's
     keys (`last_epoch`, `_last_lr`, ...) and lrpilot's (`epoch`, `last_lr`, `job`).
-    Not thread-safe: call it from the training loop.
+    Neither holds a range test's in-memory copy: `state_dict()` leaves out `model` and the
+    hooks, and pickling keeps `model` and the hooks (the model pickles with the optimizer
+    that trains it; hooks must be picklable functions) but not the copy, so a scheduler
+    unpickled in the middle of a range test cannot restore the copy (with `snapshot_fn`/
+    `restore_fn` it can: what they saved is theirs). Not thread-safe: call it from the
+    training loop.
 
     Args:
         optimizer: a torch optimizer; group 0's LR is the job's LR.
@@ -119,10 +226,16 @@ class LRPilotScheduler(ReduceLROnPlateau):
             hello within `timeout`, instead of training on at the optimizer's LR.
         unit: `"epoch"`, or `"step"` for policies with `unit: step`.
         report_every: with `unit="step"`, report every this many optimizer steps.
+        model: the `torch.nn.Module` that `optimizer` trains; lets a range test restore it.
+        snapshot_fn, restore_fn: instead of the in-memory copy, for models too large to
+            copy (e.g. write and read a checkpoint): `snapshot_fn()` is called where the
+            copy would be made (before the first optimizer step, or when a later range
+            test starts), `restore_fn()` when the test stops; both or neither. The
+            scheduler sets the suggested LR after `restore_fn`.
 
     Raises:
         ValueError: no job name, a bad argument, or an LR that is not a number.
-        TypeError: `optimizer` is not a torch optimizer.
+        TypeError: `optimizer` is not a torch optimizer, or `model` not a torch module.
 
     Example:
 
@@ -143,6 +256,9 @@ class LRPilotScheduler(ReduceLROnPlateau):
         unit: str = "epoch",
         report_every: int = 1,
         strict: bool = False,
+        model: torch.nn.Module | None = None,
+        snapshot_fn: Callable[[], None] | None = None,
+        restore_fn: Callable[[], None] | None = None,
     ) -> None:
         if unit not in ("epoch", "step"):
             raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
@@ -152,6 +268,10 @@ class LRPilotScheduler(ReduceLROnPlateau):
             raise TypeError(
                 f"LRPilotScheduler needs a torch optimizer, got {type(optimizer).__name__}"
             )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if (snapshot_fn is None) != (restore_fn is None):
+            raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
         if not optimizer.param_groups:
             raise ValueError("LRPilotScheduler needs an optimizer with param groups")
         super().__init__(optimizer)
@@ -170,6 +290,17 @@ class LRPilotScheduler(ReduceLROnPlateau):
         # The hello waits for the first step() or load_state_dict(): a resume must say hello
         # with its start epoch, or the controller would start a new run of the job.
         self._client: Client | None = None
+        #: The module a range test restores (None: this scheduler cannot restore).
+        self.model = model
+        self.snapshot_fn, self.restore_fn = snapshot_fn, restore_fn
+        self._snapshot: StateSnapshot | None = None  # the in-memory copy
+        self._kept = False  # a copy is held (in memory, or made by snapshot_fn)
+        self._testing = False  # a range test runs: from its snapshot to its restore
+        self._first_step: _BeforeFirstStep | None = None
+        self._first_step_hook: Any = None  # its handle
+        if self._can_restore():
+            self._first_step = _BeforeFirstStep(self)
+            self._first_step_hook = optimizer.register_step_pre_hook(self._first_step)
 
     @property
     def client(self) -> Client:
@@ -177,6 +308,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         if self._client is None:
             self._client = self._connect(self._lr0())
             self._set_lr(self._client.lr)
+            self._settle()
         return self._client
 
     # torch's own ReduceLROnPlateau.step differs from LRScheduler.step the same way.
@@ -204,6 +336,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         lr = self.client.report(done, report)
         self.last_epoch = done + 1
         self._set_lr(lr)
+        self._settle()
 
     def get_last_lr(self) -> list[float]:  # type: ignore[override]  # floats only
         """The LR of each param group, as torch schedulers return it."""
@@ -246,11 +379,14 @@ class LRPilotScheduler(ReduceLROnPlateau):
             self.epoch_in_progress = in_progress
         self._client = self._connect(lr if lr is not None and 0 < lr <= 10 else self._lr0())
         self._set_lr(self._client.lr)
+        self._settle()
 
     def close(self) -> None:
         """Says bye to the controller and closes the socket; safe to call twice."""
         if self._client is not None:
             self._client.close()
+        if not getattr(self, "_testing", False):
+            self._release()
 
     def __enter__(self) -> LRPilotScheduler:
         return self
@@ -259,12 +395,22 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        # A socket does not pickle: `torch.save(scheduler)` keeps everything else.
-        return {k: v for k, v in self.__dict__.items() if k != "_client"}
+        # A socket does not pickle: `torch.save(scheduler)` keeps everything else but the
+        # range test's in-memory copy (a second model in every checkpoint).
+        state = {k: v for k, v in self.__dict__.items() if k != "_client" and k not in _SNAPSHOT}
+        if state.get("snapshot_fn") is None:
+            state["_kept"] = False
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, default in (("model", None), ("snapshot_fn", None), ("restore_fn", None)):
+            state.setdefault(name, default)  # pickled by an lrpilot without range tests
+        state.setdefault("_kept", False)
+        state.setdefault("_testing", False)
         self.__dict__.update(state)
         self._client = None  # the next use says hello from `last_epoch`: the run resumes
+        self._snapshot = None
+        self._first_step = self._first_step_hook = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -276,10 +422,11 @@ class LRPilotScheduler(ReduceLROnPlateau):
         done = self.last_epoch
         self.last_epoch = done + 1
         if self.last_epoch % self.report_every == 0:
-            lr = client.report(self.epoch_in_progress, report, step=done, wait=False)
+            lr = client.report(self.epoch_in_progress, report, step=done, wait=self._testing)
         else:
             lr = client.poll(step=self.last_epoch)
         self._set_lr(lr)
+        self._settle()
 
     def _metrics(self, metrics: Any) -> dict[str, float]:
         if isinstance(metrics, Mapping):
@@ -296,6 +443,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _connect(self, initial_lr: float) -> Client:
         step_unit = self.unit == "step"
+        restorable = self._can_restore()
         return Client(
             self.endpoint,
             self.job,
@@ -305,7 +453,79 @@ class LRPilotScheduler(ReduceLROnPlateau):
             start_step=self.last_epoch if step_unit else 0,
             framework="torch",
             strict=getattr(self, "strict", False),
+            snapshot_fn=self._keep if restorable else None,
+            restore_fn=self._restore if restorable else None,
         )
+
+    # -- range tests -----------------------------------------------------------------------
+
+    def _can_restore(self) -> bool:
+        hooks = getattr(self, "snapshot_fn", None) is not None
+        return hooks or getattr(self, "model", None) is not None
+
+    def _take(self) -> None:
+        if self.snapshot_fn is not None:
+            self.snapshot_fn()
+        else:
+            assert self.model is not None
+            self._snapshot = StateSnapshot(self.model, [self.optimizer])
+        self._kept = True
+
+    def _before_first_step(self) -> None:
+        """The first optimizer step is about to run: copy the state from before any
+        training, unless the controller has said already whether a range test runs."""
+        decided = self._client is not None and self._client.stats["replies"] > 0
+        if not self._kept and not decided:
+            self._take()
+
+    def _keep(self) -> None:
+        """`action: snapshot` (in the client): a range test starts from the state kept."""
+        if not self._kept:  # asked before the first step, or a later test: the state now
+            self._take()
+        self._testing = True
+        self._unhook()
+
+    def _restore(self) -> None:
+        """`action: restore` (in the client): the state from before the test goes back; the
+        suggested LR is set on the param groups right after (`_set_lr`)."""
+        self._testing = False
+        if not self._kept:
+            logger.warning(
+                "lrpilot: the range test of job %s ended, but this scheduler kept no copy of "
+                "the state from its start (unpickled or loaded since); training goes on from "
+                "the weights as they are",
+                self.job,
+            )
+            return
+        if self.restore_fn is not None:
+            self.restore_fn()
+        else:
+            assert self._snapshot is not None
+            self._snapshot.restore()
+        self._release()
+        self._last_lr = [*self.get_last_lr()]
+
+    def _settle(self) -> None:
+        """After each call into the client: removes the first-step hook once it has fired,
+        and drops the copy once the controller has answered and no range test runs."""
+        if self._first_step is not None and self._first_step.fired:
+            self._unhook()
+        if self._kept and not self._testing:
+            client = self._client
+            if client is not None and client.stats["replies"] > 0:
+                self._release()
+
+    def _release(self) -> None:
+        self._snapshot = None
+        self._kept = False
+        self._unhook()
+
+    def _unhook(self) -> None:
+        """Removes the first-step hook (never from inside `optimizer.step()`)."""
+        handle = getattr(self, "_first_step_hook", None)
+        if handle is not None:
+            handle.remove()
+        self._first_step = self._first_step_hook = None
 
     def _lr0(self) -> float:
         return _group_lr(self.optimizer.param_groups[0])

@@ -224,3 +224,172 @@ def test_unit_step_against_a_real_controller_decides_every_step(
     ]
     assert changes == [(4, pytest.approx(0.125)), (8, pytest.approx(0.0625))]  # from steps 4, 8
     assert callback.client is None
+
+
+# -- LR range tests: snapshot and restore ------------------------------------------------------
+
+
+def range_test_handler(peer: ScriptedPeer, stop_after: int, suggested: float) -> Any:
+    """Answers like a controller running a per-step range test: the hello reply starts it
+    (`action: snapshot`, LR 1e-4), every report raises the LR by 10**0.25 from the next step,
+    and the report of step `stop_after` ends it (`action: restore` with `suggested`)."""
+    version = iter(range(2, 10_000))
+
+    def handler(identity: bytes, message: Any) -> list[Any]:
+        if isinstance(message, Hello):
+            return [
+                peer.lr_message(
+                    None, None, message.start_step, lr=1e-4, version=next(version),
+                    reason="range_test", action="snapshot",
+                )
+            ]  # fmt: skip
+        if isinstance(message, Report):
+            step = message.step if message.step is not None else message.epoch
+            done = step >= stop_after
+            lr = suggested if done else 1e-4 * 10 ** ((step + 1) / 4)
+            if message.step is None:
+                where: dict[str, Any] = {"epoch": message.epoch + 1}
+            else:
+                where = {"step": message.step + 1}
+            return [
+                peer.lr_message(
+                    message.seq, lr=lr, version=next(version), reason="range_test",
+                    action="restore" if step == stop_after else None, **where,
+                )
+            ]  # fmt: skip
+        return []
+
+    return handler
+
+
+class StateLog(keras.callbacks.Callback):  # type: ignore[misc]
+    """After each batch (it runs after LRPilotCallback): the weights, the optimizer's
+    variables and its LR."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[list[Any], list[Any], float]] = []
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.rows.append(state_of(self.model))
+
+
+def state_of(model: Any) -> tuple[list[Any], list[Any], float]:
+    optimizer = model.optimizer
+    values = [np.array(v.numpy(), copy=True) for v in optimizer.variables]
+    return model.get_weights(), values, float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+def same(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def fit_many(model: Any, callbacks: list[Any], epochs: int) -> Any:
+    """4 steps an epoch, no validation."""
+    x, y = data()
+    return model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, callbacks=callbacks)
+
+
+def test_a_restore_in_mid_epoch_puts_weights_and_adam_state_back_exactly(
+    peer: ScriptedPeer,
+) -> None:
+    """unit="step": the restore decided on step 9 (the 2nd batch of the fit's 2nd epoch)
+    applies before step 10; weights, Adam's moments, its step count and LR variable are as
+    before the test, then the suggested LR is set, and the job's step count goes on."""
+    peer.handler = range_test_handler(peer, stop_after=9, suggested=0.002)
+    model = make_model(keras.optimizers.Adam(learning_rate=0.01))
+    fit_many(model, [], epochs=1)  # Adam's state is not fresh: 4 steps
+    before = state_of(model)
+    log = StateLog()
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint, unit="step")
+    fit_many(model, [callback, log], epochs=3)  # steps 4..15
+
+    weights, variables, lr = log.rows[9 - 4]  # after step 9 and its restore
+    assert same(weights, before[0]) and same(variables[2:], before[1][2:])
+    assert int(variables[0]) == 4  # Adam's iterations: as before the test
+    assert lr == pytest.approx(0.002)  # the suggestion, not the restored 0.01
+    assert not same(log.rows[8 - 4][0], before[0])  # the sweep did change them
+    # Each LR of the sweep from the step after its report: the reports waited.
+    assert [row[2] for row in log.rows[:5]] == pytest.approx(
+        [1e-4 * 10 ** ((s + 1) / 4) for s in range(4, 9)]
+    )
+    assert [row[2] for row in log.rows[5:]] == pytest.approx([0.002] * 7)
+    assert [r.step for r in peer.of_type(Report)] == list(range(4, 16))
+    assert int(log.rows[-1][1][0]) == 4 + 6  # Adam counts on from the restored count
+
+
+def test_an_epoch_range_test_restores_at_the_epoch_boundary(peer: ScriptedPeer) -> None:
+    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.003)
+    model = make_model(keras.optimizers.SGD(learning_rate=0.01, momentum=0.9))
+    before = state_of(model)
+    seen: list[tuple[list[Any], list[Any], float]] = []
+    at_begin = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: seen.append(state_of(model))
+    )
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint)
+    history = fit_many(model, [callback, at_begin], epochs=5)
+    lrs = history.history["learning_rate"]
+    assert lrs[:3] == pytest.approx([1e-4, 1e-4 * 10**0.25, 1e-4 * 10**0.5])
+    assert lrs[3:] == pytest.approx([0.003, 0.003])
+    # The momentum slots did not exist before the first step: the snapshot built them.
+    weights, variables, _ = seen[3]
+    assert same(weights, before[0]) and len(variables) == len(before[1]) + 2
+    assert int(variables[0]) == 0 and all(not v.any() for v in variables[2:])
+    # The step count the controller hears goes on: a next fit says hello from step 20.
+    fit_many(model, [callback], epochs=1)
+    assert [h.start_step for h in peer.of_type(Hello)] == [0, 20]
+
+
+def test_snapshot_and_restore_hooks_replace_the_copy_and_the_lr_is_set_after(
+    peer: ScriptedPeer,
+) -> None:
+    """With hooks the callback copies nothing; after `restore_fn` it sets the suggested LR
+    even when that equals the LR it set last (the restore may have changed the variable)."""
+    calls: list[str] = []
+    model = make_model(keras.optimizers.SGD(learning_rate=0.01))
+
+    def restore() -> None:
+        calls.append("restore")
+        model.optimizer.learning_rate = 0.5  # as a checkpoint's LR variable would
+
+    suggested = 1e-4 * 10**0.25  # the LR of step 1: the one the callback set last
+    peer.handler = range_test_handler(peer, stop_after=1, suggested=suggested)
+    callback = LRPilotCallback(
+        job="job-a", endpoint=peer.endpoint, unit="step",
+        snapshot_fn=lambda: calls.append("snapshot"), restore_fn=restore,
+    )  # fmt: skip
+    log = StateLog()
+    fit_many(model, [callback, log], epochs=1)
+    assert calls == ["snapshot", "restore"]
+    assert [row[2] for row in log.rows] == pytest.approx([suggested] * 4)
+    with pytest.raises(ValueError, match="go together"):
+        LRPilotCallback(job="j", snapshot_fn=lambda: None)
+
+
+def test_the_hello_says_the_callback_can_restore(peer: ScriptedPeer) -> None:
+    fit(make_model(), LRPilotCallback(job="job-a", endpoint=peer.endpoint), epochs=1)
+    assert [h.restore for h in peer.of_type(Hello)] == [True]
+
+
+def test_during_a_range_test_each_step_reports_its_own_loss(peer: ScriptedPeer) -> None:
+    """Batch-end logs hold the epoch's mean so far; the sweep needs each step's loss."""
+    peer.handler = range_test_handler(peer, stop_after=9, suggested=1e-3)
+    model = make_model(keras.optimizers.SGD(learning_rate=0.01))
+    x, y = data()
+    own: list[float] = []
+
+    def before_step(batch: int, logs: Any) -> None:  # the loss the step computes
+        rows = slice(16 * batch, 16 * (batch + 1))
+        predicted = keras.ops.convert_to_numpy(model(x[rows]))
+        own.append(float(np.mean((predicted - y[rows]) ** 2)))
+
+    probe = keras.callbacks.LambdaCallback(on_train_batch_begin=before_step)
+    callback = LRPilotCallback(job="job-a", endpoint=peer.endpoint, unit="step")
+    history = model.fit(
+        x, y, epochs=3, batch_size=16, shuffle=False, verbose=0, callbacks=[probe, callback]
+    )
+    reported = [r.metrics["loss"] for r in peer.of_type(Report)]
+    assert reported[:10] == pytest.approx(own[:10], rel=1e-5)  # steps 0..9: the test
+    # What the logs said at step 3: the mean of the epoch's 4 steps, not step 3's loss.
+    assert history.history["loss"][0] == pytest.approx(np.mean(own[:4]), rel=1e-5)
+    assert history.history["loss"][0] != pytest.approx(reported[3], rel=1e-2)

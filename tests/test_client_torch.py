@@ -233,3 +233,199 @@ def test_strict_fails_the_first_step_without_a_controller() -> None:
     )
     with pytest.raises(ControllerUnavailable):
         sched.step(1.0)
+
+
+# -- LR range tests: snapshot and restore ------------------------------------------------------
+
+
+def range_test_handler(peer: ScriptedPeer, stop_after: int, suggested: float) -> Any:
+    """A controller running a per-step range test: the hello reply starts it (`action:
+    snapshot`, LR 1e-4), each report raises the LR from the next step, and the report of
+    step `stop_after` ends it (`action: restore` with `suggested`); then the LR stays."""
+    version = iter(range(2, 10_000))
+
+    def handler(identity: bytes, message: Any) -> list[Any]:
+        if isinstance(message, Hello):
+            return [
+                peer.lr_message(
+                    None, None, message.start_step, lr=1e-4, version=next(version),
+                    reason="range_test", action="snapshot",
+                )
+            ]  # fmt: skip
+        if isinstance(message, Report):
+            assert message.step is not None
+            done = message.step >= stop_after
+            return [
+                peer.lr_message(
+                    message.seq, None, message.step + 1, version=next(version),
+                    lr=suggested if done else 1e-4 * 10 ** ((message.step + 1) / 4),
+                    reason="range_test", action="restore" if message.step == stop_after else None,
+                )
+            ]  # fmt: skip
+        return []
+
+    return handler
+
+
+def regression() -> tuple[Any, Any, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x = torch.randn(32, 4)
+    return model, x, x.sum(dim=1, keepdim=True)
+
+
+def copy_state(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    import copy
+
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for i, slots in opt_a["state"].items():
+        assert all(torch.equal(v, opt_b["state"][i][k]) for k, v in slots.items())
+
+
+def train(sched: Any, model: Any, optimizer: Any, x: Any, y: Any, steps: int) -> list[Any]:
+    """`steps` full-batch steps; after each `sched.step`: (LR, model state, optimizer state)."""
+    out = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        sched.step({"loss": loss.item()})
+        out.append((optimizer.param_groups[0]["lr"], copy_state(model, optimizer)))
+    return out
+
+
+def test_a_range_test_restores_the_state_from_before_the_first_optimizer_step(
+    peer: ScriptedPeer,
+) -> None:
+    """The hello comes after the first optimizer step; the copy was made before it, after
+    the weights loaded since construction. The restore decided on step 5 applies before
+    step 6: model and Adam state as before any training, then the suggested LR."""
+    peer.handler = range_test_handler(peer, stop_after=5, suggested=0.003)
+    model, x, y = regression()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = LRPilotScheduler(
+        optimizer, job="job-a", endpoint=peer.endpoint, unit="step", model=model
+    )
+    with torch.no_grad():  # e.g. pretrained weights loaded after the scheduler was made
+        model[0].weight.mul_(0.5)
+    before = copy_state(model, optimizer)
+    with sched:
+        rows = train(sched, model, optimizer, x, y, steps=9)
+    (hello,) = peer.of_type(Hello)
+    assert hello.restore and hello.start_step == 0
+    assert [lr for lr, _ in rows[:5]] == pytest.approx(
+        [1e-4 * 10 ** ((s + 1) / 4) for s in range(5)]
+    )
+    assert_same_state(rows[5][1], before)  # right after the restore: Adam's state is empty
+    assert rows[5][1][1]["state"] == {} and rows[4][1][1]["state"] != {}
+    assert [lr for lr, _ in rows[5:]] == pytest.approx([0.003] * 4)
+    assert sched.get_last_lr() == pytest.approx([0.003])
+    assert [r.step for r in peer.of_type(Report)] == list(range(9))
+
+
+def test_every_group_keeps_its_ratio_after_a_restore(peer: ScriptedPeer) -> None:
+    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.02)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[1].parameters(), "lr": 0.01},
+        ],
+        momentum=0.9,
+    )
+    x = torch.randn(16, 4)
+    with LRPilotScheduler(
+        optimizer, job="job-a", endpoint=peer.endpoint, unit="step", model=model
+    ) as sched:
+        assert sched.client.online  # hello before the first step: the sweep's LR from step 0
+        assert lrs(optimizer) == pytest.approx([1e-4, 1e-5])
+        rows = train(sched, model, optimizer, x, x[:, :1], steps=4)
+    assert [lr for lr, _ in rows] == pytest.approx([1e-4 * 10**0.25, 1e-4 * 10**0.5, 0.02, 0.02])
+    assert lrs(optimizer) == pytest.approx([0.02, 0.002])
+
+
+def test_without_a_range_test_the_copy_is_dropped_at_the_hello_reply(peer: ScriptedPeer) -> None:
+    model, x, y = regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with LRPilotScheduler(
+        optimizer, job="job-a", endpoint=peer.endpoint, unit="step", model=model
+    ) as sched:
+        train(sched, model, optimizer, x, y, steps=1)
+        assert sched._snapshot is None and not optimizer._optimizer_step_pre_hooks  # freed
+        train(sched, model, optimizer, x, y, steps=2)
+    assert [h.restore for h in peer.of_type(Hello)] == [True]
+
+
+def test_without_a_model_the_hello_says_it_cannot_restore(peer: ScriptedPeer) -> None:
+    model, x, y = regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with LRPilotScheduler(optimizer, job="job-a", endpoint=peer.endpoint, unit="step") as sched:
+        train(sched, model, optimizer, x, y, steps=1)
+    assert [h.restore for h in peer.of_type(Hello)] == [False]
+    assert not optimizer._optimizer_step_pre_hooks
+
+
+def test_snapshot_and_restore_hooks_replace_the_copy(peer: ScriptedPeer) -> None:
+    peer.handler = range_test_handler(peer, stop_after=1, suggested=0.004)
+    model, x, y = regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls: list[tuple[str, float]] = []
+    sched = LRPilotScheduler(
+        optimizer, job="job-a", endpoint=peer.endpoint, unit="step",
+        snapshot_fn=lambda: calls.append(("snapshot", optimizer.param_groups[0]["lr"])),
+        restore_fn=lambda: calls.append(("restore", optimizer.param_groups[0]["lr"])),
+    )  # fmt: skip
+    with sched:
+        rows = train(sched, model, optimizer, x, y, steps=3)
+    # Before the first optimizer step (at the optimizer's own LR), and at the stop.
+    assert calls == [("snapshot", 0.01), ("restore", pytest.approx(1e-4 * 10**0.25))]
+    assert [lr for lr, _ in rows] == pytest.approx([1e-4 * 10**0.25, 0.004, 0.004])
+    with pytest.raises(ValueError, match="go together"):
+        LRPilotScheduler(optimizer, job="j", restore_fn=lambda: None)
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        LRPilotScheduler(optimizer, job="j", model=object())  # type: ignore[arg-type]
+
+
+def test_pickling_keeps_the_model_but_not_the_copy(peer: ScriptedPeer, tmp_path: Any) -> None:
+    model, _, _ = regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = LRPilotScheduler(optimizer, job="job-a", endpoint=peer.endpoint, model=model)
+    path = tmp_path / "sched.pt"
+    torch.save(sched, path)  # before the first step: the hook is in the optimizer
+    loaded = torch.load(path, weights_only=False)
+    state = sched.state_dict()
+    assert not {"model", "_snapshot", "snapshot_fn", "restore_fn", "_kept"} & set(state)
+    # The unpickled optimizer trains the unpickled model, whose copy was not pickled.
+    assert loaded.model is not model and loaded._snapshot is None
+    assert loaded.optimizer.param_groups[0]["params"][0] is next(loaded.model.parameters())
+    loaded.optimizer.step()  # its copy of the first-step hook does nothing
+    loaded.step(1.0)
+    loaded.close()
+    sched.close()
+    assert [h.restore for h in peer.of_type(Hello)] == [True]
+
+
+def test_a_step_pre_hook_of_someone_else_after_ours_is_fine(peer: ScriptedPeer) -> None:
+    """The first-step hook is removed after `optimizer.step()`, not while torch iterates
+    over the hooks (which would raise in the training step)."""
+    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.02)
+    model, x, y = regression()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = LRPilotScheduler(
+        optimizer, job="job-a", endpoint=peer.endpoint, unit="step", model=model
+    )
+    calls: list[int] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(1))
+    before = copy_state(model, optimizer)
+    with sched:
+        rows = train(sched, model, optimizer, x, y, steps=4)
+    assert calls == [1] * 4 and len(optimizer._optimizer_step_pre_hooks) == 1  # ours is gone
+    assert_same_state(rows[2][1], before)
