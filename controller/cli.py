@@ -76,6 +76,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         format_table,
         initial_lr,
         monitor_of,
+        monitors_of,
         plot,
         read_history,
         run,
@@ -86,6 +87,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         policy_set = load_file(args.policy) if args.policy else load_default()
         rule = policy_set.rule_for(args.job)
         history = read_history(args.metrics)
+        columns = sorted({name for row in history.metrics for name in row})
+        missing = [m for m in monitors_of(rule.policy) if m not in columns]
+        if missing:
+            print(
+                f"{args.metrics}: no column {missing[0]!r}, which the policy for job "
+                f"{args.job} monitors; the CSV has: epoch, {', '.join(columns) or '(nothing)'}",
+                file=sys.stderr,
+            )
+            return 2
         lr0 = initial_lr(rule, history, args.initial_lr)
         replay = run(rule, history, lr0, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
         rows = replay.rows

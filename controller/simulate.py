@@ -174,6 +174,14 @@ def initial_lr(rule: JobRule, history: History, given: float | None) -> float:
     return rule.lr0(fallback)
 
 
+def monitors_of(policy: Policy) -> list[str]:
+    """Every metric the policy (each phase of a chain) watches, in order."""
+    if isinstance(policy, Phases):
+        return [m for p in policy.phases for m in monitors_of(p.policy)]
+    monitor = getattr(policy, "monitor", None)
+    return [monitor] if isinstance(monitor, str) else []
+
+
 def monitor_of(policy: Policy) -> str | None:
     """The metric a policy watches: its own, or the first watched in a chain of phases."""
     if isinstance(policy, Phases):

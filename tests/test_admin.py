@@ -263,3 +263,11 @@ def test_status_prints_lrs_as_the_readme_shows(controller_factory: Factory) -> N
     table = run_cli("status", "--admin", c.admin).stdout
     assert "3e-04" in table and "0.4121" in table, table
     w.close()
+
+
+def test_simulate_names_the_missing_column(tmp_path: Path) -> None:
+    csv = tmp_path / "train.csv"
+    csv.write_text("epoch,loss,accuracy\n0,1.0,0.5\n1,0.9,0.6\n")
+    out = run_cli("simulate", "--job", "x", "--metrics", str(csv))  # the default monitors val_loss
+    assert out.returncode == 2
+    assert f"{csv}: no column 'val_loss'" in out.stderr and "accuracy, loss" in out.stderr

@@ -124,13 +124,6 @@ def test_bad_policy_exits_2(write: Callable[[str, str], Path]) -> None:
     assert result.returncode == 2 and "p.yaml:3: factor" in result.stderr
 
 
-def test_missing_monitor_warns(write: Callable[[str, str], Path]) -> None:
-    csv = write("h.csv", "epoch,loss\n0,1\n1,1\n")
-    result = run_cli("simulate", "--job", "j", "--metrics", str(csv))
-    assert result.returncode == 0
-    assert result.stderr.count("`val_loss` which is not available") == 1
-
-
 def test_plot_writes_a_png(write: Callable[[str, str], Path], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "lr.png"
