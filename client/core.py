@@ -52,7 +52,7 @@ from .protocol import (
     parse_server_message,
 )
 
-__all__ = ["MAX_KEPT", "Client", "scalar_metrics", "to_scalar"]
+__all__ = ["MAX_KEPT", "Client", "check_adapter_args", "scalar_metrics", "to_scalar"]
 
 logger = logging.getLogger("lrpilot.client")
 
@@ -131,6 +131,25 @@ def scalar_metrics(logs: Mapping[str, Any] | None) -> dict[str, float]:
         if isinstance(name, str) and number is not None:
             out[name] = number
     return out
+
+
+def check_adapter_args(
+    unit: str,
+    report_every: int = 1,
+    snapshot_fn: Callable[[], None] | None = None,
+    restore_fn: Callable[[], None] | None = None,
+) -> None:
+    """The arguments every framework adapter shares, checked at construction.
+
+    Raises:
+        ValueError: naming the bad argument and what it takes.
+    """
+    if unit not in ("epoch", "step"):
+        raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+    if isinstance(report_every, bool) or not isinstance(report_every, int) or report_every < 1:
+        raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+    if (snapshot_fn is None) != (restore_fn is None):
+        raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
 
 
 def _position(value: Any, what: str) -> int:
@@ -257,8 +276,7 @@ class Client:
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.strict = bool(strict)
-        if (snapshot_fn is None) != (restore_fn is None):
-            raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
+        check_adapter_args("epoch", 1, snapshot_fn, restore_fn)
         self._snapshot_fn, self._restore_fn = snapshot_fn, restore_fn
         self.job = resolve_job(job)
         self.rank, self.world = resolve_rank_world(rank, world)

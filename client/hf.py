@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import transformers
 
-from .core import Client
+from .core import Client, check_adapter_args
 from .env import resolve_job
-from .torch import StateSnapshot, number, scalars, set_lr
+from .torch import StateSnapshot, number, restore_snapshot, scalars, set_lr
 
 __all__ = ["LRPilotTrainerCallback"]
 
@@ -103,8 +103,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         unit: str = "epoch",
         strict: bool = False,
     ) -> None:
-        if unit not in ("epoch", "step"):
-            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
+        check_adapter_args(unit)
         self.job = resolve_job(job)
         self.endpoint = endpoint
         self.timeout = timeout
@@ -235,17 +234,9 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
 
     def _restore(self) -> None:
         """`action: restore`: load the copy back; `_apply` then sets the suggested LR."""
-        if self._snapshot is None:
-            logger.warning(
-                "lrpilot: the range test of job %s ended, but this callback kept no copy of "
-                "the state from its start (it joined later); training goes on from the "
-                "weights as they are",
-                self.job,
-            )
-            return
-        self._snapshot.restore()
+        if restore_snapshot(self._snapshot, self.job):
+            self._restored = True
         self._snapshot = None
-        self._restored = True
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .core import Client, scalar_metrics, to_scalar
+from .core import Client, check_adapter_args, scalar_metrics, to_scalar
 from .env import resolve_job
 
 __all__ = ["LRPilotCallback"]
@@ -193,14 +193,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         restore_fn: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        if unit not in ("epoch", "step"):
-            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
-        if (snapshot_fn is None) != (restore_fn is None):
-            raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
-        if isinstance(report_every, bool) or not isinstance(report_every, int):
-            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
-        if report_every < 1:
-            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
         self.job = resolve_job(job)
         self.endpoint = endpoint
         self.timeout = timeout

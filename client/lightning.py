@@ -19,9 +19,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from .core import Client
+from .core import Client, check_adapter_args
 from .env import resolve_job
-from .torch import StateSnapshot, number, scalars, set_lr
+from .torch import StateSnapshot, number, restore_snapshot, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -98,10 +98,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         strict: bool = False,
     ) -> None:
         super().__init__()
-        if unit not in ("epoch", "step"):
-            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
-        if isinstance(report_every, bool) or not isinstance(report_every, int) or report_every < 1:
-            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        check_adapter_args(unit, report_every)
         self.job = resolve_job(job)
         self.monitor = monitor
         self.endpoint = endpoint
@@ -232,15 +229,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
     def _restore(self) -> None:
         """`action: restore`: load the copy back; `_apply` then sets the suggested LR."""
         self._testing = False
-        if self._snapshot is None:
-            logger.warning(
-                "lrpilot: the range test of job %s ended, but this callback kept no copy of "
-                "the state from its start (it joined later); training goes on from the "
-                "weights as they are",
-                self.job,
-            )
-            return
-        self._snapshot.restore()
+        restore_snapshot(self._snapshot, self.job)
         self._snapshot = None
 
     # -- helpers ---------------------------------------------------------------------------

@@ -25,10 +25,18 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from .core import Client, to_scalar
+from .core import Client, check_adapter_args, to_scalar
 from .env import resolve_job
 
-__all__ = ["LRPilotScheduler", "StateSnapshot", "cpu_copy", "number", "scalars", "set_lr"]
+__all__ = [
+    "LRPilotScheduler",
+    "StateSnapshot",
+    "cpu_copy",
+    "number",
+    "restore_snapshot",
+    "scalars",
+    "set_lr",
+]
 
 logger = logging.getLogger("lrpilot.client")
 
@@ -140,6 +148,21 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
             group["lr"].fill_(new)
         else:
             group["lr"] = new
+    return True
+
+
+def restore_snapshot(snapshot: StateSnapshot | None, job: str) -> bool:
+    """`action: restore` in a callback: load the copy back; without one (the callback joined
+    after the test began) warn that training goes on from the weights as they are."""
+    if snapshot is None:
+        logger.warning(
+            "lrpilot: the range test of job %s ended, but this callback kept no copy of the "
+            "state from its start (it joined later); training goes on from the weights as "
+            "they are",
+            job,
+        )
+        return False
+    snapshot.restore()
     return True
 
 
@@ -260,18 +283,13 @@ class LRPilotScheduler(ReduceLROnPlateau):
         snapshot_fn: Callable[[], None] | None = None,
         restore_fn: Callable[[], None] | None = None,
     ) -> None:
-        if unit not in ("epoch", "step"):
-            raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
-        if isinstance(report_every, bool) or not isinstance(report_every, int) or report_every < 1:
-            raise ValueError(f"report_every must be an integer >= 1, got {report_every!r}")
+        check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"LRPilotScheduler needs a torch optimizer, got {type(optimizer).__name__}"
             )
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if (snapshot_fn is None) != (restore_fn is None):
-            raise ValueError("snapshot_fn and restore_fn go together (the range test needs both)")
         if not optimizer.param_groups:
             raise ValueError("LRPilotScheduler needs an optimizer with param groups")
         super().__init__(optimizer)
