@@ -20,7 +20,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -155,9 +155,16 @@ class PolicySet:
     digest: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        # Compiled once, where the file is loaded (off the daemon's loop): matching a job
+        # against thousands of globs then costs no regex compilation on the loop.
+        matchers = tuple(re.compile(fnmatch.translate(r.match)).match for r in self.rules)
+        object.__setattr__(self, "_matchers", matchers)
+
     def rule_for(self, job: str) -> JobRule:
-        for rule in self.rules:
-            if fnmatch.fnmatchcase(job, rule.match):
+        matchers: tuple[Callable[[str], object], ...] = self._matchers  # type: ignore[attr-defined]
+        for rule, matches in zip(self.rules, matchers, strict=True):
+            if matches(job):
                 return rule
         return self.defaults
 

@@ -159,3 +159,74 @@ def test_the_ipc_admin_socket_refuses_other_users(controller_factory: Factory) -
         assert run_cli("status", "--admin", c.admin).returncode == 0
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+SERVE = ["serve", "--bind", "tcp://127.0.0.1:0", "--admin-bind", "tcp://127.0.0.1:0",
+         "--metrics-port", "0"]  # fmt: skip
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_controller_in(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(PLATEAU)
+    (c.state_dir / "lock").unlink()  # someone tidies up
+    second = run_cli(*SERVE, "--state-dir", str(c.state_dir))
+    assert second.returncode == 1 and "locked by another controller" in second.stderr
+
+
+def test_a_job_row_that_does_not_decode_is_quarantined_and_the_rest_start(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    c = controller_factory(PLATEAU)
+    for name in ("good-1", "good-2", "bad"):
+        w = Wire(c.bind, name)
+        w.hello()
+        w.report(0, {"val_loss": 1.0})
+        w.close()
+    assert c.stop() == 0
+    db = sqlite3.connect(c.state_dir / "state.db")
+    with db:
+        db.execute("UPDATE jobs SET data = ? WHERE job = 'bad'", (b"\xc1\xc1 not msgpack",))
+    db.close()
+    again = controller_factory(PLATEAU, state_dir=c.state_dir)
+    status = {
+        j["job"] for j in json.loads(run_cli("status", "--json", "--admin", again.admin).stdout)
+    }
+    assert status == {"good-1", "good-2"}
+    assert "quarantine" in again.log() and "'bad'" in again.log()
+    assert again.stop() == 0
+    db = sqlite3.connect(again.state_dir / "state.db")
+    rows = db.execute("SELECT job, error FROM quarantine").fetchall()
+    db.close()
+    assert [r[0] for r in rows] == ["bad"]
+
+
+def test_a_huge_admin_request_is_dropped_and_the_controller_stays_small(
+    controller_factory: Factory,
+) -> None:
+    import zmq
+
+    c = controller_factory(PLATEAU)
+    assert c.proc is not None
+    rss = lambda: int(  # noqa: E731
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{c.proc.pid}/status").read_text().splitlines()  # type: ignore[union-attr]
+            if line.startswith("VmRSS:")
+        )
+    )
+    before = rss()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(c.admin)
+        sock.send(b"\x00" * (64 << 20))  # 64 MiB: far over the 1 MiB admin limit
+        assert not sock.poll(1000)  # dropped, not answered
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert run_cli("status", "--admin", c.admin).returncode == 0  # still serving
+    assert rss() - before < 32 * 1024  # kB: the frame was never buffered whole

@@ -307,3 +307,35 @@ def test_a_20_mb_policy_file_is_rejected_unread_and_never_stalls_clients(
     finally:
         for p in peers:
             p.close()
+
+
+def test_a_big_valid_policy_file_is_parsed_off_the_loop(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A policy file that takes seconds to parse: decisions go on meanwhile."""
+    path = tmp_path / "policy.yaml"
+    c, _ = running(path, plateau(patience=100))
+    peers = [Wire(c.bind, f"busy-{i}") for i in range(8)]
+    try:
+        for p in peers:
+            p.hello()
+        rules = "".join(
+            f'  - match: "nobody-{i}-*"\n'
+            f"    policy: {{type: step, factor: 0.5, step_size: {i + 1}}}\n"
+            for i in range(4000)
+        )
+        big = plateau(patience=100) + "jobs:\n" + rules  # valid, ~0.3 MB of YAML rules
+        rename_into_place(path, big)
+        slowest, epoch, reloads = 0.0, 0, 0.0
+        deadline = time.monotonic() + 60
+        while reloads < 1:
+            assert time.monotonic() < deadline, "the big file was never applied"
+            for p in peers:
+                t0 = time.monotonic()
+                p.report(epoch, {"val_loss": 1.0})
+                slowest = max(slowest, time.monotonic() - t0)
+            epoch += 1
+            reloads = c.metric("lrpilot_policy_reloads_total", result="success")
+        assert epoch >= 3, "the parse was too quick to show anything"
+        assert slowest < 0.05, f"slowest report {slowest * 1000:.1f} ms while parsing"
+    finally:
+        for p in peers:
+            p.close()
