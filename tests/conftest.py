@@ -242,3 +242,46 @@ class Wire:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+def turn_until(server: Any, *peers: Wire, tries: int = 200) -> list[Any]:
+    """Turn an in-process `Server`'s loop until every peer has an answer waiting; returns one
+    answer per peer (bounded: `tries` turns of at most 10 ms each per peer)."""
+    answers: list[Any] = []
+    for peer in peers:
+        for _ in range(tries):
+            if peer.sock.poll(0):
+                break
+            server.sock.poll(10)
+            server.turn()
+        answers.append(peer.recv(timeout=1))
+    return answers
+
+
+@pytest.fixture
+def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]:
+    """clocked_server(policy_text, **ServeConfig fields) -> (a Server on random loopback ports
+    with no metrics port, its Clock); the loop runs only when a test calls `turn()`."""
+    from lrpilot.controller.policyfile import load_text
+    from lrpilot.controller.server import ServeConfig, Server
+
+    started: list[Any] = []
+
+    def make(policy_text: str, **config: Any) -> tuple[Any, Clock]:
+        clock = Clock()
+        settings = {
+            "bind": "tcp://127.0.0.1:0",
+            "admin_bind": "tcp://127.0.0.1:0",
+            "metrics_port": None,
+            "state_dir": str(tmp_path / f"state-{len(started)}"),
+            **config,
+        }
+        server = Server(
+            ServeConfig(**settings), load_text(policy_text, "p.yaml"), clock=clock, wall=clock.wall
+        )
+        started.append(server)
+        return server, clock
+
+    yield make
+    for server in started:
+        server.close()

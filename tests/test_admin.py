@@ -6,17 +6,16 @@ from __future__ import annotations
 import getpass
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Clock, Controller, Wire, run_cli
+from conftest import Clock, Controller, Wire, run_cli, turn_until
 
 from lrpilot.client.protocol import Hello, LrMessage, encode
 from lrpilot.controller.admin import Admin
 from lrpilot.controller.errors import AdminError, BadEndpoint, UnknownJob
-from lrpilot.controller.policyfile import load_text
-from lrpilot.controller.server import ServeConfig, Server
+from lrpilot.controller.server import Server
 
 Factory = Callable[..., Controller]
 STEP = "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 2}\n"
@@ -61,29 +60,14 @@ def test_an_override_for_n_epochs_ends_and_the_schedule_takes_over(
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Server, Clock]]:
-    clock = Clock()
-    config = ServeConfig(
-        bind="tcp://127.0.0.1:0",
-        admin_bind="tcp://127.0.0.1:0",
-        metrics_port=None,
-        state_dir=str(tmp_path / "state"),
-        worker_timeout=86400.0,  # a rank silent for the two hours below is still a worker
-    )
-    s = Server(config, load_text(STEP, "p.yaml"), clock=clock, wall=clock.wall)
-    try:
-        yield s, clock
-    finally:
-        s.close()
+def server(clocked_server: Callable[..., tuple[Server, Clock]]) -> tuple[Server, Clock]:
+    # A rank silent for the two hours below is still a worker.
+    return clocked_server(STEP, worker_timeout=86400.0)
 
 
-def _turn_until_answer(s: Server, w: Wire, tries: int = 200) -> object:
-    for _ in range(tries):
-        if w.sock.poll(0):
-            return w.recv()
-        s.sock.poll(10)
-        s.turn()
-    raise AssertionError("no answer")
+def _turn_until_answer(s: Server, w: Wire) -> object:
+    (answer,) = turn_until(s, w)
+    return answer
 
 
 def test_an_override_for_a_duration_ends_at_its_time(server: tuple[Server, Clock]) -> None:

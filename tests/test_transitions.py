@@ -13,12 +13,12 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Clock, Wire
+from conftest import Clock, Wire, turn_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from lrpilot.client.errors import ProtocolError
@@ -27,7 +27,7 @@ from lrpilot.controller import transitions
 from lrpilot.controller.jobstate import JobState
 from lrpilot.controller.policies import Plateau, fingerprint, float32
 from lrpilot.controller.policyfile import load_text
-from lrpilot.controller.server import ServeConfig, Server
+from lrpilot.controller.server import Server
 from lrpilot.controller.store import decode_row
 from lrpilot.controller.transitions import Env
 
@@ -132,34 +132,8 @@ def test_stored_state_round_trips_and_0_1_rows_keep_their_plateau_memory() -> No
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Server, Clock]]:
-    clock = Clock()
-    config = ServeConfig(
-        bind="tcp://127.0.0.1:0",
-        admin_bind="tcp://127.0.0.1:0",
-        metrics_port=None,
-        state_dir=str(tmp_path / "state"),
-        job_ttl=3600.0,
-        worker_timeout=600.0,
-    )
-    s = Server(config, load_text(PLATEAU, "p.yaml"), clock=clock, wall=clock.wall)
-    try:
-        yield s, clock
-    finally:
-        s.close()
-
-
-def turn_until(server: Server, *peers: Wire, tries: int = 200) -> list[object]:
-    """Turn the loop until every peer has an answer waiting; returns one answer per peer."""
-    answers: list[object] = []
-    for peer in peers:
-        for _ in range(tries):
-            if peer.sock.poll(0):
-                break
-            server.sock.poll(10)
-            server.turn()
-        answers.append(peer.recv(timeout=1))
-    return answers
+def server(clocked_server: Callable[..., tuple[Server, Clock]]) -> tuple[Server, Clock]:
+    return clocked_server(PLATEAU, job_ttl=3600.0, worker_timeout=600.0)
 
 
 def test_one_commit_per_turn_answers_every_message(server: tuple[Server, Clock]) -> None:
