@@ -173,48 +173,44 @@ class JobSeries:
     def __init__(self, table: JobTable, clock: Callable[[], float]) -> None:
         self.table = table
         self.clock = clock
-        # job name -> (the JobState rendered, its report count, its lines per family):
-        # between two scrapes most jobs do not change, and their text is reused.
-        self._cache: dict[str, tuple[JobState, int, tuple[str, ...]]] = {}
+        # job name -> (the JobState rendered, its report count, its live workers, its lines
+        # per family, encoded): between two scrapes most jobs do not change, and their text
+        # is reused as it is.
+        self._cache: dict[str, tuple[JobState, int, int, tuple[bytes, ...]]] = {}
 
     def render(self) -> bytes:
         jobs = list(self.table.jobs.values())
         counters = self.table.counters
         now, timeout = self.clock(), self.table.worker_timeout
-        out: list[list[str]] = [[] for _ in _JOB_FAMILIES]
-        workers = out[_WORKERS]
-        cache: dict[str, tuple[JobState, int, tuple[str, ...]]] = {}
+        out: list[list[bytes]] = [[] for _ in _JOB_FAMILIES]
+        cache: dict[str, tuple[JobState, int, int, tuple[bytes, ...]]] = {}
         for job in jobs:
             c = counters.get(job.name)
             reports = -1 if c is None else c.reports
+            live = len(job.sessions.live(now, timeout))  # changes with time alone
             hit = self._cache.get(job.name)
-            if hit is not None and hit[0] is job and hit[1] == reports:
-                lines = hit[2]
+            if hit is not None and hit[0] is job and hit[1] == reports and hit[2] == live:
+                lines = hit[3]
             else:
-                lines = _job_lines(job, c)
-            cache[job.name] = (job, reports, lines)
-            for family, text in zip(out, lines, strict=False):
+                lines = tuple(text.encode() for text in _job_lines(job, c, live))
+            cache[job.name] = (job, reports, live, lines)
+            for family, text in zip(out, lines, strict=True):
                 if text:
                     family.append(text)
-            live = len(job.sessions.live(now, timeout))
-            workers.append(f'lrpilot_workers{{training_job="{job.name}"}} {_go(float(live))}\n')
         self._cache = cache
-        parts: list[str] = []
-        for (name, kind, text), family in zip(_JOB_FAMILIES, out, strict=True):
+        parts: list[bytes] = []
+        for (name, kind, doc), family in zip(_JOB_FAMILIES, out, strict=True):
             base = name.removesuffix("_total") if kind == "counter" else name
-            parts.append(f"# HELP {name} {text}\n# TYPE {base} {kind}\n")
+            parts.append(f"# HELP {name} {doc}\n# TYPE {base} {kind}\n".encode())
             parts.extend(family)
         parts.append(
             f"# HELP lrpilot_jobs Jobs in memory\n# TYPE lrpilot_jobs gauge\n"
-            f"lrpilot_jobs {_go(float(len(jobs)))}\n"
+            f"lrpilot_jobs {_go(float(len(jobs)))}\n".encode()
         )
-        return "".join(parts).encode()
+        return b"".join(parts)
 
 
-_WORKERS = 8  # index of lrpilot_workers in _JOB_FAMILIES: it changes with time, never cached
-
-
-def _job_lines(job: JobState, c: Counters | None) -> tuple[str, ...]:
+def _job_lines(job: JobState, c: Counters | None, live: int) -> tuple[str, ...]:
     """A job's lines per family of _JOB_FAMILIES ("" where it has none)."""
     j = f'{{training_job="{job.name}"}} '
     described: dict[str, Any] = job.policy.describe(job.state)
@@ -247,7 +243,7 @@ def _job_lines(job: JobState, c: Counters | None) -> tuple[str, ...]:
         f"lrpilot_min_lr{j}{_go(_num(described.get('min_lr'), 0.0))}\n",
         info,
         f"lrpilot_epoch{j}{_go(_num(job.last_epoch))}\n",
-        "",  # lrpilot_workers: rendered fresh
+        f"lrpilot_workers{j}{_go(float(live))}\n",
         changes,
         reports,
         late,
