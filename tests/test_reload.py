@@ -335,7 +335,10 @@ def test_a_big_valid_policy_file_is_parsed_off_the_loop(running, tmp_path: Path)
             epoch += 1
             reloads = c.metric("lrpilot_policy_reloads_total", result="success")
         assert epoch >= 3, "the parse was too quick to show anything"
-        assert slowest < 0.05, f"slowest report {slowest * 1000:.1f} ms while parsing"
+        # The parse takes about 1.5 s of CPU; parsed on the loop, a report would wait all of
+        # it. Off the loop, a report waits at most a few GIL hand-overs (a bound with room
+        # for a loaded 2-core CI machine).
+        assert slowest < 0.25, f"slowest report {slowest * 1000:.1f} ms while parsing"
     finally:
         for p in peers:
             p.close()
