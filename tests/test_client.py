@@ -978,3 +978,43 @@ def test_curve_encrypted_conversation(tmp_path: Path, monkeypatch: pytest.Monkey
             assert plain.lr == 0.1 and not plain.online  # no keys, no conversation
     finally:
         secure.close()
+
+
+# -- a scripted LR range test (used by the adapters' tests) -----------------------------
+
+
+def range_test_handler(
+    peer: ScriptedPeer, stop_after: int, suggested: float, *, steps_only: bool = False
+) -> Any:
+    """Answers like a controller running a per-step range test: the hello reply starts it
+    (`action: snapshot`, LR 1e-4), every report raises the LR by 10**0.25 from the next step,
+    and the report of step `stop_after` ends it (`action: restore` with `suggested`).
+    `steps_only`: every report must carry a step (a per-step adapter)."""
+    version = iter(range(2, 10_000))
+
+    def handler(identity: bytes, message: Any) -> list[Any]:
+        if isinstance(message, Hello):
+            return [
+                peer.lr_message(
+                    None, None, message.start_step, lr=1e-4, version=next(version),
+                    reason="range_test", action="snapshot",
+                )
+            ]  # fmt: skip
+        if isinstance(message, Report):
+            assert not steps_only or message.step is not None
+            step = message.step if message.step is not None else message.epoch
+            done = step >= stop_after
+            lr = suggested if done else 1e-4 * 10 ** ((step + 1) / 4)
+            if message.step is None:
+                where: dict[str, Any] = {"epoch": message.epoch + 1}
+            else:
+                where = {"step": message.step + 1}
+            return [
+                peer.lr_message(
+                    message.seq, lr=lr, version=next(version), reason="range_test",
+                    action="restore" if step == stop_after else None, **where,
+                )
+            ]  # fmt: skip
+        return []
+
+    return handler

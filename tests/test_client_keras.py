@@ -14,7 +14,7 @@ keras = pytest.importorskip("keras")
 np = pytest.importorskip("numpy")
 
 from conftest import Controller, run_cli  # noqa: E402
-from test_client import ScriptedPeer, free_endpoint  # noqa: E402
+from test_client import ScriptedPeer, free_endpoint, range_test_handler  # noqa: E402
 
 from lrpilot.client.keras import LRPilotCallback  # noqa: E402
 from lrpilot.client.protocol import Bye, Hello, Report  # noqa: E402
@@ -227,39 +227,6 @@ def test_unit_step_against_a_real_controller_decides_every_step(
 
 
 # -- LR range tests: snapshot and restore ------------------------------------------------------
-
-
-def range_test_handler(peer: ScriptedPeer, stop_after: int, suggested: float) -> Any:
-    """Answers like a controller running a per-step range test: the hello reply starts it
-    (`action: snapshot`, LR 1e-4), every report raises the LR by 10**0.25 from the next step,
-    and the report of step `stop_after` ends it (`action: restore` with `suggested`)."""
-    version = iter(range(2, 10_000))
-
-    def handler(identity: bytes, message: Any) -> list[Any]:
-        if isinstance(message, Hello):
-            return [
-                peer.lr_message(
-                    None, None, message.start_step, lr=1e-4, version=next(version),
-                    reason="range_test", action="snapshot",
-                )
-            ]  # fmt: skip
-        if isinstance(message, Report):
-            step = message.step if message.step is not None else message.epoch
-            done = step >= stop_after
-            lr = suggested if done else 1e-4 * 10 ** ((step + 1) / 4)
-            if message.step is None:
-                where: dict[str, Any] = {"epoch": message.epoch + 1}
-            else:
-                where = {"step": message.step + 1}
-            return [
-                peer.lr_message(
-                    message.seq, lr=lr, version=next(version), reason="range_test",
-                    action="restore" if step == stop_after else None, **where,
-                )
-            ]  # fmt: skip
-        return []
-
-    return handler
 
 
 class StateLog(keras.callbacks.Callback):  # type: ignore[misc]

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_client import ScriptedPeer, free_endpoint  # noqa: E402
+from test_client import ScriptedPeer, free_endpoint, range_test_handler  # noqa: E402
 
 from lrpilot.client.protocol import Bye, Hello, Report  # noqa: E402
 from lrpilot.client.torch import LRPilotScheduler  # noqa: E402
@@ -238,35 +238,6 @@ def test_strict_fails_the_first_step_without_a_controller() -> None:
 # -- LR range tests: snapshot and restore ------------------------------------------------------
 
 
-def range_test_handler(peer: ScriptedPeer, stop_after: int, suggested: float) -> Any:
-    """A controller running a per-step range test: the hello reply starts it (`action:
-    snapshot`, LR 1e-4), each report raises the LR from the next step, and the report of
-    step `stop_after` ends it (`action: restore` with `suggested`); then the LR stays."""
-    version = iter(range(2, 10_000))
-
-    def handler(identity: bytes, message: Any) -> list[Any]:
-        if isinstance(message, Hello):
-            return [
-                peer.lr_message(
-                    None, None, message.start_step, lr=1e-4, version=next(version),
-                    reason="range_test", action="snapshot",
-                )
-            ]  # fmt: skip
-        if isinstance(message, Report):
-            assert message.step is not None
-            done = message.step >= stop_after
-            return [
-                peer.lr_message(
-                    message.seq, None, message.step + 1, version=next(version),
-                    lr=suggested if done else 1e-4 * 10 ** ((message.step + 1) / 4),
-                    reason="range_test", action="restore" if message.step == stop_after else None,
-                )
-            ]  # fmt: skip
-        return []
-
-    return handler
-
-
 def regression() -> tuple[Any, Any, Any]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -308,7 +279,7 @@ def test_a_range_test_restores_the_state_from_before_the_first_optimizer_step(
     """The hello comes after the first optimizer step; the copy was made before it, after
     the weights loaded since construction. The restore decided on step 5 applies before
     step 6: model and Adam state as before any training, then the suggested LR."""
-    peer.handler = range_test_handler(peer, stop_after=5, suggested=0.003)
+    peer.handler = range_test_handler(peer, stop_after=5, suggested=0.003, steps_only=True)
     model, x, y = regression()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = LRPilotScheduler(
@@ -332,7 +303,7 @@ def test_a_range_test_restores_the_state_from_before_the_first_optimizer_step(
 
 
 def test_every_group_keeps_its_ratio_after_a_restore(peer: ScriptedPeer) -> None:
-    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.02)
+    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.02, steps_only=True)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
     optimizer = torch.optim.SGD(
         [
@@ -374,7 +345,7 @@ def test_without_a_model_the_hello_says_it_cannot_restore(peer: ScriptedPeer) ->
 
 
 def test_snapshot_and_restore_hooks_replace_the_copy(peer: ScriptedPeer) -> None:
-    peer.handler = range_test_handler(peer, stop_after=1, suggested=0.004)
+    peer.handler = range_test_handler(peer, stop_after=1, suggested=0.004, steps_only=True)
     model, x, y = regression()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     calls: list[tuple[str, float]] = []
@@ -416,7 +387,7 @@ def test_pickling_keeps_the_model_but_not_the_copy(peer: ScriptedPeer, tmp_path:
 def test_a_step_pre_hook_of_someone_else_after_ours_is_fine(peer: ScriptedPeer) -> None:
     """The first-step hook is removed after `optimizer.step()`, not while torch iterates
     over the hooks (which would raise in the training step)."""
-    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.02)
+    peer.handler = range_test_handler(peer, stop_after=2, suggested=0.02, steps_only=True)
     model, x, y = regression()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = LRPilotScheduler(
