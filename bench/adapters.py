@@ -17,14 +17,10 @@ quotient. The figures are appended to bench/RESULTS.md unless --no-record.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import itertools
 import logging
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from conftest import Controller  # noqa: E402
+from measured import context  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 POLICY = """\
@@ -377,32 +374,14 @@ def cases(endpoint: str) -> list[Case]:
     ]  # fmt: skip
 
 
-def git(*args: str) -> str:
-    out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def context(started_load: str) -> list[str]:
-    model = platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    found = [f"Python {platform.python_version()}"]
-    for dist in ("torch", "pytorch-lightning", "transformers", "keras", "tensorflow-cpu", "pyzmq"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found.append(f"{dist} {importlib.metadata.version(dist)}")
-    dirty = git("status", "--porcelain", "--", "client")
-    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    return [
-        f"machine: {os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}",
-        f"versions: {', '.join(found)}",
-        f"code measured: commit {git('rev-parse', 'HEAD')[:12]}"
-        + (" + uncommitted changes in client/" if dirty else ""),
-        f"load average (1/5/15 min) at the start {started_load}, at the end {load} (the "
-        "controller, and other work on the machine, share its cores with the training)",
-    ]
+ADAPTER_VERSIONS = (
+    "torch",
+    "pytorch-lightning",
+    "transformers",
+    "keras",
+    "tensorflow-cpu",
+    "pyzmq",
+)
 
 
 def ms(seconds: float) -> str:
@@ -490,7 +469,13 @@ def main() -> int:
     if not args.no_record and done:
         argv = " ".join(sys.argv[1:])
         run = f"run: `bench/adapters.py{' ' + argv if argv else ''}`"
-        record(rows(done), [*context(started_load), f"{run}, {time.monotonic() - started:.0f} s"])
+        record(
+            rows(done),
+            [
+                *context(started_load, ADAPTER_VERSIONS, "the training"),
+                f"{run}, {time.monotonic() - started:.0f} s",
+            ],
+        )
     return 0
 
 

@@ -19,10 +19,7 @@ The figures are appended to bench/RESULTS.md (date, machine, versions) unless --
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.metadata
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from conftest import Controller  # noqa: E402
+from measured import context, cpu_seconds  # noqa: E402
 
 from lrpilot.client import Client  # noqa: E402
 from lrpilot.client.protocol import Hello, encode  # noqa: E402
@@ -227,42 +225,7 @@ def keras_per_batch(c: Controller, epochs: int, rounds: int) -> dict[str, float]
     return out
 
 
-def git(*args: str) -> str:
-    out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    return out.stdout.strip()
-
-
-def context(started_load: str) -> list[str]:
-    """The lines that say where and on what the figures were measured."""
-    model = platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    found = [f"Python {platform.python_version()}"]
-    found.append(f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})")
-    for dist in ("msgpack", "keras", "tensorflow", "tensorflow-cpu", "lrpilot"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            found.append(f"{dist} {importlib.metadata.version(dist)}")
-    head = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--", "client")
-    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    return [
-        f"machine: {os.cpu_count()} cores ({model}), {platform.system()} {platform.release()}",
-        f"versions: {', '.join(found)}",
-        f"code measured: commit {head[:12]}"
-        + (" + uncommitted changes in client/" if dirty else ""),
-        f"load average (1/5/15 min) at the start {started_load}, at the end {load} (the "
-        "controller, and other work on the machine, share its cores with the client)",
-    ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+HOT_PATH_VERSIONS = ("pyzmq", "msgpack", "keras", "tensorflow", "tensorflow-cpu", "lrpilot")
 
 Row = tuple[str, str, str, str, str]
 
@@ -299,7 +262,13 @@ def main() -> int:
     if not args.no_record:
         argv = " ".join(sys.argv[1:])
         run = f"run: `bench/client_hot_path.py{' ' + argv if argv else ''}`"
-        record(rows, [*context(started_load), f"{run}, {time.monotonic() - started:.0f} s"])
+        record(
+            rows,
+            [
+                *context(started_load, HOT_PATH_VERSIONS, "the client"),
+                f"{run}, {time.monotonic() - started:.0f} s",
+            ],
+        )
     return 0
 
 

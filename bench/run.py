@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from conftest import Controller, Wire  # noqa: E402
+from measured import cpu_seconds  # noqa: E402
 
 POLICY = (
     "version: 1\ndefaults:\n  policy: {type: plateau, factor: 0.5, patience: 3, min_delta: 0.0}\n"
@@ -150,11 +151,6 @@ def reload_latency(c: Controller, edits: int) -> list[float]:
         out.append(time.perf_counter() - t0)
     w.close()
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

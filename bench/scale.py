@@ -71,6 +71,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from measured import git
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -907,11 +908,6 @@ class Bench:
 
 
 # -- context: versions, machine, the code measured; RESULTS.md ----------------------------------
-
-
-def git(*args: str) -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else ""
 
 
 def use_ref(ref: str, into: Path) -> str:
