@@ -158,12 +158,19 @@ def new_run_id(previous: int, wall: float) -> int:
     return max(previous + 1, int(wall * 1e6))
 
 
-def _push(job: JobState, env: Env, reason: str, apply_from: int, skip: set[int]) -> Outgoing:
-    """The decision to every live worker not answered already."""
+def _push(
+    job: JobState,
+    env: Env,
+    reason: str,
+    apply_from: int,
+    answered: Mapping[int, object] | None = None,
+    action: str | None = None,
+) -> Outgoing:
+    """The decision to every live worker, but the ranks in `answered` (they got a reply)."""
     return [
-        (w.session, lr_message(job, reason, None, apply_from))
+        (w.session, lr_message(job, reason, None, apply_from, action))
         for w in job.sessions.live(env.now, env.worker_timeout)
-        if w.rank not in skip
+        if answered is None or w.rank not in answered
     ]
 
 
@@ -412,11 +419,7 @@ def decide(
         for r in reports.values()
     ]
     if changed or decision.action:
-        out += [
-            (w.session, lr_message(job, reason, None, t + 1, decision.action))
-            for w in job.sessions.live(env.now, env.worker_timeout)
-            if w.rank not in reports
-        ]
+        out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings)
 
 
@@ -472,7 +475,7 @@ def override(
         ends = f"{epochs} {job.unit}s" if epochs is not None else f"{seconds:g} s"
         detail = f"{reason}; for {ends}" if reason else f"for {ends}"
     row = audit_row(job, env, old, "override", t + 1, source=author or "operator", detail=detail)
-    step = Step(job, _push(job, env, "override", t + 1, set()), [row])
+    step = Step(job, _push(job, env, "override", t + 1), [row])
     if seconds is not None:
         step.override_until = env.now + seconds
     return step
@@ -486,7 +489,7 @@ def expire_override(job: JobState, env: Env) -> Step | None:
     job, row = _end_override(job, env, job.next_t() - 1)
     if row is None:
         return Step(job)
-    return Step(job, _push(job, env, "override", job.next_t(), set()), [row])
+    return Step(job, _push(job, env, "override", job.next_t()), [row])
 
 
 def _end_override(job: JobState, env: Env, t: int) -> tuple[JobState, AuditRow | None]:
@@ -534,7 +537,7 @@ def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
         return Step(job)
     job = job.with_(version=job.version + 1)
     row = audit_row(job, env, old_lr, "reload", t, source="reload")
-    return Step(job, _push(job, env, "reload", t, set()), [row])
+    return Step(job, _push(job, env, "reload", t), [row])
 
 
 def _plateau_compatible(a: Policy, b: Policy) -> bool:
