@@ -83,6 +83,3 @@ class Sessions:
     def finished(self) -> bool:
         """Every rank that said hello has said bye: the job ended normally."""
         return bool(self.workers) and all(w.gone for w in self.workers.values())
-
-    def last_heard(self) -> float:
-        return max((w.last_seen for w in self.workers.values() if not w.gone), default=0.0)

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import sqlite3
 import time
@@ -94,21 +93,6 @@ def rfc3339(ts: float) -> str:
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
     )
-
-
-def _dumps(obj: Any) -> str:
-    # JSON has no NaN/inf; state may hold them (a diverged value): keep them as strings.
-    return json.dumps(_encode(obj), separators=(",", ":"), allow_nan=False)
-
-
-def _encode(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return {"$f": repr(obj)}
-    if isinstance(obj, dict):
-        return {k: _encode(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_encode(v) for v in obj]
-    return obj
 
 
 def _decode(obj: Any) -> Any:

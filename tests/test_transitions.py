@@ -345,3 +345,12 @@ def _series(s: Server, name: str) -> set[str]:
         for sample in family.samples  # type: ignore[attr-defined]
         if sample.name == name
     }
+
+
+def test_rows_written_by_0_1_as_json_still_decode() -> None:
+    from lrpilot.controller.store import decode_row
+
+    legacy = '{"run":3,"state":{"lr":0.05,"best":{"$f":"nan"},"wait":2},"seqs":{}}'
+    row = decode_row(legacy)
+    assert row["run"] == 3 and row["state"]["wait"] == 2
+    assert row["state"]["best"] != row["state"]["best"]  # NaN, as 0.1 stored it
