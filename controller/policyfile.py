@@ -216,6 +216,12 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str]:
     if origin is typing.Literal:
         return isinstance(value, str), value, "one of " + ", ".join(typing.get_args(hint))
     if origin is list:
+        (item,) = typing.get_args(hint)
+        if item is float:
+            ok = isinstance(value, list) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            )
+            return ok, [float(v) for v in value] if ok else value, "a list of numbers"
         ok = isinstance(value, list) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         )

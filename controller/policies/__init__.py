@@ -5,12 +5,17 @@ from __future__ import annotations
 from .base import REASONS, Decision, Event, Policy, State, fingerprint, float32, parameters
 from .constant import Constant
 from .cosine import CosineDecay
+from .cosine_restarts import CosineRestarts
+from .cyclic import Cyclic
 from .exponential import ExponentialDecay
 from .formula import Formula, FormulaError, FormulaState
 from .inverse_time import InverseTimeDecay
 from .multistep import MultiStep
+from .one_cycle import OneCycle
 from .phases import Phase, Phases, PhasesState
+from .piecewise import Piecewise
 from .plateau import Plateau, PlateauState, resolve_mode
+from .polynomial import PolynomialDecay
 from .range_test import RangeTest, RangeTestState
 from .schedule import Schedule, ScheduleState
 from .step import StepDecay
@@ -21,6 +26,8 @@ __all__ = [
     "REASONS",
     "Constant",
     "CosineDecay",
+    "CosineRestarts",
+    "Cyclic",
     "Decision",
     "Event",
     "ExponentialDecay",
@@ -29,12 +36,15 @@ __all__ = [
     "FormulaState",
     "InverseTimeDecay",
     "MultiStep",
+    "OneCycle",
     "Phase",
     "Phases",
     "PhasesState",
+    "Piecewise",
     "Plateau",
     "PlateauState",
     "Policy",
+    "PolynomialDecay",
     "RangeTest",
     "RangeTestState",
     "Schedule",
@@ -62,5 +72,10 @@ POLICY_TYPES: dict[str, type[Policy]] = {
         Constant,
         RangeTest,
         Formula,
+        OneCycle,
+        Cyclic,
+        CosineRestarts,
+        PolynomialDecay,
+        Piecewise,
     )
 }

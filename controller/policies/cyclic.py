@@ -1,0 +1,70 @@
+"""Cyclical LR (`type: cyclic`), as torch's CyclicLR: a triangle between base_lr and max_lr.
+
+One cycle is `step_size_up` units up and `step_size_down` (default: up) units
+down. `triangular` keeps the amplitude, `triangular2` halves it every cycle,
+`exp_range` scales it by gamma^t. LRs are absolute: lr0 is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .fields import between, one_of, param, positive, positive_int
+from .schedule import Schedule
+
+__all__ = ["Cyclic"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cyclic(Schedule):
+    """Cycle the LR (and momentum) between two bounds (torch CyclicLR)."""
+
+    type = "cyclic"
+
+    base_lr: float = param(check=between(0, 10, hi_open=False), doc="lower LR of the cycle")
+    max_lr: float = param(check=between(0, 10, hi_open=False), doc="upper LR of the cycle")
+    step_size_up: int = param(2000, positive_int, "units from base_lr up to max_lr")
+    step_size_down: int | None = param(None, positive_int, "units back down (default: up)")
+    mode: str = param(
+        "triangular", one_of("triangular", "triangular2", "exp_range"), "amplitude policy"
+    )
+    gamma: float = param(1.0, positive, "exp_range: amplitude × gamma^t")
+    cycle_momentum: bool = param(False, doc="also cycle momentum inversely to the LR")
+    base_momentum: float = param(0.8, between(0, 1, hi_open=False), "momentum at max_lr")
+    max_momentum: float = param(0.9, between(0, 1, hi_open=False), "momentum at base_lr")
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        if self.max_lr < self.base_lr:
+            return [("max_lr", "max_lr must be >= base_lr")]
+        if self.base_momentum > self.max_momentum:
+            return [("base_momentum", "base_momentum must be <= max_momentum")]
+        return []
+
+    def _scale(self, t: int) -> tuple[float, float]:
+        """(height of the triangle in [0, 1], amplitude factor) at `t`, as torch computes them."""
+        up = float(self.step_size_up)
+        down = float(self.step_size_down) if self.step_size_down is not None else up
+        total = up + down
+        ratio = up / total
+        cycle = math.floor(1 + t / total)
+        x = 1.0 + t / total - cycle
+        height = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+        if self.mode == "triangular":
+            amplitude = 1.0
+        elif self.mode == "triangular2":
+            amplitude = 1 / (2.0 ** (cycle - 1))
+        else:
+            amplitude = self.gamma**t
+        return height, amplitude
+
+    def value(self, lr0: float, t: int) -> float:
+        height, amplitude = self._scale(t)
+        return self.base_lr + (self.max_lr - self.base_lr) * height * amplitude
+
+    def momentum(self, lr0: float, t: int) -> float | None:
+        """The momentum at `t` when `cycle_momentum` is on, else None."""
+        if not self.cycle_momentum:
+            return None
+        height, amplitude = self._scale(t)
+        return self.max_momentum - (self.max_momentum - self.base_momentum) * height * amplitude

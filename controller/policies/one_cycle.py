@@ -1,0 +1,91 @@
+"""One-cycle (`type: one_cycle`), as torch's OneCycleLR: up to max_lr, then down far below.
+
+The LR rises from max_lr / div_factor to max_lr over the first `pct_start` of
+`total_steps`, then anneals to max_lr / div_factor / final_div_factor (with
+`three_phase`: back to the start first, then down). Fastai's `fit_one_cycle`
+is this schedule; after a range test, `lr: suggested` makes the suggestion its
+max_lr. Unlike torch, which raises past total_steps, the last LR is held.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .fields import between, one_of, param, positive
+from .schedule import Schedule
+
+__all__ = ["OneCycle", "anneal"]
+
+
+def anneal(kind: str, start: float, end: float, pct: float) -> float:
+    """torch's `_annealing_cos` / `_annealing_linear` from `start` to `end` at `pct` in [0, 1]."""
+    if kind == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneCycle(Schedule):
+    """One cycle of LR (and momentum) per run (torch OneCycleLR; fastai fit_one_cycle)."""
+
+    type = "one_cycle"
+
+    max_lr: float | None = param(
+        None, between(0, 10, hi_open=False), "peak LR (default: lr0, e.g. `lr: suggested`)"
+    )
+    total_steps: int = param(check=lambda v: None if v >= 2 else "must be >= 2", doc="cycle length")
+    pct_start: float = param(0.3, between(0, 1), "share of the cycle spent rising")
+    anneal: str = param("cos", one_of("cos", "linear"), "annealing shape (torch anneal_strategy)")
+    div_factor: float = param(25.0, positive, "initial LR = max_lr / div_factor")
+    final_div_factor: float = param(1e4, positive, "final LR = initial LR / final_div_factor")
+    three_phase: bool = param(False, doc="rise, fall back to the initial LR, then anneal down")
+    cycle_momentum: bool = param(False, doc="also cycle momentum inversely to the LR")
+    base_momentum: float = param(0.85, between(0, 1, hi_open=False), "momentum at max_lr")
+    max_momentum: float = param(0.95, between(0, 1, hi_open=False), "momentum at the ends")
+
+    def problems(self) -> list[tuple[str | None, str]]:
+        rise = self.pct_start * self.total_steps - 1
+        if rise <= 0:
+            return [("pct_start", "pct_start * total_steps must be > 1 (a rise of >= 1 step)")]
+        if self.three_phase and self.total_steps - 1 <= 2 * rise:
+            return [
+                ("pct_start", "three_phase needs pct_start * total_steps < (total_steps + 1) / 2")
+            ]
+        if self.base_momentum > self.max_momentum:
+            return [("base_momentum", "base_momentum must be <= max_momentum")]
+        return []
+
+    def _phases(self, peak: float) -> list[tuple[float, float, float, float, float]]:
+        """(end_step, start_lr, end_lr, start_momentum, end_momentum) per phase, as torch."""
+        initial = peak / self.div_factor
+        final = initial / self.final_div_factor
+        rise = float(self.pct_start * self.total_steps) - 1
+        hi, lo = self.max_momentum, self.base_momentum
+        last = float(self.total_steps - 1)
+        if self.three_phase:
+            return [
+                (rise, initial, peak, hi, lo),
+                (float(2 * self.pct_start * self.total_steps) - 2, peak, initial, lo, hi),
+                (last, initial, final, hi, hi),
+            ]
+        return [(rise, initial, peak, hi, lo), (last, peak, final, lo, hi)]
+
+    def _at(self, lr0: float, t: int) -> tuple[float, float]:
+        peak = self.max_lr if self.max_lr is not None else lr0
+        step = min(t, self.total_steps - 1)
+        phases = self._phases(peak)
+        begin = 0.0
+        for i, (end, lr_a, lr_b, m_a, m_b) in enumerate(phases):
+            if step <= end or i == len(phases) - 1:
+                pct = (step - begin) / (end - begin)
+                return anneal(self.anneal, lr_a, lr_b, pct), anneal(self.anneal, m_a, m_b, pct)
+            begin = end
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def value(self, lr0: float, t: int) -> float:
+        return self._at(lr0, t)[0]
+
+    def momentum(self, lr0: float, t: int) -> float | None:
+        """The momentum at `t` when `cycle_momentum` is on, else None."""
+        return self._at(lr0, t)[1] if self.cycle_momentum else None
