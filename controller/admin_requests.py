@@ -1,4 +1,4 @@
-"""The admin socket's requests about jobs: status, set-lr, history, range-test, forget.
+"""The admin socket's requests about jobs: status, set-lr, history, range-test, forget, metrics.
 
 One typed handler per request (`server.py` dispatches on the request's `t`); each
 returns the reply as a plain dict, or raises `ProtocolError` (answered as an `error`).
@@ -14,12 +14,12 @@ from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
 from .jobstate import status_row
-from .store import rfc3339
+from .store import MetricPoint, rfc3339
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["JobRequests", "error"]
+__all__ = ["JobRequests", "error", "metric_columns"]
 
 
 def error(code: str, message: str) -> dict[str, Any]:
@@ -131,3 +131,41 @@ class JobRequests:
         except Exception as exc:
             return error("unavailable", f"could not forget {name!r}: {exc}")
         return {"t": "ok", "job": name}
+
+    def metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The job's recorded metrics of one run (default: the current one), as columns."""
+        name = check_name(msg.get("job"), "job")
+        self.allowed(name)
+        store, job = self.server.store, self.server.table.jobs.get(name)
+        runs = store.metric_runs(name)
+        if not runs and job is None:
+            return error("unknown_job", f"no job {name!r}")
+        run = msg.get("run")
+        if not isinstance(run, int) or isinstance(run, bool):
+            run = job.run if job is not None else runs[-1]
+        points = store.metrics(name, run)
+        unit = job.unit if job is not None else None
+        monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
+        return {
+            "t": "metrics",
+            "job": name,
+            "run": run,
+            "runs": runs,
+            "unit": unit or ("step" if any(p.t != p.epoch for p in points) else "epoch"),
+            "monitor": monitor,
+            **metric_columns(points),
+        }
+
+
+def metric_columns(points: list[MetricPoint]) -> dict[str, Any]:
+    """Points as columns (what charts and CSV writers want): `x` (epoch, or step for a step
+    job), `epoch`, `lr` (trained), `time` (Unix), `metrics` {name: values, None where a point
+    lacks the metric}."""
+    names = sorted({k for p in points for k in p.metrics})
+    return {
+        "x": [p.t for p in points],
+        "epoch": [p.epoch for p in points],
+        "lr": [p.lr for p in points],
+        "time": [p.wall for p in points],
+        "metrics": {k: [p.metrics.get(k) for p in points] for k in names},
+    }

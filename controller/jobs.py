@@ -326,4 +326,6 @@ class Batch:
                     w.old_runs.append((name, before.run))
         for step in self.steps:
             w.audit += step.audit
+            if step.point is not None:
+                w.metrics.append(step.point)
         return w

@@ -109,19 +109,33 @@ class Metrics:
         jobs = getattr(self, "_jobs", None)
         return body if jobs is None else body + jobs.render()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        """Serve `/metrics` from a thread of its own; `shutdown()` and `server_close()` it."""
+    def serve(
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        pages: Callable[[str], tuple[int, str, bytes]] | None = None,
+    ) -> ThreadingHTTPServer:
+        """Serve `/metrics` from a thread of its own; `shutdown()` and `server_close()` it.
+
+        Args:
+            pages: answers every other path (the web view): (status, content type, body).
+        """
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics" or (path == "/" and pages is None):
+                    status, kind, body = 200, CONTENT_TYPE_LATEST, metrics.render()
+                elif pages is not None:
+                    status, kind, body = pages(self.path)
+                else:
                     self.send_error(404, "only /metrics is here")
                     return
-                body = metrics.render()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 

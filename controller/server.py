@@ -46,6 +46,7 @@ from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
 from .store import Store
 from .transitions import Outgoing
+from .web import WebBridge, WebPages
 
 __all__ = ["BindError", "ServeConfig", "Server", "parse_ready_line", "serve"]
 
@@ -138,13 +139,14 @@ class Server:
             job_ttl=config.job_ttl,
         )
         self.metrics.watch(self.table, clock)
-        jobs = JobRequests(self)
+        jobs = self.jobs = JobRequests(self)
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": jobs.status,
             "set_lr": jobs.set_lr,
             "history": jobs.history,
             "forget": jobs.forget,
             "range_test": jobs.range_test,
+            "metrics": jobs.metrics,
             "reload": self._reload_request,
         }
         self.metrics.last_reload_timestamp.set(wall())
@@ -161,6 +163,7 @@ class Server:
         self.authorizer: Authorizer | None = None
         self.admin_grant: Grant | None = None  # of the admin request being handled
         self._http: Any = None
+        self.web: WebBridge | None = None
         try:
             self.sock = self._client_socket()
             self.admin = self.ctx.socket(zmq.ROUTER)
@@ -171,10 +174,11 @@ class Server:
             self._bind_admin(config.admin_bind)  # close() closes it if this fails
             self._wakeup = self.ctx.socket(zmq.PULL)
             self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
+            self.web = WebBridge(self)  # the web view's requests, answered in the loop
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self._http = self.metrics.serve(port, host)
+                    self._http = self.metrics.serve(port, host, pages=WebPages(self.web.ask))
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -303,6 +307,8 @@ class Server:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.admin, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
+        assert self.web is not None
+        poller.register(self.web.sock, zmq.POLLIN)
         while not self._stopping:
             now = self.clock()
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
@@ -310,6 +316,8 @@ class Server:
             self.turn(drain=self.sock in events)
             if self.admin in events:
                 self._drain_admin()
+            if self.web.sock in events:
+                self.web.drain()
             if self._wakeup in events:
                 with contextlib.suppress(zmq.Again):
                     while self._wakeup.recv(zmq.NOBLOCK) is not None:
@@ -564,6 +572,8 @@ class Server:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.web is not None:
+            self.web.close()
         self.ctx.term()
         self.store.close()
 

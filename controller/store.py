@@ -28,7 +28,10 @@ from typing import IO, Any
 import msgpack
 
 __all__ = [
+    "METRIC_POINTS_KEPT",
+    "METRIC_RUNS_KEPT",
     "AuditRow",
+    "MetricPoint",
     "StateDirLocked",
     "Store",
     "StoreCorrupt",
@@ -40,6 +43,10 @@ __all__ = [
 log = logging.getLogger("lrpilot.controller")
 
 SNAPSHOTS_KEPT = 200
+#: Recorded metrics: at most this many points per run (every k-th, k doubling as a run grows)
+METRIC_POINTS_KEPT = 10_000
+#: ... for the job's last this many runs.
+METRIC_RUNS_KEPT = 10
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (job TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -51,6 +58,10 @@ CREATE TABLE IF NOT EXISTS audit (
     old_lr REAL, new_lr REAL NOT NULL, reason TEXT NOT NULL, version INTEGER NOT NULL,
     epoch INTEGER, source TEXT NOT NULL, run INTEGER NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
+CREATE TABLE IF NOT EXISTS metrics (
+    job TEXT NOT NULL, run INTEGER NOT NULL, t INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    lr REAL NOT NULL, time REAL NOT NULL, stride INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (job, run, t));
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BLOB, error TEXT NOT NULL, time TEXT NOT NULL);
 """
@@ -85,6 +96,26 @@ class AuditRow:
     def values(self) -> tuple[Any, ...]:
         """The fields in column order (the audit table's, after its id)."""
         return tuple(self.__dict__.values())
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One decided epoch (or step) as the job trained it: the (aggregated) metrics reported
+    for `t` and the LR in force during it.
+
+    Args:
+        t: the epoch, or the step for a `unit: step` job.
+        epoch: the epoch the report named (equal to `t` for epoch jobs).
+        wall: Unix time of the decision.
+    """
+
+    job: str
+    run: int
+    t: int
+    epoch: int
+    lr: float
+    wall: float
+    metrics: dict[str, float]
 
 
 def rfc3339(ts: float) -> str:
@@ -139,7 +170,8 @@ class Writes:
         prune: (job, run, epoch): delete that run's snapshots up to epoch.
         old_runs: (job, run): delete every snapshot of a run that ended.
         audit: LR changes.
-        deleted: jobs forgotten (row and snapshots).
+        deleted: jobs forgotten (row, snapshots and recorded metrics).
+        metrics: recorded metric points (thinned as they are written).
     """
 
     jobs: dict[str, bytes] = field(default_factory=dict)
@@ -148,9 +180,10 @@ class Writes:
     old_runs: list[tuple[str, int]] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    metrics: list[MetricPoint] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.snapshots or self.audit or self.deleted)
+        return bool(self.jobs or self.snapshots or self.audit or self.deleted or self.metrics)
 
 
 class Store:
@@ -189,6 +222,9 @@ class Store:
             ) from None
         #: Rows moved to the `quarantine` table because they did not decode.
         self.quarantined = 0
+        #: (job, run) -> [points stored, stride]: the thinning of recorded metrics, read from
+        #: the table on first use and changed only once a transaction committed.
+        self._thinning: dict[tuple[str, int], list[int]] = {}
         self._audit_path = self.dir / "audit.jsonl"
         self._sync_audit_mirror()
         self._audit = open(self._audit_path, "a", encoding="utf-8")  # noqa: SIM115
@@ -295,20 +331,99 @@ class Store:
                 " run, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [row.values() for row in w.audit],
             )
+            thinning = self._record(cur, w.metrics, [job for job, _ in w.old_runs])
             for job in w.deleted:
                 cur.execute("DELETE FROM jobs WHERE job = ?", (job,))
                 cur.execute("DELETE FROM snapshots WHERE job = ?", (job,))
+                cur.execute("DELETE FROM metrics WHERE job = ?", (job,))
             cur.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             raise
+        self._thinning.update(thinning)
+        for job in w.deleted:
+            for key in [k for k in self._thinning if k[0] == job]:
+                del self._thinning[key]
         if w.audit:
             try:
                 self._audit.write("".join(json.dumps(r.to_json()) + "\n" for r in w.audit))
                 self._audit.flush()
             except OSError as exc:  # committed already; the mirror is completed on the next start
                 log.error("cannot append to %s: %s", self._audit_path, exc)
+
+    # -- recorded metrics ---------------------------------------------------------------
+
+    def _thin_state(self, cur: sqlite3.Cursor, job: str, run: int) -> list[int]:
+        state = self._thinning.get((job, run))
+        if state is None:
+            count, stride = cur.execute(
+                "SELECT count(*), max(stride) FROM metrics WHERE job = ? AND run = ?", (job, run)
+            ).fetchone()
+            state = [int(count), int(stride or 1)]
+        return list(state)
+
+    def _record(
+        self, cur: sqlite3.Cursor, points: list[MetricPoint], new_runs: list[str]
+    ) -> dict[tuple[str, int], list[int]]:
+        """Write the turn's metric points, keeping every stride-th t of a run: when a run
+        passes METRIC_POINTS_KEPT points its stride doubles and the points off it go.
+        Returns the thinning states to keep once the transaction commits."""
+        changed: dict[tuple[str, int], list[int]] = {}
+        for p in points:
+            key = (p.job, p.run)
+            state = changed.get(key) or self._thin_state(cur, p.job, p.run)
+            if p.t % state[1]:
+                continue
+            known = cur.execute(
+                "SELECT 1 FROM metrics WHERE job = ? AND run = ? AND t = ?", (*key, p.t)
+            ).fetchone()
+            cur.execute(
+                "INSERT OR REPLACE INTO metrics (job, run, t, epoch, lr, time, stride, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (p.job, p.run, p.t, p.epoch, p.lr, p.wall, state[1], encode_row(p.metrics)),
+            )
+            state[0] += known is None  # a resumed run reports an epoch again: replaced
+            while state[0] > METRIC_POINTS_KEPT:
+                state[1] *= 2
+                cur.execute(
+                    "DELETE FROM metrics WHERE job = ? AND run = ? AND t % ? != 0",
+                    (*key, state[1]),
+                )
+                state[0] -= cur.rowcount
+                cur.execute(
+                    "UPDATE metrics SET stride = ? WHERE job = ? AND run = ?", (state[1], *key)
+                )
+            changed[key] = state
+        for job in set(new_runs):  # a job started a new run: keep its last few runs' metrics
+            cur.execute(
+                "DELETE FROM metrics WHERE job = ? AND run NOT IN (SELECT DISTINCT run FROM "
+                "metrics WHERE job = ? ORDER BY run DESC LIMIT ?)",
+                (job, job, METRIC_RUNS_KEPT),
+            )
+        return changed
+
+    def metric_runs(self, job: str) -> list[int]:
+        """The runs of `job` with recorded metrics, oldest first."""
+        rows = self.db.execute(
+            "SELECT DISTINCT run FROM metrics WHERE job = ? ORDER BY run", (job,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def metrics(self, job: str, run: int) -> list[MetricPoint]:
+        """The recorded points of one run of `job`, in order of t (a row that does not decode
+        keeps its LR, with no metrics)."""
+        out = []
+        for t, epoch, lr, wall, data in self.db.execute(
+            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = ? AND run = ? ORDER BY t",
+            (job, run),
+        ):
+            try:
+                metrics = {str(k): float(v) for k, v in decode_row(data).items()}
+            except (ValueError, TypeError):
+                metrics = {}
+            out.append(MetricPoint(job, run, t, epoch, lr, wall, metrics))
+        return out
 
     def history(self, job: str, limit: int | None = None) -> list[AuditRow]:
         """The job's audit rows, oldest first (the last `limit` only, if given)."""

@@ -42,7 +42,7 @@ from .policies import (
     fingerprint,
 )
 from .policyfile import JobRule
-from .store import AuditRow, rfc3339
+from .store import AuditRow, MetricPoint, rfc3339
 
 __all__ = [
     "Env",
@@ -88,6 +88,7 @@ class Step:
         invalid: error codes to count in `lrpilot_invalid_messages_total`.
         warnings: lines for the controller's log.
         waiting: a new aggregation deadline (t, when) for the job.
+        point: the decided metrics and the LR trained, for the recorded metrics.
     """
 
     job: JobState
@@ -101,6 +102,7 @@ class Step:
     warnings: list[str] = field(default_factory=list)
     waiting: tuple[int, float] | None = None
     override_until: float | None = None  # monotonic time a timed override ends
+    point: MetricPoint | None = None
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -379,6 +381,12 @@ def decide(
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
     old_lr = job.lr
+    # The LR trained is what the first rank says it used (a plan runs in the trainer), else
+    # the LR in force.
+    first = reports[min(reports)] if reports else None
+    trained = first.lr if first is not None else old_lr
+    epoch = first.epoch if first is not None else t
+    point = MetricPoint(job.name, job.run, t, epoch, trained, env.wall, dict(metrics))
     audit: list[AuditRow] = []
     if not decision.apply:
         notices.append(
@@ -420,7 +428,7 @@ def decide(
     ]
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
-    return Step(job, out, audit, snapshot=t, warnings=warnings)
+    return Step(job, out, audit, snapshot=t, warnings=warnings, point=point)
 
 
 def _current_policy(policy: Policy, state: State) -> Policy:
