@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus modules
+.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus chromium modules
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ prometheus:
 		(systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true); \
 	else echo "prometheus is missing: run 'sudo apt-get install -y prometheus' and re-run make test"; exit 1; fi
 
+# Debian's chromium: the web view's test loads the page in it, headless.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium package"; \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq update >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends chromium >/dev/null; \
+	else echo "chromium is missing: run 'sudo apt-get install -y chromium' and re-run make test"; exit 1; fi
+
 lint: modules
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -40,7 +49,7 @@ lint: modules
 typecheck: modules
 	$(VENV)/bin/mypy -p lrpilot.controller -p lrpilot.client
 
-pytest: modules prometheus
+pytest: modules prometheus chromium
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest

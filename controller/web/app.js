@@ -150,8 +150,10 @@ function drawSuggestions(u) {
   const ctx = u.ctx, { top, height } = u.bbox;
   ctx.save();
   ctx.font = `${12 * devicePixelRatio}px system-ui, sans-serif`;
+  let row = 0;
   for (const [name, lr] of Object.entries(rt.suggestions || {})) {
     if (lr === null) continue;
+    row += 1;  // one label line each: suggestions close together must not overlap
     const x = u.valToPos(lr, "x", true);
     const chosen = name === rt.suggest;
     ctx.strokeStyle = ctx.fillStyle = SUGGESTIONS[name] || "#000";
@@ -161,7 +163,8 @@ function drawSuggestions(u) {
     ctx.moveTo(x, top);
     ctx.lineTo(x, top + height);
     ctx.stroke();
-    ctx.fillText(`${name} ${fmt(lr, 2)}${chosen ? " (suggested)" : ""}`, x + 4, top + 14 * devicePixelRatio);
+    ctx.fillText(`${name} ${fmt(lr, 2)}${chosen ? " (suggested)" : ""}`, x + 4,
+      top + 16 * row * devicePixelRatio);
   }
   ctx.restore();
 }
