@@ -323,7 +323,12 @@ if __name__ == "__main__":  # redraw the screenshot the README shows
         ctl = Controller(Path(tmp) / "state", policy).start()
         try:
             _populate(ctl)
-            browse(f"{_base(ctl)}?job=resnet-a", Path(tmp) / "p", f"--screenshot={target}")
+            browse(
+                f"{_base(ctl)}?job=resnet-a",
+                Path(tmp) / "p",
+                "--window-size=1280,1000",
+                f"--screenshot={target}",
+            )
         finally:
             ctl.stop()
     print(target)

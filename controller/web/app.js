@@ -234,7 +234,8 @@ function renderJob(d) {
   const runs = d.runs.length > 1 ? ` (${d.runs.length} runs recorded)` : "";
   $("job-info").textContent = st
     ? `${st.policy}${st.phase ? ", phase " + st.phase : ""}; lr ${fmt(st.lr)}; ` +
-      `${d.unit} ${fmt(st.epoch)}; ${st.workers} workers; run ${d.run}${runs}; ` +
+      `${d.unit} ${fmt(st.epoch)}; ${st.workers} worker${st.workers === 1 ? "" : "s"}; ` +
+      `run ${d.run}${runs}; ` +
       `${d.x.length} points recorded`
     : `not in memory; run ${d.run}${runs}; ${d.x.length} points recorded`;
   state.events = d.events;
