@@ -14,7 +14,7 @@ from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
 from .jobstate import status_row
-from .store import MetricPoint, rfc3339
+from .store import decode_metrics, rfc3339
 
 if TYPE_CHECKING:
     from .server import Server
@@ -143,29 +143,33 @@ class JobRequests:
         run = msg.get("run")
         if not isinstance(run, int) or isinstance(run, bool):
             run = job.run if job is not None else runs[-1]
-        points = store.metrics(name, run)
+        rows = store.metric_rows(name, run)
         unit = job.unit if job is not None else None
         monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
-        return {
+        reply = {
             "t": "metrics",
             "job": name,
             "run": run,
             "runs": runs,
-            "unit": unit or ("step" if any(p.t != p.epoch for p in points) else "epoch"),
+            "unit": unit or ("step" if any(r[0] != r[1] for r in rows) else "epoch"),
             "monitor": monitor,
-            **metric_columns(points),
         }
+        if msg.get("raw"):  # the web view decodes in its own thread, not the loop's
+            reply["rows"] = rows
+            return reply
+        return {**reply, **metric_columns(rows)}
 
 
-def metric_columns(points: list[MetricPoint]) -> dict[str, Any]:
-    """Points as columns (what charts and CSV writers want): `x` (epoch, or step for a step
-    job), `epoch`, `lr` (trained), `time` (Unix), `metrics` {name: values, None where a point
-    lacks the metric}."""
-    names = sorted({k for p in points for k in p.metrics})
+def metric_columns(rows: list[tuple[int, int, float, float, bytes]]) -> dict[str, Any]:
+    """Stored points (`Store.metric_rows`) as columns (what charts and CSV writers want): `x`
+    (epoch, or step for a step job), `epoch`, `lr` (trained), `time` (Unix), `metrics` {name:
+    values, None where a point lacks the metric}."""
+    decoded = [decode_metrics(r[4]) for r in rows]
+    names = sorted({k for m in decoded for k in m})
     return {
-        "x": [p.t for p in points],
-        "epoch": [p.epoch for p in points],
-        "lr": [p.lr for p in points],
-        "time": [p.wall for p in points],
-        "metrics": {k: [p.metrics.get(k) for p in points] for k in names},
+        "x": [r[0] for r in rows],
+        "epoch": [r[1] for r in rows],
+        "lr": [r[2] for r in rows],
+        "time": [r[3] for r in rows],
+        "metrics": {k: [m.get(k) for m in decoded] for k in names},
     }

@@ -36,6 +36,7 @@ __all__ = [
     "Store",
     "StoreCorrupt",
     "Writes",
+    "decode_metrics",
     "decode_row",
     "encode_row",
 ]
@@ -116,6 +117,15 @@ class MetricPoint:
     lr: float
     wall: float
     metrics: dict[str, float]
+
+
+def decode_metrics(data: bytes) -> dict[str, float]:
+    """A recorded point's metrics; {} for a row that does not decode."""
+    try:
+        value = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises several types for corrupt input
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def rfc3339(ts: float) -> str:
@@ -375,15 +385,20 @@ class Store:
             state = changed.get(key) or self._thin_state(cur, p.job, p.run)
             if p.t % state[1]:
                 continue
-            known = cur.execute(
-                "SELECT 1 FROM metrics WHERE job = ? AND run = ? AND t = ?", (*key, p.t)
-            ).fetchone()
+            data = encode_row(p.metrics)
             cur.execute(
-                "INSERT OR REPLACE INTO metrics (job, run, t, epoch, lr, time, stride, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (p.job, p.run, p.t, p.epoch, p.lr, p.wall, state[1], encode_row(p.metrics)),
+                "INSERT INTO metrics (job, run, t, epoch, lr, time, stride, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, run, t) DO NOTHING",
+                (p.job, p.run, p.t, p.epoch, p.lr, p.wall, state[1], data),
             )
-            state[0] += known is None  # a resumed run reports an epoch again: replaced
+            if cur.rowcount:
+                state[0] += 1
+            else:  # a resumed run reports an epoch again: the new report replaces the old
+                cur.execute(
+                    "UPDATE metrics SET epoch = ?, lr = ?, time = ?, data = ? "
+                    "WHERE job = ? AND run = ? AND t = ?",
+                    (p.epoch, p.lr, p.wall, data, *key, p.t),
+                )
             while state[0] > METRIC_POINTS_KEPT:
                 state[1] *= 2
                 cur.execute(
@@ -410,20 +425,21 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def metric_rows(self, job: str, run: int) -> list[tuple[int, int, float, float, bytes]]:
+        """The recorded points of one run as stored, in order of t: (t, epoch, lr, wall,
+        msgpack of the metrics). Cheap: decoding is left to the reader (`metric_columns`)."""
+        return self.db.execute(
+            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = ? AND run = ? ORDER BY t",
+            (job, run),
+        ).fetchall()
+
     def metrics(self, job: str, run: int) -> list[MetricPoint]:
         """The recorded points of one run of `job`, in order of t (a row that does not decode
         keeps its LR, with no metrics)."""
-        out = []
-        for t, epoch, lr, wall, data in self.db.execute(
-            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = ? AND run = ? ORDER BY t",
-            (job, run),
-        ):
-            try:
-                metrics = {str(k): float(v) for k, v in decode_row(data).items()}
-            except (ValueError, TypeError):
-                metrics = {}
-            out.append(MetricPoint(job, run, t, epoch, lr, wall, metrics))
-        return out
+        return [
+            MetricPoint(job, run, t, epoch, lr, wall, decode_metrics(data))
+            for t, epoch, lr, wall, data in self.metric_rows(job, run)
+        ]
 
     def history(self, job: str, limit: int | None = None) -> list[AuditRow]:
         """The job's audit rows, oldest first (the last `limit` only, if given)."""

@@ -26,6 +26,7 @@ import zmq
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
+from .admin_requests import metric_columns
 from .auth import Grant
 from .jobstate import status_row
 
@@ -140,7 +141,7 @@ class WebBridge:
         """One job: its status row, recorded metrics, LR changes and range test, of one run."""
         name = check_name(msg.get("job"), "job")
         requests = self.server.jobs
-        reply = requests.metrics({"job": name, "run": msg.get("run")})
+        reply = requests.metrics({"job": name, "run": msg.get("run"), "raw": True})
         if reply["t"] == "error":
             return reply
         job = self.server.table.jobs.get(name)
@@ -226,6 +227,9 @@ class WebPages:
         reply = self.ask(message)
         if reply is None:
             return _text(503, "the controller did not answer in time; try again")
+        rows = reply.pop("rows", None)
+        if rows is not None:
+            reply.update(metric_columns(rows))
         if reply.get("t") == "error":
             code = 404 if reply.get("code") == "unknown_job" else 400
             if reply.get("code") == "internal":
