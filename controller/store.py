@@ -62,7 +62,7 @@ CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
 CREATE TABLE IF NOT EXISTS metrics (
     job TEXT NOT NULL, run INTEGER NOT NULL, t INTEGER NOT NULL, epoch INTEGER NOT NULL,
     lr REAL NOT NULL, time REAL NOT NULL, stride INTEGER NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (job, run, t));
+    PRIMARY KEY (job, run, t)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BLOB, error TEXT NOT NULL, time TEXT NOT NULL);
 """
@@ -380,25 +380,30 @@ class Store:
         passes METRIC_POINTS_KEPT points its stride doubles and the points off it go.
         Returns the thinning states to keep once the transaction commits."""
         changed: dict[tuple[str, int], list[int]] = {}
+        rows = []
         for p in points:
             key = (p.job, p.run)
-            state = changed.get(key) or self._thin_state(cur, p.job, p.run)
-            if p.t % state[1]:
-                continue
-            data = encode_row(p.metrics)
-            cur.execute(
-                "INSERT INTO metrics (job, run, t, epoch, lr, time, stride, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, run, t) DO NOTHING",
-                (p.job, p.run, p.t, p.epoch, p.lr, p.wall, state[1], data),
-            )
-            if cur.rowcount:
+            state = changed.get(key)
+            if state is None:
+                state = changed[key] = self._thin_state(cur, p.job, p.run)
+            if p.t % state[1] == 0:
+                # An upper bound: a resumed run reports an epoch again and replaces its row.
                 state[0] += 1
-            else:  # a resumed run reports an epoch again: the new report replaces the old
-                cur.execute(
-                    "UPDATE metrics SET epoch = ?, lr = ?, time = ?, data = ? "
-                    "WHERE job = ? AND run = ? AND t = ?",
-                    (p.epoch, p.lr, p.wall, data, *key, p.t),
+                rows.append(
+                    (p.job, p.run, p.t, p.epoch, p.lr, p.wall, state[1], encode_row(p.metrics))
                 )
+        cur.executemany(
+            "INSERT INTO metrics (job, run, t, epoch, lr, time, stride, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, run, t) DO UPDATE SET "
+            "epoch = excluded.epoch, lr = excluded.lr, time = excluded.time, data = excluded.data",
+            rows,
+        )
+        for key, state in changed.items():
+            if state[0] <= METRIC_POINTS_KEPT:
+                continue
+            state[0] = cur.execute(
+                "SELECT count(*) FROM metrics WHERE job = ? AND run = ?", key
+            ).fetchone()[0]
             while state[0] > METRIC_POINTS_KEPT:
                 state[1] *= 2
                 cur.execute(
@@ -409,7 +414,6 @@ class Store:
                 cur.execute(
                     "UPDATE metrics SET stride = ? WHERE job = ? AND run = ?", (state[1], *key)
                 )
-            changed[key] = state
         for job in set(new_runs):  # a job started a new run: keep its last few runs' metrics
             cur.execute(
                 "DELETE FROM metrics WHERE job = ? AND run NOT IN (SELECT DISTINCT run FROM "
