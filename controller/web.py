@@ -208,10 +208,11 @@ class WebPages:
                     "per_page": _int(query.get("per_page", [str(PER_PAGE)])[0], 1, MAX_PER_PAGE),
                 }
             )
-        parts = path.split("/")
-        if len(parts) == 5 and parts[:3] == ["", "api", "jobs"] and parts[4] == "metrics":
+        if path.startswith("/api/jobs/") and path.endswith("/metrics"):
+            # A job name may hold '/' (team/bert-1), escaped as %2F or not.
+            name = unquote(path.removeprefix("/api/jobs/").removesuffix("/metrics"))
             run = query.get("run", [""])[0]
-            message: dict[str, Any] = {"t": "job", "job": unquote(parts[3])}
+            message: dict[str, Any] = {"t": "job", "job": name}
             if run.isdigit():
                 message["run"] = int(run)
             return self._api(message)

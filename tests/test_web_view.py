@@ -130,6 +130,16 @@ def test_the_endpoints_serve_the_page_its_library_and_the_json(controller_factor
     assert one["range_test"] is None
     assert made["range_test"]["suggested_lr"] > 0 and made["range_test"]["done"]
 
+    w = Wire(c.bind, "team/bert@v2:1")  # every character a job name may hold
+    try:
+        w.hello(lr=0.01)
+        w.report(0, {"val_loss": 0.5}, lr=0.01)
+    finally:
+        w.close()
+    for path in ("team/bert@v2:1", "team%2Fbert%40v2%3A1"):
+        status, _, body = _get(base + f"api/jobs/{path}/metrics")
+        assert status == 200 and json.loads(body)["metrics"] == {"val_loss": [0.5]}, path
+
     status, kind, body = _get(base + "api/jobs/nope/metrics")
     assert status == 404 and json.loads(body)["code"] == "unknown_job"
     status, _, body = _get(base + "api/jobs/bad%20name/metrics")
