@@ -328,4 +328,11 @@ class Batch:
             w.audit += step.audit
             if step.point is not None:
                 w.metrics.append(step.point)
+            # A resume from an older checkpoint redoes the epochs from there: the recorded
+            # curve follows the run the job is on, not the one it abandoned.
+            w.metrics_from += [
+                (r.job, r.run, r.epoch)
+                for r in step.audit
+                if r.reason == "resume" and r.epoch is not None
+            ]
         return w

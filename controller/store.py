@@ -182,6 +182,7 @@ class Writes:
         audit: LR changes.
         deleted: jobs forgotten (row, snapshots and recorded metrics).
         metrics: recorded metric points (thinned as they are written).
+        metrics_from: (job, run, t): delete that run's points from t on (a resume redoes them).
     """
 
     jobs: dict[str, bytes] = field(default_factory=dict)
@@ -191,6 +192,7 @@ class Writes:
     audit: list[AuditRow] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     metrics: list[MetricPoint] = field(default_factory=list)
+    metrics_from: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.snapshots or self.audit or self.deleted or self.metrics)
@@ -340,6 +342,9 @@ class Store:
                 "INSERT INTO audit (time, job, old_lr, new_lr, reason, version, epoch, source,"
                 " run, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [row.values() for row in w.audit],
+            )
+            cur.executemany(
+                "DELETE FROM metrics WHERE job = ? AND run = ? AND t >= ?", w.metrics_from
             )
             thinning = self._record(cur, w.metrics, [job for job, _ in w.old_runs])
             for job in w.deleted:

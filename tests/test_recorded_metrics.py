@@ -225,3 +225,25 @@ def test_the_plot_shows_the_first_epochs_lr_and_what_happened_beside_the_what_if
         assert list(lines["lr trained (what happened)"].get_ydata()) == [0.1, 0.1, 0.1]
     finally:
         plt.close(fig)
+
+
+def test_a_resume_from_an_older_checkpoint_rewrites_the_curve_from_there(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(PLATEAU)
+    _train(c, "resnet-a", 10)
+    w = Wire(c.bind, "resnet-a")  # the trainer restarts from its epoch-6 checkpoint
+    try:
+        lr = w.hello(lr=0.1, start_epoch=6).lr
+        resumed = run_cli("metrics", "resnet-a", "--csv", "--admin", c.admin).stdout
+        assert [r["epoch"] for r in csv.DictReader(io.StringIO(resumed))] == list("012345")
+        w.report(6, {"val_loss": 0.5, "acc": 0.9}, lr=lr)
+    finally:
+        w.close()
+    rows = list(
+        csv.DictReader(
+            io.StringIO(run_cli("metrics", "resnet-a", "--csv", "--admin", c.admin).stdout)
+        )
+    )
+    assert [int(r["epoch"]) for r in rows] == list(range(7))
+    assert float(rows[6]["val_loss"]) == 0.5  # the redone epoch, not the abandoned one
