@@ -146,7 +146,9 @@ def test_the_endpoints_serve_the_page_its_library_and_the_json(controller_factor
     assert status == 400 and json.loads(body)["code"] == "schema"
 
 
-def test_a_thousand_jobs_are_filtered_and_paged(controller_factory: Factory) -> None:
+def test_a_thousand_jobs_are_filtered_and_paged(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
     c = controller_factory(POLICY)
     w = Wire(c.bind, "job")
     try:
@@ -164,6 +166,11 @@ def test_a_thousand_jobs_are_filtered_and_paged(controller_factory: Factory) -> 
     assert [j["job"] for j in page["jobs"]] == [f"job-{i:04d}" for i in range(940, 980)]
     last = json.loads(_get(base + "api/jobs?page=999")[2])  # past the end: the last page
     assert last["page"] == 20 and last["jobs"][-1]["job"] == "job-0999"
+
+    dom = Dom(browse(f"{base}?q=job-09", tmp_path / "profile", "--dump-dom"))  # in a browser
+    assert dom.rows == [f"job-{i:04d}" for i in range(900, 950)]
+    assert dom.text["summary"] == '1000 jobs, 100 match "job-09"'
+    assert dom.text["page"] == "page 1 of 2"
 
 
 # -- the page in a real browser ------------------------------------------------------------------
