@@ -198,6 +198,25 @@ def test_plot_without_matplotlib_fails_before_any_work(tmp_path: Path) -> None:
     assert out.stdout == ""  # no table first: it fails fast
     assert "--plot needs matplotlib: pip install 'lrpilot[plot]'" in out.stderr
     assert not (tmp_path / "p.png").exists()
+    out = subprocess.run(  # range-test --plot too, before asking any controller
+        [
+            sys.executable,
+            "-c",
+            blocked,
+            "range-test",
+            "j",
+            "--plot",
+            str(tmp_path / "r.png"),
+            "--admin",
+            "tcp://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert "--plot needs matplotlib" in out.stderr and "no answer" not in out.stderr
 
 
 def test_the_plot_shows_the_first_epochs_lr_and_what_happened_beside_the_what_if() -> None:
