@@ -1,7 +1,7 @@
 """The web view on the metrics port: its JSON endpoints, and the page in a real browser
 (Debian's headless Chromium, which `make chromium` installs) against a live controller.
 
-`python tests/test_web_view.py docs/web-view.png` redraws the README's screenshot.
+`python tests/test_web_view.py docs/web-view.png` redraws the screenshots of docs/web-view.md.
 """
 
 from __future__ import annotations
@@ -71,9 +71,14 @@ def _populate(c: Controller) -> dict[str, Any]:
     f = Wire(c.bind, "find-lr")
     try:
         lr = f.hello(lr=0.01, restore=True).lr
-        for s in range(200):
-            x = math.log10(lr)
-            loss = 2.5 - 0.25 * (x + 8) if x < -2 else 1.0 + 3 * (x + 2) ** 2
+        swept, after = 0.0, 0
+        for s in range(220):
+            if lr >= swept and not after:  # the sweep: the loss falls, then blows up
+                swept, x = lr, math.log10(lr)
+                loss = 2.3 - 0.2 * (x + 8) if x < -2.5 else 1.2 + 2.5 * (x + 2.5) ** 2
+            else:  # weights restored, training at the suggestion: the loss goes down
+                after += 1
+                loss = 0.6 + 1.6 * 0.97**after
             lr = f.report(0, {"loss": loss}, lr=lr, step=s).lr
     finally:
         f.close()
@@ -330,7 +335,7 @@ def test_the_page_in_headless_chromium(controller_factory: Factory, tmp_path: Pa
     assert _red_pixels(shot) > 300  # the LR line is on the canvas, not just the canvas
 
 
-if __name__ == "__main__":  # redraw the screenshot the README shows
+if __name__ == "__main__":  # redraw the screenshots docs/web-view.md shows
     import tempfile
 
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/web-view.png").resolve()
@@ -340,12 +345,16 @@ if __name__ == "__main__":  # redraw the screenshot the README shows
         ctl = Controller(Path(tmp) / "state", policy).start()
         try:
             _populate(ctl)
-            browse(
-                f"{_base(ctl)}?job=resnet-a",
-                Path(tmp) / "p",
-                "--window-size=1280,1000",
-                f"--screenshot={target}",
-            )
+            for job, png, height in (
+                ("resnet-a", target, 1000),
+                ("find-lr", target.with_name(target.stem + "-range-test.png"), 1250),
+            ):
+                browse(
+                    f"{_base(ctl)}?job={job}",
+                    Path(tmp) / "p",
+                    f"--window-size=1280,{height}",
+                    f"--screenshot={png}",
+                )
+                print(png)
         finally:
             ctl.stop()
-    print(target)
