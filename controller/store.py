@@ -419,11 +419,11 @@ class Store:
                 cur.execute(
                     "UPDATE metrics SET stride = ? WHERE job = ? AND run = ?", (state[1], *key)
                 )
-        for job in set(new_runs):  # a job started a new run: keep its last few runs' metrics
+        for job in set(new_runs):  # a job started a new run: it and the last runs before it
             cur.execute(
                 "DELETE FROM metrics WHERE job = ? AND run NOT IN (SELECT DISTINCT run FROM "
                 "metrics WHERE job = ? ORDER BY run DESC LIMIT ?)",
-                (job, job, METRIC_RUNS_KEPT),
+                (job, job, METRIC_RUNS_KEPT - 1),
             )
         return changed
 

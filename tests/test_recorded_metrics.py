@@ -266,3 +266,34 @@ def test_a_resume_from_an_older_checkpoint_rewrites_the_curve_from_there(
     )
     assert [int(r["epoch"]) for r in rows] == list(range(7))
     assert float(rows[6]["val_loss"]) == 0.5  # the redone epoch, not the abandoned one
+
+
+def test_each_run_is_recorded_apart_and_the_last_ten_are_kept(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
+    from lrpilot.controller.admin import Admin
+
+    c = controller_factory(PLATEAU)
+    admin = Admin(c.admin)
+    runs = []
+    for n in range(12):  # a trainer started over 12 times: each hello at epoch 0 is a new run
+        w = Wire(c.bind, "resnet-a")
+        try:
+            lr = w.hello(lr=0.1).lr
+            for e in range(n % 3 + 1):
+                lr = w.report(e, {"val_loss": float(n)}, lr=lr).lr
+        finally:
+            w.close()
+        runs.append(admin.metrics("resnet-a")["run"])
+    current = admin.metrics("resnet-a")
+    assert current["run"] == runs[-1] and current["metrics"] == {"val_loss": [11.0] * 3}
+    assert current["runs"] == runs[2:]  # the last ten runs
+    older = run_cli("metrics", "resnet-a", "--run", str(runs[4]), "--csv", "--admin", c.admin)
+    rows = list(csv.reader(io.StringIO(older.stdout)))
+    assert rows[0] == ["epoch", "val_loss", "lr"] and [r[:2] for r in rows[1:]] == [
+        ["0", "4.0"],
+        ["1", "4.0"],
+    ]
+    assert float(rows[1][2]) == pytest.approx(0.1)
+    gone = admin.metrics("resnet-a", run=runs[0])
+    assert gone["run"] == runs[0] and gone["x"] == []
