@@ -53,6 +53,13 @@ DECISION_BUCKETS = (
 )
 
 
+#: The web view loads nothing from elsewhere (uPlot ships in the package) and is never framed.
+_PAGE_POLICY = (
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "frame-ancestors 'none'"
+)
+
+
 class Metrics:
     """Every controller-wide lrpilot metric, registered on `registry` (fresh per controller
     or test); `watch(table, clock)` adds the per-job series.
@@ -136,6 +143,9 @@ class Metrics:
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
+                if kind != CONTENT_TYPE_LATEST:  # the web view: its own files only, no frames
+                    self.send_header("X-Content-Type-Options", "nosniff")
+                    self.send_header("Content-Security-Policy", _PAGE_POLICY)
                 self.end_headers()
                 self.wfile.write(body)
 

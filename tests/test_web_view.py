@@ -106,6 +106,8 @@ def test_the_endpoints_serve_the_page_its_library_and_the_json(controller_factor
 
     status, kind, page = _get(base)
     assert status == 200 and kind.startswith("text/html")
+    with urllib.request.urlopen(base, timeout=10) as resp:  # nothing from elsewhere
+        assert resp.headers["Content-Security-Policy"].startswith("default-src 'self';")
     assert b"/static/uPlot.iife.min.js" in page and b"/static/app.js" in page
     folder = files("lrpilot.controller") / "web"
     status, _, lib = _get(base + "static/uPlot.iife.min.js")
