@@ -133,7 +133,8 @@ class JobRequests:
         return {"t": "ok", "job": name}
 
     def metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """The job's recorded metrics of one run (default: the current one), as columns."""
+        """The job's recorded metrics of one run (default: the current one), as columns;
+        with `after`, only the points after that t (`count` says how many the run holds)."""
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
         store, job = self.server.store, self.server.table.jobs.get(name)
@@ -143,7 +144,10 @@ class JobRequests:
         run = msg.get("run")
         if not isinstance(run, int) or isinstance(run, bool):
             run = job.run if job is not None else runs[-1]
-        rows = store.metric_rows(name, run)
+        after = msg.get("after")
+        if not isinstance(after, int) or isinstance(after, bool):
+            after = -1
+        rows = store.metric_rows(name, run, after)
         unit = job.unit if job is not None else None
         monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
         reply = {
@@ -153,6 +157,8 @@ class JobRequests:
             "runs": runs,
             "unit": unit or ("step" if any(r[0] != r[1] for r in rows) else "epoch"),
             "monitor": monitor,
+            "after": after,  # only points with a later t: the reader has those before
+            "count": store.metric_count(name, run) if after >= 0 else len(rows),
         }
         if msg.get("raw"):  # the web view decodes in its own thread, not the loop's
             reply["rows"] = rows

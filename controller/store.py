@@ -434,13 +434,24 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
-    def metric_rows(self, job: str, run: int) -> list[tuple[int, int, float, float, bytes]]:
-        """The recorded points of one run as stored, in order of t: (t, epoch, lr, wall,
-        msgpack of the metrics). Cheap: decoding is left to the reader (`metric_columns`)."""
+    def metric_rows(
+        self, job: str, run: int, after: int = -1
+    ) -> list[tuple[int, int, float, float, bytes]]:
+        """The recorded points of one run (those with t > `after`) as stored, in order of t:
+        (t, epoch, lr, wall, msgpack of the metrics). Decoding is left to the reader
+        (`metric_columns`), so a reader in another thread does it off the loop."""
         return self.db.execute(
-            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = ? AND run = ? ORDER BY t",
-            (job, run),
+            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = ? AND run = ? AND t > ? "
+            "ORDER BY t",
+            (job, run, after),
         ).fetchall()
+
+    def metric_count(self, job: str, run: int) -> int:
+        """How many points of the run are recorded."""
+        row = self.db.execute(
+            "SELECT count(*) FROM metrics WHERE job = ? AND run = ?", (job, run)
+        ).fetchone()
+        return int(row[0])
 
     def metrics(self, job: str, run: int) -> list[MetricPoint]:
         """The recorded points of one run of `job`, in order of t (a row that does not decode

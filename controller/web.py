@@ -141,7 +141,8 @@ class WebBridge:
         """One job: its status row, recorded metrics, LR changes and range test, of one run."""
         name = check_name(msg.get("job"), "job")
         requests = self.server.jobs
-        reply = requests.metrics({"job": name, "run": msg.get("run"), "raw": True})
+        ask = {"job": name, "run": msg.get("run"), "after": msg.get("after"), "raw": True}
+        reply = requests.metrics(ask)
         if reply["t"] == "error":
             return reply
         job = self.server.table.jobs.get(name)
@@ -211,10 +212,11 @@ class WebPages:
         if path.startswith("/api/jobs/") and path.endswith("/metrics"):
             # A job name may hold '/' (team/bert-1), escaped as %2F or not.
             name = unquote(path.removeprefix("/api/jobs/").removesuffix("/metrics"))
-            run = query.get("run", [""])[0]
             message: dict[str, Any] = {"t": "job", "job": name}
-            if run.isdigit():
-                message["run"] = int(run)
+            for key in ("run", "after"):  # after=T: only the points past T (a page refreshing)
+                value = query.get(key, [""])[0]
+                if value.isdigit() and len(value) < 20:
+                    message[key] = int(value)
             return self._api(message)
         return _text(404, "not found: the web view is at /, metrics at /metrics")
 

@@ -135,6 +135,11 @@ def test_the_endpoints_serve_the_page_its_library_and_the_json(controller_factor
     reasons = [e["reason"] for e in one["events"]]
     assert reasons[0] == "initial" and "override" in reasons and "plateau" in reasons
     assert one["range_test"] is None
+    assert one["count"] == 30 and one["after"] == -1
+    status, _, body = _get(base + f"api/jobs/resnet-a/metrics?run={one['run']}&after=26")
+    tail = json.loads(body)  # a page refreshing asks only for what it lacks
+    assert tail["x"] == [27, 28, 29] and tail["count"] == 30
+    assert tail["lr"] == one["lr"][27:] and tail["metrics"]["loss"] == one["metrics"]["loss"][27:]
     assert made["range_test"]["suggested_lr"] > 0 and made["range_test"]["done"]
 
     w = Wire(c.bind, "team/bert@v2:1")  # every character a job name may hold

@@ -10,7 +10,7 @@ const TICKS = { range_test: "#16a085" };
 const OTHER = "#95a5a6";
 const SUGGESTIONS = { valley: "#2ca02c", steep: "#ff7f0e", minimum: "#9467bd" };
 
-const state = { q: "", page: 1, job: null, run: null, busy: false, lrChart: null, lrKey: "",
+const state = { q: "", page: 1, job: null, cache: null, busy: false, lrChart: null, lrKey: "",
   rangeChart: null, rangeKey: "", events: [], rangeTest: null };
 
 const $ = (id) => document.getElementById(id);
@@ -247,6 +247,37 @@ function renderJob(d) {
 
 // -- refresh --------------------------------------------------------------------------------
 
+// Appends the points of `d` (those after the cache's last) to the cached run's columns.
+function merge(c, d) {
+  const out = { ...d, x: c.x.concat(d.x), epoch: c.epoch.concat(d.epoch), lr: c.lr.concat(d.lr),
+    time: c.time.concat(d.time), metrics: {} };
+  const names = new Set([...Object.keys(c.metrics), ...Object.keys(d.metrics)]);
+  for (const name of [...names].sort()) {
+    const old = c.metrics[name] || new Array(c.x.length).fill(null);
+    const add = d.metrics[name] || new Array(d.x.length).fill(null);
+    out.metrics[name] = old.concat(add);
+  }
+  return out;
+}
+
+// The job's current run: only the points past those the page has, unless the run changed,
+// or the controller thinned the run or dropped points (a resume): then all of it again.
+async function jobMetrics(job) {
+  const base = `/api/jobs/${encodeURIComponent(job)}/metrics`;
+  const c = state.cache;
+  if (c && c.job === job && c.x.length > 0) {
+    const d = await getJSON(`${base}?run=${c.run}&after=${c.x[c.x.length - 1]}`);
+    const current = !d.status || d.status.run === c.run;
+    const merged = merge(c, d);
+    if (current && merged.x.length === d.count) {
+      state.cache = merged;
+      return merged;
+    }
+  }
+  state.cache = await getJSON(base);
+  return state.cache;
+}
+
 async function refresh() {
   if (state.busy) return;
   state.busy = true;
@@ -255,7 +286,7 @@ async function refresh() {
     renderJobs(await getJSON(`/api/jobs?${q}`));
     if (state.job) {
       try {
-        renderJob(await getJSON(`/api/jobs/${encodeURIComponent(state.job)}/metrics`));
+        renderJob(await jobMetrics(state.job));
       } catch (err) {
         $("job").hidden = false;
         $("job-title").textContent = state.job;
