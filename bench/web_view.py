@@ -5,6 +5,7 @@
 Figures: the group commit of a turn of 256 decisions with their metric points (vs the same
 turn without them), a long step run's recording thinned at 10,000 points (vs the first
 10,000 points), `/api/jobs` at 1,000 jobs and `/api/jobs/JOB/metrics` of a 10,000-point run
+and its refresh (`after=T`)
 (vs a `/metrics` scrape of the same controller). Appended to bench/RESULTS.md.
 """
 
@@ -146,6 +147,7 @@ def main() -> None:
             jobs, jobs_size = fetch_ms(root + "api/jobs")
             filtered, _ = fetch_ms(root + "api/jobs?q=job-09&page=2")
             points, points_size = fetch_ms(root + "api/jobs/long/metrics")
+            tail, tail_size = fetch_ms(root + "api/jobs/long/metrics?run=1&after=9990")
         finally:
             c.stop()
     baseline = f"/metrics scrape {scrape:.1f} ms, {scrape_size / 1e3:.0f} kB"
@@ -163,6 +165,14 @@ def main() -> None:
             f"{points:.1f} ms, {points_size / 1e3:.0f} kB",
             baseline,
             f"{points / scrape:.2f}",
+        )
+    )
+    rows.append(
+        (
+            "`/api/jobs/JOB/metrics?after=T`, its last 9 points (a page refreshing; median of 7)",
+            f"{tail:.1f} ms, {tail_size / 1e3:.1f} kB",
+            baseline,
+            f"{tail / scrape:.2f}",
         )
     )
     lines = [
