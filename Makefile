@@ -70,6 +70,7 @@ bench: modules
 	$(PY) bench/scale.py
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/adapters.py
+	$(PY) bench/web_view.py
 
 # A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl).
 dist: $(STAMP)
