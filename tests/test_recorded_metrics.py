@@ -297,3 +297,26 @@ def test_each_run_is_recorded_apart_and_the_last_ten_are_kept(
     assert float(rows[1][2]) == pytest.approx(0.1)
     gone = admin.metrics("resnet-a", run=runs[0])
     assert gone["run"] == runs[0] and gone["x"] == []
+
+
+def test_a_multi_worker_job_records_the_metrics_the_policy_decided_on(
+    controller_factory: Factory,
+) -> None:
+    from lrpilot.controller.admin import Admin
+
+    c = controller_factory(PLATEAU)
+    ranks = [Wire(c.bind, "ddp", rank=r, world=2) for r in range(2)]
+    try:
+        for w in ranks:
+            w.hello(lr=0.1)
+        for e in range(3):
+            ranks[0].report(e, {"val_loss": 1.0 + e}, lr=0.1, wait=False)
+            ranks[1].report(e, {"val_loss": 3.0 + e}, lr=0.1, wait=False)
+            for w in ranks:
+                w.recv()
+    finally:
+        for w in ranks:
+            w.close()
+    recorded = Admin(c.admin).metrics("ddp")
+    assert recorded["x"] == [0, 1, 2]  # one point per decided epoch, not per rank
+    assert recorded["metrics"]["val_loss"] == [2.0, 3.0, 4.0]  # the mean, as aggregate: mean
