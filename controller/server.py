@@ -609,6 +609,8 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
         return 1
     server.install_signal_handlers()
     print(server.ready_line(), flush=True)
+    if "metrics" in (endpoints := server.endpoints()):
+        log.info("web view (read-only): %s", endpoints["metrics"].removesuffix("metrics"))
     try:
         server.run()
     finally:
