@@ -104,6 +104,7 @@ def test_the_endpoints_serve_the_page_its_library_and_the_json(controller_factor
     made = _populate(c)
     base = _base(c)
 
+    assert f"web view (read-only): {base}" in c.log()  # said at start, after the ready line
     status, kind, page = _get(base)
     assert status == 200 and kind.startswith("text/html")
     with urllib.request.urlopen(base, timeout=10) as resp:  # nothing from elsewhere
