@@ -10,7 +10,8 @@ const TICKS = { range_test: "#16a085" };
 const OTHER = "#95a5a6";
 const SUGGESTIONS = { valley: "#2ca02c", steep: "#ff7f0e", minimum: "#9467bd" };
 
-const state = { q: "", page: 1, job: null, cache: null, busy: false, lrChart: null, lrKey: "",
+const state = { q: "", page: 1, job: null, cache: null, busy: false, again: false,
+  lrChart: null, lrKey: "",
   rangeChart: null, rangeKey: "", events: [], rangeTest: null };
 
 const $ = (id) => document.getElementById(id);
@@ -279,8 +280,12 @@ async function jobMetrics(job) {
 }
 
 async function refresh() {
-  if (state.busy) return;
+  if (state.busy) {  // a click or a filter while one is under way: once more right after it
+    state.again = true;
+    return;
+  }
   state.busy = true;
+  state.again = false;
   try {
     const q = new URLSearchParams({ q: state.q, page: state.page, per_page: PER_PAGE });
     renderJobs(await getJSON(`/api/jobs?${q}`));
@@ -298,6 +303,7 @@ async function refresh() {
     $("updated").textContent = `cannot reach the controller: ${err.message || err}`;
   } finally {
     state.busy = false;
+    if (state.again) refresh();
   }
 }
 
