@@ -357,6 +357,8 @@ class Store:
                 cur.execute("ROLLBACK")
             raise
         self._thinning.update(thinning)
+        for key in w.old_runs:  # a run that ended gets no more points
+            self._thinning.pop(key, None)
         for job in w.deleted:
             for key in [k for k in self._thinning if k[0] == job]:
                 del self._thinning[key]
