@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus modules
+.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus modules docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ bench: modules
 	$(PY) bench/scale.py
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/adapters.py
+
+# docs/policy-reference.md is written from the policy classes' own parameter docs; a test fails
+# when the committed file differs from what this prints.
+docs: modules
+	$(PY) -m lrpilot.controller.docgen > docs/policy-reference.md
 
 # A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl).
 dist: $(STAMP)

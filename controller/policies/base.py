@@ -137,6 +137,8 @@ class Policy(ABC):
 
     state_class: ClassVar[builtins.type[State]]
     type: ClassVar[str]
+    #: The framework classes (or calls) this type reproduces, for the policy reference.
+    equivalents: ClassVar[tuple[str, ...]] = ()
 
     unit: Unit = param("epoch", one_of("epoch", "step"), "count t in epochs or in steps")
     initial_lr: float | None = param(

@@ -9,6 +9,18 @@ values are compared and the LR held in float32, as TensorFlow does).
 epochs are counted, then cooldown clears them; reduce at `bad > patience`; rel
 or abs threshold; a change smaller than `eps` is skipped but still starts the
 cooldown).
+
+`mode: auto`: a monitor named `loss` or ending in `_loss` is minimised;
+otherwise the direction the client sent for that metric at `hello` (the Keras
+callback sends each compiled metric's direction); otherwise a name containing
+`acc` or `auc` is maximised; otherwise the controller answers
+`mode_unresolved` and keeps the LR — set `mode` explicitly.
+
+Where lrpilot differs from both frameworks, on purpose: a non-finite value
+(NaN, +inf, and −inf too) is never an improvement, also as the first value.
+Keras 3 would take a first NaN as its best and never see an improvement again;
+both would make a −inf loss the best forever. A report without the monitored
+metric is skipped with a warning, as Keras does.
 """
 
 from __future__ import annotations
@@ -68,35 +80,51 @@ class Plateau(Policy):
     """Reduce-on-plateau with Keras' or PyTorch's exact semantics."""
 
     type = "plateau"
+    equivalents = (
+        "Keras `keras.callbacks.ReduceLROnPlateau` (`compat: keras`)",
+        "torch `torch.optim.lr_scheduler.ReduceLROnPlateau` (`compat: torch`)",
+    )
     state_class = PlateauState
 
     monitor: str = param("val_loss", doc="metric to watch, as the client reports it")
     mode: str | None = param(
         None,
         one_of("auto", "min", "max"),
-        "min, max or auto (default auto with compat keras, min with compat torch)",
+        "`min`, `max` or `auto` (default: auto with compat keras, min with compat torch)",
     )
-    factor: float = param(0.1, between(0, 1), "new_lr = lr * factor")
+    factor: float = param(0.1, between(0, 1), "new_lr = lr · factor, 0 < factor < 1")
     patience: int = param(10, at_least(0), "evaluations without improvement before reducing")
     min_delta: float | None = param(
-        None, at_least(0), "smallest change that counts as improvement (torch: threshold); 1e-4"
+        None,
+        at_least(0),
+        "smallest change that counts as an improvement (torch's `threshold`; default 1e-4)",
     )
     threshold_mode: str | None = param(
-        None, one_of("abs", "rel"), "abs or rel (default abs with keras, rel with torch)"
+        None,
+        one_of("abs", "rel"),
+        "`abs`: beat best by min_delta; `rel`: by best · min_delta (default: abs with keras, "
+        "rel with torch)",
     )
-    cooldown: int = param(0, at_least(0), "evaluations to wait after a reduction")
+    cooldown: int = param(
+        0, at_least(0), "evaluations after a reduction during which nothing is counted"
+    )
     min_lr: float = param(0.0, at_least(0), "lower bound on the LR")
-    eps: float = param(1e-8, at_least(0), "torch only: skip changes smaller than this")
+    eps: float = param(1e-8, at_least(0), "torch only: a reduction smaller than this is skipped")
     smoothing: float | None = param(
-        None, between(0, 1, hi_open=False), "EMA alpha on the monitored value; best is smoothed"
+        None,
+        between(0, 1, hi_open=False),
+        "EMA α on the monitored value: s₀ = x₀, sₜ = α·xₜ + (1−α)·sₜ₋₁; best is on the smoothed "
+        "value (default: none)",
     )
     compat: str = param(
         "auto",
         one_of("auto", "keras", "torch"),
-        "keras or torch semantics; auto: torch for jobs whose rank 0 is a torch (or Lightning, "
-        "HF Trainer) client, else keras",
+        "whose semantics to repeat exactly: `keras`, `torch`, or `auto` (torch for jobs whose "
+        "rank 0 is a torch, Lightning or Hugging Face client, keras otherwise)",
     )
-    stop_at_min_lr: bool = param(False, doc="ask the trainer to stop at min_lr on a plateau")
+    stop_at_min_lr: bool = param(
+        False, doc="once at min_lr and still on a plateau, ask the trainer to stop (once)"
+    )
 
     def __post_init__(self) -> None:
         if self.compat == "auto":

@@ -75,6 +75,13 @@ class RangeTest(Policy):
     """
 
     type = "range_test"
+    equivalents = (
+        "fastai `Learner.lr_find`",
+        (
+            "the seeds' Keras `LearningRateScheduler(lambda epoch: 1e-8 * "
+            "10**(epoch / 20))` (`unit: epoch`)"
+        ),
+    )
     state_class = RangeTestState
 
     unit: Unit = param("step", one_of("epoch", "step"), "count t in steps (default) or epochs")
