@@ -22,8 +22,13 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from .extras import missing_extra
+
+try:
+    import torch
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "torch", __name__) from exc
 
 from .core import Client, check_adapter_args, to_scalar
 from .env import resolve_job
