@@ -58,7 +58,15 @@ test: lint typecheck pytest
 
 check: test
 
-demo: modules
+# The demo needs the core and Keras only: no torch, Lightning, transformers or dev tools. In a
+# venv that `make test` already filled it installs nothing.
+DEMO_STAMP := $(VENV)/.demo-installed
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -f $(STAMP) || $(PIP) install -q -e ".[keras]"
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/lrpilot demo
 
 # Long property-based runs (the short profile runs inside make test).
@@ -78,8 +86,11 @@ bench: modules
 docs: modules
 	$(PY) -m lrpilot.controller.docgen > docs/policy-reference.md
 
-# A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl).
-dist: $(STAMP)
+# A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl). Needs
+# only `build` (it builds in an isolated env with setuptools), none of the ML stacks.
+dist:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import build" 2>/dev/null || $(PIP) install -q "build>=1.0,<2"
 	$(PY) -m build --outdir dist .
 
 clean:
