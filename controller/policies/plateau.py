@@ -48,6 +48,9 @@ class PlateauState(State):
     smoothed: float | None = None
     value: float | None = None
     stop_sent: bool = False
+    # The policy would have reduced but the LR is at min_lr, and nothing improved since. Under
+    # compat torch `wait` cycles 0..patience there, so `wait >= patience` cannot say this.
+    at_min_lr: bool = False
 
 
 def is_loss(monitor: str) -> bool:
@@ -167,7 +170,7 @@ class Plateau(Policy):
         return PlateauState(lr=self._held(lr0))
 
     def rebase(self, state: State, lr: float, t: int) -> State:
-        return state.replace(lr=self._held(lr))
+        return state.replace(lr=self._held(lr), at_min_lr=False)
 
     def _smooth(self, state: PlateauState, x: float) -> float:
         if self.smoothing is None or state.smoothed is None:
@@ -229,7 +232,7 @@ class Plateau(Policy):
             cooldown -= 1
             wait = 0
         if self.improved(x, best, mode):
-            return s.replace(best=x, wait=0, cooldown_counter=cooldown), Decision(
+            return s.replace(best=x, wait=0, cooldown_counter=cooldown, at_min_lr=False), Decision(
                 s.lr, apply=self.apply
             )
         if cooldown > 0:
@@ -240,31 +243,33 @@ class Plateau(Policy):
         if s.lr > float32(self.min_lr):
             new_lr = float32(max(s.lr * self.factor, self.min_lr))
             decision = self.decision(s, new_lr, "plateau", wait=wait, patience=self.patience)
-            return s.replace(lr=new_lr, wait=0, cooldown_counter=self.cooldown), decision
+            after = s.replace(lr=new_lr, wait=0, cooldown_counter=self.cooldown, at_min_lr=False)
+            return after, decision
         # At min_lr: Keras keeps counting and starts no cooldown.
         return self._at_min_lr(s.replace(wait=wait, cooldown_counter=cooldown))
 
     def _step_torch(self, s: PlateauState, x: float, mode: str) -> tuple[State, Decision]:
         best, bad, cooldown = s.best, s.wait, s.cooldown_counter
+        at_min_lr = s.at_min_lr
         if self.improved(x, best, mode):
-            best, bad = x, 0
+            best, bad, at_min_lr = x, 0, False
         else:
             bad += 1
         if cooldown > 0:
             cooldown -= 1
             bad = 0  # torch ignores bad epochs in cooldown
         if bad <= self.patience:
-            return s.replace(best=best, wait=bad, cooldown_counter=cooldown), Decision(
-                s.lr, apply=self.apply
-            )
+            state = s.replace(best=best, wait=bad, cooldown_counter=cooldown, at_min_lr=at_min_lr)
+            return state, Decision(s.lr, apply=self.apply)
         new_lr = max(s.lr * self.factor, self.min_lr)
         after = s.replace(best=best, wait=0, cooldown_counter=self.cooldown)
         if s.lr - new_lr > self.eps:
             decision = self.decision(s, new_lr, "plateau", wait=bad, patience=self.patience)
-            return after.replace(lr=new_lr), decision
+            return after.replace(lr=new_lr, at_min_lr=False), decision
         return self._at_min_lr(after)
 
     def _at_min_lr(self, s: PlateauState) -> tuple[State, Decision]:
+        s = s.replace(at_min_lr=True)
         if self.stop_at_min_lr and not s.stop_sent:
             return s.replace(stop_sent=True), Decision(s.lr, action="stop", apply=self.apply)
         return s, Decision(s.lr, apply=self.apply)
@@ -280,4 +285,5 @@ class Plateau(Policy):
             "wait": state.wait,
             "patience": self.patience,
             "min_lr": self.min_lr,
+            "at_min_lr": state.at_min_lr,
         }
