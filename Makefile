@@ -63,7 +63,7 @@ check: test
 DEMO_STAMP := $(VENV)/.demo-installed
 $(DEMO_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	test -f $(STAMP) || $(PIP) install -q -e ".[keras]"
+	test -f $(STAMP) || $(PIP) install -q --no-compile -e ".[keras]"
 	touch $@
 
 demo: $(DEMO_STAMP)
