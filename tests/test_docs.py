@@ -78,3 +78,17 @@ def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_changelog_has_one_unreleased_section_then_this_version() -> None:
+    import tomllib
+
+    from lrpilot.controller import __version__
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert headings[0] == "[Unreleased]" and headings.count("[Unreleased]") == 1, headings
+    assert headings[1].startswith(f"[{version}] - "), headings
+    assert __version__ == version  # what `lrpilot --version` prints
+    released = (ROOT / "CHANGELOG.md").read_text().split(f"## [{version}]", 1)[1]
+    assert not re.search(r"\bissue \d+", released, re.I), "name changes, not issue numbers"
