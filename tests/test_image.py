@@ -5,7 +5,7 @@ HEALTHCHECK is kept) against a base image made here with `debootstrap`: Debian's
 this machine's CA bundle and pip configuration, tagged as the Dockerfile's base. The base is
 cached in a storage of its own (not the machine's image store: the fake `python:*` tag must
 not shadow the real one for anybody else), keyed by everything that goes into it, so only the
-first run pays for debootstrap (~1.5 min); later runs take ~30 s.
+first run pays for debootstrap (~1.5 min); later runs take about a minute.
 
 The container then runs its own ENTRYPOINT + CMD as the image's non-root user, answers its
 HEALTHCHECK command, decides for a client on the host, and stops cleanly on SIGTERM.
