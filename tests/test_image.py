@@ -36,7 +36,7 @@ from lrpilot.controller.server import parse_ready_line
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 CACHE = Path(os.environ.get("LRPILOT_IMAGE_CACHE", "/var/tmp/lrpilot-image-test"))
-IMAGE = "localhost/lrpilot-test:latest"
+IMAGE = f"localhost/lrpilot-test:{os.getpid()}"  # test runs side by side do not collide
 #: The files that carry this machine's trust roots and package index settings into the image.
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CONFIG = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf")]
@@ -104,6 +104,16 @@ def why_not() -> str | None:
     missing = [tool for tool in ("buildah", "debootstrap") if shutil.which(tool) is None]
     if missing:
         return f"{' and '.join(missing)} missing: apt-get install -y buildah debootstrap"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(
+        ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run"), "images"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"buildah cannot use its storage here: {probe.stderr.strip()[-300:]}"
     mirror, suite = debian_mirror()
     for url in (f"{mirror}/dists/{suite}/Release", f"{pip_index()}/setuptools/"):
         problem = _reachable(url)
@@ -226,7 +236,6 @@ def image() -> Iterator[dict[str, Any]]:
         yield config
     finally:
         buildah("rmi", IMAGE, check=False)
-        buildah("rmi", "--prune", check=False)  # the previous builds' untagged layers
 
 
 def test_the_image_keeps_its_healthcheck_user_and_volume(image: dict[str, Any]) -> None:
