@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from conftest import Controller, Wire, run_cli
 
+from lrpilot.client.protocol import Bye, encode
+
 Factory = Callable[..., Controller]
 
 POLICY = """version: 1
@@ -87,6 +89,8 @@ def _populate(c: Controller) -> dict[str, Any]:
         try:
             g.hello(lr=1e-3)
             g.report(0, {"val_loss": 1.0}, lr=1e-3)
+            if j == 3:  # this one is done: its only worker says bye
+                g.sock.send(encode(Bye(g.job, 0, g.session).to_wire()))
         finally:
             g.close()
     status, _, body = _get(_base(c) + "api/jobs/find-lr/metrics")
@@ -243,6 +247,8 @@ class Dom(HTMLParser):
         super().__init__()
         self.rows: list[str] = []
         self.selected: list[str] = []
+        self.finished: list[str] = []
+        self.cells: dict[str, list[str]] = {}  # a job row's cells' texts
         self.canvases: dict[str, int] = {}
         self.labels: list[str] = []
         self.hidden: set[str] = set()
@@ -265,8 +271,16 @@ class Dom(HTMLParser):
                 self.text[self._capture] = ""
         if tag == "tr" and "job-row" in cls:
             self.rows.append(a.get("data-job") or "")
+            self.cells[self.rows[-1]] = []
             if "selected" in cls:
                 self.selected.append(a.get("data-job") or "")
+            if "finished" in cls:
+                self.finished.append(a.get("data-job") or "")
+        if tag == "td" and self._stack and self._stack[-1][0] == "tr" and self.rows:
+            row = self._stack[-1][2]
+            if "job-row" in row:
+                self.cells[self.rows[-1]].append("")
+                self._capture = "cell"
         if tag == "tr" and cls.startswith("event "):
             self.events.append(cls.removeprefix("event ev-"))
         if tag == "canvas":
@@ -284,12 +298,14 @@ class Dom(HTMLParser):
         while self._stack:
             if self._stack.pop()[0] == tag:
                 break
-        if self._capture and tag in ("div", "p", "span", "h2"):  # none of them nests a tag
+        if self._capture and tag in ("div", "p", "span", "h2", "td"):  # none nests a tag
             self._capture = None
 
     def handle_data(self, data: str) -> None:
         if self._capture == "label":
             self.labels[-1] += data
+        elif self._capture == "cell":
+            self.cells[self.rows[-1]][-1] += data
         elif self._capture:
             self.text[self._capture] += data
 
@@ -311,6 +327,8 @@ def test_the_page_in_headless_chromium(controller_factory: Factory, tmp_path: Pa
     dom = Dom(browse(f"{base}?job=resnet-a", tmp_path / "profile", "--dump-dom"))
     assert dom.rows == made["jobs"]  # the jobs table, from /api/jobs
     assert dom.selected == ["resnet-a"]
+    assert dom.finished == ["bert-3"]  # greyed, "finished" in place of its workers
+    assert dom.cells["bert-3"][1] == "finished" and dom.cells["find-lr"][2] == "step 219"
     assert dom.text["summary"] == "6 jobs" and dom.text["page"] == "page 1 of 1"
     assert dom.text["job-title"] == "resnet-a"
     assert "30 points recorded" in dom.text["job-info"] and "plateau" in dom.text["job-info"]

@@ -58,15 +58,15 @@ function renderJobs(data) {
   for (const j of data.jobs) {
     const tr = document.createElement("tr");
     tr.className = "job-row" + (j.job === state.job ? " selected" : "") +
-      (j.workers === 0 ? " finished" : "");
+      (j.finished ? " finished" : "");
     tr.dataset.job = j.job;
     const name = cell(tr, "");
     const a = document.createElement("a");
     a.href = `/?job=${encodeURIComponent(j.job)}`;
     a.textContent = j.job;
     name.appendChild(a);
-    cell(tr, fmt(j.workers));
-    cell(tr, fmt(j.epoch));
+    cell(tr, j.finished ? "finished" : fmt(j.workers));
+    cell(tr, j.unit === "step" && j.epoch !== null ? `step ${j.epoch}` : fmt(j.epoch));
     cell(tr, fmt(j.lr));
     cell(tr, j.monitor || "-");
     cell(tr, fmt(j.value));
