@@ -4,6 +4,7 @@ decisions; `lrpilot metrics JOB [--csv]`; `lrpilot simulate --job JOB --policy F
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -158,6 +159,22 @@ def test_simulate_job_replays_another_policy_beside_what_happened(
     assert table.returncode == 0, table.stderr
     head = table.stdout.splitlines()[1].split()
     assert head == ["epoch", "val_loss", "trained", "lr", "what-if", "lr", "what-if", "event"]
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = tmp_path / "what-if.png"
+        drawn = run_cli(
+            "simulate",
+            "--job",
+            "resnet-a",
+            "--policy",
+            str(patient),
+            "--admin",
+            c.admin,
+            "--plot",
+            str(png),
+        )
+        assert drawn.returncode == 0 and f"plot: {png}" in drawn.stdout, drawn.stderr
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     unknown = run_cli("simulate", "--job", "nope", "--policy", str(patient), "--admin", c.admin)
     assert unknown.returncode == 1 and "no job 'nope'" in unknown.stderr
