@@ -188,6 +188,20 @@ class Policy(ABC):
         """
         return None
 
+    def counts(self, state: State, lr: float) -> bool:
+        """Whether a report trained at `lr` is fed to this policy in `state`.
+
+        Only a range test refuses one: a loss trained at an LR other than its sweep's is no
+        point of its curve (the trainer went on at an older LR while the controller was away).
+        """
+        return True
+
+    def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
+        """End a range test under way at local time t without a suggestion (a rank that
+        cannot restore its weights joined): the new state and the decision, or None when no
+        sweep is under way."""
+        return None
+
     def range_test_report(self, state: State) -> dict[str, Any] | None:
         """The LR range test's curve and suggestions, or None for policies that run none.
 
