@@ -81,6 +81,7 @@ ERROR_CODES = (
     "mode_unresolved",
     "unavailable",
     "forbidden",
+    "moved",
 )
 
 #: Error codes a client may retry: the message was not processed and should be sent again.
@@ -417,9 +418,14 @@ class ErrorMessage:
     code: str
     message: str
     seq: int | None = None
+    #: With code `moved`: the endpoint of the controller that owns the job.
+    endpoint: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "error", "code": self.code, "message": self.message, "seq": self.seq}
+        out = {"t": "error", "code": self.code, "message": self.message, "seq": self.seq}
+        if self.endpoint is not None:
+            out["endpoint"] = self.endpoint
+        return out
 
     @classmethod
     def from_wire(cls, msg: Mapping[str, Any]) -> ErrorMessage:
@@ -430,6 +436,7 @@ class ErrorMessage:
             code,
             _str(msg, "message", 4096, optional=True),
             _int(msg, "seq", 0, MAX_SEQ, optional=True),
+            _str(msg, "endpoint", 1024, optional=True) or None,
         )
 
 
