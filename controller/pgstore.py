@@ -110,6 +110,7 @@ class PgStore:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         #: Shards this controller holds the lock of, on the current session.
         self.owned: frozenset[int] = frozenset()
+        self._told: frozenset[int] = frozenset()  # `owned` as the last tick handed it out
         self.endpoint = self.admin = ""
         self._owners: dict[int, tuple[str, str]] = {}  # shard -> (endpoint, admin) of another
         self._conn: psycopg.Connection[Any] | None = None
@@ -146,7 +147,9 @@ class PgStore:
             autocommit=True,
             connect_timeout=3,
             application_name=f"lrpilot {self.id}"[:63],
-            # A peer that vanished without a FIN (a cut cable) is noticed in ~6 s.
+            # A database that vanished without a FIN (a cut cable) is noticed in a few
+            # seconds, not after the kernel's default of hours; the loop waits that long.
+            tcp_user_timeout=3000,
             keepalives=1,
             keepalives_idle=2,
             keepalives_interval=1,
@@ -158,6 +161,7 @@ class PgStore:
         """The session the locks were taken on; never a new one (see the module docstring)."""
         conn = self._conn
         if conn is None or conn.broken or conn.closed:
+            self.owned = frozenset()  # the locks ended with the session
             raise StoreUnavailable(f"no session with {self.where()}")
         return conn
 
@@ -185,7 +189,7 @@ class PgStore:
         are no longer this controller's (drop their jobs from memory now), shards in `gained`
         are (load their jobs). Never raises: a failed session loses every shard.
         """
-        before = self.owned
+        before = self._told
         try:
             conn = self._conn
             if conn is None or conn.broken or conn.closed:
@@ -195,6 +199,7 @@ class PgStore:
                     with contextlib.suppress(Exception):
                         conn.close()
                     self._conn = None
+                self._told = frozenset()
                 if self.clock() < self._next_connect:
                     return frozenset(), before
                 self._next_connect = self.clock() + HEARTBEAT
@@ -203,10 +208,9 @@ class PgStore:
             self._balance(conn)
         except psycopg.Error as exc:
             log.error("cannot coordinate shards through %s: %s", self.where(), _why(exc))
-            if self._conn is not None and not (self._conn.broken or self._conn.closed):
-                # The session lives (a query failed): keep what it holds.
-                return frozenset(), frozenset()
-            self.owned = frozenset()
+            if self._conn is None or self._conn.broken or self._conn.closed:
+                self.owned = frozenset()  # else the session lives and keeps what it holds
+        self._told = self.owned
         return self.owned - before, before - self.owned
 
     def _balance(self, conn: psycopg.Connection[Any]) -> None:
@@ -283,6 +287,8 @@ class PgStore:
         try:
             return self._session().execute(query, args).fetchall()  # type: ignore[arg-type]
         except psycopg.Error as exc:
+            if self._conn is not None and (self._conn.broken or self._conn.closed):
+                self.owned = frozenset()  # the locks ended with the session
             raise StoreUnavailable(f"cannot read from {self.where()}: {_why(exc)}") from None
 
     def load_job(self, job: str) -> dict[str, Any] | None:
@@ -365,6 +371,8 @@ class PgStore:
                     cur.execute("DELETE FROM jobs WHERE job = %s", (job,))
                     cur.execute("DELETE FROM snapshots WHERE job = %s", (job,))
         except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                self.owned = frozenset()  # the locks ended with the session
             raise StoreUnavailable(f"cannot commit to {self.where()}: {_why(exc)}") from None
 
     def history(self, job: str, limit: int | None = None) -> list[AuditRow]:

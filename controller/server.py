@@ -498,6 +498,8 @@ class Server:
 
     def _store_failed(self, exc: BaseException) -> None:
         self.metrics.store_errors.inc()
+        if self.pg is not None and not self.pg.owned:
+            self._next_tick = 0.0  # the session is gone: drop its jobs and reconnect now
         if self._limiter.allow(self.clock()):
             log.error(
                 "cannot commit state to %s (%s: %s); answering unavailable, retrying next turn",

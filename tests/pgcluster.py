@@ -82,7 +82,14 @@ class PgCluster:
         )
         self._check(
             self._run(
-                "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-o", options,
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.dir / "log"),
+                "-w",
+                "-o",
+                options,
                 "start",
             ),
             "pg_ctl start",
