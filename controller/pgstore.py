@@ -347,26 +347,39 @@ class PgStore:
             raise NotOwner(f"job {foreign[0]!r} is not in a shard this controller holds")
         conn = self._session()
         try:
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO jobs (job, shard, data) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (job) DO UPDATE SET data = excluded.data",
-                    [(job, shard_of(job, self.shards), data) for job, data in w.jobs.items()],
-                )
-                cur.executemany(
-                    "INSERT INTO snapshots (job, run, epoch, data) VALUES (%s, %s, %s, %s) "
-                    "ON CONFLICT (job, run, epoch) DO UPDATE SET data = excluded.data",
-                    w.snapshots,
-                )
-                cur.executemany(
-                    "DELETE FROM snapshots WHERE job = %s AND run = %s AND epoch <= %s", w.prune
-                )
-                cur.executemany("DELETE FROM snapshots WHERE job = %s AND run = %s", w.old_runs)
-                cur.executemany(
-                    f"INSERT INTO audit ({_AUDIT_COLUMNS}) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [row.values() for row in w.audit],
-                )
+            # One pipeline, one statement a table (arrays, not a row at a time): the whole
+            # transaction travels in one round trip.
+            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                if w.jobs:
+                    names = list(w.jobs)
+                    cur.execute(
+                        "INSERT INTO jobs (job, shard, data) "
+                        "SELECT * FROM unnest(%s::text[], %s::int[], %s::bytea[]) "
+                        "ON CONFLICT (job) DO UPDATE SET data = excluded.data",
+                        (names, [shard_of(n, self.shards) for n in names], list(w.jobs.values())),
+                    )
+                if w.snapshots:
+                    cur.execute(
+                        "INSERT INTO snapshots (job, run, epoch, data) "
+                        "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bytea[]) "
+                        "ON CONFLICT (job, run, epoch) DO UPDATE SET data = excluded.data",
+                        tuple(map(list, zip(*w.snapshots, strict=True))),
+                    )
+                if w.prune:
+                    cur.execute(
+                        "DELETE FROM snapshots s USING unnest(%s::text[], %s::bigint[], "
+                        "%s::bigint[]) AS p(job, run, epoch) "
+                        "WHERE s.job = p.job AND s.run = p.run AND s.epoch <= p.epoch",
+                        tuple(map(list, zip(*w.prune, strict=True))),
+                    )
+                if w.old_runs:
+                    cur.executemany("DELETE FROM snapshots WHERE job = %s AND run = %s", w.old_runs)
+                if w.audit:
+                    cur.executemany(
+                        f"INSERT INTO audit ({_AUDIT_COLUMNS}) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        [row.values() for row in w.audit],
+                    )
                 for job in w.deleted:
                     cur.execute("DELETE FROM jobs WHERE job = %s", (job,))
                     cur.execute("DELETE FROM snapshots WHERE job = %s", (job,))
