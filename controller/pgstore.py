@@ -351,12 +351,12 @@ class PgStore:
             # transaction travels in one round trip.
             with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                 if w.jobs:
-                    names = list(w.jobs)
+                    jobs = list(w.jobs)
                     cur.execute(
                         "INSERT INTO jobs (job, shard, data) "
                         "SELECT * FROM unnest(%s::text[], %s::int[], %s::bytea[]) "
                         "ON CONFLICT (job) DO UPDATE SET data = excluded.data",
-                        (names, [shard_of(n, self.shards) for n in names], list(w.jobs.values())),
+                        (jobs, [shard_of(n, self.shards) for n in jobs], list(w.jobs.values())),
                     )
                 if w.snapshots:
                     cur.execute(
