@@ -324,12 +324,19 @@ def main() -> int:
             if b is not None:
                 b.kill()
         fo = failover(pg, pg.create_db("failover"), min(seconds, 3.0))
+    with PgCluster(fsync=False) as nosync:
+        one = Serve("--store", nosync.create_db("nosync"))
+        try:
+            wait_shards([one])
+            r_nosync = throughput([one.bind], seconds, "nosync")
+        finally:
+            one.kill()
     load1 = os.getloadavg()
     elapsed = time.monotonic() - started
 
     note = (
-        f"{cores} cores: the driver, both controllers and PostgreSQL compete for them, so a "
-        "second controller cannot add a core's worth"
+        f"{cores} cores: the driver, both controllers and PostgreSQL compete for them; what "
+        "a second controller adds here is a second commit waiting on the WAL flush, not a core"
         if cores <= 4
         else f"{cores} cores"
     )
@@ -347,6 +354,14 @@ def main() -> int:
             f"1 controller {r_pg1:,.0f}/s",
             r_pg2 / r_pg1,
             f"≥ 1.6× ({note})",
+        ),
+        (
+            "reports/s, 1 controller on PostgreSQL with fsync off (what the WAL flush costs; "
+            "not a setting to run with)",
+            f"{r_nosync:,.0f}/s",
+            f"SQLite {r_sqlite:,.0f}/s",
+            r_nosync / r_sqlite,
+            "-",
         ),
         (
             f"failover: kill -9 → the survivor's first LR for each of its {fo['orphans']} jobs",
@@ -370,6 +385,8 @@ def main() -> int:
         if i == 1:
             return "met" if r_pg2 / r_pg1 >= 1.6 else "NOT met"
         if i == 2:
+            return "for information"
+        if i == 3:
             return "met" if fo["max"] < 3 else "NOT met"
         return "met" if fo["lost"] == 0 and fo["duplicated"] == 0 else "NOT met"
 

@@ -14,7 +14,7 @@ from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
 from .jobstate import JobState, status_row
-from .store import rfc3339
+from .store import StoreUnavailable, rfc3339
 
 if TYPE_CHECKING:
     from .server import Server
@@ -67,7 +67,11 @@ class JobRequests:
             if grant is None or grant.allows(j.name)
         ]
         if self.server.pg is not None:  # every controller's jobs, as the database has them
-            for name, data in self.server.pg.load_jobs():
+            try:
+                stored = list(self.server.pg.load_jobs())
+            except StoreUnavailable:  # this controller's own jobs still show (and it is alive)
+                stored = []
+            for name, data in stored:
                 if name in table.jobs or (grant is not None and not grant.allows(name)):
                     continue
                 try:

@@ -187,9 +187,12 @@ class PgStore:
 
         Call it between loop turns, when every decision made is committed: shards in `lost`
         are no longer this controller's (drop their jobs from memory now), shards in `gained`
-        are (load their jobs). Never raises: a failed session loses every shard.
+        are (load their jobs). Never raises: a failed session loses every shard. A new
+        session's shards are all `gained` and the old one's all `lost`, even where they are
+        the same shards: another controller may have decided for them in between.
         """
         before = self._told
+        fresh = False
         try:
             conn = self._conn
             if conn is None or conn.broken or conn.closed:
@@ -204,6 +207,7 @@ class PgStore:
                     return frozenset(), before
                 self._next_connect = self.clock() + HEARTBEAT
                 conn = self._connect()
+                fresh = True
                 log.info("new session with %s", self.where())
             self._balance(conn)
         except psycopg.Error as exc:
@@ -211,7 +215,12 @@ class PgStore:
             if self._conn is None or self._conn.broken or self._conn.closed:
                 self.owned = frozenset()  # else the session lives and keeps what it holds
         self._told = self.owned
+        if fresh:
+            return self.owned, before
         return self.owned - before, before - self.owned
+
+    def shard(self, job: str) -> int:
+        return shard_of(job, self.shards)
 
     def _balance(self, conn: psycopg.Connection[Any]) -> None:
         with conn.cursor() as cur:

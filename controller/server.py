@@ -309,7 +309,7 @@ class Server:
         gained, lost = self.pg.tick()
         self._next_tick = self.clock() + self.pg.heartbeat
         if lost:
-            for name in [n for n in self.table.jobs if not self.pg.owns(n)]:
+            for name in [n for n in self.table.jobs if self.pg.shard(n) in lost]:
                 self.table.drop(name)
             log.info("gave up %d shards; %d owned", len(lost), len(self.pg.owned))
         if gained:
