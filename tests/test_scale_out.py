@@ -452,3 +452,45 @@ def test_postgres_restart_under_load_answers_unavailable_and_loses_nothing(
         assert p.lrs == simulated(p.job, values[p.job]), p.job
     assert_one_sequence_per_run(dsn)
     assert shards_owned(a) == 64
+
+
+def test_the_store_commits_only_for_the_shards_its_session_holds(dsn: str) -> None:
+    from lrpilot.controller.pgstore import NotOwner, PgStore
+    from lrpilot.controller.store import StoreUnavailable, Writes, encode_row
+
+    one, two = PgStore(dsn), PgStore(dsn)
+    try:
+        one.register("tcp://one:1", "tcp://one:2")
+        two.register("tcp://two:1", "tcp://two:2")
+        assert len(one.tick()[0]) == 64
+        two.tick()  # registers; every lock is still one's
+        assert two.owned == frozenset()
+        for _ in range(10):  # bounded: one gives up half, two takes it
+            one.tick()
+            two.tick()
+            if len(one.owned) == len(two.owned) == 32:
+                break
+        assert len(one.owned) == len(two.owned) == 32 and not one.owned & two.owned
+        mine = next(f"j{i}" for i in range(1000) if one.owns(f"j{i}"))
+        row = encode_row({"lr": 0.1})
+        with pytest.raises(NotOwner):
+            two.commit(Writes(jobs={mine: row}))
+        assert two.owner(mine) == ("tcp://one:1", "tcp://one:2")
+        one.commit(Writes(jobs={mine: row}))
+        assert one.load_job(mine) == {"lr": 0.1}
+
+        with psycopg.connect(dsn, autocommit=True) as conn:  # one's session ends
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM controllers WHERE endpoint = %s",
+                ("tcp://one:1",),
+            )
+        with pytest.raises(StoreUnavailable):
+            one.commit(Writes(jobs={mine: row}))
+        assert one.owned == frozenset()  # at once, before any other controller takes over
+        two.tick()
+        assert len(two.owned) == 64 and two.owns(mine)
+        _, lost = one.tick()  # a new session: every old shard is handed back as lost
+        assert len(lost) == 32
+    finally:
+        one.close()
+        two.close()
