@@ -335,8 +335,8 @@ def main() -> int:
     elapsed = time.monotonic() - started
 
     note = (
-        f"{cores} cores: the driver, both controllers and PostgreSQL compete for them; what "
-        "a second controller adds here is a second commit waiting on the WAL flush, not a core"
+        f"on {cores} cores the driver competes: it, both controllers and PostgreSQL share "
+        "them, so a second controller gets no core of its own"
         if cores <= 4
         else f"{cores} cores"
     )

@@ -72,6 +72,42 @@ CREATE TABLE IF NOT EXISTS controllers (
 _AUDIT_COLUMNS = "time, job, old_lr, new_lr, reason, version, epoch, source, run, detail"
 
 
+#: A turn's commit as one statement of data-modifying CTEs over arrays, one per table.
+_COMMIT = f"""
+WITH j AS (
+    INSERT INTO jobs (job, shard, data)
+    SELECT * FROM unnest(%s::text[], %s::int[], %s::bytea[])
+    ON CONFLICT (job) DO UPDATE SET data = excluded.data),
+s AS (
+    INSERT INTO snapshots (job, run, epoch, data)
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bytea[])
+    ON CONFLICT (job, run, epoch) DO UPDATE SET data = excluded.data),
+p AS (
+    DELETE FROM snapshots USING unnest(%s::text[], %s::bigint[], %s::bigint[]) AS p(job, run, t)
+    WHERE snapshots.job = p.job AND snapshots.run = p.run AND snapshots.epoch <= p.t),
+o AS (
+    DELETE FROM snapshots USING unnest(%s::text[], %s::bigint[]) AS o(job, run)
+    WHERE snapshots.job = o.job AND snapshots.run = o.run),
+a AS (
+    INSERT INTO audit ({_AUDIT_COLUMNS})
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[], %s::float8[], %s::text[],
+        %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::text[])),
+forgotten AS (SELECT unnest(%s::text[]) AS job),
+dj AS (DELETE FROM jobs USING forgotten WHERE jobs.job = forgotten.job),
+ds AS (DELETE FROM snapshots USING forgotten WHERE snapshots.job = forgotten.job)
+SELECT 1
+"""
+
+
+def _columns(n: int, rows: Iterable[Iterable[Any]]) -> list[list[Any]]:
+    """Rows as n column lists (the arrays that `unnest` turns back into rows)."""
+    columns: list[list[Any]] = [[] for _ in range(n)]
+    for row in rows:
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+    return columns
+
+
 def shard_of(job: str, shards: int) -> int:
     """The job's shard: stable across processes, machines and versions (not Python's hash)."""
     return zlib.crc32(job.encode()) % shards
@@ -355,43 +391,22 @@ class PgStore:
         if foreign:
             raise NotOwner(f"job {foreign[0]!r} is not in a shard this controller holds")
         conn = self._session()
+        jobs = list(w.jobs)
+        snapshots = {(j, r, e): data for j, r, e, data in w.snapshots}  # the last one wins
+        deleted = list(w.deleted)
+        params = (
+            jobs,
+            [shard_of(n, self.shards) for n in jobs],
+            list(w.jobs.values()),
+            *_columns(4, [(*key, data) for key, data in snapshots.items()]),
+            *_columns(3, w.prune),
+            *_columns(2, w.old_runs),
+            *_columns(10, [row.values() for row in w.audit]),
+            deleted,
+        )
         try:
-            # One pipeline, one statement a table (arrays, not a row at a time): the whole
-            # transaction travels in one round trip.
-            with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                if w.jobs:
-                    jobs = list(w.jobs)
-                    cur.execute(
-                        "INSERT INTO jobs (job, shard, data) "
-                        "SELECT * FROM unnest(%s::text[], %s::int[], %s::bytea[]) "
-                        "ON CONFLICT (job) DO UPDATE SET data = excluded.data",
-                        (jobs, [shard_of(n, self.shards) for n in jobs], list(w.jobs.values())),
-                    )
-                if w.snapshots:
-                    cur.execute(
-                        "INSERT INTO snapshots (job, run, epoch, data) "
-                        "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bytea[]) "
-                        "ON CONFLICT (job, run, epoch) DO UPDATE SET data = excluded.data",
-                        tuple(map(list, zip(*w.snapshots, strict=True))),
-                    )
-                if w.prune:
-                    cur.execute(
-                        "DELETE FROM snapshots s USING unnest(%s::text[], %s::bigint[], "
-                        "%s::bigint[]) AS p(job, run, epoch) "
-                        "WHERE s.job = p.job AND s.run = p.run AND s.epoch <= p.epoch",
-                        tuple(map(list, zip(*w.prune, strict=True))),
-                    )
-                if w.old_runs:
-                    cur.executemany("DELETE FROM snapshots WHERE job = %s AND run = %s", w.old_runs)
-                if w.audit:
-                    cur.executemany(
-                        f"INSERT INTO audit ({_AUDIT_COLUMNS}) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        [row.values() for row in w.audit],
-                    )
-                for job in w.deleted:
-                    cur.execute("DELETE FROM jobs WHERE job = %s", (job,))
-                    cur.execute("DELETE FROM snapshots WHERE job = %s", (job,))
+            # One statement, so one round trip and one implicit transaction: all or nothing.
+            conn.execute(_COMMIT, params)
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 self.owned = frozenset()  # the locks ended with the session
