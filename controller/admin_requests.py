@@ -55,6 +55,12 @@ class JobRequests:
         owner = pg.owner(job)
         if owner is None:
             raise ProtocolError("unavailable", f"job {job} changes controller now; retry")
+        if owner[1].startswith("ipc://"):  # a socket file on the owner's machine, not here
+            raise ProtocolError(
+                "moved",
+                f"job {job} is steered at the controller advertising {owner[0]}; its admin "
+                f"socket {owner[1]} is local to it: run the command there",
+            )
         raise Moved(job, owner[1])
 
     def status(self, msg: dict[str, Any]) -> dict[str, Any]:
