@@ -14,9 +14,12 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -494,3 +497,43 @@ def test_the_store_commits_only_for_the_shards_its_session_holds(dsn: str) -> No
     finally:
         one.close()
         two.close()
+
+
+def test_the_shard_of_a_job_is_the_same_everywhere() -> None:
+    # crc32, not Python's salted hash: every controller process places a job alike.
+    assert [shard_of(j, 64) for j in ("job-0", "resnet-a", "bert/large@v2")] == [
+        zlib.crc32(j.encode()) % 64 for j in ("job-0", "resnet-a", "bert/large@v2")
+    ]
+    code = "from lrpilot.controller.pgstore import shard_of; print(shard_of('resnet-a', 64))"
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
+    assert int(other.stdout) == shard_of("resnet-a", 64)
+
+
+def test_three_controllers_split_evenly_and_two_take_over_the_third(dsn: str) -> None:
+    from lrpilot.controller.pgstore import PgStore
+
+    stores = [PgStore(dsn) for _ in range(3)]
+    try:
+        for i, store in enumerate(stores):
+            store.register(f"tcp://c{i}:1", f"tcp://c{i}:2")
+        for _ in range(5):  # bounded: a split settles within two rounds of ticks
+            for store in stores:
+                store.tick()
+        assert sorted(len(s.owned) for s in stores) == [21, 21, 22]
+        assert frozenset().union(*(s.owned for s in stores)) == frozenset(range(64))
+        stores[1].close()  # a clean stop leaves the table and frees its locks at once
+        for _ in range(5):
+            for store in (stores[0], stores[2]):
+                store.tick()
+        assert len(stores[0].owned) == len(stores[2].owned) == 32
+        assert not stores[0].owned & stores[2].owned
+    finally:
+        for store in stores:
+            store.close()
