@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS audit (
     version BIGINT NOT NULL, epoch BIGINT, source TEXT NOT NULL, run BIGINT NOT NULL,
     detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
+CREATE INDEX IF NOT EXISTS audit_job_run ON audit (job, run, id);
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BYTEA, error TEXT NOT NULL, time TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS controllers (
@@ -412,13 +413,32 @@ class PgStore:
                 self.owned = frozenset()  # the locks ended with the session
             raise StoreUnavailable(f"cannot commit to {self.where()}: {_why(exc)}") from None
 
-    def history(self, job: str, limit: int | None = None) -> list[AuditRow]:
-        """The job's audit rows, oldest first (the last `limit` only, if given)."""
+    def history(
+        self,
+        job: str,
+        limit: int | None = None,
+        run: int | None = None,
+        since: str | None = None,
+    ) -> list[AuditRow]:
+        """The job's audit rows, oldest first, filtered in SQL (every controller's).
+
+        Args:
+            limit: only the last `limit` rows.
+            run: only this run's rows.
+            since: only rows at or after this RFC 3339 time.
+        """
         rows = self._read(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE job = %s ORDER BY id DESC LIMIT %s",
-            (job, limit),
+            f"SELECT {_AUDIT_COLUMNS} FROM audit WHERE job = %s "
+            "AND (%s::bigint IS NULL OR run = %s) AND (%s::text IS NULL OR time >= %s) "
+            "ORDER BY id DESC LIMIT %s",
+            (job, run, run, since, since, limit),
         )
         return [AuditRow(*r) for r in reversed(rows)]
+
+    def last_run(self, job: str) -> int | None:
+        """The run of the job's latest audit row (None: the job has none)."""
+        rows = self._read("SELECT run FROM audit WHERE job = %s ORDER BY id DESC LIMIT 1", (job,))
+        return None if not rows else int(rows[0][0])
 
     def close(self) -> None:
         """Leave the `controllers` table and end the session: the shards are free at once."""
