@@ -10,9 +10,12 @@ the driver competes with the controllers and the database for the cores: the tab
 
 1. Throughput: 64 single-worker jobs, one socket each, one report in flight each, for a
    window; figure: completed reports/s. (a) one controller on PostgreSQL vs the same on
-   SQLite (--state-dir); (b) two controllers on PostgreSQL vs one on PostgreSQL. Each socket
-   talks to the controller that owns its job (found by following `moved` at hello).
-2. Failover: two controllers, the 64 jobs reporting; kill -9 of one; each of its jobs then
+   SQLite (--state-dir); (b) two controllers on PostgreSQL vs one on PostgreSQL; for
+   information, one on a PostgreSQL with fsync off (what the WAL flush costs). Each socket
+   talks to the controller that owns its job (found by following `moved` at hello). Every
+   configuration runs for the whole benchmark; the windows alternate between them, 3 rounds,
+   and the median is shown.
+2. Failover (3 times; the slowest is shown): two controllers, the 64 jobs reporting; kill -9 of one; each of its jobs then
    resends (hello + the unanswered report) to the survivor every 50 ms. Figure: kill -> the
    survivor's first LR, slowest and median over those jobs; then every job's audit rows are
    checked: one strictly increasing version sequence per run (nothing decided twice), and
