@@ -15,12 +15,12 @@ the driver competes with the controllers and the database for the cores: the tab
    talks to the controller that owns its job (found by following `moved` at hello). Every
    configuration runs for the whole benchmark; the windows alternate between them, 3 rounds,
    and the median is shown.
-2. Failover (3 times; the slowest is shown): two controllers, the 64 jobs reporting; kill -9 of one; each of its jobs then
-   resends (hello + the unanswered report) to the survivor every 50 ms. Figure: kill -> the
-   survivor's first LR, slowest and median over those jobs; then every job's audit rows are
-   checked: one strictly increasing version sequence per run (nothing decided twice), and
-   every report sent was answered (nothing lost). Baseline: the same clients' median report
-   round trip before the kill.
+2. Failover (3 times; the slowest is shown): two controllers, the 64 jobs reporting; kill -9
+   of one; each of its jobs then resends (hello + the unanswered report) to the survivor
+   every 50 ms. Figure: kill -> the survivor's first LR, slowest and median over those jobs;
+   then every job's audit rows are checked: one strictly increasing version sequence per run
+   (nothing decided twice), and every report sent was answered (nothing lost). Baseline: the
+   same clients' median report round trip before the kill.
 """
 
 from __future__ import annotations
