@@ -30,6 +30,8 @@ import zmq
 from conftest import Controller, run_cli
 from pgcluster import PgCluster, pg_bin
 
+from lrpilot.client import Client
+from lrpilot.client import env as client_env
 from lrpilot.client.protocol import (
     SESSION_BYTES,
     ErrorMessage,
@@ -537,3 +539,42 @@ def test_three_controllers_split_evenly_and_two_take_over_the_third(dsn: str) ->
     finally:
         for store in stores:
             store.close()
+
+
+@pytest.mark.skipif(
+    not hasattr(client_env, "endpoint_list"),
+    reason="endpoint lists (LRPILOT_ENDPOINT=a,b) come with the client's failover",
+)
+def test_real_clients_given_both_endpoints_follow_moved_and_fail_over(
+    dsn: str, start: Callable[[str], Controller]
+) -> None:
+    a = start(dsn)
+    wait_for("the first controller to own every shard", lambda: shards_owned(a) == 64)
+    b = start(dsn)
+    split_evenly(a, b)
+    jobs = [f"client-{i}" for i in range(8)]
+    values = {j: metric_values(j, 8) for j in jobs}
+    clients = [Client(f"{a.bind},{b.bind}", job=j, initial_lr=LR0, timeout=1.0) for j in jobs]
+    try:
+        for epoch in range(4):
+            for c in clients:
+                c.report(epoch, {"val_loss": values[c.job][epoch]})
+        assert all(c.flush(10.0) for c in clients)
+        assert sum(c.stats["moved"] for c in clients) > 0  # some started at the wrong one
+        a.kill()
+        for epoch in range(4, 8):
+            for c in clients:
+                c.report(epoch, {"val_loss": values[c.job][epoch]})
+        assert all(c.flush(15.0) for c in clients)  # every kept report answered by b
+    finally:
+        for c in clients:
+            c.close()
+    admin = Admin(b.admin)
+    for job in jobs:  # the decisions, made once each, are the engine's on the same metrics
+        rows = admin.history(job)
+        assert [r["version"] for r in rows] == sorted({r["version"] for r in rows})
+        changes = [r["new_lr"] for r in rows if r["reason"] == "plateau"]
+        lrs = simulated(job, values[job])
+        expected = [lr for prev, lr in zip([lrs[0], *lrs], lrs, strict=False) if lr != prev]
+        assert changes == pytest.approx(expected), job
+    assert_one_sequence_per_run(dsn)
