@@ -567,10 +567,13 @@ class Client:
         """`moved`: the job lives on the controller at `message.endpoint`."""
         target = message.endpoint
         box = self._box
+        if box.retry_at:
+            return  # backing off already: the answer to another message of the same try
         if target is None or target == self.endpoint or self._moves >= _MAX_MOVES:
             # Pointed back here, or controllers handing a shard over point at each other:
             # wait as after `unavailable`, then try again.
             self._moves = 0
+            box.lost()  # hello again after the backoff: this controller took none
             box.hold(self._clock())
             return
         try:
@@ -600,9 +603,11 @@ class Client:
         # anything goes out on the next one, which libzmq opens RECONNECT_IVL later at best.
         link = self._link
         for sock, _ in zmq.zmq_poll(link.looked_at, 0):
+            if self._sockets.link is not link:
+                break  # replaced by a `moved` while draining: its events are stale
             if sock is link.monitor:
                 self._watch(link)
-            elif self._sockets.link is link:  # not replaced by a `moved` while watching
+            else:
                 self._drain(link)
         if self._sockets.link is not link:
             return  # moved: the new link gets its turn next time
