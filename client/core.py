@@ -92,6 +92,7 @@ _SOCKET_OPTIONS = (
 )
 # Connection changes, read from the socket's monitor.
 _UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED
+_RETRIED = zmq.EVENT_CONNECT_RETRIED  # a connection attempt failed; the next one is scheduled
 
 
 def to_scalar(value: Any) -> float | None:
@@ -167,7 +168,7 @@ class _Link:
     def __init__(self, ctx: zmq.Context[Any], endpoint: str, session: bytes, keys: Any) -> None:
         self.endpoint = endpoint
         self.sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-        self.monitor: zmq.Socket[Any] = self.sock.get_monitor_socket(_UP | _DOWN)
+        self.monitor: zmq.Socket[Any] = self.sock.get_monitor_socket(_UP | _DOWN | _RETRIED)
         self.monitor.linger = 0
         try:
             self.sock.setsockopt(zmq.ROUTING_ID, session)
@@ -738,6 +739,8 @@ class Client:
             (event,) = struct.unpack_from("=H", frames[0])  # uint16 event, uint32 value
             if event == _UP:
                 self._connected, self._down_since = True, None
+            elif event == _RETRIED:
+                self.stats["retries"] += 1
             elif event == _DOWN:
                 # What was in the pipe is gone: resend it after a hello on the next connection.
                 self._connected = False

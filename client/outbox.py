@@ -59,6 +59,7 @@ STATS = (
     "dropped",  # reports given up unanswered: the oldest, when MAX_KEPT were kept
     "moved",  # `moved` replies followed to the endpoint they named
     "failovers",  # switches to the next endpoint because the current one was unreachable
+    "retries",  # connection attempts that failed (the next is at most 1 s later)
 )
 
 # What `Outbox.on_error` tells the shell to do.
