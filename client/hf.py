@@ -77,7 +77,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
 
     Args:
         job: the job name; default `LRPILOT_JOB`.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, an evaluation (or a log) waits for the controller.
         strict: True raises `ControllerUnavailable` when the controller does not answer the
             hello within `timeout`, instead of training on at the optimizer's LR.

@@ -155,7 +155,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     Args:
         job: the job name; default `LRPILOT_JOB`.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, an epoch end waits for the controller.
         verbose: 1 prints each LR change, like Keras' own LR callbacks, and the controller's
             notices (they are logged at WARNING on `lrpilot.client` whatever the verbosity).

@@ -70,7 +70,8 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         job: the job name; default `LRPILOT_JOB`.
         monitor: the metric the policy watches; a validation run that does not log it is
             warned about once (log it with `self.log("val_loss", loss)`). None: no check.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, a validation end waits for the controller.
         strict: True raises `ControllerUnavailable` when the controller does not answer the
             hello within `timeout`, instead of training on at the optimizer's LR.
