@@ -623,10 +623,7 @@ class Client:
             self._fail_over(f"had no connection for {self.timeout:g} s")
             return
         if box.silent_for(now) > self.timeout and self._online:
-            self.stats["timeouts"] += 1
-            self._go_offline(f"did not answer within {self.timeout:g} s")
-            if len(self.endpoints) > 1:
-                self._fail_over(f"did not answer within {self.timeout:g} s")
+            self._timed_out()
 
     def _items(self) -> list[tuple[zmq.Socket[Any], int]]:
         link = self._link
@@ -653,8 +650,16 @@ class Client:
                 break
             zmq.zmq_poll(self._items(), remaining)  # a reply, room to send, or the monitor
         if self._online and not box.retry_at:  # else the silence is no news
-            self.stats["timeouts"] += 1
-            self._go_offline(f"did not answer within {self.timeout:g} s")
+            self._timed_out()
+
+    def _timed_out(self) -> None:
+        """The controller did not answer within `timeout`: stop waiting for it (Lazy
+        Pirate) and, with several endpoints, try the next one."""
+        why = f"did not answer within {self.timeout:g} s"
+        self.stats["timeouts"] += 1
+        self._go_offline(why)
+        if len(self.endpoints) > 1:
+            self._fail_over(why)
 
     def _deadline(self, seconds: float | None = None) -> float:
         return self._clock() + (self.timeout if seconds is None else seconds)

@@ -190,6 +190,21 @@ def test_an_unreachable_controller_fails_over_to_the_next_after_the_timeout(
     assert c.online and c.stats["timeouts"] == 0
 
 
+def test_a_controller_that_stops_answering_costs_one_timeout_then_the_next_answers(
+    peers: Callable[[], ScriptedPeer], clients: Callable[..., Client]
+) -> None:
+    a, b = peers(), peers()
+    c = clients(f"{a.endpoint},{b.endpoint}", timeout=0.3)
+    a.handler = lambda identity, message: []  # connected, but hung (e.g. SIGSTOP)
+    start = time.monotonic()
+    assert c.report(0, {"loss": 1.0}) == 0.1
+    assert time.monotonic() - start < 0.3 + SLACK
+    assert c.stats["timeouts"] == 1 and c.stats["failovers"] == 1 and c.endpoint == b.endpoint
+    assert c.flush(timeout=10)  # the kept report, replayed at b
+    assert [(type(m), getattr(m, "seq", None)) for m in b.messages] == [(Hello, None), (Report, 1)]
+    assert c.online
+
+
 def test_kill_9_of_one_real_controller_fails_over_to_the_other(
     controller_factory: Callable[..., Controller], clients: Callable[..., Client], tmp_path: Any
 ) -> None:
