@@ -18,7 +18,6 @@ hello from the oldest report it keeps and sends the kept reports again, in order
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import operator
@@ -35,13 +34,13 @@ import zmq
 from .decisions import Decisions
 from .env import curve_keys, endpoint_list, resolve_job, resolve_rank_world
 from .errors import ControllerUnavailable, ProtocolError
+from .link import DOWN, RETRIED, UP, Link, Sockets, shutdown
 from .outbox import HOLD, MAX_KEPT, REFUSED, REPLAY, STATS, Kept, Outbox
 from .protocol import (
     MAX_INT,
     MAX_METRICS,
     RETRYABLE_CODES,
     SESSION_BYTES,
-    SOCKET_MAX_MSG_SIZE,
     Bye,
     ErrorMessage,
     Hello,
@@ -70,29 +69,6 @@ _TURN_EVERY = 10e-3
 # `moved` replies followed in a row without an answer before the client backs off as after
 # `unavailable` (controllers handing shards over point at each other for a moment).
 _MAX_MOVES = 8
-# Reconnecting after a lost connection: the first try after this many ms, doubling up to the
-# cap, so a controller that restarts is found again within a second of listening.
-RECONNECT_MS = 100
-RECONNECT_MAX_MS = 1000
-
-_SOCKET_OPTIONS = (
-    (zmq.IMMEDIATE, 1),  # queue only on live connections: no connection -> zmq.Again at once
-    # Small enough that little sits in a pipe a disconnect can discard (those reports are kept
-    # and resent anyway), large enough for the reports of a few milliseconds.
-    (zmq.SNDHWM, 1000),
-    # Room for a reply to every kept report, so the controller never has to drop one.
-    (zmq.RCVHWM, 2 * MAX_KEPT),
-    (zmq.LINGER, 0),  # never hold up close() or the process exit
-    (zmq.MAXMSGSIZE, SOCKET_MAX_MSG_SIZE),
-    (zmq.RECONNECT_IVL, RECONNECT_MS),
-    (zmq.RECONNECT_IVL_MAX, RECONNECT_MAX_MS),
-    (zmq.HEARTBEAT_IVL, 5000),
-    (zmq.HEARTBEAT_TIMEOUT, 15000),
-    (zmq.HEARTBEAT_TTL, 15000),
-)
-# Connection changes, read from the socket's monitor.
-_UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED
-_RETRIED = zmq.EVENT_CONNECT_RETRIED  # a connection attempt failed; the next one is scheduled
 
 
 def to_scalar(value: Any) -> float | None:
@@ -158,56 +134,6 @@ def _check_lr(value: Any, what: str) -> float:
     if number is None or not 0 < number <= 10:
         raise ValueError(f"{what} must be a finite number in (0, 10], got {value!r}")
     return number
-
-
-class _Link:
-    """The DEALER socket to one endpoint and its connection monitor; replaced on a move or
-    a failover. Holds no reference to the Client, so that an unclosed client is still
-    collected (its finalizer closes the link and terminates the context)."""
-
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, session: bytes, keys: Any) -> None:
-        self.endpoint = endpoint
-        self.sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-        self.monitor: zmq.Socket[Any] = self.sock.get_monitor_socket(_UP | _DOWN | _RETRIED)
-        self.monitor.linger = 0
-        try:
-            self.sock.setsockopt(zmq.ROUTING_ID, session)
-            for option, value in _SOCKET_OPTIONS:
-                self.sock.setsockopt(option, value)
-            if keys is not None:
-                self.sock.curve_serverkey = keys.server_public
-                self.sock.curve_publickey = keys.public
-                self.sock.curve_secretkey = keys.secret
-            self.sock.connect(endpoint)
-        except zmq.ZMQError:
-            self.close()
-            raise
-        self.looked_at = [(self.sock, zmq.POLLIN), (self.monitor, zmq.POLLIN)]
-
-    def close(self) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # the socket is going anyway
-            self.sock.disable_monitor()
-        with contextlib.suppress(zmq.ZMQError):
-            self.monitor.close(linger=0)
-            self.sock.close(linger=0)
-
-
-class _Sockets:
-    """The context and the current link: what the finalizer closes."""
-
-    def __init__(self) -> None:
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.link: _Link | None = None
-
-
-def _shutdown(sockets: _Sockets) -> None:
-    # Runs from close(), from garbage collection or at interpreter exit; never references the
-    # Client itself, so an unclosed client is still collected and never holds up the exit.
-    if sockets.link is not None:
-        sockets.link.close()
-        sockets.link = None
-    with contextlib.suppress(zmq.ZMQError):  # pragma: no cover - nothing left to do about it
-        sockets.ctx.term()
 
 
 class Client:
@@ -340,8 +266,9 @@ class Client:
         self._ever_heard = False
         self._closed = False
 
-        self._sockets = _Sockets()
-        self._finalizer = weakref.finalize(self, _shutdown, self._sockets)
+        self._endpoint = self.endpoints[0]
+        self._sockets = Sockets()
+        self._finalizer = weakref.finalize(self, shutdown, self._sockets)
         try:
             self._open(self.endpoints[0])
         except zmq.ZMQError as exc:
@@ -380,8 +307,8 @@ class Client:
 
     @property
     def endpoint(self) -> str:
-        """The controller this client talks to now."""
-        return self._link.endpoint
+        """The controller this client talks to now (the last one, once closed)."""
+        return self._endpoint
 
     @property
     def lr(self) -> float:
@@ -538,7 +465,7 @@ class Client:
     # -- the link: one endpoint at a time --------------------------------------------------
 
     @property
-    def _link(self) -> _Link:
+    def _link(self) -> Link:
         link = self._sockets.link
         assert link is not None, "the client is closed"
         return link
@@ -546,8 +473,9 @@ class Client:
     def _open(self, endpoint: str) -> None:
         """A new socket to `endpoint`, replacing the current one (whose pipes are dropped:
         what was in flight there is sent again after a hello here)."""
-        link = _Link(self._sockets.ctx, endpoint, self.session, self._keys)
+        link = Link(self._sockets.ctx, endpoint, self.session, self._keys)
         old, self._sockets.link = self._sockets.link, link
+        self._endpoint = endpoint
         if old is not None:
             old.close()
         now = self._clock()
@@ -734,7 +662,7 @@ class Client:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _watch(self, link: _Link) -> None:
+    def _watch(self, link: Link) -> None:
         """Connection events from the socket's monitor."""
         for _ in range(_MAX_DRAIN):
             try:
@@ -742,18 +670,18 @@ class Client:
             except zmq.ZMQError:
                 return
             (event,) = struct.unpack_from("=H", frames[0])  # uint16 event, uint32 value
-            if event == _UP:
+            if event == UP:
                 self._connected, self._down_since = True, None
-            elif event == _RETRIED:
+            elif event == RETRIED:
                 self.stats["retries"] += 1
-            elif event == _DOWN:
+            elif event == DOWN:
                 # What was in the pipe is gone: resend it after a hello on the next connection.
                 self._connected = False
                 self._down_since = self._clock()
                 self._box.lost()
                 self._go_offline("closed the connection")
 
-    def _drain(self, link: _Link) -> None:
+    def _drain(self, link: Link) -> None:
         sock, noblock = link.sock, zmq.NOBLOCK
         for _ in range(_MAX_DRAIN):
             try:
