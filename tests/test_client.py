@@ -436,9 +436,8 @@ def test_garbage_is_counted_and_ignored_never_raised(
     c = make_client(peer.endpoint, timeout=0.5)
     peer.decide = lambda r: 0.04
     peer.handler = lambda identity, message: [*GARBAGE, *peer.answer(identity, message)]
-    start = time.monotonic()
     assert c.report(0, {"loss": 1.0}) == 0.04  # the valid reply behind the garbage counts
-    assert time.monotonic() - start < 0.5
+    assert c.stats["timeouts"] == 0  # it ended the wait, not the timeout
     assert c.stats["invalid"] == len(GARBAGE)
     assert c.online and len(warnings_of(caplog)) == 1
 
@@ -482,9 +481,8 @@ def test_unknown_session_is_answered_once_per_report(
         return peer.answer(identity, message)
 
     peer.handler = amnesiac
-    start = time.monotonic()
     assert c.report(0, {"loss": 1.0}) == 0.1
-    assert time.monotonic() - start < 0.5  # the second refusal answers the report
+    assert c.stats["timeouts"] == 0  # the second refusal answers the report: no wait
     assert len(peer.wait_for(lambda ms: len(ms) == 4)) == 4  # hello, report, hello, report
 
 
@@ -495,10 +493,9 @@ def test_other_errors_keep_the_lr_and_warn_once_per_code(
     peer.handler = lambda identity, message: [
         ErrorMessage("mode_unresolved", "which way is up?", getattr(message, "seq", None)).to_wire()
     ]
-    start = time.monotonic()
     for epoch in range(3):
         assert c.report(epoch, {"score": 1.0}) == 0.1
-    assert time.monotonic() - start < 1.0  # an error is an answer: nothing waits
+    assert c.stats["timeouts"] == 0  # an error is an answer: nothing waits for the timeout
     assert c.stats["errors"] == 3 and c.online
     assert len([w for w in warnings_of(caplog) if "mode_unresolved" in w]) == 1
 
