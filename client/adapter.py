@@ -165,10 +165,13 @@ class AdapterCore:
         assert self.client is not None, "connect() first"
         return self.client.poll(epoch=epoch, step=step)
 
-    def epoch_end(self, epoch: int, metrics: Mapping[str, Any]) -> float:
-        """`unit="epoch"`: reports the epoch just finished; the LR for the next one."""
+    def epoch_end(
+        self, epoch: int, metrics: Mapping[str, Any], trained_lr: float | None = None
+    ) -> float:
+        """`unit="epoch"`: reports the epoch just finished; the LR for the next one.
+        `trained_lr`: the LR it trained at, when not the client's (see `Client.report`)."""
         assert self.client is not None, "connect() first"
-        return self.client.report(epoch, metrics)
+        return self.client.report(epoch, metrics, trained_lr=trained_lr)
 
     def step_end(
         self,
@@ -177,6 +180,7 @@ class AdapterCore:
         before: int,
         metrics: Callable[[], Mapping[str, Any]],
         wait: bool | None = None,
+        trained_lr: float | None = None,
     ) -> float:
         """`unit="step"`: optimizer steps `before`..`done` (0-based) have run. Reports every
         `report_every` steps (`metrics()` is read only then: a host read of the loss happens
@@ -190,13 +194,15 @@ class AdapterCore:
                 several at once when a framework runs steps per execution.
             metrics: returns the metrics to report.
             wait: whether the report waits for its answer; default only during a range test.
+            trained_lr: the LR the steps trained at, when not the client's (a hello that
+                came after them; see `Client.report`).
         """
         client = self.client
         assert client is not None, "connect() first"
         every = self.report_every
         if (done + 1) // every > before // every:
             waits = self.testing if wait is None else wait
-            return client.report(epoch, metrics(), step=done, wait=waits)
+            return client.report(epoch, metrics(), step=done, wait=waits, trained_lr=trained_lr)
         return client.poll(step=done + 1)
 
     # -- range tests -----------------------------------------------------------------------

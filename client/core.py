@@ -341,6 +341,7 @@ class Client:
         metrics: Mapping[str, Any],
         step: int | None = None,
         wait: bool = True,
+        trained_lr: float | None = None,
     ) -> float:
         """Reports a finished epoch (or step) and returns the LR to use from the next one.
 
@@ -357,6 +358,9 @@ class Client:
             wait: False returns at once: the report goes out in a burst with others at most
                 10 ms later (at the next call that does socket work, or `poll()`, `flush()`,
                 `close()`), and its decision is applied by a later call.
+            trained_lr: the LR this epoch (step) trained at, when it is not the client's
+                LR in force (an adapter whose hello came after the step); the controller's
+                LR range test takes only losses trained at its own LRs.
 
         Returns:
             The LR in force from epoch `epoch + 1` (or step `step + 1`).
@@ -370,8 +374,9 @@ class Client:
             return decisions.lr
         self._seq = seq = self._seq + 1
         start = decisions.step if step is None else step
+        lr = decisions.lr if trained_lr is None else _check_lr(trained_lr, "trained_lr")
         box = self._box
-        if box.keep(Kept(seq, epoch, step, self._clean_metrics(metrics), decisions.lr, start)):
+        if box.keep(Kept(seq, epoch, step, self._clean_metrics(metrics), lr, start)):
             self._warn_once(
                 "dropped",
                 "lrpilot keeps at most %d unanswered reports; dropping the oldest "

@@ -11,8 +11,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import keras
-import numpy as np
+from .extras import missing_extra
+
+try:
+    import keras
+    import numpy as np
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "keras", __name__) from exc
 
 from .adapter import AdapterCore
 from .core import Client, scalar_metrics, to_scalar

@@ -22,8 +22,13 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from .extras import missing_extra
+
+try:
+    import torch
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "torch", __name__) from exc
 
 from .adapter import AdapterCore
 from .core import Client, check_adapter_args, to_scalar
@@ -370,7 +375,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
             if self._client is None:
                 self.last_epoch = epoch  # the first call says hello from there
         done = self.last_epoch if epoch is None else epoch
-        lr = self.client.report(done, report)
+        trained = self._trained_lr()
+        lr = self.client.report(done, report, trained_lr=trained)
         self.last_epoch = done + 1
         self._set_lr(lr)
         self._settle()
@@ -467,10 +473,13 @@ class LRPilotScheduler(ReduceLROnPlateau):
         """unit="step": `step()` after optimizer step `last_epoch` (0-based)."""
         if epoch is not None:
             self.epoch_in_progress = epoch
+        trained = self._trained_lr()
         self.client  # noqa: B018 - says hello if needed
         done = self.last_epoch
         self.last_epoch = done + 1
-        lr = self._core.step_end(self.epoch_in_progress, done, done, lambda: report)
+        lr = self._core.step_end(
+            self.epoch_in_progress, done, done, lambda: report, trained_lr=trained
+        )
         self._set_lr(lr)
         self._settle()
 
@@ -568,6 +577,11 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _lr0(self) -> float:
         return _group_lr(self.optimizer.param_groups[0])
+
+    def _trained_lr(self) -> float | None:
+        """The LR of the step (epoch) this `step()` reports, when the hello comes only now,
+        after it (its answer sets another LR before the report): group 0's; else None."""
+        return self._lr0() if self._client is None else None
 
     def _set_lr(self, lr: float) -> None:
         if set_lr([self.optimizer], lr):
