@@ -106,6 +106,15 @@ class Metrics:
         )
         self.build_info.labels(version).set(1)
 
+    def watch_shards(self, owned: Callable[[], int]) -> None:
+        """`lrpilot_shards_owned`, read at scrape time (PostgreSQL store only)."""
+        gauge = Gauge(
+            "lrpilot_shards_owned",
+            "Shards this controller holds and decides for (PostgreSQL store)",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(owned()))
+
     def watch(self, table: JobTable, clock: Callable[[], float]) -> None:
         """Render `table`'s jobs at every scrape."""
         self._jobs = JobSeries(table, clock)
@@ -120,9 +129,13 @@ class Metrics:
         self,
         port: int,
         host: str = "0.0.0.0",
+        ready: Callable[[], bool] | None = None,
         pages: Callable[[str], tuple[int, str, bytes]] | None = None,
     ) -> ThreadingHTTPServer:
-        """Serve `/metrics` from a thread of its own; `shutdown()` and `server_close()` it.
+        """Serve `/metrics` and `/ready` from a thread of its own; `shutdown()` and
+        `server_close()` it. `/ready` answers 200 while `ready()` is true, else 503 (a
+        controller on PostgreSQL that owns no shard: a readiness probe keeps it out of
+        the Service).
 
         Args:
             pages: answers every other path (the web view): (status, content type, body).
@@ -132,12 +145,21 @@ class Metrics:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if path == "/ready":
+                    ok = ready is None or ready()
+                    text = b"ready\n" if ok else b"not ready: this controller owns no shard\n"
+                    self.send_response(200 if ok else 503)
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
                 if path == "/metrics" or (path == "/" and pages is None):
                     status, kind, body = 200, CONTENT_TYPE_LATEST, metrics.render()
                 elif pages is not None:
                     status, kind, body = pages(self.path)
                 else:
-                    self.send_error(404, "only /metrics is here")
+                    self.send_error(404, "only /metrics and /ready are here")
                     return
                 self.send_response(status)
                 self.send_header("Content-Type", kind)

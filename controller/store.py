@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import msgpack
 
@@ -32,9 +32,12 @@ __all__ = [
     "METRIC_RUNS_KEPT",
     "AuditRow",
     "MetricPoint",
+    "MetricStore",
     "StateDirLocked",
+    "StateStore",
     "Store",
     "StoreCorrupt",
+    "StoreUnavailable",
     "Writes",
     "decode_metrics",
     "decode_row",
@@ -70,6 +73,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 class StateDirLocked(Exception):
     """Another controller holds the state directory."""
+
+
+class StoreUnavailable(Exception):
+    """The state cannot be read or written now (a database down or out of reach); clients
+    are answered `unavailable` and resend."""
 
 
 class StoreCorrupt(Exception):
@@ -196,6 +204,47 @@ class Writes:
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.snapshots or self.audit or self.deleted or self.metrics)
+
+
+class StateStore(Protocol):
+    """What the controller needs from durable state; `Store` (SQLite, the embedded default)
+    and `lrpilot.controller.pgstore.PgStore` (PostgreSQL, several controllers) provide it.
+
+    Every method runs on the controller's loop thread. `commit` writes one turn's rows in one
+    transaction, or nothing; it raises when the rows could not be stored.
+    """
+
+    #: Rows moved to the `quarantine` table because they did not decode.
+    quarantined: int
+
+    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
+
+    def load_job(self, job: str) -> dict[str, Any] | None: ...
+
+    def quarantine(self, job: str, error: str) -> None: ...
+
+    def snapshot(self, job: str, run: int, epoch: int) -> dict[str, Any] | None: ...
+
+    def commit(self, w: Writes) -> None: ...
+
+    def history(self, job: str, limit: int | None = None) -> list[AuditRow]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class MetricStore(Protocol):
+    """A store that records metrics (`Writes.metrics`, `Writes.metrics_from`, thinned to
+    METRIC_POINTS_KEPT points per run, the last METRIC_RUNS_KEPT runs) and reads them back:
+    what `lrpilot metrics`, `simulate --job` and the web view need. `Store` provides it."""
+
+    def metric_runs(self, job: str) -> list[int]: ...
+
+    def metric_rows(
+        self, job: str, run: int, after: int = -1
+    ) -> list[tuple[int, int, float, float, bytes]]: ...
+
+    def metric_count(self, job: str, run: int) -> int: ...
 
 
 class Store:
