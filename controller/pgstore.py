@@ -92,8 +92,7 @@ _AUDIT_COLUMNS = "time, job, old_lr, new_lr, reason, version, epoch, source, run
 #: Recorded metrics, as `Store._record` writes them, in CTEs of the commit statement (which
 #: all see the tables as they were before it: so the thinning counts the run's rows that
 #: survive the turn plus its new points, and no two CTEs write one row).
-_RECORD = f"""
-nm AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+_RECORD = f"""nm AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
     %s::float8[], %s::float8[], %s::bytea[]) AS nm(job, run, t, epoch, lr, time, data)),
 mf AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS mf(job, run, t)),
 thin AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS thin(job, run, stride)),
@@ -140,7 +139,7 @@ ss AS (
 
 
 #: A turn's commit as one statement of data-modifying CTEs over arrays, one per table.
-_COMMIT = f"""
+_COMMIT_ROWS = f"""
 WITH j AS (
     INSERT INTO jobs (job, shard, data)
     SELECT * FROM unnest(%s::text[], %s::int[], %s::bytea[])
@@ -164,9 +163,21 @@ dj AS (DELETE FROM jobs USING forgotten WHERE jobs.job = forgotten.job),
 ds AS (DELETE FROM snapshots USING forgotten WHERE snapshots.job = forgotten.job),
 dfm AS (DELETE FROM metrics USING forgotten WHERE metrics.job = forgotten.job),
 dfs AS (DELETE FROM metric_strides USING forgotten WHERE metric_strides.job = forgotten.job),
-{_RECORD}
-SELECT job, run, stride, n FROM strides
 """
+#: ... most turns: each point a new row (no run to thin, no new run, no resume), a plan
+#: prepared once. The turns that need more take `_RECORD`'s (planned each time).
+_COMMIT = (
+    _COMMIT_ROWS
+    + """im AS (
+    INSERT INTO metrics (job, run, t, epoch, lr, time, data)
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+        %s::float8[], %s::float8[], %s::bytea[])
+    ON CONFLICT (job, run, t) DO UPDATE SET epoch = excluded.epoch, lr = excluded.lr,
+        time = excluded.time, data = excluded.data)
+SELECT NULL, NULL, NULL, NULL WHERE false
+"""
+)
+_COMMIT_THIN = _COMMIT_ROWS + _RECORD + "\nSELECT job, run, stride, n FROM strides\n"
 
 
 def _columns(n: int, rows: Iterable[Iterable[Any]]) -> list[list[Any]]:
@@ -490,13 +501,14 @@ class PgStore:
             *_columns(10, [row.values() for row in w.audit]),
             deleted,
             *_columns(7, points),
-            *_columns(3, w.metrics_from),
-            *_columns(3, thin),
-            [job for job, _ in w.old_runs],
         )
+        statement = _COMMIT
+        if thin or w.metrics_from or w.old_runs:
+            statement = _COMMIT_THIN
+            params += (*_columns(3, w.metrics_from), *_columns(3, thin), [j for j, _ in w.old_runs])
         try:
             # One statement, so one round trip and one implicit transaction: all or nothing.
-            thinned = conn.execute(_COMMIT, params).fetchall()
+            thinned = conn.execute(statement, params).fetchall()
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 self.owned = frozenset()  # the locks ended with the session
