@@ -104,7 +104,14 @@ ACTIONS = ("snapshot", "restore", "stop")
 
 #: What the controller tells the trainer about its job (in `lr.notices`); clients log each
 #: code once per run.
-NOTICE_CODES = ("monitor_missing", "mode_unresolved", "shadow", "clamped", "restore_unsupported")
+NOTICE_CODES = (
+    "monitor_missing",
+    "mode_unresolved",
+    "shadow",
+    "clamped",
+    "restore_unsupported",
+    "override",
+)
 MAX_NOTICES = 16
 
 
