@@ -526,7 +526,7 @@ def pin_notices(job: JobState) -> tuple[tuple[str, str], ...]:
         end = f"for {n} trained at it ({job.unit} {o.from_t} or later on)"
     else:
         until = rfc3339(round(o.since_wall + (o.remaining or 0.0)))
-        end = f"until {until[:19]}Z ({o.remaining or 0.0:.0f} s)"
+        end = f"until {until[:19]}Z"
     who = f" by {o.author}" if o.author else ""
     why = f" ({o.reason})" if o.reason else ""
     text = f"lr {o.lr:.6g} pinned{who}{why} {end}; then the policy's LR applies"
