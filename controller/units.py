@@ -44,6 +44,8 @@ def check_seconds(value: Any, what: str = "a duration") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{what} must be a number of seconds, got {value!r}")
-    if not (math.isfinite(value) and 0 <= value <= MAX_DURATION):
-        raise ValueError(f"{what} must be between 0 and 365 days (31536000 s), got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    if value > MAX_DURATION:
+        raise ValueError(f"{what} is at most 365 days (31536000 s), got {value!r}")
     return float(value)
