@@ -45,8 +45,10 @@ class Override:
 
     While it holds, the job's policy keeps deciding underneath (its state advances, its
     own LR is `JobState.policy_lr`), but every rank is told `lr`; when it ends, the
-    policy's LR takes over. `--epochs N` counts the epochs (steps) reported as trained at
-    `lr`, from `from_t` on, so N means N whether the pin came mid-epoch or at a boundary.
+    policy's LR takes over. `--epochs N` counts the epochs (steps) trained at `lr`, from
+    the first report that says it trained at it (back to the report before it: a step
+    job reports every `report_every` steps), so N means N whether the pin came mid-epoch
+    or at a boundary.
     `--for` runs on the controller's monotonic clock: `remaining` seconds as read at
     monotonic `since` (Unix `since_wall`); a restart takes the downtime from the wall
     clock, clamped to [0, remaining], so a clock step never ends a pin early or late.
@@ -57,8 +59,8 @@ class Override:
     reason: str = ""
     from_t: int = 0  # the first epoch (step) it applies from
     epochs: int | None = None  # --epochs N
-    trained: int = 0  # epochs (steps) reported as trained at `lr` so far
-    last_trained: int | None = None  # the last of those
+    first_trained: int | None = None  # the first epoch (step) trained at `lr`
+    last_trained: int | None = None  # the last one reported so far
     remaining: float | None = None  # --for: seconds left at `since`
     since: float = 0.0  # monotonic seconds
     since_wall: float = 0.0  # Unix seconds at `since`
@@ -70,9 +72,16 @@ class Override:
 
     def until_epoch(self) -> int | None:
         """The first epoch (step) at the policy's LR, once the first pinned one is known."""
-        if self.epochs is None or self.last_trained is None:
+        if self.epochs is None or self.first_trained is None:
             return None
-        return self.last_trained + 1 + self.epochs - self.trained
+        return self.first_trained + self.epochs
+
+    @property
+    def trained(self) -> int:
+        """Epochs (steps) trained at the pin so far, as reported."""
+        if self.first_trained is None or self.last_trained is None:
+            return 0
+        return self.last_trained - self.first_trained + 1
 
     def left(self, now: float) -> float | None:
         """Seconds left of a --for pin at monotonic `now`."""
@@ -91,15 +100,18 @@ class Override:
             return self
         return replace(self, remaining=left, since=now, since_wall=wall)
 
-    def observe(self, t: int, trained_at: list[float]) -> Override:
-        """Epoch (step) t was decided; `trained_at` are the LRs its reports trained at."""
+    def observe(self, t: int, previous: int | None, trained_at: list[float]) -> Override:
+        """Epoch (step) t was decided, after `previous`; its reports trained at `trained_at`
+        (Keras reports float32 LRs: equal within 1e-6 counts)."""
         if self.epochs is None or t < self.from_t or not trained_at:
             return self
-        if self.last_trained is not None and t <= self.last_trained:
-            return self  # decided again after a resume: counted once
-        if all(math.isclose(lr, self.lr, rel_tol=1e-6) for lr in trained_at):
-            return replace(self, trained=self.trained + 1, last_trained=t)
-        return self
+        if not all(math.isclose(lr, self.lr, rel_tol=1e-6) for lr in trained_at):
+            return self
+        first = self.first_trained
+        if first is None:
+            first = min(max(self.from_t, t if previous is None else previous + 1), t)
+        last = t if self.last_trained is None else max(self.last_trained, t)
+        return replace(self, first_trained=first, last_trained=last)
 
     def over(self, now: float) -> bool:
         """Whether the pin has run its course (the LR from the next epoch is the policy's)."""
@@ -115,7 +127,7 @@ class Override:
             "reason": self.reason,
             "from_t": self.from_t,
             "epochs": self.epochs,
-            "trained": self.trained,
+            "first_trained": self.first_trained,
             "last_trained": self.last_trained,
             "remaining": self.remaining,
             "since_wall": self.since_wall,
@@ -130,13 +142,14 @@ class Override:
         since_wall = float(data.get("since_wall") or 0.0)
         if wall is None:  # no wall clock to measure the downtime by: none counted
             wall = since_wall
-        epochs, trained, from_t = _opt_int(data.get("epochs")), int(data.get("trained", 0)), 0
+        epochs, from_t = _opt_int(data.get("epochs")), int(data.get("from_t", 0))
+        first = _opt_int(data.get("first_trained"))
         if "remaining" not in data and "epochs" not in data:  # lrpilot 0.2
             until_wall, until_epoch = data.get("until_wall"), data.get("until_epoch")
             if until_wall is not None:
                 remaining, since_wall = float(until_wall) - wall, wall
-            if until_epoch is not None:
-                from_t = int(until_epoch) - 1
+            if until_epoch is not None:  # its last epoch: one more trained at it
+                from_t = first = int(until_epoch) - 1
                 epochs = 1
         if remaining is not None:
             remaining = min(max(remaining, 0.0), MAX_DURATION)
@@ -147,9 +160,9 @@ class Override:
             float(data["lr"]),
             str(data.get("author", "")),
             str(data.get("reason", "")),
-            from_t=int(data.get("from_t", from_t)),
+            from_t=from_t,
             epochs=epochs,
-            trained=trained,
+            first_trained=first,
             last_trained=_opt_int(data.get("last_trained")),
             remaining=remaining,
             since=now,

@@ -381,7 +381,7 @@ def decide(
         notices.append(("monitor_missing", decision.warning))
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
-    old_lr, old_policy_lr = job.lr, job.policy_lr
+    old_lr, old_policy_lr, previous = job.lr, job.policy_lr, job.last_epoch
     audit: list[AuditRow] = []
     if not decision.apply:
         notices.append(
@@ -406,7 +406,8 @@ def decide(
     if job.override is not None:
         # A pin: the policy decided underneath (its state advanced), the pinned LR holds
         # until the pin has run its course; then the policy's LR applies from t+1.
-        pin = job.override.observe(t, [r.lr for r in reports.values()]).tick(env.now, env.wall)
+        trained_at = [r.lr for r in reports.values()]
+        pin = job.override.observe(t, previous, trained_at).tick(env.now, env.wall)
         pin_ended = pin.over(env.now)
         job = job.with_(override=None if pin_ended else pin)
         reason = "override" if pin_ended else "unchanged"

@@ -28,6 +28,7 @@ from lrpilot.client import Client
 from lrpilot.client.protocol import Hello, LrMessage, encode
 from lrpilot.controller.admin import Admin, request
 from lrpilot.controller.errors import AdminError
+from lrpilot.controller.jobstate import Override
 from lrpilot.controller.policyfile import load_file
 from lrpilot.controller.server import ServeConfig, Server
 
@@ -545,3 +546,30 @@ def test_admin_error_codes_for_pins(live: Callable[..., Live]) -> None:
         raw = {"t": "set_lr", "job": "e", "lr": 0.1, "seconds": seconds}
         assert request(lv.admin, raw)["code"] == "out_of_range", seconds
     assert lv.status("e")["override"] is None and lv.status("e")["lr"] == 0.5
+
+
+def test_an_epochs_pin_counts_what_was_trained_at_it() -> None:
+    """The counting alone: reports every epoch, a mid-epoch start, steps reported every 10."""
+    pin = Override(0.02, "ops", from_t=2, epochs=3)
+    pin = pin.observe(2, 1, [0.5])  # epoch 2 trained at the old LR: not counted
+    assert pin.until_epoch() is None and not pin.over(0.0)
+    pin = pin.observe(3, 2, [0.019999999552965164])  # Keras' float32 of 0.02
+    assert (pin.first_trained, pin.trained, pin.until_epoch()) == (3, 1, 6)
+    pin = pin.observe(4, 3, [0.02]).observe(5, 4, [0.02])
+    assert pin.trained == 3 and pin.over(0.0)
+    steps = Override(0.02, "ops", from_t=10, epochs=25)
+    for t in (19, 29):  # steps 10..29 trained at it
+        steps = steps.observe(t, t - 10, [0.02])
+    assert (steps.trained, steps.over(0.0)) == (20, False)
+    assert steps.observe(39, 29, [0.02]).over(0.0)  # the first report past 25 steps
+    two_ranks = Override(0.02, "ops", from_t=0, epochs=1).observe(0, None, [0.02, 0.5])
+    assert two_ranks.trained == 0  # every rank must have trained at it
+
+
+def test_a_pin_stored_by_lrpilot_0_2_loads_as_what_was_left_of_it() -> None:
+    wall = 1.7e9
+    legacy = {"lr": 0.05, "author": "a", "until_epoch": 4, "until_wall": None, "saved": {}}
+    pin = Override.from_dict(legacy, now=10.0, wall=wall)
+    assert pin.until_epoch() == 4 and pin.observe(3, 2, [0.05]).over(0.0)
+    timed = {"lr": 0.05, "author": "a", "until_epoch": None, "until_wall": wall + 90}
+    assert Override.from_dict(timed, now=10.0, wall=wall).ends == 100.0
