@@ -524,7 +524,7 @@ def pin_notices(job: JobState) -> tuple[tuple[str, str], ...]:
         return ()
     if o.epochs is not None:
         n = f"{o.epochs} {job.unit}{'s' if o.epochs != 1 else ''}"
-        end = f"for {n} trained at it ({job.unit} {o.from_t} or later on)"
+        end = f"for {n} trained at it, from {job.unit} {o.from_t} or later"
     else:
         until = rfc3339(round(o.since_wall + (o.remaining or 0.0)))
         end = f"until {until[:19]}Z"

@@ -530,7 +530,7 @@ def test_override_notice_logged_once_per_pin(live: Callable[..., Live]) -> None:
         t.receive(1)
     texts = [text for code, text in t.client.notices if code == "override"]
     assert len(texts) == 2 and "lr 0.01 pinned" in texts[0] and "lr 0.02 pinned" in texts[1]
-    assert "for 1 epoch trained at it (epoch 1 or later on)" in texts[1]
+    assert "for 1 epoch trained at it, from epoch 1 or later;" in texts[1]
 
 
 def test_admin_error_codes_for_pins(live: Callable[..., Live]) -> None:
