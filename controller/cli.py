@@ -401,8 +401,8 @@ def cmd_set_lr(args: argparse.Namespace) -> int:
         print(
             f"{args.job}: lr {_lr(pin.get('lr'))} pinned {_pin_end(pin)}"
             + ("" if pin.get("epochs") is not None else f", from {unit} {start}")
-            + f" (version {reply.get('version')}); then the policy's LR applies"
-            f" (now {_lr(pin.get('policy_lr'))}); `lrpilot release {args.job}` ends it early"
+            + f" (version {reply.get('version')}); then the policy's LR, now"
+            f" {_lr(pin.get('policy_lr'))}; `lrpilot release {args.job}` ends it early"
         )
         return 0
 
