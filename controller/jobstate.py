@@ -317,7 +317,8 @@ def status_row(
     job: JobState, now: float, worker_timeout: float, wall: float | None = None
 ) -> dict[str, Any]:
     """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr, override,
-    suggested_lr); `wall`: the Unix time now, for the end of a --for pin."""
+    suggested_lr, and what the table labels: unit, min_lr, finished); `wall`: the Unix time
+    now, for the end of a --for pin."""
     info = job.policy.describe(job.state)
     return {
         "job": job.name,
@@ -337,6 +338,9 @@ def status_row(
         "shadow_lr": job.shadow_lr,
         "override": override_view(job, now, wall),
         "suggested_lr": finite(info.get("suggested_lr")),
+        "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
+        "min_lr": finite(info.get("min_lr")),
+        "finished": job.finished,  # every worker said bye (stored: also after a restart)
     }
 
 
