@@ -16,7 +16,7 @@ from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
 from .jobstate import JobState, status_row
-from .store import rfc3339
+from .store import StoreUnavailable, rfc3339
 from .units import check_seconds
 
 if TYPE_CHECKING:
@@ -24,11 +24,19 @@ if TYPE_CHECKING:
     from .jobstate import JobState
     from .server import Server
 
-__all__ = ["JobRequests", "error"]
+__all__ = ["JobRequests", "Moved", "error"]
 
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
+
+
+class Moved(ProtocolError):
+    """The job's shard is another controller's: the reply names its admin endpoint."""
+
+    def __init__(self, job: str, endpoint: str) -> None:
+        super().__init__("moved", f"job {job} is steered at the controller at {endpoint}")
+        self.endpoint = endpoint
 
 
 def _run_states(job: JobState | None, latest: int) -> Callable[[int], str | None]:
@@ -60,20 +68,51 @@ class JobRequests:
         if self.server.authorizer is not None and (grant is None or not grant.allows(job)):
             raise ProtocolError("forbidden", f"this key may not use job {job}")
 
+    def owned(self, job: str) -> None:
+        """Steering a job another controller owns (PostgreSQL store) is answered `moved`
+        with that controller's admin endpoint (`Admin` follows it)."""
+        pg = self.server.pg
+        if pg is None or pg.owns(job):
+            return
+        owner = pg.owner(job)
+        if owner is None:
+            raise ProtocolError("unavailable", f"job {job} changes controller now; retry")
+        if owner[1].startswith("ipc://"):  # a socket file on the owner's machine, not here
+            raise ProtocolError(
+                "moved",
+                f"job {job} is steered at the controller advertising {owner[0]}; its admin "
+                f"socket {owner[1]} is local to it: run the command there",
+            )
+        raise Moved(job, owner[1])
+
     def status(self, msg: dict[str, Any]) -> dict[str, Any]:
         now, timeout = self.server.clock(), self.server.table.worker_timeout
         grant = self.server.admin_grant if self.server.authorizer is not None else None
-        wall = self.server.wall()
+        table, wall = self.server.table, self.server.wall()
         jobs = [
             status_row(j, now, timeout, wall)
-            for j in self.server.table.jobs.values()
+            for j in table.jobs.values()
             if grant is None or grant.allows(j.name)
         ]
+        if self.server.pg is not None:  # every controller's jobs, as the database has them
+            try:
+                stored = list(self.server.pg.load_jobs())
+            except StoreUnavailable:  # this controller's own jobs still show (and it is alive)
+                stored = []
+            for name, data in stored:
+                if name in table.jobs or (grant is not None and not grant.allows(name)):
+                    continue
+                try:
+                    job = JobState.from_stored(name, table.rule_for(name), data, now, wall)
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue  # its owner quarantines it
+                jobs.append(status_row(job, now, timeout, wall))
         return {"t": "status", "jobs": jobs}
 
     def set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         lr = msg.get("lr")
         if (
             isinstance(lr, bool)
@@ -114,6 +153,7 @@ class JobRequests:
         """End the job's pin now: the policy's LR from the next epoch (step)."""
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
         try:
             job = batch.release(name, self.server.admin_author(msg.get("author")))
@@ -170,6 +210,7 @@ class JobRequests:
     def range_test(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         job = self.server.table.jobs.get(name)
         if job is None:
             return error("unknown_job", f"no job {name!r}")
@@ -181,6 +222,7 @@ class JobRequests:
     def forget(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
         if not batch.forget(name):
             return error("unknown_job", f"no job {name!r}")
