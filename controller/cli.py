@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lrpilot.client.errors import PolicyError, ProtocolError, SourceError
-
 from . import __version__
+from .errors import PolicyError, SourceError
+from .policies.errors import EngineError
 
 __all__ = ["main"]
 
@@ -105,8 +105,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SourceError as exc:
         print(exc.located(), file=sys.stderr)
         return 2
-    except ProtocolError as exc:
-        print(f"{args.policy or 'policy'}: {exc.message}", file=sys.stderr)
+    except EngineError as exc:
+        print(f"{args.policy or 'policy'}: {exc}", file=sys.stderr)
         return 2
     monitor = monitor_of(rule.policy)
     if args.json:

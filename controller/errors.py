@@ -1,13 +1,87 @@
 """Errors the controller side raises on purpose; all are `lrpilot.client.errors.LRPilotError`.
 
-(Policy-file and protocol errors live in `lrpilot.client.errors`, which both sides import.)
+Policy files, the state directory, the policy loader, binding and the admin API
+each have theirs here; the policy engine's are in `lrpilot.controller.policies.errors`.
 """
 
 from __future__ import annotations
 
 from lrpilot.client.errors import LRPilotError
 
-__all__ = ["AdminError", "BadEndpoint", "Forbidden", "NoAnswer", "UnknownJob"]
+__all__ = [
+    "AdminError",
+    "BadEndpoint",
+    "BindError",
+    "DiskFull",
+    "Forbidden",
+    "NoAnswer",
+    "PolicyError",
+    "PolicyFileError",
+    "SourceError",
+    "StateDirLocked",
+    "StoreCorrupt",
+    "UnknownJob",
+]
+
+
+class SourceError(LRPilotError):
+    """An error located in an input file: `file:line: message`.
+
+    Args:
+        message: what is wrong, quoting the bad value.
+        file: the file name as the user gave it, or None.
+        line: 1-based line number, or None.
+    """
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        super().__init__(self.located())
+
+    def located(self) -> str:
+        if self.file is None:
+            return self.message
+        if self.line is None:
+            return f"{self.file}: {self.message}"
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class PolicyError(SourceError):
+    """One or more errors in a policy file; `errors` holds every one found.
+
+    Args:
+        errors: the individual located errors, in file order.
+    """
+
+    def __init__(self, errors: list[SourceError]) -> None:
+        self.errors = errors
+        first = errors[0] if errors else SourceError("invalid policy")
+        super().__init__(first.message, first.file, first.line)
+
+    def __str__(self) -> str:
+        return "\n".join(e.located() for e in self.errors)
+
+
+class PolicyFileError(LRPilotError):
+    """The policy file cannot be read: missing, a directory, a symlink loop, unreadable,
+    too large, not UTF-8."""
+
+
+class StateDirLocked(LRPilotError):
+    """Another controller holds the state directory."""
+
+
+class StoreCorrupt(LRPilotError):
+    """The state database is damaged; it is not loaded."""
+
+
+class DiskFull(LRPilotError):
+    """The state directory's file system is full (or the process' file size limit is hit)."""
+
+
+class BindError(LRPilotError, OSError):
+    """An endpoint or port the controller cannot bind; the message names it and the flag."""
 
 
 class NoAnswer(LRPilotError):

@@ -28,9 +28,9 @@ from typing import Any
 
 import yaml
 
-from lrpilot.client.errors import PolicyError, SourceError
-from lrpilot.client.protocol import NAME_RE
+from lrpilot.client.vocabulary import NAME_RE
 
+from .errors import PolicyError, SourceError
 from .policies import POLICY_TYPES, Phase, Phases, Plateau, Policy, RangeTest
 from .policies.plateau import is_loss
 from .units import parse_duration

@@ -26,19 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrpilot.client.errors import PolicyError
-
+from .errors import PolicyError, PolicyFileError
 from .policyfile import PolicySet, load_text
 
 __all__ = ["MAX_POLICY_BYTES", "Loaded", "PolicyFileError", "PolicyLoader", "PolicyWatcher"]
 
 #: Larger policy files are rejected without being read.
 MAX_POLICY_BYTES = 10 << 20
-
-
-class PolicyFileError(Exception):
-    """The policy file cannot be read: missing, a directory, a symlink loop, unreadable,
-    too large, not UTF-8."""
 
 
 def read_policy(path: Path) -> bytes:

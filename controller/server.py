@@ -40,6 +40,7 @@ from lrpilot.client.protocol import (
 from . import __version__
 from .admin_requests import JobRequests, error
 from .auth import Authorizer, Grant
+from .errors import BindError
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
@@ -57,10 +58,6 @@ _DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
-
-
-class BindError(OSError):
-    """An endpoint or port the controller cannot bind; the message names it and the flag."""
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:

@@ -27,6 +27,8 @@ from typing import IO, Any
 
 import msgpack
 
+from .errors import StateDirLocked, StoreCorrupt
+
 __all__ = [
     "AuditRow",
     "StateDirLocked",
@@ -54,14 +56,6 @@ CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BLOB, error TEXT NOT NULL, time TEXT NOT NULL);
 """
-
-
-class StateDirLocked(Exception):
-    """Another controller holds the state directory."""
-
-
-class StoreCorrupt(Exception):
-    """The state database is damaged; it is not loaded."""
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from .policies import (
     State,
     fingerprint,
 )
+from .policies.errors import EngineError, ModeUnresolved
 from .policyfile import JobRule
 from .store import AuditRow, rfc3339
 
@@ -359,17 +360,23 @@ def timeout(job: JobState, t: int, env: Env) -> Step | None:
     return step
 
 
+def wire_code(exc: EngineError) -> str:
+    """The wire's error code for an engine error (`mode_unresolved`, else `schema`)."""
+    return "mode_unresolved" if isinstance(exc, ModeUnresolved) else "schema"
+
+
 def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
     """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
     try:
         state, decision = job.policy.step(job.state, t, metrics, job.directions)
-    except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
+    except EngineError as exc:  # nothing changes, every rank is told
+        code, message = wire_code(exc), str(exc)
         errors: Outgoing = [
-            (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
+            (r.session, ErrorMessage(code, message, r.seq)) for r in reports.values()
         ]
-        return Step(job, errors, invalid=[exc.code], warnings=[exc.message])
+        return Step(job, errors, invalid=[code], warnings=[message])
     warnings = [decision.warning] if decision.warning else []
     monitor = getattr(_current_policy(job.policy, state), "monitor", None)
     value = metrics.get(monitor) if isinstance(monitor, str) else None

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import run_cli
 
-from lrpilot.client.errors import PolicyError
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.policies import Formula, Phases, Policy, float32
 from lrpilot.controller.policyfile import load_text
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import msgpack
 import pytest
 
-from lrpilot.client.errors import PolicyError
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.policies import (
     POLICY_TYPES,
     Constant,

@@ -12,14 +12,12 @@ import builtins
 import dataclasses
 import hashlib
 import json
-import math
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
-from lrpilot.client.protocol import REASONS
+from lrpilot.client.vocabulary import REASONS, float32
 
 from .fields import between, one_of, param
 
@@ -36,17 +34,6 @@ __all__ = [
 ]
 
 Unit = Literal["epoch", "step"]
-
-
-_F32 = struct.Struct("<f")
-
-
-def float32(x: float) -> float:
-    """Round `x` to the nearest float32, as TensorFlow stores an optimizer's LR and compares."""
-    try:
-        return float(_F32.unpack(_F32.pack(x))[0])
-    except OverflowError:
-        return math.copysign(math.inf, x)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ from typing import Any
 
 import simpleeval  # type: ignore[import-untyped]
 
-from lrpilot.client.protocol import MAX_LR
+from lrpilot.client.vocabulary import MAX_LR
 
 from .base import Decision, Policy, State
+from .errors import FormulaError
 from .fields import param
 
 __all__ = ["FUNCTIONS", "LOWEST_LR", "NAMES", "Formula", "FormulaError", "FormulaState"]
@@ -107,10 +108,6 @@ _WHAT = {
     ast.YieldFrom: "yield",
     ast.Slice: "slices",
 }
-
-
-class FormulaError(ValueError):
-    """A formula that cannot be used; the message says what is wrong with it."""
 
 
 MAX_DEPTH = 100  # nesting; simpleeval evaluates recursively

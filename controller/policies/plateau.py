@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Decision, Policy, State, float32
+from .errors import ModeUnresolved
 from .fields import at_least, between, one_of, param
 
 __all__ = ["TORCH_FRAMEWORKS", "Plateau", "PlateauState", "resolve_mode"]
@@ -178,13 +179,7 @@ class Plateau(Policy):
             return state, Decision(state.lr, warning=warning, apply=self.apply)
         mode = resolve_mode(self.monitor, self.mode or "auto", directions)
         if mode is None:
-            from lrpilot.client.errors import ProtocolError
-
-            raise ProtocolError(
-                "mode_unresolved",
-                f"cannot tell whether `{self.monitor}` should be minimised or maximised; "
-                "set mode: min or mode: max in the policy",
-            )
+            raise ModeUnresolved(self.monitor)
         x = float(raw)
         smoothed = state.smoothed
         if math.isfinite(x):

@@ -10,7 +10,7 @@ from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lrpilot.client.protocol import MAX_LR
+from lrpilot.client.vocabulary import MAX_LR
 
 from .base import Decision, Policy, State
 
