@@ -146,7 +146,7 @@ def _lr(msg: Mapping[str, Any], key: str = "lr", *, zero: bool = True) -> float:
         return value
     problem = lr_problem(value)
     if problem is not None:
-        raise ProtocolError("out_of_range", f"{key} {problem}")
+        raise ProtocolError("out_of_range", f"{key} {problem}, got {value!r}")
     return value
 
 

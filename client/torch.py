@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .core import Client, check_adapter_args, to_scalar
 from .env import resolve_job
+from .vocabulary import lr_ok
 
 __all__ = [
     "LRPilotScheduler",
@@ -395,7 +396,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         in_progress = state_dict.get("epoch_in_progress")
         if isinstance(in_progress, int) and not isinstance(in_progress, bool):
             self.epoch_in_progress = in_progress
-        self._client = self._connect(lr if lr is not None and 0 < lr <= 10 else self._lr0())
+        self._client = self._connect(lr if lr is not None and lr_ok(lr) else self._lr0())
         self._set_lr(self._client.lr)
         self._settle()
 

@@ -11,7 +11,7 @@ Example:
     >>> lr_problem(0.1) is None
     True
     >>> lr_problem(1e-300)
-    'must be finite in [1e-12, 10], got 1e-300'
+    'must be a finite number in [1e-12, 10]'
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import struct
 __all__ = [
     "ACTIONS",
     "ERROR_CODES",
+    "LR_RANGE",
     "MAX_LR",
     "MIN_LR",
     "NAME_RE",
     "NOTICE_CODES",
     "REASONS",
     "RETRYABLE_CODES",
+    "as_lr",
     "clamp_lr",
     "float32",
     "lr_ok",
@@ -108,12 +110,18 @@ def lr_ok(value: float) -> bool:
 
 
 def lr_problem(value: object) -> str | None:
-    """None for an acceptable LR (see `lr_ok`), else what is wrong, quoting the value."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return f"must be a number, got {type(value).__name__}"
-    if not lr_ok(float(value)):
-        return f"must be finite in {LR_RANGE}, got {value!r}"
+    """None for an acceptable LR (see `lr_ok`), else what is wrong; the caller quotes the
+    value (`f"lr {problem}, got {value!r}"`)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lr_ok(float(value)):
+        return f"must be a finite number in {LR_RANGE}"
     return None
+
+
+def as_lr(value: object) -> float | None:
+    """`value` as a float if it is an acceptable LR (see `lr_ok`), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lr_ok(float(value)):
+        return None
+    return float(value)
 
 
 def clamp_lr(value: float) -> float:

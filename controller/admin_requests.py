@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
+from lrpilot.client.vocabulary import as_lr, lr_problem
 
 from .jobstate import status_row
 from .store import rfc3339
@@ -51,13 +52,9 @@ class JobRequests:
     def set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
-        lr = msg.get("lr")
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, int | float)
-            or not (math.isfinite(lr) and 0 < lr <= 10)
-        ):
-            return error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
+        lr = as_lr(msg.get("lr"))
+        if lr is None:
+            return error("out_of_range", f"lr {lr_problem(None)}, got {msg.get('lr')!r}")
         reason = str(msg.get("reason") or "")[:500]
         author = str(msg.get("author") or "operator")[:200]
         epochs, seconds = msg.get("epochs"), msg.get("seconds")
@@ -75,7 +72,7 @@ class JobRequests:
             return error("schema", "an override ends after epochs or after a duration, not both")
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
         try:
-            job = batch.override(name, float(lr), reason, author, epochs, seconds)
+            job = batch.override(name, lr, reason, author, epochs, seconds)
         except KeyError:
             return error("unknown_job", f"no job {name!r}")
         try:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lrpilot.client.vocabulary import lr_problem
+
 from . import __version__
 from .errors import PolicyError, SourceError
 from .policies.errors import EngineError
@@ -46,8 +48,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 < value <= 10):
-        raise argparse.ArgumentTypeError(f"must be in (0, 10], got {text}")
+    if (problem := lr_problem(value)) is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}")
     return value
 
 

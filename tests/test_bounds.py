@@ -49,6 +49,7 @@ def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Fact
         refused = {
             "lr 0": _raw_hello(attacker, lr=0.0),
             "lr 11": _raw_hello(attacker, lr=11.0),
+            "lr 1e-300": _raw_hello(attacker, lr=1e-300),  # float32: 0.0, a job at LR 0
             "world 5000": _raw_hello(attacker, world=5000),
             "rank >= world": _raw_hello(attacker, rank=2, world=2),
             "name with newline": _raw_hello(attacker, job="victim\n"),
@@ -58,6 +59,7 @@ def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Fact
         assert codes == {
             "lr 0": "out_of_range",
             "lr 11": "out_of_range",
+            "lr 1e-300": "out_of_range",
             "world 5000": "out_of_range",
             "rank >= world": "out_of_range",
             "name with newline": "schema",

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from lrpilot.client.vocabulary import REASONS, float32
 
-from .fields import between, one_of, param
+from .fields import an_lr, one_of, param
 
 __all__ = [
     "REASONS",
@@ -126,9 +126,7 @@ class Policy(ABC):
     type: ClassVar[str]
 
     unit: Unit = param("epoch", one_of("epoch", "step"), "count t in epochs or in steps")
-    initial_lr: float | None = param(
-        None, between(0, 10, hi_open=False), "lr0 imposed on the client at hello"
-    )
+    initial_lr: float | None = param(None, an_lr, "lr0 imposed on the client at hello")
     apply: bool = param(True, doc="false: shadow mode, decisions recorded but not sent")
 
     def problems(self) -> list[tuple[str | None, str]]:
