@@ -149,7 +149,7 @@ class Server:
         self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
         self._stopping = False
         self._reload_requested = False
-        self._admin_token = 0
+        self._reload_failing = False  # the last reload was rejected: a valid file says so
         self._admin_token = 0
         self._limiter = _LogLimiter()
         self.ctx = zmq.Context()
@@ -514,8 +514,15 @@ class Server:
             return self._reload_failed(loaded.errors)
         self.loader.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
+        was_failing, self._reload_failing = self._reload_failing, False
         if new.digest == self.table.policies.digest:
-            if source != "watch":  # an operator asked: say it was heard
+            if was_failing:  # the gauge goes back to 1: the log says why
+                log.info(
+                    "policy file %s is valid again (%s); the policy in force is unchanged",
+                    self.config.policy,
+                    source,
+                )
+            elif source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
         batch = self.table.batch(self.clock(), self.wall())
@@ -540,6 +547,7 @@ class Server:
         return {"t": "reload", "ok": True, "changed": True, "errors": []}
 
     def _reload_failed(self, errors: list[str]) -> dict[str, Any]:
+        self._reload_failing = True
         self.metrics.reloads.labels("error").inc()
         self.metrics.last_reload_success.set(0)
         for line in errors:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lrpilot.client.vocabulary import MIN_LR
+
 from .base import Decision, Policy, State, float32
 from .errors import ModeUnresolved
 from .fields import at_least, between, one_of, param
@@ -86,7 +88,7 @@ class Plateau(Policy):
         None, one_of("abs", "rel"), "abs or rel (default abs with keras, rel with torch)"
     )
     cooldown: int = param(0, at_least(0), "evaluations to wait after a reduction")
-    min_lr: float = param(0.0, at_least(0), "lower bound on the LR")
+    min_lr: float = param(0.0, at_least(0), "lower bound on the LR (at least 1e-12)")
     eps: float = param(1e-8, at_least(0), "torch only: skip changes smaller than this")
     smoothing: float | None = param(
         None, between(0, 1, hi_open=False), "EMA alpha on the monitored value; best is smoothed"
@@ -204,8 +206,8 @@ class Plateau(Policy):
         wait += 1
         if wait < self.patience:
             return s.replace(wait=wait, cooldown_counter=cooldown), Decision(s.lr, apply=self.apply)
-        if s.lr > float32(self.min_lr):
-            new_lr = float32(max(s.lr * self.factor, self.min_lr))
+        if s.lr > float32(self.floor):
+            new_lr = float32(max(s.lr * self.factor, self.floor))
             decision = self.decision(s, new_lr, "plateau", wait=wait, patience=self.patience)
             return s.replace(lr=new_lr, wait=0, cooldown_counter=self.cooldown), decision
         # At min_lr: Keras keeps counting and starts no cooldown.
@@ -224,12 +226,17 @@ class Plateau(Policy):
             return s.replace(best=best, wait=bad, cooldown_counter=cooldown), Decision(
                 s.lr, apply=self.apply
             )
-        new_lr = max(s.lr * self.factor, self.min_lr)
+        new_lr = max(s.lr * self.factor, self.floor)
         after = s.replace(best=best, wait=0, cooldown_counter=self.cooldown)
         if s.lr - new_lr > self.eps:
             decision = self.decision(s, new_lr, "plateau", wait=bad, patience=self.patience)
             return after.replace(lr=new_lr), decision
         return self._at_min_lr(after)
+
+    @property
+    def floor(self) -> float:
+        """`min_lr`, but never below the LR range (a `min_lr` of 0 stops at 1e-12)."""
+        return max(self.min_lr, MIN_LR)
 
     def _at_min_lr(self, s: PlateauState) -> tuple[State, Decision]:
         if self.stop_at_min_lr and not s.stop_sent:
