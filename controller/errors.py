@@ -18,6 +18,7 @@ __all__ = [
     "PolicyError",
     "PolicyFileError",
     "SourceError",
+    "StateDirError",
     "StateDirLocked",
     "StoreCorrupt",
     "UnknownJob",
@@ -68,15 +69,19 @@ class PolicyFileError(LRPilotError):
     too large, not UTF-8."""
 
 
-class StateDirLocked(LRPilotError):
+class StateDirError(LRPilotError):
+    """The state directory cannot be used; the message says why and what to do."""
+
+
+class StateDirLocked(StateDirError):
     """Another controller holds the state directory."""
 
 
-class StoreCorrupt(LRPilotError):
+class StoreCorrupt(StateDirError):
     """The state database is damaged; it is not loaded."""
 
 
-class DiskFull(LRPilotError):
+class DiskFull(StateDirError):
     """The state directory's file system is full (or the process' file size limit is hit)."""
 
 

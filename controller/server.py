@@ -40,7 +40,7 @@ from lrpilot.client.protocol import (
 from . import __version__
 from .admin_requests import JobRequests, error
 from .auth import Authorizer, Grant
-from .errors import BindError
+from .errors import BindError, StateDirError
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
@@ -582,7 +582,6 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
-    from .store import StateDirLocked, StoreCorrupt
 
     policies = policies or load_default()
     # A scrape renders in the metrics thread; hand the GIL back to the loop often, so a
@@ -590,7 +589,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(config, policies)
-    except (StateDirLocked, StoreCorrupt) as exc:
+    except StateDirError as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:

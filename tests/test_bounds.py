@@ -81,7 +81,7 @@ def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Fact
         after = _status(c)["victim"]
         for key in ("lr", "epoch", "best", "wait", "workers"):
             assert after[key] == before[key], key
-        assert c.metric("lrpilot_invalid_messages_total", reason="out_of_range") == 4
+        assert c.metric("lrpilot_invalid_messages_total", reason="out_of_range") == 5
         assert c.metric("lrpilot_invalid_messages_total", reason="schema") >= 4
         # The victim decides on as before: the second bad epoch reduces.
         assert victim.report(1, {"val_loss": 1.0}).lr == pytest.approx(0.05)
@@ -232,3 +232,29 @@ def test_a_huge_admin_request_is_dropped_and_the_controller_stays_small(
         ctx.term()
     assert run_cli("status", "--admin", c.admin).returncode == 0  # still serving
     assert rss() - before < 32 * 1024  # kB: the frame was never buffered whole
+
+
+@pytest.mark.parametrize("limit", [0, 4096, 40_000])
+def test_an_empty_state_dir_on_a_full_disk_says_the_disk_is_full(
+    tmp_path: Path, limit: int
+) -> None:
+    """RLIMIT_FSIZE makes every write past `limit` bytes fail as a full disk does (EFBIG;
+    SQLite: "database or disk is full"). Before: "state.db is damaged ... move it aside"."""
+    import resource
+    import subprocess
+
+    from conftest import LRPILOT
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    state = tmp_path / "state"
+    args = ["serve", "--bind", "tcp://127.0.0.1:0", "--admin-bind", "tcp://127.0.0.1:0"]
+    args += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--state-dir", str(state)]
+    proc = subprocess.run(
+        [*LRPILOT, *args], capture_output=True, text=True, timeout=60, preexec_fn=full_disk
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "damaged" not in proc.stderr and "move it aside" not in proc.stderr, proc.stderr
+    # SQLite says "disk I/O error" or "database or disk is full"; the message says which disk.
+    assert f"the disk holding {state} is full (" in proc.stderr, proc.stderr
