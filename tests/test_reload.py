@@ -317,6 +317,37 @@ def test_a_20_mb_policy_file_is_rejected_unread_and_never_stalls_clients(
             p.close()
 
 
+@pytest.mark.parametrize("bomb", ["4000000**4000000", "max(9**4000000, 1)"])
+def test_a_formula_bomb_is_rejected_at_reload_while_jobs_report(
+    running, tmp_path: Path, bomb: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 15: accepted before, these held every job's replies up to 52.8 s."""
+    path = tmp_path / "policy.yaml"
+    c, w = running(path, plateau(patience=100))
+    edit = (
+        plateau(patience=100)
+        + f'jobs:\n  - match: "job-*"\n    policy: {{type: formula, lr: "{bomb}"}}\n'
+    )
+    rename_into_place(path, edit)
+    slowest, epoch = 0.0, 2
+    deadline = time.monotonic() + 30
+    while c.metric("lrpilot_policy_reloads_total", result="error") < 1:
+        assert time.monotonic() < deadline, "the bomb was never rejected"
+        t0 = time.monotonic()
+        assert w.report(epoch, {"val_loss": 1.0}).lr == pytest.approx(0.1)
+        slowest = max(slowest, time.monotonic() - t0)
+        epoch += 1
+    for _ in range(3):  # and after: the old policy decides, at once
+        t0 = time.monotonic()
+        assert w.report(epoch, {"val_loss": 1.0}).lr == pytest.approx(0.1)
+        slowest = max(slowest, time.monotonic() - t0)
+        epoch += 1
+    assert slowest < 0.25, f"slowest reply {slowest * 1000:.1f} ms"
+    log = c.log()
+    assert f"policy.yaml:6: formula {bomb!r} gives no finite value for any t in 0..10000" in log, log
+    assert c.metric("lrpilot_policy_last_reload_success") == 0
+
+
 def test_parse_leaves_the_collector_on_and_a_dropped_policy_set_to_reference_counting() -> None:
     # parse() freezes what survives a load; that is only free of leaks if a policy set
     # that a later reload drops holds no reference cycles.
