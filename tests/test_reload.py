@@ -344,7 +344,8 @@ def test_a_formula_bomb_is_rejected_at_reload_while_jobs_report(
         epoch += 1
     assert slowest < 0.25, f"slowest reply {slowest * 1000:.1f} ms"
     log = c.log()
-    assert f"policy.yaml:6: formula {bomb!r} gives no finite value for any t in 0..10000" in log, log
+    expected = f"policy.yaml:6: formula {bomb!r} gives no finite value for any t in 0..10000"
+    assert expected in log, log
     assert c.metric("lrpilot_policy_last_reload_success") == 0
 
 
