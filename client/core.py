@@ -51,7 +51,7 @@ from .protocol import (
     encode,
     parse_server_message,
 )
-from .vocabulary import lr_problem
+from .vocabulary import LR_MESSAGE, lr_ok
 
 __all__ = ["MAX_KEPT", "Client", "check_adapter_args", "scalar_metrics", "to_scalar"]
 
@@ -165,9 +165,8 @@ def _position(value: Any, what: str) -> int:
 
 def _check_lr(value: Any, what: str) -> float:
     number = to_scalar(value)
-    problem = lr_problem(number)
-    if number is None or problem is not None:
-        raise ValueError(f"{what} {problem}, got {value!r}")
+    if number is None or not lr_ok(number):
+        raise ValueError(f"{what} {LR_MESSAGE}, got {value!r}")
     return number
 
 

@@ -23,6 +23,7 @@ import struct
 __all__ = [
     "ACTIONS",
     "ERROR_CODES",
+    "LR_MESSAGE",
     "LR_RANGE",
     "MAX_LR",
     "MIN_LR",
@@ -40,8 +41,10 @@ __all__ = [
 #: The smallest and largest LR lrpilot accepts or sends (wire, admin, policy file, CLI).
 MIN_LR = 1e-12
 MAX_LR = 10.0
-#: Shown in messages: "must be finite in [1e-12, 10]".
+#: Shown in messages: "[1e-12, 10]".
 LR_RANGE = f"[{MIN_LR:g}, {MAX_LR:g}]"
+#: What is wrong with an LR that `lr_ok` refuses; the caller quotes the value.
+LR_MESSAGE = f"must be a finite number in {LR_RANGE}"
 
 #: Job and metric names, matched in full (`fullmatch`: no trailing newline slips through).
 NAME_RE = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
@@ -113,7 +116,7 @@ def lr_problem(value: object) -> str | None:
     """None for an acceptable LR (see `lr_ok`), else what is wrong; the caller quotes the
     value (`f"lr {problem}, got {value!r}"`)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not lr_ok(float(value)):
-        return f"must be a finite number in {LR_RANGE}"
+        return LR_MESSAGE
     return None
 
 

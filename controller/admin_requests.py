@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
-from lrpilot.client.vocabulary import as_lr, lr_problem
+from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
 from .jobstate import status_row
 from .store import rfc3339
@@ -54,7 +54,7 @@ class JobRequests:
         self.allowed(name)
         lr = as_lr(msg.get("lr"))
         if lr is None:
-            return error("out_of_range", f"lr {lr_problem(None)}, got {msg.get('lr')!r}")
+            return error("out_of_range", f"lr {LR_MESSAGE}, got {msg.get('lr')!r}")
         reason = str(msg.get("reason") or "")[:500]
         author = str(msg.get("author") or "operator")[:200]
         epochs, seconds = msg.get("epochs"), msg.get("seconds")
