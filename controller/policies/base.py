@@ -70,7 +70,7 @@ class Decision:
         warning: something the user should hear about (a missing metric, say).
         apply: False in shadow mode: the decision is recorded but not sent.
         detail: a line for the audit row (a range test's curve and suggestions, as JSON).
-        notice: a notice code for the client (`"clamped"`: a formula left (0, 10]).
+        notice: a notice code for the client (`"clamped"`: the LR computed left [1e-12, 10]).
     """
 
     lr: float
