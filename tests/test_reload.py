@@ -334,12 +334,13 @@ def test_a_formula_bomb_is_rejected_at_reload_while_jobs_report(
     while c.metric("lrpilot_policy_reloads_total", result="error") < 1:
         assert time.monotonic() < deadline, "the bomb was never rejected"
         t0 = time.monotonic()
-        assert w.report(epoch, {"val_loss": 1.0}).lr == pytest.approx(0.1)
+        reply = w.report(epoch, {"val_loss": 1.0 / epoch})  # improving: the LR stays
+        assert reply.lr == pytest.approx(0.1), reply
         slowest = max(slowest, time.monotonic() - t0)
         epoch += 1
     for _ in range(3):  # and after: the old policy decides, at once
         t0 = time.monotonic()
-        assert w.report(epoch, {"val_loss": 1.0}).lr == pytest.approx(0.1)
+        assert w.report(epoch, {"val_loss": 1.0 / epoch}).lr == pytest.approx(0.1)
         slowest = max(slowest, time.monotonic() - t0)
         epoch += 1
     assert slowest < 0.25, f"slowest reply {slowest * 1000:.1f} ms"
