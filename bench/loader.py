@@ -47,8 +47,11 @@ def policy_text(rules: int) -> str:
     )
 
 
-def worst_gap(work: Callable[[], object] | None, idle_seconds: float = 2.0) -> tuple[float, float]:
-    """(worst gap between loop turns in s, seconds `work` took) with `work` in another thread."""
+def worst_gap(
+    work: Callable[[], object] | None, idle_seconds: float = 2.0
+) -> tuple[float, float, float]:
+    """(worst and 99th-percentile gap between loop turns in s, seconds `work` took) with
+    `work` in another thread."""
     done = threading.Event()
     took = [0.0]
 
@@ -77,7 +80,8 @@ def worst_gap(work: Callable[[], object] | None, idle_seconds: float = 2.0) -> t
         gaps.append(now - last)
         last = now
     thread.join()
-    return max(gaps), took[0]
+    gaps.sort()
+    return gaps[-1], gaps[int(len(gaps) * 0.99)], took[0]
 
 
 def main() -> int:
@@ -89,13 +93,19 @@ def main() -> int:
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     started = time.time()
     text = policy_text(args.rules)
-    idle, _ = worst_gap(None)
-    print(f"idle: worst gap {idle * 1e3:.1f} ms")
-    base, base_took = worst_gap(lambda: load_text(text, "policy.yaml"))
-    print(f"load_text, collector on: worst gap {base * 1e3:.0f} ms, parse {base_took:.1f} s")
+    idle, idle99, _ = worst_gap(None)
+    print(f"idle: worst gap {idle * 1e3:.1f} ms, p99 {idle99 * 1e3:.1f} ms")
+    base, base99, base_took = worst_gap(lambda: load_text(text, "policy.yaml"))
+    print(
+        f"load_text, collector on: worst gap {base * 1e3:.0f} ms, p99 {base99 * 1e3:.1f} ms, "
+        f"parse {base_took:.1f} s"
+    )
     gc.collect()
-    new, new_took = worst_gap(lambda: parse(text, "policy.yaml"))
-    print(f"reload.parse: worst gap {new * 1e3:.0f} ms, parse {new_took:.1f} s")
+    new, new99, new_took = worst_gap(lambda: parse(text, "policy.yaml"))
+    print(
+        f"reload.parse: worst gap {new * 1e3:.0f} ms, p99 {new99 * 1e3:.1f} ms, "
+        f"parse {new_took:.1f} s"
+    )
     ratio = new / base
     print(f"ratio {ratio:.3f}")
     if args.no_record:
@@ -109,10 +119,15 @@ def main() -> int:
         "",
         "| figure | value | baseline (same run) | ratio | goal (issue 15) |",
         "|---|---|---|---|---|",
-        f"| worst loop gap while {args.rules:,} rules parse | {new * 1e3:.0f} ms "
-        f"(`reload.parse`, parse {new_took:.1f} s) | {base * 1e3:.0f} ms (`load_text`, collector "
-        f"on, parse {base_took:.1f} s); idle {idle * 1e3:.1f} ms | {ratio:.3f} | "
-        f"well below 1.17 s: {'met' if new < 0.25 else 'NOT met'} |",
+        f"| worst loop gap while {args.rules:,} rules parse | {new * 1e3:.0f} ms, p99 "
+        f"{new99 * 1e3:.1f} ms (`reload.parse`, parse {new_took:.1f} s) | {base * 1e3:.0f} ms, "
+        f"p99 {base99 * 1e3:.1f} ms (`load_text`, collector on, parse {base_took:.1f} s); idle "
+        f"{idle * 1e3:.1f} ms, p99 {idle99 * 1e3:.1f} ms | {ratio:.3f} | well below 1.17 s: "
+        f"{'met' if new < 0.25 else 'NOT met'} |",
+        "",
+        "A gap is the time between two turns of a stand-in loop thread (1 ms sleep each). On a "
+        "machine whose load average exceeds its cores, the worst gap includes the time the OS "
+        "kept the GIL's holder off the CPU; the p99 and the ratio are the figures to compare.",
     ]
     with RESULTS.open("a") as out:
         out.write("\n".join(lines) + "\n")
