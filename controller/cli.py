@@ -16,7 +16,6 @@ from lrpilot.client.vocabulary import lr_problem
 
 from . import __version__
 from .errors import PolicyError, SourceError
-from .policies.errors import EngineError
 
 __all__ = ["main"]
 
@@ -72,6 +71,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from .policies.errors import EngineError
     from .policyfile import load_default, load_file
     from .simulate import (
         format_range_test,
