@@ -258,3 +258,30 @@ def test_an_empty_state_dir_on_a_full_disk_says_the_disk_is_full(
     assert "damaged" not in proc.stderr and "move it aside" not in proc.stderr, proc.stderr
     # SQLite says "disk I/O error" or "database or disk is full"; the message says which disk.
     assert f"the disk holding {state} is full (" in proc.stderr, proc.stderr
+
+
+def test_an_lr_below_1e_12_is_refused_by_the_cli_the_policy_file_and_the_admin_api(
+    controller_factory: Factory, write: Callable[[str, str], Path]
+) -> None:
+    # One bound, [1e-12, 10] after float32 rounding, wherever an LR enters.
+    out = run_cli("set-lr", "job", "1e-300", "--admin", "tcp://127.0.0.1:9")
+    assert (
+        out.returncode == 2 and "must be a finite number in [1e-12, 10], got 1e-300" in out.stderr
+    )
+    path = write("policy.yaml", "version: 1\ndefaults:\n  initial_lr: 1e-300\n")
+    out = run_cli("check", str(path))
+    assert out.returncode == 2
+    assert f"{path}:3: initial_lr must be a finite number in [1e-12, 10], got 1e-300" in out.stdout
+    c = controller_factory(PLATEAU)
+    w = Wire(c.bind, "job-a")
+    try:
+        w.hello(lr=0.1)
+        from lrpilot.controller.admin import Admin
+        from lrpilot.controller.errors import AdminError
+
+        with pytest.raises(AdminError, match=r"\[1e-12, 10\], got 1e-300") as info:
+            Admin(c.admin).set_lr("job-a", 1e-300)
+        assert info.value.code == "out_of_range"
+        assert _status(c)["job-a"]["lr"] == pytest.approx(0.1)
+    finally:
+        w.close()
