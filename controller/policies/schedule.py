@@ -51,7 +51,7 @@ class Schedule(Policy):
         value = state.scale * self.value(state.lr0, t + 1)
         new_lr = clamp_lr(value)
         decision = self.decision(state, new_lr, "schedule")
-        if new_lr != value:
+        if new_lr != value and new_lr != state.lr:  # said once, when the LR reaches the bound
             warning = f"{self.type} computed lr {value:.6g}, outside {LR_RANGE}; it is {new_lr:g}"
             decision = dataclasses.replace(decision, warning=warning, notice="clamped")
         return state.replace(lr=new_lr), decision
