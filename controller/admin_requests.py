@@ -8,13 +8,14 @@ Changes go through a `Batch` and the server's commit, as client messages do.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
-from .jobstate import status_row
+from .jobstate import JobState, status_row
 from .store import rfc3339
 
 if TYPE_CHECKING:
@@ -25,6 +26,23 @@ __all__ = ["JobRequests", "error"]
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
+
+
+def _run_states(job: JobState | None, latest: int) -> Callable[[int], str | None]:
+    """What became of each run in a history: `ended` (a later run started), `finished`
+    (the job's current run, every worker said bye), `current`; None: not known (the job
+    is not in memory)."""
+    current = job.run if job is not None else None
+    finished = job is not None and job.sessions.finished()
+
+    def state(run: int) -> str | None:
+        if run < max(latest, current or 0):
+            return "ended"
+        if run == current:
+            return "finished" if finished else "current"
+        return None
+
+    return state
 
 
 class JobRequests:
@@ -92,6 +110,7 @@ class JobRequests:
         job = self.server.table.jobs.get(name)
         if not rows and job is None:
             return error("unknown_job", f"no job {name!r}")
+        run_state = _run_states(job, max((r.run for r in rows), default=0))
         if not msg.get("all_runs"):  # one run: the one asked for, else the current one
             run = msg.get("run")
             if not isinstance(run, int):
@@ -104,7 +123,8 @@ class JobRequests:
         tail = msg.get("tail")
         if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0:
             rows = rows[len(rows) - tail :] if tail else []
-        return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
+        out = [{**r.to_json(), "run_state": run_state(r.run)} for r in rows]
+        return {"t": "history", "job": name, "rows": out}
 
     def range_test(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")

@@ -8,8 +8,9 @@ simpleeval (a maintained safe-expression library; never Python's `eval`).
 
 Evaluation is in floating point only: every number, `t`, `floor` and `ceil` are floats and
 `**` is `math.pow`, so `4000000 ** 4000000` overflows at once instead of building an integer
-of 26 million digits (which stalled the loop for seconds). `lrpilot check` and a reload also
-time each formula on t = 0…10,000 (see `policyfile`), so no formula a policy holds is slow.
+of 26 million digits (which stalled the loop for seconds). `lrpilot check` and every reload
+also evaluate each formula on t = 0…10,000 and reject it, with its line, if one evaluation
+takes over 1 ms or none gives a finite value.
 
 Names: `t` (epochs, or steps with `unit: step`, since the phase started), `epoch` (the same
 as `t` with `unit: epoch`) or `step` (the same as `t` with `unit: step`), `lr0` (the LR the
@@ -263,6 +264,10 @@ class Formula(Policy):
     """
 
     type = "formula"
+    equivalents = (
+        "Keras `keras.callbacks.LearningRateScheduler(lambda epoch, lr: ...)`",
+        "torch `LambdaLR` (write `lr0 * f(epoch)`: LambdaLR returns a factor of lr0)",
+    )
     state_class = FormulaState
 
     lr: str = param(check=formula_problem, doc="the expression giving the LR (a string)")
