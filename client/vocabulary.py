@@ -60,6 +60,7 @@ ERROR_CODES = (
     "unknown_session",
     "max_jobs",
     "mode_unresolved",
+    "moved",
     "unavailable",
     "forbidden",
 )

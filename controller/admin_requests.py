@@ -15,13 +15,14 @@ from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
+from .errors import Moved
 from .jobstate import JobState, status_row
-from .store import rfc3339
+from .store import StoreUnavailable, rfc3339
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["JobRequests", "error"]
+__all__ = ["JobRequests", "Moved", "error"]
 
 
 def error(code: str, message: str) -> dict[str, Any]:
@@ -57,19 +58,51 @@ class JobRequests:
         if self.server.authorizer is not None and (grant is None or not grant.allows(job)):
             raise ProtocolError("forbidden", f"this key may not use job {job}")
 
+    def owned(self, job: str) -> None:
+        """Steering a job another controller owns (PostgreSQL store) is answered `moved`
+        with that controller's admin endpoint (`Admin` follows it)."""
+        pg = self.server.pg
+        if pg is None or pg.owns(job):
+            return
+        owner = pg.owner(job)
+        if owner is None:
+            raise ProtocolError("unavailable", f"job {job} changes controller now; retry")
+        if owner[1].startswith("ipc://"):  # a socket file on the owner's machine, not here
+            raise ProtocolError(
+                "moved",
+                f"job {job} is steered at the controller advertising {owner[0]}; its admin "
+                f"socket {owner[1]} is local to it: run the command there",
+            )
+        raise Moved(job, owner[1])
+
     def status(self, msg: dict[str, Any]) -> dict[str, Any]:
         now, timeout = self.server.clock(), self.server.table.worker_timeout
         grant = self.server.admin_grant if self.server.authorizer is not None else None
+        table = self.server.table
         jobs = [
             status_row(j, now, timeout)
-            for j in self.server.table.jobs.values()
+            for j in table.jobs.values()
             if grant is None or grant.allows(j.name)
         ]
+        if self.server.pg is not None:  # every controller's jobs, as the database has them
+            try:
+                stored = list(self.server.pg.load_jobs())
+            except StoreUnavailable:  # this controller's own jobs still show (and it is alive)
+                stored = []
+            for name, data in stored:
+                if name in table.jobs or (grant is not None and not grant.allows(name)):
+                    continue
+                try:
+                    job = JobState.from_stored(name, table.rule_for(name), data, now)
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue  # its owner quarantines it
+                jobs.append(status_row(job, now, timeout))
         return {"t": "status", "jobs": jobs}
 
     def set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         lr = as_lr(msg.get("lr"))
         if lr is None:
             return error("out_of_range", f"lr {LR_MESSAGE}, got {msg.get('lr')!r}")
@@ -129,6 +162,7 @@ class JobRequests:
     def range_test(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         job = self.server.table.jobs.get(name)
         if job is None:
             return error("unknown_job", f"no job {name!r}")
@@ -140,6 +174,7 @@ class JobRequests:
     def forget(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
+        self.owned(name)
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
         if not batch.forget(name):
             return error("unknown_job", f"no job {name!r}")

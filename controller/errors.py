@@ -6,7 +6,7 @@ each have theirs here; the policy engine's are in `lrpilot.controller.policies.e
 
 from __future__ import annotations
 
-from lrpilot.client.errors import LRPilotError
+from lrpilot.client.errors import LRPilotError, ProtocolError
 
 __all__ = [
     "AdminError",
@@ -14,13 +14,16 @@ __all__ = [
     "BindError",
     "DiskFull",
     "Forbidden",
+    "Moved",
     "NoAnswer",
+    "NotOwner",
     "PolicyError",
     "PolicyFileError",
     "SourceError",
     "StateDirError",
     "StateDirLocked",
     "StoreCorrupt",
+    "StoreUnavailable",
     "UnknownJob",
 ]
 
@@ -79,6 +82,28 @@ class StateDirLocked(StateDirError):
 
 class StoreCorrupt(StateDirError):
     """The state database is damaged; it is not loaded."""
+
+
+class StoreUnavailable(LRPilotError):
+    """The state cannot be read or written now (a database down or out of reach); clients
+    are answered `unavailable` and resend."""
+
+
+class NotOwner(StoreUnavailable):
+    """A commit touched a job whose shard this controller does not hold; nothing was written."""
+
+
+class Moved(ProtocolError):
+    """The job's shard is another controller's: the reply names its admin endpoint.
+
+    Args:
+        job: the job asked about.
+        endpoint: the admin endpoint of the controller that holds its shard.
+    """
+
+    def __init__(self, job: str, endpoint: str) -> None:
+        super().__init__("moved", f"job {job} is steered at the controller at {endpoint}")
+        self.endpoint = endpoint
 
 
 class DiskFull(StateDirError):

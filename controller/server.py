@@ -17,12 +17,13 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -40,13 +41,16 @@ from lrpilot.client.protocol import (
 from . import __version__
 from .admin_requests import JobRequests, error
 from .auth import Authorizer, Grant
-from .errors import BindError, StateDirError
+from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import Store
+from .store import StateStore, Store
 from .transitions import Outgoing
+
+if TYPE_CHECKING:
+    from .pgstore import PgStore
 
 __all__ = ["BindError", "ServeConfig", "Server", "parse_ready_line", "serve"]
 
@@ -82,6 +86,14 @@ class ServeConfig:
     worker_timeout: float = 600.0
     curve_secret_key: str | None = None
     curve_authorized_dir: str | None = None
+    #: postgresql://… : state in PostgreSQL, shared with other controllers (else state_dir).
+    store: str | None = None
+    #: The client endpoint other controllers send this one's clients to (default: bound).
+    advertise: str | None = None
+
+    def store_name(self) -> str:
+        """Where the state is, for log lines."""
+        return "the --store database" if self.store else f"{self.state_dir}/state.db"
 
 
 class _LogLimiter:
@@ -126,14 +138,25 @@ class Server:
         self.clock = clock
         self.wall = wall
         self.metrics = Metrics(version=__version__)
-        self.store = Store(config.state_dir)
+        #: The PostgreSQL store when state is shared (shards, `moved`), else None.
+        self.pg: PgStore | None = None
+        self.store: StateStore
+        if config.store:
+            from .pgstore import PgStore
+
+            self.store = self.pg = PgStore(config.store, clock=clock)
+            self.metrics.watch_shards(lambda: len(self.pg.owned) if self.pg else 0)
+        else:
+            self.store = Store(config.state_dir)
         self.table = JobTable(
             policies,
             self.store,
             max_jobs=config.max_jobs,
             worker_timeout=config.worker_timeout,
             job_ttl=config.job_ttl,
+            owns=self.pg.owns if self.pg is not None else None,
         )
+        self._next_tick = 0.0
         self.metrics.watch(self.table, clock)
         jobs = JobRequests(self)
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -171,7 +194,7 @@ class Server:
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self._http = self.metrics.serve(port, host)
+                    self._http = self.metrics.serve(port, host, ready=self.ready)
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -180,7 +203,11 @@ class Server:
         except Exception:
             self.close()
             raise
-        self._restore_jobs(clock(), wall())
+        if self.pg is not None:
+            self.pg.register(*self._advertised())
+            self.tick_shards()  # the jobs of the shards it takes are restored there
+        else:
+            self._restore_jobs(clock(), wall())
         if config.policy:
             self.loader = PolicyLoader(config.policy, policies.digest, clock, self._waker())
 
@@ -259,6 +286,42 @@ class Server:
             self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
             self.authorizer.reload()
 
+    def ready(self) -> bool:
+        """Ready to decide: always with SQLite; with PostgreSQL while it owns shards."""
+        return self.pg is None or bool(self.pg.owned)
+
+    def _advertised(self) -> tuple[str, str]:
+        """The client and admin endpoints that `moved` names: --advertise, else the bound
+        ones with a wildcard address replaced by this host's name."""
+        e = self.endpoints()
+        host = socket.gethostname()
+        bind = e["bind"].replace("0.0.0.0", host).replace("[::]", host)
+        admin = e["admin"].replace("0.0.0.0", host).replace("[::]", host)
+        return self.config.advertise or bind, admin
+
+    def tick_shards(self) -> None:
+        """Heartbeat and rebalance (PostgreSQL): drop the jobs of shards given up, restore
+        those of shards taken. Runs between turns, when every decision is committed."""
+        assert self.pg is not None
+        gained, lost = self.pg.tick()
+        self._next_tick = self.clock() + self.pg.heartbeat
+        if lost:
+            for name in [n for n in self.table.jobs if self.pg.shard(n) in lost]:
+                self.table.drop(name)
+            log.info("gave up %d shards; %d owned", len(lost), len(self.pg.owned))
+        if gained:
+            try:
+                count = self.table.restore(self.pg.load_shards(gained), self.clock(), self.wall())
+            except StoreUnavailable as exc:  # loaded one by one as their clients come
+                log.error("cannot restore the jobs of the shards taken: %s", exc)
+                count = len(self.table.jobs)
+            log.info(
+                "took %d shards; %d owned, %d jobs in memory",
+                len(gained),
+                len(self.pg.owned),
+                count,
+            )
+
     def _restore_jobs(self, now: float, wall: float) -> None:
         """Bring back every job reported within --job-ttl (most recent first, up to --max-jobs)."""
         count = self.table.restore(self.store.load_jobs(), now, wall)
@@ -303,8 +366,12 @@ class Server:
         while not self._stopping:
             now = self.clock()
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
+            if self.pg is not None:
+                wake = min(wake, self._next_tick)
             events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
             self.turn(drain=self.sock in events)
+            if self.pg is not None and self.clock() >= self._next_tick:
+                self.tick_shards()
             if self.admin in events:
                 self._drain_admin()
             if self._wakeup in events:
@@ -393,6 +460,9 @@ class Server:
                 if grant is None or not grant.allows(message.job):
                     who = "a key no longer authorized" if grant is None else f"key {grant.name}"
                     raise ProtocolError("forbidden", f"{who} may not use job {message.job}")
+            if self.pg is not None and not self.pg.owns(message.job):
+                errors.append(self._elsewhere(ident, message.job, seq))
+                return
             if isinstance(message, Hello):
                 batch.hello(message)
             elif isinstance(message, Report):
@@ -402,18 +472,35 @@ class Server:
         except ProtocolError as exc:
             self._invalid(ident, exc, seq, errors)
             return
+        except StoreUnavailable as exc:  # a job's row could not be read: the client resends
+            self._store_failed(exc)
+            text = "the controller cannot read its state now; resend later"
+            errors.append((ident, ErrorMessage("unavailable", text, seq)))
+            return
         except Exception:  # a bug must not stop the controller; the client resends
             log.exception("could not process a message from %s", ident.hex()[:12])
             return
         received.append((ident, seq))
 
+    def _elsewhere(self, ident: bytes, job: str, seq: int | None) -> tuple[bytes, ErrorMessage]:
+        """The answer for a job of a shard another controller owns: `moved` to its endpoint,
+        or `unavailable` while nobody owns it (a hand-over: the client resends)."""
+        assert self.pg is not None
+        owner = self.pg.owner(job)
+        if owner is None or owner[0] == self.pg.endpoint:
+            text = f"job {job} changes controller now; resend later"
+            return ident, ErrorMessage("unavailable", text, seq)
+        text = f"job {job} is decided by the controller at {owner[0]}"
+        return ident, ErrorMessage("moved", text, seq, endpoint=owner[0])
+
     def _store_failed(self, exc: BaseException) -> None:
         self.metrics.store_errors.inc()
+        if self.pg is not None and not self.pg.owned:
+            self._next_tick = 0.0  # the session is gone: drop its jobs and reconnect now
         if self._limiter.allow(self.clock()):
             log.error(
-                "cannot commit state to %s/state.db (%s: %s); answering unavailable, "
-                "retrying next turn",
-                self.config.state_dir,
+                "cannot commit state to %s (%s: %s); answering unavailable, retrying next turn",
+                self.config.store_name(),
                 type(exc).__name__,
                 exc,
             )
@@ -457,6 +544,8 @@ class Server:
                 reply = self._admin(frames[-1])
             except ProtocolError as exc:
                 reply = error(exc.code, exc.message)
+            except StoreUnavailable as exc:
+                reply = error("unavailable", str(exc))
             except Exception as exc:
                 log.exception("admin request failed")
                 reply = {"t": "error", "code": "internal", "message": f"controller error: {exc}"}
@@ -473,6 +562,8 @@ class Server:
             if handler is None:
                 return error("unknown_type", f"unknown request {msg['t'][:40]!r}")
             return handler(msg)
+        except Moved as exc:
+            return {**error(exc.code, exc.message), "endpoint": exc.endpoint}
         except ProtocolError as exc:
             return error(exc.code, exc.message)
 
@@ -589,7 +680,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(config, policies)
-    except StateDirError as exc:
+    except (StateDirError, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:
@@ -601,11 +692,14 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     except OSError as exc:
         log.error("lrpilot serve: cannot start: %s", exc)
         return 1
+    except ImportError as exc:  # --store without the extra
+        log.error("lrpilot serve: %s; pip install 'lrpilot[postgres]' for --store", exc)
+        return 2
     server.install_signal_handlers()
     print(server.ready_line(), flush=True)
     try:
         server.run()
     finally:
         server.close()
-        log.info("controller stopped; state flushed to %s", config.state_dir)
+        log.info("controller stopped; state flushed to %s", config.store_name())
     return 0

@@ -24,17 +24,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import msgpack
 
-from .errors import DiskFull, StateDirError, StateDirLocked, StoreCorrupt
+from .errors import DiskFull, StateDirError, StateDirLocked, StoreCorrupt, StoreUnavailable
 
 __all__ = [
     "AuditRow",
     "StateDirLocked",
+    "StateStore",
     "Store",
     "StoreCorrupt",
+    "StoreUnavailable",
     "Writes",
     "decode_row",
     "encode_row",
@@ -185,6 +187,32 @@ def _write_refused(directory: Path, size: int = 1 << 16) -> OSError | None:
         with contextlib.suppress(OSError):
             probe.unlink()
     return None
+
+
+class StateStore(Protocol):
+    """What the controller needs from durable state; `Store` (SQLite, the embedded default)
+    and `lrpilot.controller.pgstore.PgStore` (PostgreSQL, several controllers) provide it.
+
+    Every method runs on the controller's loop thread. `commit` writes one turn's rows in one
+    transaction, or nothing; it raises when the rows could not be stored.
+    """
+
+    #: Rows moved to the `quarantine` table because they did not decode.
+    quarantined: int
+
+    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
+
+    def load_job(self, job: str) -> dict[str, Any] | None: ...
+
+    def quarantine(self, job: str, error: str) -> None: ...
+
+    def snapshot(self, job: str, run: int, epoch: int) -> dict[str, Any] | None: ...
+
+    def commit(self, w: Writes) -> None: ...
+
+    def history(self, job: str, limit: int | None = None) -> list[AuditRow]: ...
+
+    def close(self) -> None: ...
 
 
 class Store:

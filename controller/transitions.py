@@ -417,10 +417,14 @@ def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
     """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
-    if not all(job.policy.counts(job.state, r.lr) for r in reports.values()):
-        return _not_a_point(job, t, reports)
     try:
-        state, decision = job.policy.step(job.state, t, metrics, job.directions)
+        if all(job.policy.counts(job.state, r.lr) for r in reports.values()):
+            state, decision = job.policy.step(job.state, t, metrics, job.directions)
+        else:
+            # Trained at an LR the range test did not set (the trainer went on at its last
+            # LR while the controller was away): no point, the policy decides nothing, and
+            # every rank is told the sweep's next untried LR again, from t+1.
+            state, decision = job.state, Decision(job.state.lr)
     except EngineError as exc:  # nothing changes, every rank is told
         code, message = wire_code(exc), str(exc)
         errors: Outgoing = [
@@ -478,17 +482,6 @@ def decide(
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings)
-
-
-def _not_a_point(job: JobState, t: int, reports: Mapping[int, Report]) -> Step:
-    """Time t was trained at an LR the range test did not set (the trainer went on at its
-    last LR while the controller was away): no point, nothing decided; every rank is told
-    the sweep's next untried LR again, which it applies from t+1."""
-    job = job.with_(last_epoch=t)
-    out: Outgoing = [
-        (r.session, lr_message(job, "unchanged", r.seq, t + 1)) for r in reports.values()
-    ]
-    return Step(job, out, snapshot=t)
 
 
 def _current_policy(policy: Policy, state: State) -> Policy:
