@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
+from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
+from .errors import Moved
 from .jobstate import JobState, status_row
 from .store import MetricStore, StoreUnavailable, decode_metrics, rfc3339
 
@@ -25,14 +27,6 @@ __all__ = ["JobRequests", "Moved", "error", "metric_columns"]
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
-
-
-class Moved(ProtocolError):
-    """The job's shard is another controller's: the reply names its admin endpoint."""
-
-    def __init__(self, job: str, endpoint: str) -> None:
-        super().__init__("moved", f"job {job} is steered at the controller at {endpoint}")
-        self.endpoint = endpoint
 
 
 def _run_states(job: JobState | None, latest: int) -> Callable[[int], str | None]:
@@ -109,13 +103,9 @@ class JobRequests:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
         self.owned(name)
-        lr = msg.get("lr")
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, int | float)
-            or not (math.isfinite(lr) and 0 < lr <= 10)
-        ):
-            return error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
+        lr = as_lr(msg.get("lr"))
+        if lr is None:
+            return error("out_of_range", f"lr {LR_MESSAGE}, got {msg.get('lr')!r}")
         reason = str(msg.get("reason") or "")[:500]
         author = str(msg.get("author") or "operator")[:200]
         epochs, seconds = msg.get("epochs"), msg.get("seconds")
@@ -133,7 +123,7 @@ class JobRequests:
             return error("schema", "an override ends after epochs or after a duration, not both")
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
         try:
-            job = batch.override(name, float(lr), reason, author, epochs, seconds)
+            job = batch.override(name, lr, reason, author, epochs, seconds)
         except KeyError:
             return error("unknown_job", f"no job {name!r}")
         try:

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lrpilot.client.errors import PolicyError, ProtocolError, SourceError
+from lrpilot.client.vocabulary import lr_problem
 
 from . import __version__
+from .errors import PolicyError, SourceError
 
 __all__ = ["main"]
 
@@ -46,8 +47,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 < value <= 10):
-        raise argparse.ArgumentTypeError(f"must be in (0, 10], got {text}")
+    if (problem := lr_problem(value)) is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}")
     return value
 
 
@@ -82,6 +83,7 @@ def _matplotlib_missing() -> bool:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from .policies.errors import EngineError
     from .policyfile import load_default, load_file
     from .simulate import (
         format_range_test,
@@ -135,8 +137,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SourceError as exc:
         print(exc.located(), file=sys.stderr)
         return 2
-    except ProtocolError as exc:
-        print(f"{args.policy or 'policy'}: {exc.message}", file=sys.stderr)
+    except EngineError as exc:
+        print(f"{args.policy or 'policy'}: {exc}", file=sys.stderr)
         return 2
     monitor = monitor_of(rule.policy)
     actual = None if recorded is None else list(zip(recorded["x"], recorded["lr"], strict=True))

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrpilot.client.errors import ProtocolError
-from lrpilot.client.protocol import REASONS, Bye, Hello, Report
+from lrpilot.client.protocol import Bye, Hello, Report
+from lrpilot.client.vocabulary import REASONS
 
 from . import transitions
 from .jobstate import JobState

@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from lrpilot.client.protocol import ERROR_CODES, REASONS
+from lrpilot.client.vocabulary import ERROR_CODES, REASONS
 
 if TYPE_CHECKING:
     from .jobs import Counters, JobTable

@@ -39,13 +39,14 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
-from .admin_requests import JobRequests, Moved, error
+from .admin_requests import JobRequests, error
 from .auth import Authorizer, Grant
+from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import StateStore, Store, StoreUnavailable
+from .store import StateStore, Store
 from .transitions import Outgoing
 from .web import WebBridge, WebPages
 
@@ -62,10 +63,6 @@ _DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
-
-
-class BindError(OSError):
-    """An endpoint or port the controller cannot bind; the message names it and the flag."""
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:
@@ -177,7 +174,7 @@ class Server:
         self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
         self._stopping = False
         self._reload_requested = False
-        self._admin_token = 0
+        self._reload_failing = False  # the last reload was rejected: a valid file says so
         self._admin_token = 0
         self._limiter = _LogLimiter()
         self.ctx = zmq.Context()
@@ -618,8 +615,15 @@ class Server:
             return self._reload_failed(loaded.errors)
         self.loader.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
+        was_failing, self._reload_failing = self._reload_failing, False
         if new.digest == self.table.policies.digest:
-            if source != "watch":  # an operator asked: say it was heard
+            if was_failing:  # the gauge goes back to 1: the log says why
+                log.info(
+                    "policy file %s is valid again (%s); the policy in force is unchanged",
+                    self.config.policy,
+                    source,
+                )
+            elif source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
         batch = self.table.batch(self.clock(), self.wall())
@@ -644,6 +648,7 @@ class Server:
         return {"t": "reload", "ok": True, "changed": True, "errors": []}
 
     def _reload_failed(self, errors: list[str]) -> dict[str, Any]:
+        self._reload_failing = True
         self.metrics.reloads.labels("error").inc()
         self.metrics.last_reload_success.set(0)
         for line in errors:
@@ -680,7 +685,6 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
-    from .store import StateDirLocked, StoreCorrupt, StoreUnavailable
 
     policies = policies or load_default()
     # A scrape renders in the metrics thread; hand the GIL back to the loop often, so a
@@ -688,7 +692,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(config, policies)
-    except (StateDirLocked, StoreCorrupt, StoreUnavailable) as exc:
+    except (StateDirError, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:

@@ -41,6 +41,7 @@ from .policies import (
     State,
     fingerprint,
 )
+from .policies.errors import EngineError, ModeUnresolved
 from .policyfile import JobRule
 from .store import AuditRow, MetricPoint, rfc3339
 
@@ -409,6 +410,11 @@ def timeout(job: JobState, t: int, env: Env) -> Step | None:
     return step
 
 
+def wire_code(exc: EngineError) -> str:
+    """The wire's error code for an engine error (`mode_unresolved`, else `schema`)."""
+    return "mode_unresolved" if isinstance(exc, ModeUnresolved) else "schema"
+
+
 def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
@@ -421,11 +427,12 @@ def decide(
             # LR while the controller was away): no point, the policy decides nothing, and
             # every rank is told the sweep's next untried LR again, from t+1.
             state, decision = job.state, Decision(job.state.lr)
-    except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
+    except EngineError as exc:  # nothing changes, every rank is told
+        code, message = wire_code(exc), str(exc)
         errors: Outgoing = [
-            (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
+            (r.session, ErrorMessage(code, message, r.seq)) for r in reports.values()
         ]
-        return Step(job, errors, invalid=[exc.code], warnings=[exc.message])
+        return Step(job, errors, invalid=[code], warnings=[message])
     warnings = [decision.warning] if decision.warning else []
     monitor = getattr(_current_policy(job.policy, state), "monitor", None)
     value = metrics.get(monitor) if isinstance(monitor, str) else None
