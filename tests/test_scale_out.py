@@ -31,7 +31,6 @@ from conftest import Controller, run_cli
 from pgcluster import PgCluster, pg_bin
 
 from lrpilot.client import Client
-from lrpilot.client import env as client_env
 from lrpilot.client.protocol import (
     SESSION_BYTES,
     ErrorMessage,
@@ -541,10 +540,6 @@ def test_three_controllers_split_evenly_and_two_take_over_the_third(dsn: str) ->
             store.close()
 
 
-@pytest.mark.skipif(
-    not hasattr(client_env, "endpoint_list"),
-    reason="endpoint lists (LRPILOT_ENDPOINT=a,b) come with the client's failover",
-)
 def test_real_clients_given_both_endpoints_follow_moved_and_fail_over(
     dsn: str, start: Callable[[str], Controller]
 ) -> None:
