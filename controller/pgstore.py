@@ -35,12 +35,12 @@ from typing import Any
 
 import psycopg
 
+from .errors import NotOwner, StoreUnavailable
 from .store import (
     METRIC_POINTS_KEPT,
     METRIC_RUNS_KEPT,
     AuditRow,
     MetricPoint,
-    StoreUnavailable,
     Writes,
     decode_metrics,
     decode_row,
@@ -192,10 +192,6 @@ def _columns(n: int, rows: Iterable[Iterable[Any]]) -> list[list[Any]]:
 def shard_of(job: str, shards: int) -> int:
     """The job's shard: stable across processes, machines and versions (not Python's hash)."""
     return zlib.crc32(job.encode()) % shards
-
-
-class NotOwner(StoreUnavailable):
-    """A commit touched a job whose shard this controller does not hold; nothing was written."""
 
 
 class PgStore:

@@ -39,13 +39,14 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
-from .admin_requests import JobRequests, Moved, error
-from .auth import Authorizer, Grant
+from .admin_requests import JobRequests, error
+from .auth import Authorizer, Grant, audit_author, peer_uid
+from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import StateStore, Store, StoreUnavailable
+from .store import StateStore, Store
 from .transitions import Outgoing
 from .web import WebBridge, WebPages
 
@@ -62,10 +63,6 @@ _DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
-
-
-class BindError(OSError):
-    """An endpoint or port the controller cannot bind; the message names it and the flag."""
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:
@@ -166,6 +163,7 @@ class Server:
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": jobs.status,
             "set_lr": jobs.set_lr,
+            "release": jobs.release,
             "history": jobs.history,
             "forget": jobs.forget,
             "range_test": jobs.range_test,
@@ -177,7 +175,7 @@ class Server:
         self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
         self._stopping = False
         self._reload_requested = False
-        self._admin_token = 0
+        self._reload_failing = False  # the last reload was rejected: a valid file says so
         self._admin_token = 0
         self._limiter = _LogLimiter()
         self.ctx = zmq.Context()
@@ -185,6 +183,7 @@ class Server:
         #: The grants of the authorized keys when CURVE is on, else None.
         self.authorizer: Authorizer | None = None
         self.admin_grant: Grant | None = None  # of the admin request being handled
+        self.admin_uid: int | None = None  # its ipc:// peer's uid, where the OS tells
         self._http: Any = None
         self.web: WebBridge | None = None
         try:
@@ -546,9 +545,16 @@ class Server:
     def _drain_admin(self, budget: int = 100) -> None:
         for _ in range(budget):
             try:
-                frames, user = self._recv(self.admin)
+                parts = self.admin.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [p.bytes for p in parts]
+            user: str | None = None
+            self.admin_uid = None
+            with contextlib.suppress(zmq.ZMQError):
+                if self.authorizer is not None:
+                    user = str(parts[-1].get("User-Id"))
+                self.admin_uid = peer_uid(str(parts[-1].get("Peer-Address")))
             try:
                 if self.authorizer is not None:
                     self.admin_grant = self.authorizer.grant(user)
@@ -567,6 +573,11 @@ class Server:
                 continue
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
+
+    def admin_author(self, claimed: object) -> str:
+        """The audit author of the admin request being handled (see `auth.audit_author`)."""
+        grant = self.admin_grant if self.authorizer is not None else None
+        return audit_author(grant, self.admin_uid, claimed)
 
     def _admin(self, frame: bytes) -> dict[str, Any]:
         try:
@@ -618,8 +629,15 @@ class Server:
             return self._reload_failed(loaded.errors)
         self.loader.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
+        was_failing, self._reload_failing = self._reload_failing, False
         if new.digest == self.table.policies.digest:
-            if source != "watch":  # an operator asked: say it was heard
+            if was_failing:  # the gauge goes back to 1: the log says why
+                log.info(
+                    "policy file %s is valid again (%s); the policy in force is unchanged",
+                    self.config.policy,
+                    source,
+                )
+            elif source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
         batch = self.table.batch(self.clock(), self.wall())
@@ -644,6 +662,7 @@ class Server:
         return {"t": "reload", "ok": True, "changed": True, "errors": []}
 
     def _reload_failed(self, errors: list[str]) -> dict[str, Any]:
+        self._reload_failing = True
         self.metrics.reloads.labels("error").inc()
         self.metrics.last_reload_success.set(0)
         for line in errors:
@@ -680,7 +699,6 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
-    from .store import StateDirLocked, StoreCorrupt, StoreUnavailable
 
     policies = policies or load_default()
     # A scrape renders in the metrics thread; hand the GIL back to the loop often, so a
@@ -688,7 +706,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(config, policies)
-    except (StateDirLocked, StoreCorrupt, StoreUnavailable) as exc:
+    except (StateDirError, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.client.errors import SourceError
-
+from .errors import SourceError
 from .policies import Decision, Event, Phases, Policy
 from .policies.suggest import SKIP_END
 from .policyfile import JobRule
@@ -267,7 +266,7 @@ def replay(
     """Feed every row to the rule's policy, as the daemon would for a single worker.
 
     Raises:
-        ProtocolError: `mode_unresolved` when `mode: auto` cannot tell a direction.
+        ModeUnresolved: when `mode: auto` cannot tell a direction.
         SourceError: a `unit: step` policy on a history without a step column.
     """
     return run(rule, history, lr0, directions, warn).rows

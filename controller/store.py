@@ -13,6 +13,7 @@ A database that fails SQLite's integrity check is refused, never loaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 import msgpack
+
+from .errors import DiskFull, StateDirError, StateDirLocked, StoreCorrupt, StoreUnavailable
 
 __all__ = [
     "METRIC_POINTS_KEPT",
@@ -69,19 +72,6 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BLOB, error TEXT NOT NULL, time TEXT NOT NULL);
 """
-
-
-class StateDirLocked(Exception):
-    """Another controller holds the state directory."""
-
-
-class StoreUnavailable(Exception):
-    """The state cannot be read or written now (a database down or out of reach); clients
-    are answered `unavailable` and resend."""
-
-
-class StoreCorrupt(Exception):
-    """The state database is damaged; it is not loaded."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +126,14 @@ def decode_metrics(data: bytes) -> dict[str, float]:
     return value if isinstance(value, dict) else {}
 
 
+#: The Unix times rfc3339 writes as they are (years 1970...9999); others are clamped.
+_FIRST, _LAST = 0.0, 253402300799.999
+
+
 def rfc3339(ts: float) -> str:
+    """`ts` (Unix seconds) in RFC 3339 UTC with milliseconds. Never raises: a time outside
+    the years 1970...9999 (or not finite) is written as the nearest end of that range."""
+    ts = min(max(ts, _FIRST), _LAST) if ts == ts else _FIRST
     return (
         datetime.fromtimestamp(ts, timezone.utc)
         .isoformat(timespec="milliseconds")
@@ -204,6 +201,45 @@ class Writes:
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.snapshots or self.audit or self.deleted or self.metrics)
+
+
+def _unusable(path: Path, exc: sqlite3.DatabaseError) -> StateDirError:
+    """What to tell the operator when `state.db` cannot be opened: only a database that is
+    damaged is called damaged (moving a healthy one aside on a full disk loses state)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    full = code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    if full or code is None or code & 0xFF == sqlite3.SQLITE_IOERR:
+        # SQLite reports a write refused for want of space as "disk I/O error" as often as
+        # "disk is full"; a write of our own tells which (its errno names the cause).
+        no_space = _write_refused(path.parent)
+        if full or no_space is not None:
+            why = no_space.strerror if no_space is not None else "database or disk is full"
+            return DiskFull(
+                f"cannot write {path}: the disk holding {path.parent} is full ({why}); "
+                "free space there (or raise the file size limit) and start again"
+            )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or code is None:
+        return StoreCorrupt(
+            f"{path} is damaged ({exc}); move it aside to start with an empty state"
+        )
+    return StateDirError(f"cannot use {path}: {exc}")
+
+
+def _write_refused(directory: Path, size: int = 1 << 16) -> OSError | None:
+    """The error of writing `size` bytes to a scratch file in `directory`, if it is a
+    want of space (ENOSPC, EDQUOT, EFBIG: the file size limit); else None."""
+    probe = directory / ".lrpilot-space-probe"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
 
 
 class StateStore(Protocol):
@@ -288,9 +324,7 @@ class Store:
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             self.close()
-            raise StoreCorrupt(
-                f"{path} is damaged ({exc}); move it aside to start with an empty state"
-            ) from None
+            raise _unusable(path, exc) from None
         #: Rows moved to the `quarantine` table because they did not decode.
         self.quarantined = 0
         #: (job, run) -> [points stored, stride]: the thinning of recorded metrics, read from
