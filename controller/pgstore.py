@@ -91,7 +91,7 @@ _AUDIT_COLUMNS = "time, job, old_lr, new_lr, reason, version, epoch, source, run
 
 #: Recorded metrics, as `Store._record` writes them, in CTEs of the commit statement (which
 #: all see the tables as they were before it: so the thinning counts the run's rows that
-#: survive the turn plus its new points, and no two CTEs write one row).
+#: survive the turn plus its new points, and no row is both deleted and written).
 _RECORD = f"""nm AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
     %s::float8[], %s::float8[], %s::bytea[]) AS nm(job, run, t, epoch, lr, time, data)),
 mf AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS mf(job, run, t)),
