@@ -14,6 +14,7 @@ sit in a heap, and per-job metrics are read from the table at scrape time.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 from collections.abc import Iterator, Mapping
@@ -27,7 +28,7 @@ from . import transitions
 from .jobstate import JobState
 from .policyfile import JobRule, PolicySet
 from .store import SNAPSHOTS_KEPT, Store, Writes, encode_row
-from .transitions import Env, Outgoing, Step
+from .transitions import AggregateDue, Env, Outgoing, OverrideDue, Rebind, SetLr, Step
 
 __all__ = ["Batch", "Counters", "JobTable"]
 
@@ -112,7 +113,7 @@ class JobTable:
         return rule
 
     def batch(self, now: float, wall: float) -> Batch:
-        return Batch(self, Env(now, wall, self.worker_timeout))
+        return Batch(self, Env(now, wall, self.worker_timeout, rules=self.rule_for))
 
     def restore(self, rows: Iterator[tuple[str, dict[str, Any]]], now: float, wall: float) -> int:
         """Bring back stored jobs reported within --job-ttl, most recent first, up to
@@ -150,6 +151,7 @@ class JobTable:
         for name in batch.forgotten:
             self.drop(name)
         for step in batch.steps:
+            assert step.job is not None  # Batch keeps only Steps with a job
             name = step.job.name
             counters = self.counters[name]
             counters.reports += step.reports
@@ -206,7 +208,7 @@ class Batch:
 
     def __init__(self, table: JobTable, env: Env) -> None:
         self.table = table
-        self.env = env
+        self.env = dataclasses.replace(env, snapshots=self.snapshot)
         self.touched: dict[str, JobState] = {}
         self.forgotten: list[str] = []
         self.steps: list[Step] = []
@@ -233,8 +235,13 @@ class Batch:
         new = sum(1 for name in self.touched if name not in self.table.jobs)
         return len(self.table.jobs) + new < self.table.max_jobs
 
-    def _apply(self, step: Step | None) -> None:
+    def _step(self, job: JobState | None, event: transitions.JobEvent) -> None:
+        """Run the reducer on the job as this turn left it; keep the Step for the commit."""
+        step = transitions.step(job, event, self.env)
         if step is None:
+            return
+        if step.job is None:  # refused before the job existed: an answer, nothing to keep
+            self.out += step.out
             return
         self.touched[step.job.name] = step.job
         self.steps.append(step)
@@ -249,17 +256,13 @@ class Batch:
         if job is None and not self._has_room():
             limit = self.table.max_jobs
             raise ProtocolError("max_jobs", f"the controller holds --max-jobs {limit} jobs")
-        rule = job.rule if job is not None else self.table.rule_for(h.job)
-        if not h.restore and transitions.needs_restore(job, h, rule):
-            self.out += transitions.refuse_range_test(h)
-            return
-        self._apply(transitions.hello(job, h, rule, self.env, self.snapshot))
+        self._step(job, h)
 
     def report(self, r: Report) -> None:
-        self._apply(transitions.report(self.job(r.job), r, self.env))
+        self._step(self.job(r.job), r)
 
     def bye(self, b: Bye) -> None:
-        self._apply(transitions.bye(self.job(b.job), b, self.env))
+        self._step(self.job(b.job), b)
 
     def expire(self, due: list[tuple[float, str, str, int]]) -> None:
         """Decide multi-worker epochs whose aggregate_timeout passed."""
@@ -267,10 +270,7 @@ class Batch:
             job = self.job(name) if kind in ("aggregate", "override") else None
             if job is None:
                 continue
-            if kind == "aggregate":
-                self._apply(transitions.timeout(job, t, self.env))
-            else:
-                self._apply(transitions.expire_override(job, self.env))
+            self._step(job, AggregateDue(t) if kind == "aggregate" else OverrideDue())
 
     def override(
         self,
@@ -285,13 +285,12 @@ class Batch:
         job = self.job(name)
         if job is None:
             raise KeyError(name)
-        step = transitions.override(job, lr, reason, author, self.env, epochs, seconds)
-        self._apply(step)
+        self._step(job, SetLr(lr, reason, author, epochs, seconds))
         return self.touched[name]
 
     def rebind_all(self, policies: PolicySet) -> None:
         for name, job in self.table.jobs.items():
-            self._apply(transitions.rebind(job, policies.rule_for(name), self.env))
+            self._step(job, Rebind(policies.rule_for(name)))
 
     def forget(self, name: str) -> bool:
         known = self.job(name) is not None
@@ -317,7 +316,7 @@ class Batch:
             row = encoded[id(job)] = encode_row(job.stored())
             w.snapshots.append((job.name, job.run, t, row))
             w.prune.append((job.name, job.run, t - SNAPSHOTS_KEPT))
-        persist = {s.job.name for s in self.steps if s.persist}
+        persist = {s.job.name for s in self.steps if s.persist and s.job is not None}
         for name, job in self.touched.items():
             if name in persist or name not in self.table.jobs:
                 w.jobs[name] = encoded.get(id(job)) or encode_row(job.stored())

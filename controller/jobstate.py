@@ -9,6 +9,7 @@ that adds a parameter with a default keeps a job's plateau memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -119,11 +120,11 @@ class JobState:
         return 0 if self.last_epoch is None else self.last_epoch + 1
 
     def with_(self, **changes: Any) -> JobState:
-        """A copy with `changes` (a shallow copy: every field is itself immutable)."""
-        new = object.__new__(JobState)
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(changes)
-        return new
+        """A copy with `changes` (`dataclasses.replace`: a misspelt field is a TypeError).
+
+        Shallow: every field is itself immutable.
+        """
+        return dataclasses.replace(self, **changes)
 
     # -- the stored schema (defined here only) ----------------------------------------
 
@@ -195,8 +196,7 @@ def state_for(rule: JobRule, data: Mapping[str, Any], next_t: int) -> State:
 
 def start_from(policy: Policy, lr: float, t: int) -> State:
     """Start `policy` at time t so that the LR in force is `lr` and its shape continues."""
-    state = policy.start(lr, t)
-    return policy.rebase(state, lr, t - 1) if state.lr != lr else state
+    return policy.start_from(lr, t)
 
 
 def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, Any]:

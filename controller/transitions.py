@@ -1,9 +1,12 @@
-"""How a job reacts to each message: pure functions of (job, message, env) -> Step.
+"""How a job reacts to each event: one pure reducer, `step(job, event, env) -> Step`.
 
-A transition never mutates anything and touches no socket, clock, file or
-metric: it returns the job's new state, the audit rows to commit and the
-messages to send, in a `Step`. The daemon (jobs.Batch) commits every Step of
-a loop turn in one transaction, then assigns the new states, then sends; if
+`step` is the one entry of every decision: the daemon (jobs.Batch) feeds it each
+message and deadline of a loop turn, `lrpilot simulate` folds it over a
+recorded history, so shadow mode, phases, notices and overrides are decided by
+the same code in both. A transition never mutates anything and touches no
+socket, clock, file or metric: it returns the job's new state, the audit rows
+to commit and the messages to send, in a `Step`. The daemon commits every Step
+of a loop turn in one transaction, then assigns the new states, then sends; if
 the commit fails it simply drops the Steps, so nothing needs undoing.
 
 Timing matches the frameworks: the decision on the report of epoch e applies
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import (
@@ -28,13 +31,12 @@ from lrpilot.client.protocol import (
 )
 
 from .aggregate import Pending, combine
-from .jobstate import JobState, Override, start_from, state_for
+from .jobstate import JobState, Override, state_for
 from .policies import (
     Decision,
     Event,
     Phases,
     PhasesState,
-    Plateau,
     Policy,
     Schedule,
     ScheduleState,
@@ -45,8 +47,13 @@ from .policyfile import JobRule
 from .store import AuditRow, rfc3339
 
 __all__ = [
+    "AggregateDue",
     "Env",
+    "JobEvent",
     "Outgoing",
+    "OverrideDue",
+    "Rebind",
+    "SetLr",
     "Step",
     "bye",
     "expire_override",
@@ -54,8 +61,8 @@ __all__ = [
     "override",
     "rebind",
     "report",
+    "step",
     "timeout",
-    "transfer_state",
 ]
 
 #: (routing id, message) pairs to send once the Step is committed.
@@ -65,13 +72,63 @@ Outgoing = list[tuple[bytes, LrMessage | ErrorMessage]]
 SnapshotReader = Callable[[str, int, int], Mapping[str, Any] | None]
 
 
+def _no_snapshots(job: str, run: int, t: int) -> Mapping[str, Any] | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Env:
-    """What a transition may know besides the job: the time and the daemon's settings."""
+    """What a transition may know besides the job: the time and the daemon's settings.
 
-    now: float  # monotonic seconds
-    wall: float  # Unix seconds
+    Args:
+        now: monotonic seconds; wall: Unix seconds.
+        worker_timeout: a rank not heard from for this long is no longer a worker.
+        rules: the rule of a job not seen yet (its hello starts it); None: no new jobs.
+        snapshots: reads the stored end-of-t state of (job, run, t) for a resume.
+    """
+
+    now: float
+    wall: float
     worker_timeout: float = 600.0
+    rules: Callable[[str], JobRule] | None = None
+    snapshots: SnapshotReader = _no_snapshots
+
+
+# -- the events a job reacts to (besides the protocol's Hello, Report and Bye) -------------
+
+
+@dataclass(frozen=True)
+class AggregateDue:
+    """Epoch (or step) t's aggregate_timeout ran out: decide on the reports that came."""
+
+    t: int
+
+
+@dataclass(frozen=True)
+class OverrideDue:
+    """A timed override's end (`set-lr --for DURATION`) came due."""
+
+
+@dataclass(frozen=True)
+class SetLr:
+    """`lrpilot set-lr`: an operator's LR from the next epoch, for good or for a while."""
+
+    lr: float
+    reason: str
+    author: str
+    epochs: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Rebind:
+    """A reloaded policy file gave the job `rule` (applied at the job's next decision)."""
+
+    rule: JobRule
+
+
+#: Everything a job reacts to; `step` dispatches on its type.
+JobEvent: TypeAlias = Hello | Report | Bye | AggregateDue | OverrideDue | SetLr | Rebind
 
 
 @dataclass
@@ -79,7 +136,7 @@ class Step:
     """The effects of one transition, applied only once committed.
 
     Args:
-        job: the job's new state.
+        job: the job's new state (None: a hello refused before the job existed).
         out: messages to send.
         audit: LR changes to record.
         snapshot: t whose end-of-epoch state `job` is (stored for resumes), or None.
@@ -88,9 +145,11 @@ class Step:
         invalid: error codes to count in `lrpilot_invalid_messages_total`.
         warnings: lines for the controller's log.
         waiting: a new aggregation deadline (t, when) for the job.
+        override_until: the monotonic time a timed override ends.
+        decision: the policy's own decision, when the policy decided (shadow mode included).
     """
 
-    job: JobState
+    job: JobState | None
     out: Outgoing = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     snapshot: int | None = None
@@ -100,7 +159,45 @@ class Step:
     invalid: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     waiting: tuple[int, float] | None = None
-    override_until: float | None = None  # monotonic time a timed override ends
+    override_until: float | None = None
+    decision: Decision | None = None
+
+
+def step(job: JobState | None, event: JobEvent, env: Env) -> Step | None:
+    """The job's reaction to `event`: its new state, what to store and what to send.
+
+    None when the event changes nothing (a stale deadline, a bye of an unknown rank).
+
+    Raises:
+        ProtocolError: a message that cannot be decided (`unknown_session`, `schema`, ...).
+    """
+    match event:
+        case Report():
+            return report(job, event, env)
+        case Hello():
+            if job is not None:
+                rule = job.rule
+            elif env.rules is not None:
+                rule = env.rules(event.job)
+            else:
+                raise ProtocolError("unknown_job", f"no job {event.job!r}")
+            if not event.restore and needs_restore(job, event, rule):
+                return Step(job, refuse_range_test(event), persist=False)
+            return hello(job, event, rule, env, env.snapshots)
+        case Bye():
+            return bye(job, event, env)
+        case AggregateDue():
+            return None if job is None else timeout(job, event.t, env)
+        case OverrideDue():
+            return None if job is None else expire_override(job, env)
+        case SetLr():
+            if job is None:
+                raise ProtocolError("unknown_job", "no such job")
+            e = event
+            return override(job, e.lr, e.reason, e.author, env, e.epochs, e.seconds)
+        case Rebind():
+            return None if job is None else rebind(job, event.rule, env)
+    raise TypeError(f"not a job event: {event!r}")  # pragma: no cover
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -287,6 +384,7 @@ def _resume(
         version=job.version + 1,
         last_epoch=start - 1,
         value=snap.get("value"),
+        shadow_lr=snap.get("shadow_lr"),
         pending={t: p for t, p in job.pending.items() if t < start},
     )
     return job, "resume", [audit_row(job, env, old, "resume", start, source="hello")]
@@ -363,18 +461,21 @@ def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
     """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
+    # In shadow mode the policy runs on its own LR (shadow_lr), the job keeps the one it sent.
+    before = job.state if job.shadow_lr is None else job.state.replace(lr=job.shadow_lr)
     try:
-        state, decision = job.policy.step(job.state, t, metrics, job.directions)
+        state, decision = job.policy.step(before, t, metrics, job.directions)
     except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
         errors: Outgoing = [
             (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
         ]
         return Step(job, errors, invalid=[exc.code], warnings=[exc.message])
+    decided = decision
     warnings = [decision.warning] if decision.warning else []
-    monitor = getattr(_current_policy(job.policy, state), "monitor", None)
-    value = metrics.get(monitor) if isinstance(monitor, str) else None
+    monitor = next(iter(job.policy.current(state).monitors()), None)
+    value = metrics.get(monitor) if monitor is not None else None
     notices: list[tuple[str, str]] = []
-    if isinstance(monitor, str) and monitor not in metrics and decision.warning:
+    if monitor is not None and monitor not in metrics and decision.warning:
         notices.append(("monitor_missing", decision.warning))
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
@@ -388,9 +489,9 @@ def decide(
                 f"{decision.lr:.6g}, the LR stays {old_lr:.6g}",
             )
         )
-        # Shadow mode: keep the policy's memory and record the decision, send the old LR.
+        # Shadow mode: keep the policy's memory and its LR (shadow_lr), send the old LR.
         job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_lr))
-        if decision.lr != old_lr:
+        if decision.lr != before.lr:
             detail = f"shadow lr {decision.lr:.6g}"
             audit.append(
                 audit_row(job, env, old_lr, decision.reason, t + 1, source="shadow", detail=detail)
@@ -398,7 +499,8 @@ def decide(
         decision = Decision(old_lr)
     else:
         changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
-        job = job.with_(state=state, version=job.version + 1 if changed else job.version)
+        version = job.version + 1 if changed else job.version
+        job = job.with_(state=state, version=version, shadow_lr=None)
         if changed:
             row = audit_row(job, env, old_lr, decision.reason, t + 1, detail=decision.detail)
             audit.append(row)
@@ -420,14 +522,7 @@ def decide(
     ]
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
-    return Step(job, out, audit, snapshot=t, warnings=warnings)
-
-
-def _current_policy(policy: Policy, state: State) -> Policy:
-    """The policy deciding now: the current phase's, for a chain."""
-    if isinstance(policy, Phases) and isinstance(state, PhasesState):
-        return policy.phases[state.index].policy
-    return policy
+    return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided)
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:
@@ -530,49 +625,12 @@ def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
     old_lr = job.lr
     job = job.with_(
         rule=rule,
-        state=transfer_state(job.policy, job.state, rule.policy, t),
+        state=job.policy.transfer(job.state, rule.policy, t),
         fingerprint=fingerprint(rule.policy),
+        shadow_lr=None,  # the new policy starts from the LR in force
     )
     if job.lr == old_lr:
         return Step(job)
     job = job.with_(version=job.version + 1)
     row = audit_row(job, env, old_lr, "reload", t, source="reload")
     return Step(job, _push(job, env, "reload", t), [row])
-
-
-def _plateau_compatible(a: Policy, b: Policy) -> bool:
-    return (
-        isinstance(a, Plateau)
-        and isinstance(b, Plateau)
-        and (a.monitor, a.mode, a.compat) == (b.monitor, b.mode, b.compat)
-    )
-
-
-def transfer_state(old: Policy, state: State, new: Policy, t: int) -> State:
-    """The state a job continues with after a reload changed its policy.
-
-    A plateau keeps best/wait/cooldown when monitor, mode and compat are
-    unchanged (its LR clamped to a new min_lr); a chain stays in the phase of
-    the same index and type, else enters the phase containing `t`; any other
-    change starts the new policy from the job's current LR.
-    """
-    lr = state.lr
-    if _plateau_compatible(old, new):
-        assert isinstance(new, Plateau)
-        return state.replace(lr=max(lr, new.min_lr))
-    if isinstance(old, Phases) and isinstance(new, Phases):
-        assert isinstance(state, PhasesState)
-        i = state.index
-        if (
-            i < len(new.phases)
-            and i < len(old.phases)
-            and type(new.phases[i].policy) is type(old.phases[i].policy)
-        ):
-            inner = transfer_state(
-                old.phases[i].policy,
-                old.phases[i].policy.load_state(state.inner),
-                new.phases[i].policy,
-                t - state.start,
-            )
-            return state.replace(lr=inner.lr, inner=inner.to_dict())
-    return start_from(new, lr, t)
