@@ -169,7 +169,7 @@ class JobState:
             last_epoch=_opt_int(data.get("last_epoch")),
             world=int(data.get("world", 1)),
             directions={str(k): str(v) for k, v in dict(data.get("directions", {})).items()},
-            sessions=Sessions({}, seqs, frozenset(int(r) for r in data.get("reported_ranks", []))),
+            sessions=Sessions.restored(seqs, (int(r) for r in data.get("reported_ranks", []))),
             last_seen=now,
             last_report_wall=float(data.get("last_report_wall", 0.0)),
             value=_opt_float(data.get("value")),

@@ -419,11 +419,16 @@ def report(job: JobState | None, r: Report, env: Env) -> Step:
         # Answer with the decision in force, change nothing else.
         job = job.with_(sessions=sessions, last_seen=env.now)
         return Step(job, [(r.session, lr_message(job, "unchanged", r.seq, t + 1))], late=int(late))
-    job = job.with_(
-        sessions=sessions, last_seen=env.now, last_report=env.now, last_report_wall=env.wall
-    )
+    # One copy of the job per report (what a report changes, whatever the world size).
+    heard = {
+        "sessions": sessions,
+        "last_seen": env.now,
+        "last_report": env.now,
+        "last_report_wall": env.wall,
+    }
     aggregate = job.rule.aggregate
     if job.world <= 1 or aggregate == "chief":
+        job = job.with_(**heard)
         if aggregate == "chief" and r.rank != 0:
             return Step(job, [(r.session, lr_message(job, "unchanged", r.seq, t + 1))], reports=1)
         step = decide(job, t, r.metrics, {r.rank: r}, env)
@@ -437,10 +442,10 @@ def report(job: JobState | None, r: Report, env: Env) -> Step:
             )
         pending = (waiting or Pending(t, env.now)).add(r)
         if not pending.complete(job.world):
-            job = job.with_(pending={**job.pending, t: pending})
+            job = job.with_(**heard, pending={**job.pending, t: pending})
             deadline = None if waiting else (t, env.now + job.rule.aggregate_timeout)
             return Step(job, reports=1, waiting=deadline)
-        job = job.with_(pending={k: v for k, v in job.pending.items() if k != t})
+        job = job.with_(**heard, pending={k: v for k, v in job.pending.items() if k != t})
         step = decide(job, t, combine(pending.reports, aggregate), pending.reports, env)
     step.reports = 1
     return step
@@ -490,7 +495,9 @@ def decide(
             )
         )
         # Shadow mode: keep the policy's memory and its LR (shadow_lr), send the old LR.
-        job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_lr))
+        job = job.with_(
+            shadow_lr=decision.lr, state=state.replace(lr=old_lr), last_epoch=t, value=value
+        )
         if decision.lr != before.lr:
             detail = f"shadow lr {decision.lr:.6g}"
             audit.append(
@@ -500,11 +507,10 @@ def decide(
     else:
         changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
         version = job.version + 1 if changed else job.version
-        job = job.with_(state=state, version=version, shadow_lr=None)
+        job = job.with_(state=state, version=version, shadow_lr=None, last_epoch=t, value=value)
         if changed:
             row = audit_row(job, env, old_lr, decision.reason, t + 1, detail=decision.detail)
             audit.append(row)
-    job = job.with_(last_epoch=t, value=value)
     o = job.override
     if o is not None and (
         (o.until_epoch is not None and t + 1 >= o.until_epoch)
