@@ -91,22 +91,23 @@ class JobRequests:
     def history(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
-        rows = self.server.store.history(name)
+        store = self.server.store
         job = self.server.table.jobs.get(name)
-        if not rows and job is None:
+        last_run = store.last_run(name)
+        if last_run is None and job is None:
             return error("unknown_job", f"no job {name!r}")
+        run = None
         if not msg.get("all_runs"):  # one run: the one asked for, else the current one
             run = msg.get("run")
-            if not isinstance(run, int):
-                run = job.run if job is not None else (rows[-1].run if rows else None)
-            rows = [r for r in rows if r.run == run]
+            if not isinstance(run, int) or isinstance(run, bool):
+                run = job.run if job is not None else last_run
         since = msg.get("since")
+        start = None
         if isinstance(since, int | float) and not isinstance(since, bool):
             start = rfc3339(self.server.wall() - float(since))
-            rows = [r for r in rows if r.time >= start]
         tail = msg.get("tail")
-        if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0:
-            rows = rows[len(rows) - tail :] if tail else []
+        limit = tail if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0 else None
+        rows = [] if limit == 0 else store.history(name, limit, run, start)
         return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
 
     def range_test(self, msg: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,9 @@ __all__ = ["Batch", "Counters", "JobTable"]
 
 log = logging.getLogger("lrpilot.controller")
 
+#: What a stored row that does not decode or fit the schema raises.
+_UNUSABLE = (ValueError, TypeError, KeyError, AttributeError)
+
 
 @dataclass
 class Counters:
@@ -60,15 +63,21 @@ class Deadlines:
     def next(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
+    def due(self, now: float) -> list[tuple[float, str, str, int]]:
+        """The entries due at `now`, in order, left in the heap (`pop_due` once committed)."""
+        heap, found, stack = self._heap, [], [0]
+        while stack:  # the heap as a tree: a child is never due before its parent
+            i = stack.pop()
+            if i < len(heap) and heap[i][0] <= now:
+                found.append(heap[i])
+                stack += (2 * i + 1, 2 * i + 2)
+        return sorted(found)
+
     def pop_due(self, now: float) -> list[tuple[float, str, str, int]]:
         due = []
         while self._heap and self._heap[0][0] <= now:
             due.append(heapq.heappop(self._heap))
         return due
-
-    def restore(self, entries: list[tuple[float, str, str, int]]) -> None:
-        for entry in entries:
-            heapq.heappush(self._heap, entry)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -102,6 +111,10 @@ class JobTable:
         self.counters: dict[str, Counters] = {}
         self.deadlines = Deadlines()
         self._rules: dict[str, JobRule] = {}
+        #: Bumped by each reload; a job whose `generation` differs is rebound before it decides.
+        self.generation = 0
+        #: Jobs in memory at the last reload, to rebind a few per loop turn.
+        self.rebinding: list[str] = []
 
     def rule_for(self, name: str) -> JobRule:
         """The job's rule under the policy set in force (cached: globs are matched once)."""
@@ -113,24 +126,34 @@ class JobTable:
         return rule
 
     def batch(self, now: float, wall: float) -> Batch:
-        return Batch(self, Env(now, wall, self.worker_timeout, rules=self.rule_for))
+        env = Env(now, wall, self.worker_timeout, rules=self.rule_for, generation=self.generation)
+        return Batch(self, env)
 
-    def restore(self, rows: Iterator[tuple[str, dict[str, Any]]], now: float, wall: float) -> int:
+    def restore(
+        self, rows: Iterator[tuple[str, dict[str, Any] | ValueError]], now: float, wall: float
+    ) -> int:
         """Bring back stored jobs reported within --job-ttl, most recent first, up to
-        --max-jobs; a row that does not fit the schema is quarantined."""
-        recent = [
-            (name, data)
-            for name, data in rows
-            if wall - float(data.get("last_report_wall", 0.0) or 0.0) <= self.job_ttl
-        ]
+        --max-jobs; rows that do not decode or fit the schema are quarantined, in one commit."""
+        bad: list[tuple[str, str]] = []
+        recent: list[tuple[str, dict[str, Any]]] = []
+        for name, data in rows:
+            if isinstance(data, ValueError):
+                bad.append((name, str(data)))
+            elif wall - float(data.get("last_report_wall", 0.0) or 0.0) <= self.job_ttl:
+                recent.append((name, data))
         recent.sort(key=lambda r: float(r[1].get("last_report_wall", 0.0) or 0.0), reverse=True)
         for name, data in recent[: self.max_jobs]:
             try:
-                job = JobState.from_stored(name, self.rule_for(name), data, now)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                self.store.quarantine(name, f"{type(exc).__name__}: {exc}")
+                job = JobState.from_stored(name, self.rule_for(name), data, now, self.generation)
+            except _UNUSABLE as exc:
+                bad.append((name, f"{type(exc).__name__}: {exc}"))
                 continue
             self._add(job, wall)
+        if bad:
+            try:
+                self.store.commit(Writes(quarantine=bad))
+            except Exception as exc:  # the rows stay; they are tried again on the next load
+                log.error("cannot quarantine %d unusable job rows: %s", len(bad), exc)
         return len(self.jobs)
 
     def _add(self, job: JobState, wall: float | None = None) -> None:
@@ -199,8 +222,12 @@ class JobTable:
             self.deadlines.push(max(later, now) + 1e-3, "ttl", name)
 
     def swap_policies(self, new: PolicySet) -> None:
+        """Put `new` in force: each job takes its new rule at its next decision (or within a
+        few loop turns, `Batch.rebind`), so a reload costs the loop no O(jobs) turn."""
         self.policies = new
         self._rules.clear()
+        self.generation += 1
+        self.rebinding = list(self.jobs)  # names only: a C-level copy, no decision
 
 
 class Batch:
@@ -211,6 +238,8 @@ class Batch:
         self.env = dataclasses.replace(env, snapshots=self.snapshot)
         self.touched: dict[str, JobState] = {}
         self.forgotten: list[str] = []
+        self.quarantine: list[tuple[str, str]] = []
+        self.rebound: list[str] = []
         self.steps: list[Step] = []
         self.out: Outgoing = []
         self._snapshots: list[tuple[JobState, int]] = []
@@ -221,14 +250,22 @@ class Batch:
         job = self.touched.get(name) or self.table.jobs.get(name)
         if job is None and name not in self._loaded and name not in self.forgotten:
             self._loaded.add(name)
-            data = self.table.store.load_job(name)
-            if data is not None and self._has_room():
-                try:
-                    job = JobState.from_stored(name, self.table.rule_for(name), data, self.env.now)
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    self.table.store.quarantine(name, f"{type(exc).__name__}: {exc}")
+            table = self.table
+            try:
+                data = table.store.load_job(name)
+                if data is None or not self._has_room():
                     return None
-                self.touched[name] = job
+                job = JobState.from_stored(
+                    name, table.rule_for(name), data, self.env.now, table.generation
+                )
+            except _UNUSABLE as exc:  # moved aside in this turn's commit
+                self.quarantine.append((name, f"{type(exc).__name__}: {exc}"))
+                return None
+            self.touched[name] = job
+        elif job is not None and job.generation != self.table.generation:
+            # A reload since the job's last decision: its new rule applies from this one.
+            self._step(job, Rebind(self.table.rule_for(name)))
+            job = self.touched[name]
         return job
 
     def _has_room(self) -> bool:
@@ -288,9 +325,16 @@ class Batch:
         self._step(job, SetLr(lr, reason, author, epochs, seconds))
         return self.touched[name]
 
-    def rebind_all(self, policies: PolicySet) -> None:
-        for name, job in self.table.jobs.items():
-            self._step(job, Rebind(policies.rule_for(name)))
+    def rebind(self, limit: int = 256) -> None:
+        """Rebind up to `limit` jobs still on the policy set before the last reload (those
+        that decide first are rebound at that decision, by `job`)."""
+        queue = self.table.rebinding
+        while queue and limit > 0:
+            name = queue.pop()
+            self.rebound.append(name)  # put back if the turn's commit fails
+            if name in self.table.jobs:
+                self.job(name)
+                limit -= 1
 
     def forget(self, name: str) -> bool:
         known = self.job(name) is not None
@@ -310,7 +354,7 @@ class Batch:
 
     def writes(self) -> Writes:
         """The turn's transaction: each job's row encoded once, its snapshots, its audit."""
-        w = Writes(deleted=list(self.forgotten))
+        w = Writes(deleted=list(self.forgotten), quarantine=list(self.quarantine))
         encoded: dict[int, bytes] = {}
         for job, t in self._snapshots:
             row = encoded[id(job)] = encode_row(job.stored())

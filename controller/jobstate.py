@@ -102,6 +102,7 @@ class JobState:
     shadow_lr: float | None = None
     framework: str = ""  # rank 0's, from its hello: binds `compat: auto`
     override: Override | None = None  # an expiring operator override in force
+    generation: int = 0  # the policy reloads its rule has seen (memory only)
 
     @property
     def policy(self) -> Policy:
@@ -148,7 +149,9 @@ class JobState:
         }
 
     @classmethod
-    def from_stored(cls, name: str, rule: JobRule, data: Mapping[str, Any], now: float) -> JobState:
+    def from_stored(
+        cls, name: str, rule: JobRule, data: Mapping[str, Any], now: float, generation: int = 0
+    ) -> JobState:
         """A job from its stored row under `rule` (not yet bound to the job's framework);
         a changed policy restarts from the stored LR.
 
@@ -176,6 +179,7 @@ class JobState:
             shadow_lr=_opt_float(data.get("shadow_lr")),
             framework=framework,
             override=Override.from_dict(data["override"]) if data.get("override") else None,
+            generation=generation,
         )
 
 

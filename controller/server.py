@@ -306,6 +306,8 @@ class Server:
         while not self._stopping:
             now = self.clock()
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
+            if self.table.rebinding:  # jobs to rebind after a reload: a turn at once
+                wake = now
             events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
             self.turn(drain=self.sock in events)
             if self.admin in events:
@@ -334,18 +336,20 @@ class Server:
             except zmq.Again:
                 break
             self._feed(frames, batch, received, errors, user)
-        due = self.table.deadlines.pop_due(now)
+        due = self.table.deadlines.due(now)  # popped only once the turn is committed
         batch.expire(due)
-        if batch.steps or batch.touched:
+        batch.rebind()
+        if batch.steps or batch.touched or batch.quarantine:
             try:
                 self.store.commit(batch.writes())
             except Exception as exc:
-                self.table.deadlines.restore(due)
+                self.table.rebinding += batch.rebound
                 self._store_failed(exc)
                 text = "the controller cannot store its state now; resend later"
                 errors += [(i, ErrorMessage("unavailable", text, seq)) for i, seq in received]
                 self.send(errors)
                 return
+        self.table.deadlines.pop_due(now)
         out = self.table.publish(batch)
         self.table.expire_idle(due, now)
         for step in batch.steps:
@@ -521,21 +525,16 @@ class Server:
             if source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
-        batch = self.table.batch(self.clock(), self.wall())
-        batch.rebind_all(new)
-        try:
-            out = self.commit(batch)
-        except Exception as exc:
-            return self._reload_failed([f"{self.config.policy}: could not store the change: {exc}"])
+        # Each job takes its new rule at its next decision, or within a few loop turns
+        # (Batch.rebind): nothing here is O(jobs).
         self.table.swap_policies(new)
-        self.send(out)
         self.reload_keys()
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload_timestamp.set(self.wall())
         for warning in new.warnings:
             log.warning("%s", warning)
         log.info(
-            "policy reloaded from %s (%s); %d jobs re-evaluated",
+            "policy reloaded from %s (%s); %d jobs re-evaluated at their next decision",
             self.config.policy,
             source,
             len(self.table.jobs),

@@ -85,6 +85,7 @@ class Env:
         worker_timeout: a rank not heard from for this long is no longer a worker.
         rules: the rule of a job not seen yet (its hello starts it); None: no new jobs.
         snapshots: reads the stored end-of-t state of (job, run, t) for a resume.
+        generation: the reloads so far; a job bound to `rules` carries it.
     """
 
     now: float
@@ -92,6 +93,7 @@ class Env:
     worker_timeout: float = 600.0
     rules: Callable[[str], JobRule] | None = None
     snapshots: SnapshotReader = _no_snapshots
+    generation: int = 0
 
 
 # -- the events a job reacts to (besides the protocol's Hello, Report and Bye) -------------
@@ -291,6 +293,7 @@ def hello(
             run=new_run_id(0, env.wall),
             last_epoch=start - 1 if start > 0 else None,
             framework=h.framework,
+            generation=env.generation,
         )
         reason = "initial"
         audit.append(audit_row(job, env, None, "initial", start, source="hello"))
@@ -626,10 +629,11 @@ def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
     """A reloaded policy file gave the job `rule`: carry its state over (None: no change)."""
     rule = rule.for_framework(job.framework)
     if rule.policy == job.policy and rule.match == job.rule.match:
-        return Step(job.with_(rule=rule), persist=False)
+        return Step(job.with_(rule=rule, generation=env.generation), persist=False)
     t = job.next_t()
     old_lr = job.lr
     job = job.with_(
+        generation=env.generation,
         rule=rule,
         state=job.policy.transfer(job.state, rule.policy, t),
         fingerprint=fingerprint(rule.policy),
