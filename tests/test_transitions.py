@@ -28,7 +28,7 @@ from lrpilot.controller.jobstate import JobState
 from lrpilot.controller.policies import Plateau, fingerprint, float32
 from lrpilot.controller.policyfile import load_text
 from lrpilot.controller.server import Server
-from lrpilot.controller.store import decode_row
+from lrpilot.controller.store import Writes, decode_row
 from lrpilot.controller.transitions import Env
 
 PLATEAU = """\
@@ -354,3 +354,112 @@ def test_rows_written_by_0_1_as_json_still_decode() -> None:
     row = decode_row(legacy)
     assert row["run"] == 3 and row["state"]["wait"] == 2
     assert row["state"]["best"] != row["state"]["best"]  # NaN, as 0.1 stored it
+
+
+# -- the sealed commit: quarantine, deadlines, reload, history ---------------------------------
+
+
+def test_an_unusable_row_is_quarantined_in_the_turns_commit_or_not_at_all(
+    server: tuple[Server, Clock],
+) -> None:
+    s, _clock = server
+    s.store.commit(Writes(jobs={"broken": b"\xc1 not msgpack"}))
+    w = Wire(s.endpoints()["bind"], "broken")
+    try:
+        with disk_full(Path(s.config.state_dir) / "state.db-wal"):
+            w.sock.send(_hello(w))
+            (refused,) = turn_until(s, w)
+        assert isinstance(refused, ErrorMessage) and refused.code == "unavailable"
+        assert s.store.quarantined == 0  # the commit failed: the row has not moved
+        w.sock.send(_hello(w))
+        (answer,) = turn_until(s, w)  # the same turn moves the old row aside and starts anew
+        assert isinstance(answer, LrMessage) and answer.reason == "initial"
+        assert s.store.quarantined == 1
+    finally:
+        w.close()
+    db = s.store.db  # the controller's own connection (the store holds an exclusive lock)
+    assert db.execute("SELECT job, data FROM quarantine").fetchall() == [
+        ("broken", b"\xc1 not msgpack")
+    ]
+    assert decode_row(db.execute("SELECT data FROM jobs WHERE job='broken'").fetchone()[0])
+
+
+def test_deadlines_leave_the_heap_only_with_a_committed_turn(server: tuple[Server, Clock]) -> None:
+    s, clock = server
+    r0, r1 = Wire(s.endpoints()["bind"], "ddp2", 0, 2), Wire(s.endpoints()["bind"], "ddp2", 1, 2)
+    try:
+        for p in (r0, r1):
+            p.sock.send(_hello(p))
+        turn_until(s, r0, r1)
+        r0.report(0, {"val_loss": 1.0}, wait=False)
+        for _ in range(200):  # until the controller counted the report (a positive signal)
+            s.sock.poll(10)
+            s.turn()
+            if s.table.counters["ddp2"].reports == 1:
+                break
+        held = sorted(s.table.deadlines._heap)
+        clock.t += 6  # past aggregate_timeout
+        assert [d[1] for d in s.table.deadlines.due(clock.t)] == ["aggregate"]
+        with disk_full(Path(s.config.state_dir) / "state.db-wal"):
+            s.turn()
+        assert sorted(s.table.deadlines._heap) == held  # still there, never popped
+        assert s.table.jobs["ddp2"].last_epoch is None
+        s.turn()
+        late = r0.recv(timeout=5)
+        assert isinstance(late, LrMessage) and late.apply_from_epoch == 1
+        assert s.table.jobs["ddp2"].last_epoch == 0
+        assert [d[1] for d in s.table.deadlines.due(clock.t)] == []
+    finally:
+        r0.close(), r1.close()
+
+
+def test_a_reload_rebinds_each_job_at_its_next_decision_not_all_at_once(
+    server: tuple[Server, Clock],
+) -> None:
+    s, _clock = server
+    peers = [Wire(s.endpoints()["bind"], f"rb-{i}") for i in range(3)]
+    try:
+        for p in peers:
+            p.sock.send(_hello(p))
+        turn_until(s, *peers)
+        new = load_text(PLATEAU.replace("patience: 1", "patience: 1, min_lr: 0.2"), "p.yaml")
+        s.table.swap_policies(new)  # what a reload does: O(1), no job touched yet
+        assert all(j.rule.policy.min_lr == 0.0 for j in s.table.jobs.values())  # type: ignore[attr-defined]
+        peers[0].report(0, {"val_loss": 1.0}, wait=False)
+        batch = s.table.batch(s.clock(), s.wall())
+        s._feed(*_received(s), batch, [], [])  # one message, its job rebound at its decision
+        assert [st.job.name for st in batch.steps if st.job] == ["rb-0", "rb-0"]
+        s.store.commit(batch.writes())
+        s.table.deadlines.pop_due(s.clock())
+        s.send(s.table.publish(batch))
+        (reply,) = [peers[0].recv()]
+        assert reply.lr == pytest.approx(0.2) and reply.reason == "reload"
+        s.turn()  # the others within a few loop turns, pushed to their workers
+        pushed = [p.recv() for p in peers[1:]]
+        assert all(m.reason == "reload" and m.lr == pytest.approx(0.2) for m in pushed)
+        assert not s.table.rebinding
+    finally:
+        for p in peers:
+            p.close()
+
+
+def _received(s: Server) -> tuple[list[bytes]]:
+    for _ in range(200):
+        if s.sock.poll(10):
+            return (s.sock.recv_multipart(),)
+    raise AssertionError("no message reached the controller")
+
+
+def test_history_is_filtered_by_the_store(server: tuple[Server, Clock]) -> None:
+    from lrpilot.controller.store import AuditRow
+
+    s, _clock = server
+    rows = [
+        AuditRow(f"2026-01-0{d}T00:00:00.000Z", "h", 0.1, 0.1 / d, "plateau", d, d, "policy", run)
+        for d, run in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 2))
+    ]
+    s.store.commit(Writes(audit=rows))
+    assert [r.version for r in s.store.history("h", run=2)] == [3, 4, 5]
+    assert [r.version for r in s.store.history("h", run=2, limit=2)] == [4, 5]
+    assert [r.version for r in s.store.history("h", since="2026-01-02")] == [2, 3, 4, 5]
+    assert s.store.last_run("h") == 2 and s.store.last_run("nobody") is None
