@@ -1,119 +1,252 @@
 """The admin socket's requests about jobs: status, set-lr, history, range-test, forget.
 
-One typed handler per request (`server.py` dispatches on the request's `t`); each
-returns the reply as a plain dict, or raises `ProtocolError` (answered as an `error`).
-Changes go through a `Batch` and the server's commit, as client messages do.
+A request is parsed once into a typed value (`parse_request`); each kind has one
+handler `(request, grant) -> reply` on `JobRequests`, which sees the job table,
+the store, the clocks and a commit function, never the `Server` (so this module
+imports nothing of server.py). A reply is a plain dict; a bad request raises
+`ProtocolError` (answered as an `error`). Changes go through a `Batch` and the
+commit function, as client messages do.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
+from .auth import Grant
+from .jobs import Batch, JobTable
 from .jobstate import status_row
-from .store import rfc3339
+from .store import StateStore, rfc3339
+from .transitions import Outgoing
 
-if TYPE_CHECKING:
-    from .server import Server
-
-__all__ = ["JobRequests", "error"]
+__all__ = [
+    "AdminRequest",
+    "Forget",
+    "History",
+    "JobRequests",
+    "RangeTestRequest",
+    "Reload",
+    "SetLr",
+    "Status",
+    "error",
+    "parse_request",
+]
 
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
 
 
+# -- the typed requests -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """`lrpilot status`: every job the key may see."""
+
+
+@dataclass(frozen=True)
+class SetLr:
+    """`lrpilot set-lr JOB LR [--reason] [--epochs N | --for DURATION]`."""
+
+    job: str
+    lr: float
+    reason: str = ""
+    author: str = "operator"
+    epochs: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class History:
+    """`lrpilot history JOB [--run RUN | --all-runs] [--since S] [--tail N]`."""
+
+    job: str
+    run: int | None = None
+    all_runs: bool = False
+    since: float | None = None
+    tail: int | None = None
+
+
+@dataclass(frozen=True)
+class RangeTestRequest:
+    """`lrpilot range-test JOB`."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    """`lrpilot forget JOB`."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class Reload:
+    """`lrpilot reload` (answered by the server once the loader has read the file)."""
+
+
+AdminRequest: TypeAlias = Status | SetLr | History | RangeTestRequest | Forget | Reload
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _set_lr(msg: dict[str, Any]) -> SetLr:
+    name = check_name(msg.get("job"), "job")
+    lr = msg.get("lr")
+    if (
+        isinstance(lr, bool)
+        or not isinstance(lr, int | float)
+        or not (math.isfinite(lr) and 0 < lr <= 10)
+    ):
+        raise ProtocolError("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
+    reason = str(msg.get("reason") or "")[:500]
+    author = str(msg.get("author") or "operator")[:200]
+    epochs, seconds = msg.get("epochs"), msg.get("seconds")
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1 << 40
+    ):
+        raise ProtocolError("out_of_range", f"epochs must be an integer >= 1, got {epochs!r}")
+    if seconds is not None and (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not (math.isfinite(seconds) and seconds > 0)
+    ):
+        raise ProtocolError("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
+    if epochs is not None and seconds is not None:
+        raise ProtocolError("schema", "an override ends after epochs or after a duration, not both")
+    return SetLr(name, float(lr), reason, author, epochs, None if seconds is None else seconds)
+
+
+def _history(msg: dict[str, Any]) -> History:
+    run, since, tail = msg.get("run"), msg.get("since"), msg.get("tail")
+    return History(
+        check_name(msg.get("job"), "job"),
+        run if isinstance(run, int) and not isinstance(run, bool) else None,
+        bool(msg.get("all_runs")),
+        float(since) if since is not None and _number(since) else None,
+        tail if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0 else None,
+    )
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any]], AdminRequest]] = {
+    "status": lambda msg: Status(),
+    "set_lr": _set_lr,
+    "history": _history,
+    "range_test": lambda msg: RangeTestRequest(check_name(msg.get("job"), "job")),
+    "forget": lambda msg: Forget(check_name(msg.get("job"), "job")),
+    "reload": lambda msg: Reload(),
+}
+
+
+def parse_request(msg: Any) -> AdminRequest:
+    """The typed request of a decoded admin message.
+
+    Raises:
+        ProtocolError: `unknown_type`, `schema` or `out_of_range`, naming what is wrong.
+    """
+    kind = msg.get("t") if isinstance(msg, dict) else None
+    parse = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parse is None:
+        raise ProtocolError("unknown_type", f"unknown request {str(kind)[:40]!r}")
+    return parse(msg)
+
+
+# -- the handlers -------------------------------------------------------------------------------
+
+
 class JobRequests:
-    """Admin requests about jobs, against one server's job table and store."""
+    """The handlers of admin requests about jobs, each `(request, grant) -> reply`.
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    Args:
+        table: the job table (read for status, changed through batches).
+        store: the durable state (history).
+        clock, wall: monotonic and Unix time.
+        commit: commits a batch and returns what to send (raises when it cannot).
+        send: sends the messages of a committed batch to clients.
 
-    def allowed(self, job: str) -> None:
+    `grant` is the key's grant when CURVE is on, None when every caller may do everything.
+    """
+
+    def __init__(
+        self,
+        table: JobTable,
+        store: StateStore,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        commit: Callable[[Batch], Outgoing],
+        send: Callable[[Outgoing], None],
+    ) -> None:
+        self.table = table
+        self.store = store
+        self.clock = clock
+        self.wall = wall
+        self.commit = commit
+        self.send = send
+
+    @staticmethod
+    def allowed(job: str, grant: Grant | None) -> None:
         """An admin request about `job` from a key that may not steer it is forbidden."""
-        grant = self.server.admin_grant
-        if self.server.authorizer is not None and (grant is None or not grant.allows(job)):
+        if grant is not None and not grant.allows(job):
             raise ProtocolError("forbidden", f"this key may not use job {job}")
 
-    def status(self, msg: dict[str, Any]) -> dict[str, Any]:
-        now, timeout = self.server.clock(), self.server.table.worker_timeout
-        grant = self.server.admin_grant if self.server.authorizer is not None else None
+    def status(self, request: Status, grant: Grant | None) -> dict[str, Any]:
+        now, timeout = self.clock(), self.table.worker_timeout
         jobs = [
             status_row(j, now, timeout)
-            for j in self.server.table.jobs.values()
+            for j in self.table.jobs.values()
             if grant is None or grant.allows(j.name)
         ]
         return {"t": "status", "jobs": jobs}
 
-    def set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self.allowed(name)
-        lr = msg.get("lr")
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, int | float)
-            or not (math.isfinite(lr) and 0 < lr <= 10)
-        ):
-            return error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
-        reason = str(msg.get("reason") or "")[:500]
-        author = str(msg.get("author") or "operator")[:200]
-        epochs, seconds = msg.get("epochs"), msg.get("seconds")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1 << 40
-        ):
-            return error("out_of_range", f"epochs must be an integer >= 1, got {epochs!r}")
-        if seconds is not None and (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (math.isfinite(seconds) and seconds > 0)
-        ):
-            return error("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
-        if epochs is not None and seconds is not None:
-            return error("schema", "an override ends after epochs or after a duration, not both")
-        batch = self.server.table.batch(self.server.clock(), self.server.wall())
+    def set_lr(self, request: SetLr, grant: Grant | None) -> dict[str, Any]:
+        r = request
+        self.allowed(r.job, grant)
+        batch = self.table.batch(self.clock(), self.wall())
         try:
-            job = batch.override(name, float(lr), reason, author, epochs, seconds)
+            job = batch.override(r.job, r.lr, r.reason, r.author, r.epochs, r.seconds)
         except KeyError:
-            return error("unknown_job", f"no job {name!r}")
+            return error("unknown_job", f"no job {r.job!r}")
         try:
-            self.server.send(self.server.commit(batch))
+            self.send(self.commit(batch))
         except Exception as exc:
             return error("unavailable", f"could not store the override: {exc}")
-        reply = {"t": "ok", "job": name, "lr": job.lr, "version": job.version}
-        row = status_row(job, self.server.clock(), self.server.table.worker_timeout)
+        reply = {"t": "ok", "job": r.job, "lr": job.lr, "version": job.version}
+        row = status_row(job, self.clock(), self.table.worker_timeout)
         reply["override"] = row["override"]
         reply["apply_from"] = job.next_t()
         return reply
 
-    def history(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self.allowed(name)
-        store = self.server.store
-        job = self.server.table.jobs.get(name)
-        last_run = store.last_run(name)
+    def history(self, request: History, grant: Grant | None) -> dict[str, Any]:
+        """The job's LR changes, filtered by the store (run, since, tail) in SQL."""
+        name = request.job
+        self.allowed(name, grant)
+        job = self.table.jobs.get(name)
+        last_run = self.store.last_run(name)
         if last_run is None and job is None:
             return error("unknown_job", f"no job {name!r}")
         run = None
-        if not msg.get("all_runs"):  # one run: the one asked for, else the current one
-            run = msg.get("run")
-            if not isinstance(run, int) or isinstance(run, bool):
+        if not request.all_runs:  # one run: the one asked for, else the current one
+            run = request.run
+            if run is None:
                 run = job.run if job is not None else last_run
-        since = msg.get("since")
-        start = None
-        if isinstance(since, int | float) and not isinstance(since, bool):
-            start = rfc3339(self.server.wall() - float(since))
-        tail = msg.get("tail")
-        limit = tail if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0 else None
-        rows = [] if limit == 0 else store.history(name, limit, run, start)
+        start = None if request.since is None else rfc3339(self.wall() - request.since)
+        tail = request.tail
+        rows = [] if tail == 0 else self.store.history(name, tail, run, start)
         return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
 
-    def range_test(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self.allowed(name)
-        job = self.server.table.jobs.get(name)
+    def range_test(self, request: RangeTestRequest, grant: Grant | None) -> dict[str, Any]:
+        name = request.job
+        self.allowed(name, grant)
+        job = self.table.jobs.get(name)
         if job is None:
             return error("unknown_job", f"no job {name!r}")
         report = job.policy.range_test_report(job.state)
@@ -121,14 +254,14 @@ class JobRequests:
             return error("unknown_job", f"job {name!r} has run no LR range test")
         return {"t": "range_test", "job": name, **report}
 
-    def forget(self, msg: dict[str, Any]) -> dict[str, Any]:
-        name = check_name(msg.get("job"), "job")
-        self.allowed(name)
-        batch = self.server.table.batch(self.server.clock(), self.server.wall())
+    def forget(self, request: Forget, grant: Grant | None) -> dict[str, Any]:
+        name = request.job
+        self.allowed(name, grant)
+        batch = self.table.batch(self.clock(), self.wall())
         if not batch.forget(name):
             return error("unknown_job", f"no job {name!r}")
         try:
-            self.server.commit(batch)
+            self.commit(batch)
         except Exception as exc:
             return error("unavailable", f"could not forget {name!r}: {exc}")
         return {"t": "ok", "job": name}

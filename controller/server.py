@@ -38,16 +38,34 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
-from .admin_requests import JobRequests, error
+from .admin_requests import (
+    Forget,
+    History,
+    JobRequests,
+    RangeTestRequest,
+    Reload,
+    SetLr,
+    Status,
+    error,
+    parse_request,
+)
 from .auth import Authorizer, Grant
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import Store
+from .store import StateStore, Store
 from .transitions import Outgoing
 
-__all__ = ["BindError", "ServeConfig", "Server", "parse_ready_line", "serve"]
+__all__ = [
+    "BindError",
+    "ServeConfig",
+    "Server",
+    "Sockets",
+    "build_server",
+    "parse_ready_line",
+    "serve",
+]
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -105,76 +123,46 @@ class _LogLimiter:
         return True
 
 
-class Server:
-    """A bound controller; `run()` serves until `stop()` (or SIGTERM/SIGINT).
+class Sockets:
+    """The bound sockets of one controller: clients, admin, the loop's wake-up, /metrics.
 
-    Args:
-        config: the validated settings.
-        policies: the policy set in force (from `--policy` or the embedded default).
-        clock, wall: monotonic and Unix time (injectable for tests).
-
-    Raises:
-        zmq.ZMQError: a socket cannot bind.
-        StateDirLocked, StoreCorrupt: the state dir cannot be used.
+    `Sockets.bind(config, metrics)` does the binding (and CURVE set-up); `close()` closes
+    every socket with linger 0 and stops the metrics server.
     """
 
-    def __init__(
-        self,
-        config: ServeConfig,
-        policies: PolicySet,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
-        self.config = config
-        self.clock = clock
-        self.wall = wall
-        self.metrics = Metrics(version=__version__)
-        self.store = Store(config.state_dir)
-        self.table = JobTable(
-            policies,
-            self.store,
-            max_jobs=config.max_jobs,
-            worker_timeout=config.worker_timeout,
-            job_ttl=config.job_ttl,
-        )
-        self.metrics.watch(self.table, clock)
-        jobs = JobRequests(self)
-        self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "status": jobs.status,
-            "set_lr": jobs.set_lr,
-            "history": jobs.history,
-            "forget": jobs.forget,
-            "range_test": jobs.range_test,
-            "reload": self._reload_request,
-        }
-        self.metrics.last_reload_timestamp.set(wall())
-        self.loader: PolicyLoader | None = None
-        self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
-        self._stopping = False
-        self._reload_requested = False
-        self._admin_token = 0
-        self._admin_token = 0
-        self._limiter = _LogLimiter()
-        self.ctx = zmq.Context()
-        self._auth: Any = None
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.clients: zmq.Socket[bytes] | None = None
+        self.admin: zmq.Socket[bytes] | None = None
+        self.wakeup: zmq.Socket[bytes] | None = None
+        self.wake_endpoint = f"inproc://lrpilot-wake-{id(self)}"
+        self.http: Any = None
+        self.auth: Any = None
         #: The grants of the authorized keys when CURVE is on, else None.
         self.authorizer: Authorizer | None = None
-        self.admin_grant: Grant | None = None  # of the admin request being handled
-        self._http: Any = None
+
+    @classmethod
+    def bind(cls, config: ServeConfig, metrics: Metrics) -> Sockets:
+        """Bind every endpoint of `config`; on failure nothing stays open.
+
+        Raises:
+            BindError: an endpoint or port that cannot be bound, named with its flag.
+        """
+        self = cls()
         try:
-            self.sock = self._client_socket()
+            self.clients = self._client_socket(config)
             self.admin = self.ctx.socket(zmq.ROUTER)
             self.admin.setsockopt(zmq.LINGER, 0)
             if self.authorizer is not None:  # the admin socket needs an authorized key too
-                self._curve_server(self.admin)
+                _curve_server(self.admin, config)
             self.admin.setsockopt(zmq.MAXMSGSIZE, ADMIN_MAX_REQUEST)
-            self._bind_admin(config.admin_bind)  # close() closes it if this fails
-            self._wakeup = self.ctx.socket(zmq.PULL)
-            self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
+            self._bind_admin(config.admin_bind)
+            self.wakeup = self.ctx.socket(zmq.PULL)
+            self.wakeup.bind(self.wake_endpoint)
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self._http = self.metrics.serve(port, host)
+                    self.http = metrics.serve(port, host)
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -183,27 +171,9 @@ class Server:
         except Exception:
             self.close()
             raise
-        self._restore_jobs(clock(), wall())
-        if config.policy:
-            self.loader = PolicyLoader(config.policy, policies.digest, clock, self._waker())
+        return self
 
-    def _waker(self) -> Callable[[], None]:
-        """Wakes the loop from the loader's thread (its socket is created in that thread)."""
-        local = threading.local()
-        endpoint = f"inproc://lrpilot-wake-{id(self)}"
-
-        def wake() -> None:
-            sock = getattr(local, "sock", None)
-            if sock is None:
-                sock = local.sock = self.ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(endpoint)
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send(b"", zmq.NOBLOCK)
-
-        return wake
-
-    def _client_socket(self) -> zmq.Socket[bytes]:
+    def _client_socket(self, config: ServeConfig) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -213,16 +183,16 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 15000)
-        if self.config.curve_secret_key:
+        if config.curve_secret_key:
             from zmq.auth.thread import ThreadAuthenticator
 
-            self._auth = ThreadAuthenticator(self.ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
-            self.authorizer = Authorizer(self.config.curve_authorized_dir or ".")
-            self._curve_server(sock)
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=config.curve_authorized_dir)
+            self.authorizer = Authorizer(config.curve_authorized_dir or ".")
+            _curve_server(sock, config)
         try:
-            _bind(sock, self.config.bind, "--bind")
+            _bind(sock, config.bind, "--bind")
         except BindError:
             sock.close(linger=0)
             raise
@@ -231,6 +201,7 @@ class Server:
     def _bind_admin(self, endpoint: str) -> None:
         """Bind the admin socket; an ipc:// socket file is created mode 0600 (only this user
         can steer jobs); loopback TCP is open to every local user, and the log says so."""
+        assert self.admin is not None
         if endpoint.startswith("ipc://"):
             old = os.umask(0o077)
             try:
@@ -247,26 +218,139 @@ class Server:
                 endpoint,
             )
 
-    def _curve_server(self, sock: zmq.Socket[bytes]) -> None:
-        from zmq.auth import load_certificate
+    def waker(self) -> Callable[[], None]:
+        """Wakes the loop from another thread (its socket is created in that thread)."""
+        local = threading.local()
+        ctx, endpoint = self.ctx, self.wake_endpoint
 
-        assert self.config.curve_secret_key is not None
-        public, secret = load_certificate(self.config.curve_secret_key)
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_server = True
+        def wake() -> None:
+            sock = getattr(local, "sock", None)
+            if sock is None:
+                sock = local.sock = ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(b"", zmq.NOBLOCK)
+
+        return wake
+
+    def close(self) -> None:
+        for sock in (self.clients, self.admin, self.wakeup):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        self.ctx.term()
+
+
+def _curve_server(sock: zmq.Socket[bytes], config: ServeConfig) -> None:
+    from zmq.auth import load_certificate
+
+    assert config.curve_secret_key is not None
+    public, secret = load_certificate(config.curve_secret_key)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
+def build_server(
+    config: ServeConfig,
+    policies: PolicySet | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+) -> Server:
+    """Assemble a controller: open the store, restore its jobs, bind the sockets, start
+    the policy file's loader; the `Server` it returns does no I/O until `run()`.
+
+    Args:
+        config: the validated settings.
+        policies: the policy set in force (default: the embedded default).
+        clock, wall: monotonic and Unix time (tests pass a clock they move).
+
+    Raises:
+        BindError: an endpoint or port cannot be bound.
+        StateDirLocked, StoreCorrupt: the state dir cannot be used.
+    """
+    policies = policies or load_default()
+    metrics = Metrics(version=__version__)
+    metrics.last_reload_timestamp.set(wall())
+    store = Store(config.state_dir)
+    try:
+        table = JobTable(
+            policies,
+            store,
+            max_jobs=config.max_jobs,
+            worker_timeout=config.worker_timeout,
+            job_ttl=config.job_ttl,
+        )
+        metrics.watch(table, clock)
+        sockets = Sockets.bind(config, metrics)
+    except BaseException:
+        store.close()
+        raise
+    count = table.restore(store.load_jobs(), clock(), wall())
+    if count:
+        log.info("restored %d jobs from %s", count, config.state_dir)
+    loader = None
+    if config.policy:
+        loader = PolicyLoader(config.policy, policies.digest, clock, sockets.waker())
+    return Server(config, store, table, metrics, sockets, clock, wall, loader)
+
+
+class Server:
+    """A bound controller; `run()` serves until `stop()` (or SIGTERM/SIGINT).
+
+    Built by `build_server(config)`; the constructor only wires what it is given.
+
+    Args:
+        config: the validated settings.
+        store: durable state; table: the jobs in memory; metrics: the registry's metrics.
+        sockets: the bound sockets.
+        clock, wall: monotonic and Unix time.
+        loader: the policy file's loader thread (None: no --policy, no reloads).
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        store: StateStore,
+        table: JobTable,
+        metrics: Metrics,
+        sockets: Sockets,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        loader: PolicyLoader | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.wall = wall
+        self.metrics = metrics
+        self.store = store
+        self.table = table
+        self.sockets = sockets
+        self.loader = loader
+        assert sockets.clients is not None and sockets.admin is not None
+        assert sockets.wakeup is not None
+        self.ctx = sockets.ctx
+        self.sock = sockets.clients
+        self.admin = sockets.admin
+        self._wakeup = sockets.wakeup
+        self.authorizer = sockets.authorizer
+        self.jobs = JobRequests(table, store, clock, wall, self.commit, self.send)
+        self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
+        self._stopping = False
+        self._reload_requested = False
+        self._admin_token = 0
+        self._limiter = _LogLimiter()
 
     def reload_keys(self) -> None:
         """Re-read the authorized dir: for new handshakes (ZAP) and for every next message."""
-        if self.authorizer is not None and self._auth is not None:
-            self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
+        if self.authorizer is not None and self.sockets.auth is not None:
+            self.sockets.auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
             self.authorizer.reload()
-
-    def _restore_jobs(self, now: float, wall: float) -> None:
-        """Bring back every job reported within --job-ttl (most recent first, up to --max-jobs)."""
-        count = self.table.restore(self.store.load_jobs(), now, wall)
-        if count:
-            log.info("restored %d jobs from %s", count, self.config.state_dir)
 
     # -- endpoints ----------------------------------------------------------------
 
@@ -274,9 +358,9 @@ class Server:
         bind = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         admin = self.admin.getsockopt_string(zmq.LAST_ENDPOINT)
         out = {"bind": bind, "admin": admin}
-        if self._http is not None:
+        if self.sockets.http is not None:
             host = self.config.metrics_host
-            out["metrics"] = f"http://{host}:{self._http.server_port}/metrics"
+            out["metrics"] = f"http://{host}:{self.sockets.http.server_port}/metrics"
         return out
 
     def ready_line(self) -> str:
@@ -457,11 +541,12 @@ class Server:
             except zmq.Again:
                 return
             try:
+                grant = None
                 if self.authorizer is not None:
-                    self.admin_grant = self.authorizer.grant(user)
-                    if self.admin_grant is None:
+                    grant = self.authorizer.grant(user)
+                    if grant is None:
                         raise ProtocolError("forbidden", "this key is no longer authorized")
-                reply = self._admin(frames[-1])
+                reply = self._admin(frames[-1], grant)
             except ProtocolError as exc:
                 reply = error(exc.code, exc.message)
             except Exception as exc:
@@ -473,20 +558,28 @@ class Server:
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
 
-    def _admin(self, frame: bytes) -> dict[str, Any]:
-        try:
-            msg = decode(frame, limit=ADMIN_MAX_REQUEST)
-            handler = self._admin_handlers.get(msg["t"])
-            if handler is None:
-                return error("unknown_type", f"unknown request {msg['t'][:40]!r}")
-            return handler(msg)
-        except ProtocolError as exc:
-            return error(exc.code, exc.message)
+    def _admin(self, frame: bytes, grant: Grant | None) -> dict[str, Any]:
+        """One admin request: decoded, typed, handled as `(request, grant) -> reply`."""
+        request = parse_request(decode(frame, limit=ADMIN_MAX_REQUEST))
+        jobs = self.jobs
+        match request:
+            case Status():
+                return jobs.status(request, grant)
+            case SetLr():
+                return jobs.set_lr(request, grant)
+            case History():
+                return jobs.history(request, grant)
+            case RangeTestRequest():
+                return jobs.range_test(request, grant)
+            case Forget():
+                return jobs.forget(request, grant)
+            case Reload():
+                return self._reload_request(grant)
+        raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     # -- reload -----------------------------------------------------------------------
 
-    def _reload_request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        grant = self.admin_grant
+    def _reload_request(self, grant: Grant | None) -> dict[str, Any]:
         if self.authorizer is not None and (grant is None or not grant.unrestricted):
             raise ProtocolError("forbidden", "reload needs a key without a jobs restriction")
         self.reload_keys()
@@ -554,16 +647,7 @@ class Server:
         """Close sockets with linger 0, stop the metrics server, release the state dir."""
         if self.loader is not None:
             self.loader.close()
-        for name in ("sock", "admin", "_wakeup"):
-            sock = getattr(self, name, None)
-            if sock is not None:
-                sock.close(linger=0)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        self.ctx.term()
+        self.sockets.close()
         self.store.close()
 
 
@@ -583,7 +667,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     # scrape delays a decision by a fraction of a millisecond, not 5 ms per switch.
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        server = Server(config, policies)
+        server = build_server(config, policies)
     except (StateDirLocked, StoreCorrupt) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1

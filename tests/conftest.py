@@ -263,7 +263,7 @@ def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]
     """clocked_server(policy_text, **ServeConfig fields) -> (a Server on random loopback ports
     with no metrics port, its Clock); the loop runs only when a test calls `turn()`."""
     from lrpilot.controller.policyfile import load_text
-    from lrpilot.controller.server import ServeConfig, Server
+    from lrpilot.controller.server import ServeConfig, build_server
 
     started: list[Any] = []
 
@@ -276,7 +276,7 @@ def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]
             "state_dir": str(tmp_path / f"state-{len(started)}"),
             **config,
         }
-        server = Server(
+        server = build_server(
             ServeConfig(**settings), load_text(policy_text, "p.yaml"), clock=clock, wall=clock.wall
         )
         started.append(server)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from lrpilot.client.protocol import Hello, LrMessage, Report, encode
 from lrpilot.controller import simulate, transitions
 from lrpilot.controller.policyfile import load_text
-from lrpilot.controller.server import ServeConfig, Server
+from lrpilot.controller.server import ServeConfig, Server, build_server
 from lrpilot.controller.transitions import Env
 
 POLICY = """\
@@ -94,7 +94,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Clo
         metrics_port=None,
         state_dir=str(tmp_path_factory.mktemp("state")),
     )
-    server = Server(config, load_text(POLICY, "p.yaml"), clock=clock, wall=clock.wall)
+    server = build_server(config, load_text(POLICY, "p.yaml"), clock=clock, wall=clock.wall)
     try:
         yield server, clock
     finally:
