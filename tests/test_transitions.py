@@ -12,7 +12,6 @@ import dataclasses
 import os
 import resource
 import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +135,20 @@ def server(clocked_server: Callable[..., tuple[Server, Clock]]) -> tuple[Server,
     return clocked_server(PLATEAU, job_ttl=3600.0, worker_timeout=600.0)
 
 
-def test_one_commit_per_turn_answers_every_message(server: tuple[Server, Clock]) -> None:
-    s, _clock = server
-    peers = [Wire(s.endpoints()["bind"], f"job-{i}") for i in range(8)]
+@pytest.fixture
+def inproc(clocked_server: Callable[..., tuple[Server, Clock]]) -> tuple[Server, Clock]:
+    """A server whose clients are in this process (inproc://): a sent message is queued at
+    once, so a test knows what one turn will see and what a turn did not send."""
+    return clocked_server(PLATEAU, bind=f"inproc://lrpilot-test-{os.getpid()}-{id(object())}")
+
+
+def _peer(s: Server, job: str, rank: int = 0, world: int = 1) -> Wire:
+    return Wire(s.endpoints()["bind"], job, rank, world, ctx=s.ctx)
+
+
+def test_one_commit_per_turn_answers_every_message(inproc: tuple[Server, Clock]) -> None:
+    s, _clock = inproc
+    peers = [_peer(s, f"job-{i}") for i in range(8)]
     try:
         for p in peers:
             p.sock.send(_hello(p))
@@ -146,17 +156,8 @@ def test_one_commit_per_turn_answers_every_message(server: tuple[Server, Clock])
         commits = _commit_counter(s)
         for p in peers:
             p.report(0, {"val_loss": 1.0}, wait=False)
-        # ZeroMQ cannot say how many messages wait; a moment lets all eight arrive. Whatever
-        # the split, every turn that decided something committed exactly once.
-        time.sleep(0.2)
-        per_turn = []
-        while sum(per_turn) < 8 and len(per_turn) < 100:
-            s.sock.poll(100)
-            before = len(s.table.jobs) and sum(c.reports for c in s.table.counters.values())
-            s.turn()
-            per_turn.append(sum(c.reports for c in s.table.counters.values()) - before)
-        decided = [n for n in per_turn if n]
-        assert sum(decided) == 8 and commits() == len(decided) and max(decided) > 1
+        s.turn()  # all eight are queued (inproc): one turn decides them, with one commit
+        assert sum(c.reports for c in s.table.counters.values()) == 8 and commits() == 1
         answers = [p.recv(timeout=1) for p in peers]
         assert all(isinstance(a, LrMessage) and a.seq == 1 for a in answers)
     finally:
@@ -192,22 +193,22 @@ def test_a_failed_commit_answers_unavailable_and_puts_every_job_back(
 
 
 def test_an_aggregation_deadline_fires_at_its_time_and_not_before(
-    server: tuple[Server, Clock],
+    inproc: tuple[Server, Clock],
 ) -> None:
-    s, clock = server
-    r0, r1 = Wire(s.endpoints()["bind"], "ddp", 0, 2), Wire(s.endpoints()["bind"], "ddp", 1, 2)
+    s, clock = inproc
+    r0, r1 = _peer(s, "ddp", 0, 2), _peer(s, "ddp", 1, 2)
     try:
         for p in (r0, r1):
             p.sock.send(_hello(p))
         turn_until(s, r0, r1)
         r0.report(0, {"val_loss": 1.0}, wait=False)
-        for _ in range(20):
-            s.sock.poll(10)
-            s.turn()
-        assert not r0.sock.poll(50)  # waiting for rank 1
+        s.turn()
+        # The turn took the report (the positive signal) and, inproc, any reply would be
+        # queued at r0 already: none is, it waits for rank 1.
+        assert s.table.counters["ddp"].reports == 1 and not r0.sock.poll(0)
         clock.t += 4.99
         s.turn()
-        assert not r0.sock.poll(50) and s.table.jobs["ddp"].last_epoch is None
+        assert not r0.sock.poll(0) and s.table.jobs["ddp"].last_epoch is None
         clock.t += 0.02  # aggregate_timeout (5 s) has passed
         s.turn()
         late = r0.recv(timeout=1)
