@@ -22,8 +22,9 @@ _BITS = 5
 _WIDTH = 1 << _BITS
 _MASK = _WIDTH - 1
 _MAX_SHIFT = 64  # past the hash's bits, keys that collide share a bucket
-#: Up to this many keys a map is a dict, copied on every change.
-SMALL = 32
+#: Up to this many keys a map is a dict, copied on every change: below about 500 keys a
+#: C-level dict copy is faster than a path copy in Python (bench/report_cost.py).
+SMALL = 512
 _EMPTY: tuple[Any, ...] = (None,) * _WIDTH
 
 
