@@ -154,29 +154,25 @@ def test_an_invalid_edit_changes_nothing_and_says_so(running, tmp_path: Path) ->
     path = tmp_path / "policy.yaml"
     c, w = running(path, plateau(patience=2))
     in_place(path, "version: 1\ndefaults:\n  policy: {type: plateau, factor: 1.5}\n")
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_last_reload_success") != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # `lrpilot reload` answers once the file is read and judged (the watcher may have judged
+    # it already): a positive signal, no waiting on the clock.
+    out = run_cli("reload", "--admin", c.admin)
+    assert out.returncode == 2 and "factor must be in (0, 1)" in out.stdout
     assert c.metric("lrpilot_policy_last_reload_success") == 0
-    assert c.metric("lrpilot_policy_reloads_total", result="error") == 1
+    errors = c.metric("lrpilot_policy_reloads_total", result="error")
+    assert errors >= 1
     assert "policy.yaml:3: factor must be in (0, 1), got 1.5" in c.log()
     # The old policy (patience 2, factor 0.5) decides on: epoch 2 is the second bad epoch.
     assert w.report(2, {"val_loss": 1.0}).lr == pytest.approx(0.05)
-    out = run_cli("reload", "--admin", c.admin)
-    assert out.returncode == 2 and "factor must be in (0, 1)" in out.stdout
     # A file no check foresaw (a list where a name goes) is rejected too, never a crash.
     in_place(path, "version: 1\ndefaults:\n  policy: {type: [plateau]}\n")
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_reloads_total", result="error") < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    assert run_cli("reload", "--admin", c.admin).returncode == 2
+    assert c.metric("lrpilot_policy_reloads_total", result="error") > errors
     assert c.proc is not None and c.proc.poll() is None
     # Reverting to the file in force is a successful reload: the alert clears.
     in_place(path, plateau(patience=2))
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_last_reload_success") != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    assert run_cli("reload", "--admin", c.admin).returncode == 0
+    assert c.metric("lrpilot_policy_last_reload_success") == 1
     # Fixing the file recovers.
     in_place(path, plateau(patience=2, min_lr=0.06))
     msg, _ = wait_push(w)
@@ -212,10 +208,7 @@ def test_a_changed_policy_type_starts_from_the_current_lr(running, tmp_path: Pat
     path = tmp_path / "policy.yaml"
     c, w = running(path, plateau())
     in_place(path, "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 2}\n")
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_reloads_total", result="success") < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert run_cli("reload", "--admin", c.admin).returncode == 0  # answered once in force
     lrs = [w.report(e, {"val_loss": 1.0}).lr for e in range(2, 6)]
     # From 0.1 at epoch 2 the step schedule keeps its shape: halves at epochs 4 and 6.
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025])
@@ -226,10 +219,7 @@ def test_resume_after_a_policy_change_restarts_from_that_epochs_lr(running, tmp_
     c, w = running(path, plateau(patience=1))  # epochs 0, 1 reported: reduced to 0.05 at 1
     w.report(2, {"val_loss": 1.0})  # reduced again to 0.025
     in_place(path, "version: 1\ndefaults:\n  policy: {type: step, factor: 0.5, step_size: 2}\n")
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_reloads_total", result="success") < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    assert run_cli("reload", "--admin", c.admin).returncode == 0  # answered once in force
     w2 = Wire(c.bind, "job-r")
     try:
         back = w2.hello(start_epoch=2)  # a checkpoint from before the policy change
