@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus modules
+.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus image-tools modules docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ prometheus:
 		(systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true); \
 	else echo "prometheus is missing: run 'sudo apt-get install -y prometheus' and re-run make test"; exit 1; fi
 
+# Debian's buildah and debootstrap for tests/test_image.py, which builds the Dockerfile and runs
+# the image without a Docker engine (as root; elsewhere that test is skipped and says why).
+image-tools:
+	@if command -v buildah >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's buildah and debootstrap"; \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq update >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends \
+			buildah debootstrap >/dev/null; \
+	else echo "buildah or debootstrap is missing and this is not root: the image test will be skipped"; fi
+
 lint: modules
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -40,14 +51,22 @@ lint: modules
 typecheck: modules
 	$(VENV)/bin/mypy -p lrpilot.controller -p lrpilot.client
 
-pytest: modules prometheus
+pytest: modules prometheus image-tools
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
 
 check: test
 
-demo: modules
+# The demo needs the core and Keras only: no torch, Lightning, transformers or dev tools. In a
+# venv that `make test` already filled it installs nothing.
+DEMO_STAMP := $(VENV)/.demo-installed
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -f $(STAMP) || $(PIP) install -q --no-compile -e ".[keras]"
+	touch $@
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/lrpilot demo
 
 # Long property-based runs (the short profile runs inside make test).
@@ -63,8 +82,16 @@ bench: modules
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/adapters.py
 
-# A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl).
-dist: $(STAMP)
+# docs/policy-reference.md is written from the policy classes' own parameter docs; a test fails
+# when the committed file differs from what this prints.
+docs: modules
+	$(PY) -m lrpilot.controller.docgen > docs/policy-reference.md
+
+# A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl). Needs
+# only `build` (it builds in an isolated env with setuptools), none of the ML stacks.
+dist:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import build" 2>/dev/null || $(PIP) install -q "build>=1.0,<2"
 	$(PY) -m build --outdir dist .
 
 clean:

@@ -406,6 +406,7 @@ class Client:
         metrics: Mapping[str, Any],
         step: int | None = None,
         wait: bool = True,
+        trained_lr: float | None = None,
     ) -> float:
         """Reports a finished epoch (or step) and returns the LR to use from the next one.
 
@@ -422,6 +423,9 @@ class Client:
             wait: False returns at once: the report goes out in a burst with others at most
                 10 ms later (at the next call that does socket work, or `poll()`, `flush()`,
                 `close()`), and its decision is applied by a later call.
+            trained_lr: the LR this epoch (step) trained at, when it is not the client's
+                LR in force (an adapter whose hello came after the step); the controller's
+                LR range test takes only losses trained at its own LRs.
 
         Returns:
             The LR in force from epoch `epoch + 1` (or step `step + 1`).
@@ -434,7 +438,8 @@ class Client:
             return self._lr
         self._seq = seq = self._seq + 1
         start = self._step if step is None else step
-        kept = _Kept(seq, epoch, step, self._clean_metrics(metrics), self._lr, start)
+        lr = self._lr if trained_lr is None else _check_lr(trained_lr, "trained_lr")
+        kept = _Kept(seq, epoch, step, self._clean_metrics(metrics), lr, start)
         self._kept[seq] = kept
         self._unsent.append(kept)
         if len(self._kept) > MAX_KEPT:

@@ -17,8 +17,13 @@ import logging
 import math
 from typing import Any
 
-import torch
-import transformers
+from .extras import missing_extra
+
+try:
+    import torch
+    import transformers
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "hf", __name__) from exc
 
 from .core import Client, check_adapter_args
 from .env import resolve_job

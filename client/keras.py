@@ -11,8 +11,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import keras
-import numpy as np
+from .extras import missing_extra
+
+try:
+    import keras
+    import numpy as np
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "keras", __name__) from exc
 
 from .core import Client, check_adapter_args, scalar_metrics, to_scalar
 from .env import resolve_job

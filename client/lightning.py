@@ -19,6 +19,13 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from .extras import missing_extra
+
+try:
+    import torch  # noqa: F401 (the lightning extra brings it; the torch helpers below need it)
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "lightning", __name__) from exc
+
 from .core import Client, check_adapter_args
 from .env import resolve_job
 from .torch import StateSnapshot, number, restore_snapshot, scalars, set_lr
@@ -36,7 +43,11 @@ def _lightning() -> Any:
     try:
         return importlib.import_module("pytorch_lightning")
     except ImportError:
+        pass
+    try:
         return importlib.import_module("lightning.pytorch")
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc, "lightning", __name__) from exc
 
 
 _Callback: Any = _lightning().Callback

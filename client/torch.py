@@ -22,8 +22,13 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from .extras import missing_extra
+
+try:
+    import torch
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+except ModuleNotFoundError as exc:
+    raise missing_extra(exc, "torch", __name__) from exc
 
 from .core import Client, check_adapter_args, to_scalar
 from .env import resolve_job
@@ -351,7 +356,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
             if self._client is None:
                 self.last_epoch = epoch  # the first call says hello from there
         done = self.last_epoch if epoch is None else epoch
-        lr = self.client.report(done, report)
+        trained = self._trained_lr()
+        lr = self.client.report(done, report, trained_lr=trained)
         self.last_epoch = done + 1
         self._set_lr(lr)
         self._settle()
@@ -436,11 +442,14 @@ class LRPilotScheduler(ReduceLROnPlateau):
         """unit="step": `step()` after optimizer step `last_epoch` (0-based)."""
         if epoch is not None:
             self.epoch_in_progress = epoch
+        trained = self._trained_lr()
         client = self.client
         done = self.last_epoch
         self.last_epoch = done + 1
         if self.last_epoch % self.report_every == 0:
-            lr = client.report(self.epoch_in_progress, report, step=done, wait=self._testing)
+            lr = client.report(
+                self.epoch_in_progress, report, step=done, wait=self._testing, trained_lr=trained
+            )
         else:
             lr = client.poll(step=self.last_epoch)
         self._set_lr(lr)
@@ -547,6 +556,11 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _lr0(self) -> float:
         return _group_lr(self.optimizer.param_groups[0])
+
+    def _trained_lr(self) -> float | None:
+        """The LR of the step (epoch) this `step()` reports, when the hello comes only now,
+        after it (its answer sets another LR before the report): group 0's; else None."""
+        return self._lr0() if self._client is None else None
 
     def _set_lr(self, lr: float) -> None:
         if set_lr([self.optimizer], lr):

@@ -189,7 +189,9 @@ class Admin:
         since: str | float | None = None,
         tail: int | None = None,
     ) -> list[dict[str, Any]]:
-        """The job's LR changes, oldest first (default: the current run)."""
+        """The job's LR changes, oldest first (default: the current run). Each row also
+        says what became of its run: `run_state` `current`, `finished` (every worker said
+        bye), `ended` (a later run started), or None (the job is not in memory)."""
         message: dict[str, Any] = {"t": "history", "job": job, "all_runs": all_runs}
         if run is not None:
             message["run"] = run

@@ -20,7 +20,7 @@ from lrpilot.client.protocol import check_name
 
 from .auth import Grant
 from .jobs import Batch, JobTable
-from .jobstate import status_row
+from .jobstate import JobState, status_row
 from .store import StateStore, rfc3339
 from .transitions import Outgoing
 
@@ -160,6 +160,23 @@ def parse_request(msg: Any) -> AdminRequest:
     return parse(msg)
 
 
+def _run_states(job: JobState | None, latest: int) -> Callable[[int], str | None]:
+    """What became of each run in a history: `ended` (a later run started), `finished`
+    (the job's current run, every worker said bye), `current`; None: not known (the job
+    is not in memory)."""
+    current = job.run if job is not None else None
+    finished = job is not None and job.sessions.finished()
+
+    def state(run: int) -> str | None:
+        if run < max(latest, current or 0):
+            return "ended"
+        if run == current:
+            return "finished" if finished else "current"
+        return None
+
+    return state
+
+
 # -- the handlers -------------------------------------------------------------------------------
 
 
@@ -241,7 +258,9 @@ class JobRequests:
         start = None if request.since is None else rfc3339(self.wall() - request.since)
         tail = request.tail
         rows = [] if tail == 0 else self.store.history(name, tail, run, start)
-        return {"t": "history", "job": name, "rows": [r.to_json() for r in rows]}
+        run_state = _run_states(job, last_run or 0)
+        out = [{**r.to_json(), "run_state": run_state(r.run)} for r in rows]
+        return {"t": "history", "job": name, "rows": out}
 
     def range_test(self, request: RangeTestRequest, grant: Grant | None) -> dict[str, Any]:
         name = request.job

@@ -278,7 +278,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    """`status --watch`: the table redrawn in place every SECONDS until Ctrl-C."""
+    """`status --watch`: the table redrawn in place every SECONDS until Ctrl-C; into a file
+    or a pipe, the tables one after another in plain text."""
     import time
 
     from .admin import Admin
@@ -289,6 +290,7 @@ def _watch(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lrpilot status: {exc}", file=sys.stderr)
         return 1
+    tty = sys.stdout.isatty()
     try:
         while True:
             try:
@@ -297,12 +299,36 @@ def _watch(args: argparse.Namespace) -> int:
                 body = f"(no answer: {exc})"
             stamp = time.strftime("%H:%M:%S")
             header = f"lrpilot status at {admin.endpoint}, every {args.watch:g} s, {stamp}"
-            sys.stdout.write(f"\x1b[H\x1b[2J{header} (Ctrl-C to stop)\n\n{body}\n")
+            if tty:  # redrawn in place
+                sys.stdout.write(f"\x1b[H\x1b[2J{header} (Ctrl-C to stop)\n\n{body}\n")
+            else:  # a file or a pipe: one plain table after another, no escape codes
+                sys.stdout.write(f"{header}\n{body}\n\n")
             sys.stdout.flush()
             time.sleep(args.watch)
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         return 0
+
+
+def _position(job: dict[str, Any]) -> str:
+    """The EPOCH cell: the last epoch decided, or `step N` for a unit: step job."""
+    if job.get("epoch") is None:
+        return "-"
+    return f"step {job['epoch']}" if job.get("unit") == "step" else str(job["epoch"])
+
+
+def _wait(job: dict[str, Any]) -> str:
+    """The WAIT cell: `wait/patience`; at min_lr, where Keras keeps counting past the
+    patience with nothing left to reduce, the count stops at it: `2/2 min_lr`."""
+    wait, patience = job.get("wait"), job.get("patience")
+    if wait is None:
+        return "-"
+    min_lr, lr = job.get("min_lr"), job.get("lr")
+    # (1 + 1e-6): a Keras-compat plateau holds min_lr rounded to float32
+    if isinstance(min_lr, float) and isinstance(lr, float) and 0 < lr <= min_lr * (1 + 1e-6):
+        shown = min(wait, patience) if isinstance(patience, int) else wait
+        return f"{shown}/{patience} min_lr"
+    return f"{wait}/{patience}"
 
 
 def status_table(jobs: list[dict[str, Any]]) -> str:
@@ -323,22 +349,22 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
     )
     rows = [header]
     for j in jobs:
-        wait = "-" if j.get("wait") is None else f"{j['wait']}/{j.get('patience')}"
         age = "-" if j.get("last_report_age_s") is None else f"{j['last_report_age_s']:.0f}s"
+        notes = ["finished" if j.get("finished") else "", _override_note(j.get("override"))]
         rows.append(
             (
                 j["job"],
                 _fmt(j["workers"]),
-                _fmt(j["epoch"]),
+                _position(j),
                 _lr(j["lr"]),
                 _fmt(j["monitor"]),
                 _fmt(j["value"], ".4g"),
                 _fmt(j["best"], ".4g"),
-                wait,
+                _wait(j),
                 _fmt(j["policy"]),
                 _fmt(j["phase"]),
                 age,
-                _override_note(j.get("override")),
+                "; ".join(n for n in notes if n),
             )
         )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
@@ -391,15 +417,46 @@ def cmd_history(args: argparse.Namespace) -> int:
         for r in rows:
             if r.get("run") != run_id:
                 run_id = r.get("run")
-                print(f"-- run {run_id} --")
+                state = _RUN_STATES.get(r.get("run_state") or "")
+                print(f"-- run {run_id}{f' ({state})' if state else ''} --")
+            detail = _detail(args.job, r)
             print(
                 f"{r['time']}  epoch {_fmt(r['epoch']):>5}  {_fmt(r['old_lr']):>10} -> "
                 f"{_fmt(r['new_lr']):<10}  {r['reason']:<9} v{r['version']}  {r['source']}"
-                + (f"  ({r['detail']})" if r.get("detail") else "")
+                + (f"  ({detail})" if detail else "")
             )
         return 0
 
     return _with_admin(args, run)
+
+
+_RUN_STATES = {
+    "finished": "finished: every worker said bye",
+    "ended": "ended: a later run started",
+    "current": "current",
+}
+_DETAIL_CHARS = 120  # a history line stays a line; `history --json` has the whole detail
+
+
+def _detail(job: str, row: dict[str, Any]) -> str:
+    """A history row's detail in one short line: a range test's outcome, not its curve."""
+    detail = str(row.get("detail") or "")
+    if row.get("reason") == "range_test" and detail.startswith("{"):
+        try:
+            report = json.loads(detail)
+        except ValueError:
+            report = None
+        if isinstance(report, dict) and "points" in report:
+            how = report.get("stop_reason") or "running"
+            chosen = report.get("suggest") or "-"
+            return (
+                f"range test stopped: {how}, {len(report.get('points') or [])} points, "
+                f"suggested {_lr(report.get('suggested_lr'))} ({chosen}); "
+                f"the curve: lrpilot range-test {job}"
+            )
+    if len(detail) > _DETAIL_CHARS:
+        return detail[: _DETAIL_CHARS - 3] + "..."
+    return detail
 
 
 def cmd_range_test(args: argparse.Namespace) -> int:

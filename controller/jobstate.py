@@ -204,7 +204,8 @@ def start_from(policy: Policy, lr: float, t: int) -> State:
 
 
 def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, Any]:
-    """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr)."""
+    """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr, override,
+    suggested_lr, and what the table labels: unit, min_lr, finished)."""
     info = job.policy.describe(job.state)
     return {
         "job": job.name,
@@ -224,6 +225,9 @@ def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, An
         "shadow_lr": job.shadow_lr,
         "override": _override_view(job.override),
         "suggested_lr": finite(info.get("suggested_lr")),
+        "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
+        "min_lr": finite(info.get("min_lr")),
+        "finished": job.sessions.finished(),  # every worker said bye
     }
 
 

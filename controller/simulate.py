@@ -28,6 +28,7 @@ from lrpilot.client.errors import ProtocolError, SourceError
 from lrpilot.client.protocol import SESSION_BYTES, ErrorMessage, Hello, LrMessage, Report
 
 from .policies import Event, Policy
+from .policies.suggest import SKIP_END
 from .policyfile import JobRule
 from .transitions import Env, step
 
@@ -451,32 +452,43 @@ _SUGGESTION_STYLE = {"valley": "tab:green", "steep": "tab:orange", "minimum": "t
 
 
 def _plot_range_test(ax: Any, report: Mapping[str, Any]) -> None:
-    """Loss against LR on a log axis: raw, smoothed, the suggestions and where it stopped."""
+    """Loss against LR on a log axis: the losses as reported, the smoothed loss the
+    suggestions read, the suggestions on the reported curve and where the sweep stopped.
+
+    The smoothed loss is an EMA with about 50 points of memory: where the loss falls by
+    decades within fewer points it lags far above them, so the axes follow the reported
+    losses and each suggestion is marked where the reported curve is at its LR.
+    """
     points = report["points"]
     lrs = [p[0] for p in points]
     raw = [p[1] if p[1] is not None else math.nan for p in points]
     smooth = [p[2] if p[2] is not None else math.nan for p in points]
-    ax.plot(lrs, raw, ".", color="0.6", ms=4, label="loss")
-    ax.plot(lrs, smooth, "-", color="tab:blue", lw=2, label="smoothed loss (bias-corrected EMA)")
+    ax.plot(lrs, raw, "o-", color="0.45", ms=3, lw=0.8, label="loss (as reported)")
+    ax.plot(
+        lrs, smooth, "--", color="tab:blue", lw=1.2, alpha=0.8,
+        label="smoothed loss, which the suggestions read (lags ~50 points)",
+    )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
-    finite = [v for v in smooth if math.isfinite(v)]
-    if finite:
-        # The blow-up that stops the sweep would flatten the rest of the curve: cut it off.
-        top = max(finite[:-1] or finite)
-        low = min(min(finite), min((v for v in raw if math.isfinite(v)), default=min(finite)))
+    measured = [v for v in raw if math.isfinite(v)]
+    if measured:
+        # The blow-up that stops the sweep (its last points) would flatten the rest: cut it.
+        top = max(measured[:-SKIP_END] or measured)
+        low = min(measured)
         if low > 0 and top / low > 20:  # a loss falling by decades: show them all
             ax.set_yscale("log")
             ax.set_ylim(low / 1.5, top * 2)
         else:
             pad = 0.08 * (top - low) or 0.1 * abs(top) or 1.0
             ax.set_ylim(low - pad, top + 2 * pad)
+    if lrs:  # room right of the last point for the stop's label
+        ax.set_xlim(lrs[0] / 10**0.2, lrs[-1] * 10**0.35)
     for name, lr in report["suggestions"].items():
         if lr is None:
             continue
         chosen = name == report["suggest"]
-        y = _loss_at(lrs, smooth, lr)
+        y = _loss_at(lrs, raw, lr, log=ax.get_yscale() == "log")
         label = f"{name}: {lr:.2g}" + ("  (suggested)" if chosen else "")
         color = _SUGGESTION_STYLE.get(name, "black")
         ax.axvline(lr, color=color, ls="-" if chosen else "--", lw=2 if chosen else 1.2)
@@ -485,20 +497,22 @@ def _plot_range_test(ax: Any, report: Mapping[str, Any]) -> None:
         else:
             ax.plot([], [], "o", color=color, label=label)
     if report["done"] and lrs:
-        why = "divergence" if report["stop_reason"] == "divergence" else "end_lr"
+        why = report.get("stop_reason") or "end_lr"
         ax.axvline(lrs[-1], color="tab:red", ls=":", lw=1.2)
+        # Along the stop line, right of it, from the top down: clear of the x axis.
         ax.annotate(
             f"stop: {why}",
-            (lrs[-1], 0.0),
+            (lrs[-1], 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(-4, 6),
+            xytext=(3, -6),
             textcoords="offset points",
-            ha="right",
-            va="bottom",
+            rotation=90,
+            ha="left",
+            va="top",
             color="tab:red",
         )
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="best", framealpha=0.9)
+    ax.legend(loc="lower left", framealpha=0.9)
     ax.set_title(f"LR range test: {len(points)} points, suggested lr {_lr_text(report)}")
 
 
@@ -507,13 +521,17 @@ def _lr_text(report: Mapping[str, Any]) -> str:
     return "-" if lr is None else f"{lr:.2g} ({report['suggest']})"
 
 
-def _loss_at(lrs: Sequence[float], losses: Sequence[float], lr: float) -> float:
-    """The smoothed loss at `lr`, interpolated in log LR (NaN outside the curve)."""
+def _loss_at(lrs: Sequence[float], losses: Sequence[float], lr: float, log: bool = False) -> float:
+    """The loss at `lr`, interpolated in log LR (and in log loss with `log`: straight on a
+    log-log plot); NaN outside the curve."""
     for i in range(len(lrs) - 1):
         a, b = lrs[i], lrs[i + 1]
         if a <= lr <= b:
             w = (math.log(lr) - math.log(a)) / (math.log(b) - math.log(a)) if b > a else 0.0
-            return losses[i] + w * (losses[i + 1] - losses[i])
+            y0, y1 = losses[i], losses[i + 1]
+            if log and y0 > 0 and y1 > 0:
+                return math.exp(math.log(y0) + w * (math.log(y1) - math.log(y0)))
+            return y0 + w * (y1 - y0)
     if lrs and lr == lrs[-1]:
         return losses[-1]
     return math.nan

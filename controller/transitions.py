@@ -282,6 +282,7 @@ def hello(
     """A rank starts: a new job, a resumed run, a new run, or a rank joining the run."""
     audit: list[AuditRow] = []
     reason = "unchanged"
+    before = job
     if job is None:
         rule = rule.for_framework(h.framework)
         start = h.start_step if rule.policy.unit == "step" else h.start_epoch
@@ -330,7 +331,54 @@ def hello(
     )
     # A policy that starts with a range test: every rank keeps a copy of its weights first.
     action = job.policy.start_action(job.state)
+    if not h.restore:
+        if action == "snapshot":
+            # A new run that begins with a test: refused (it does not join), and the sweep
+            # the current run may be in is over too: its weights are no longer trained.
+            assert before is not None  # a new job is refused before this: needs_restore
+            refused = _abandon_sweep(before, h, start, env, joined=False)
+            if refused is None:
+                refused = Step(before, persist=False)
+            refused.out += refuse_range_test(h)
+            return refused
+        abandoned = _abandon_sweep(job, h, start, env, joined=True)
+        if abandoned is not None:
+            abandoned.audit[:0] = audit
+            return abandoned
     return Step(job, [(h.session, lr_message(job, reason, None, start, action))], audit)
+
+
+def _abandon_sweep(job: JobState, h: Hello, start: int, env: Env, joined: bool) -> Step | None:
+    """A rank that cannot restore its weights says hello while a range test sweeps: the
+    sweep ends with no suggestion and the LR from before it (audited `range_test`, stop
+    reason `abandoned`); every other live rank restores its weights (`action: restore`).
+    A rank that `joined` is told why (notice `restore_unsupported`) with that LR, so its
+    weights never train at the sweep's LRs. None: no sweep under way."""
+    t = job.next_t() - 1
+    ended = job.policy.abandon(job.state, t)
+    if ended is None:
+        return None
+    state, decision = ended
+    old = job.lr
+    job = job.with_(state=state, version=job.version + 1)
+    where = f"{h.host}:{h.pid}" if h.host else f"pid {h.pid}"
+    text = (
+        f"rank {h.rank} of job {h.job} ({where}) said hello during an LR range test but "
+        "cannot put its weights back; the test is abandoned with no suggestion and the LR "
+        f"from before it, {job.lr:.6g}, applies (a client with snapshot/restore: the Keras "
+        "callback, LRPilotScheduler(optimizer, model=model), or "
+        "Client(snapshot_fn=..., restore_fn=...))"
+    )
+    out: Outgoing = [
+        (w.session, lr_message(job, decision.reason, None, t + 1, decision.action))
+        for w in job.sessions.live(env.now, env.worker_timeout)
+        if w.session != h.session
+    ]
+    if joined:
+        notice = (("restore_unsupported", text),)
+        out.append((h.session, lr_message(job, decision.reason, None, start, None, notice)))
+    row = audit_row(job, env, old, decision.reason, t + 1, source="hello", detail=decision.detail)
+    return Step(job, out, [row], warnings=[text])
 
 
 def needs_restore(job: JobState | None, h: Hello, rule: JobRule) -> bool:
@@ -469,6 +517,8 @@ def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
     """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
+    if not all(job.policy.counts(job.state, r.lr) for r in reports.values()):
+        return _not_a_point(job, t, reports)
     # In shadow mode the policy runs on its own LR (shadow_lr), the job keeps the one it sent.
     before = job.state if job.shadow_lr is None else job.state.replace(lr=job.shadow_lr)
     try:
@@ -532,6 +582,17 @@ def decide(
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided)
+
+
+def _not_a_point(job: JobState, t: int, reports: Mapping[int, Report]) -> Step:
+    """Time t was trained at an LR the range test did not set (the trainer went on at its
+    last LR while the controller was away): no point, nothing decided; every rank is told
+    the sweep's next untried LR again, which it applies from t+1."""
+    job = job.with_(last_epoch=t)
+    out: Outgoing = [
+        (r.session, lr_message(job, "unchanged", r.seq, t + 1)) for r in reports.values()
+    ]
+    return Step(job, out, snapshot=t)
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:

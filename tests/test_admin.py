@@ -4,6 +4,7 @@ markers, errors that never pass for results."""
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
 import socket
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import Clock, Controller, Wire, run_cli, turn_until
 
-from lrpilot.client.protocol import Hello, LrMessage, encode
+from lrpilot.client.protocol import Bye, Hello, LrMessage, encode
 from lrpilot.controller.admin import Admin
 from lrpilot.controller.errors import AdminError, BadEndpoint, UnknownJob
 from lrpilot.controller.server import Server
@@ -100,14 +101,34 @@ def test_an_override_for_a_duration_ends_at_its_time(server: tuple[Server, Clock
         w.close()
 
 
+def say_bye(w: Wire, admin: str) -> None:
+    """The rank says bye; returns once `status` shows the job finished (bounded)."""
+    import time
+
+    w.send_raw(encode(Bye(w.job, w.rank, w.session).to_wire()))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if any(j["job"] == w.job and j["finished"] for j in Admin(admin).status()):
+            return
+        w.sock.poll(20)
+    raise AssertionError(f"the bye of {w.job} was never seen")
+
+
 def test_history_marks_runs_and_filters(controller_factory: Factory) -> None:
     c = controller_factory(STEP)
-    for _ in range(2):  # two runs: each process says hello at epoch 0 after reporting
-        w = Wire(c.bind, "runs")
-        w.hello(lr=0.8)
-        for e in range(3):
-            w.report(e, {"loss": 1.0})
-        w.close()
+    wires = [Wire(c.bind, "runs"), Wire(c.bind, "runs")]
+    try:
+        for w in wires:  # two runs: each process says hello at epoch 0 after reporting
+            w.hello(lr=0.8)
+            for e in range(3):
+                w.report(e, {"loss": 1.0})
+        # The second run is under way; once its only worker says bye, it is finished.
+        marks = [r["run_state"] for r in Admin(c.admin).history("runs", all_runs=True)]
+        assert marks[0] == "ended" and marks[-1] == "current"
+        say_bye(wires[-1], c.admin)
+    finally:
+        for w in wires:
+            w.close()
     admin = Admin(c.admin)
     every = admin.history("runs", all_runs=True)
     runs = sorted({r["run"] for r in every})
@@ -118,8 +139,8 @@ def test_history_marks_runs_and_filters(controller_factory: Factory) -> None:
     assert admin.history("runs", tail=1) == current[-1:]
     text = run_cli("history", "runs", "--all-runs", "--admin", c.admin).stdout
     assert [line for line in text.splitlines() if line.startswith("-- run")] == [
-        f"-- run {runs[0]} --",
-        f"-- run {runs[1]} --",
+        f"-- run {runs[0]} (ended: a later run started) --",
+        f"-- run {runs[1]} (finished: every worker said bye) --",
     ]
     assert json.loads(run_cli("history", "runs", "--json", "--admin", c.admin).stdout) == current
 
@@ -255,3 +276,121 @@ def test_simulate_names_the_missing_column(tmp_path: Path) -> None:
     out = run_cli("simulate", "--job", "x", "--metrics", str(csv))  # the default monitors val_loss
     assert out.returncode == 2
     assert f"{csv}: no column 'val_loss'" in out.stderr and "accuracy, loss" in out.stderr
+
+
+LABELS = """\
+version: 1
+defaults:
+  policy: {type: plateau, monitor: loss, factor: 0.5, patience: 2, min_delta: 0.0, min_lr: 0.025}
+jobs:
+  - match: "steps-*"
+    policy: {type: step, unit: step, factor: 0.5, step_size: 100}
+"""
+
+
+def _cells(table: str, job: str) -> list[str]:
+    """The row of `job` in a status table, cut at the header's column starts."""
+    header, *rows = table.splitlines()
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    (row,) = [r for r in rows if r.split(" ", 1)[0] == job]
+    bounds = [*starts, None]
+    return [row[a:b].strip() for a, b in itertools.pairwise(bounds)]
+
+
+def test_status_marks_finished_jobs_labels_steps_and_stops_wait_at_min_lr(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(LABELS)
+    done, steps, floor = Wire(c.bind, "done"), Wire(c.bind, "steps-a"), Wire(c.bind, "floor")
+    try:
+        done.hello(lr=0.1)
+        done.report(0, {"loss": 1.0}, lr=0.1)
+        say_bye(done, c.admin)
+        steps.hello(lr=0.1)
+        steps.report(0, {"loss": 1.0}, lr=0.1, step=41)
+        floor.hello(lr=0.1)
+        for e in range(10):  # no improvement: 0.1 -> 0.05 -> 0.025 (min_lr), then wait counts
+            floor.report(e, {"loss": 1.0}, lr=0.1)
+        table = run_cli("status", "--admin", c.admin).stdout
+        header = table.splitlines()[0].split()
+        assert header[:3] == ["JOB", "WORKERS", "EPOCH"] and header[-1] == "NOTE"
+        assert _cells(table, "done")[-1] == "finished" and _cells(table, "done")[1] == "0"
+        assert _cells(table, "steps-a")[2] == "step 41"  # a step job says it counts steps
+        row = _cells(table, "floor")
+        assert row[2] == "9" and row[-1] == "" and row[header.index("LR")] == "0.025"
+        assert row[header.index("WAIT")] == "2/2 min_lr"  # Keras' wait is 5 there: not shown
+        raw = {j["job"]: j for j in Admin(c.admin).status()}
+        assert raw["floor"]["wait"] > raw["floor"]["patience"]  # the API keeps the count
+        assert raw["done"]["finished"] and not raw["floor"]["finished"]
+        assert raw["steps-a"]["unit"] == "step"
+    finally:
+        for w in (done, steps, floor):
+            w.close()
+
+
+def test_status_watch_into_a_file_writes_plain_tables(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    c = controller_factory(STEP)
+    w = Wire(c.bind, "watched")
+    w.hello()
+    out = tmp_path / "watch.txt"
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lrpilot.controller.cli", "status", "--watch", "0.2",
+             "--admin", c.admin],
+            stdout=sink, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while out.read_text().count("lrpilot status at") < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)  # the file is polled: nothing to wait on
+        text = out.read_text()
+        assert text.count("lrpilot status at") >= 2, text  # one table after another
+        assert "\x1b" not in text and "watched" in text  # plain text, no escape codes
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        w.close()
+
+
+RANGE_TEST = """\
+version: 1
+defaults:
+  policy: {type: range_test, start_lr: 1.0e-3, steps_per_decade: 5}
+"""
+
+
+def test_a_range_test_is_one_short_line_in_history_and_whole_in_json(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(RANGE_TEST)
+    w = Wire(c.bind, "sweep")
+    try:
+        lr = w.hello(lr=0.1, restore=True).lr
+        for step in range(40):  # falls, then blows up past lr 1
+            reply = w.report(0, {"loss": 1.0 / (1 + lr) if lr < 1 else 1e3 * lr}, lr=lr, step=step)
+            lr = reply.lr
+            if reply.action == "restore":
+                break
+        assert reply.action == "restore"
+    finally:
+        w.close()
+    text = run_cli("history", "sweep", "--admin", c.admin).stdout
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) < 200, max(lines, key=len)
+    last = lines[-1]
+    assert "range test stopped: divergence" in last and "lrpilot range-test sweep" in last
+    assert "points" in last and "suggested" in last
+    rows = json.loads(run_cli("history", "sweep", "--json", "--admin", c.admin).stdout)
+    detail = json.loads(rows[-1]["detail"])  # --json keeps the whole curve
+    assert detail["stop_reason"] == "divergence" and len(detail["points"]) >= 10

@@ -85,3 +85,33 @@ def test_wheel_installs_and_lrpilot_runs(tmp_path: Path) -> None:
         .decode()
     )
     assert "lrpilot = lrpilot.controller.cli:main" in entry
+
+    # No framework is installed there: each adapter names the extra that brings its framework.
+    for adapter, extra, missing in [
+        ("keras", "keras", "keras"),
+        ("torch", "torch", "torch"),
+        ("lightning", "lightning", "torch"),
+        ("hf", "hf", "torch"),
+    ]:
+        done = subprocess.run(
+            [str(py), "-c", f"import lrpilot.client.{adapter}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        last = done.stderr.strip().splitlines()[-1]
+        assert last == (
+            f"ModuleNotFoundError: No module named '{missing}': lrpilot.client.{adapter} needs "
+            f"the '{extra}' extra; install it with: pip install 'lrpilot[{extra}]'"
+        ), done.stderr
+    # The version a user sees is the distribution's.
+    version = subprocess.run(
+        [str(py), "-c", "import sys; from lrpilot.controller.cli import main; sys.exit(main())",
+         "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert version.stdout.split()[-1] == "0.2.0", version.stdout + version.stderr

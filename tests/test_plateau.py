@@ -87,3 +87,36 @@ def test_stop_at_min_lr_is_sent_once() -> None:
         actions.append(d.action)
     assert actions.count("stop") == 1
     assert state.lr == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("compat", ["keras", "torch"])
+def test_at_min_lr_holds_on_a_plateau_in_both_compat_modes_until_an_improvement(
+    compat: str,
+) -> None:
+    """What `lrpilot_at_min_lr` and the LrpilotAtMinLrOnPlateau alert read. Under torch, wait
+    cycles 0..patience at min_lr, so `wait >= patience` is false most of the time there."""
+    policy = Plateau(compat=compat, factor=0.5, patience=2, min_delta=0.0, min_lr=0.025)
+    state = policy.start(0.1, 0)
+    seen = []
+    for t in range(20):
+        state, decision = policy.step(state, t, {"val_loss": 1.0}, {})
+        described = policy.describe(state)
+        seen.append((decision.lr, described["wait"], described["at_min_lr"]))
+    first = next(t for t, (_, _, at_min) in enumerate(seen) if at_min)
+    assert seen[first - 1][0] == pytest.approx(0.025)  # min_lr reached before it says so
+    assert all(lr == pytest.approx(0.025) and at_min for lr, _, at_min in seen[first:])
+    assert not any(at_min for _, _, at_min in seen[:first])
+    waits = [wait for _, wait, _ in seen[first:]]
+    if compat == "torch":
+        assert min(waits) == 0 and any(w < policy.patience for w in waits)
+    else:
+        assert all(w >= policy.patience for w in waits)
+    # An improvement ends it; being at min_lr without a plateau is not "at min_lr on a plateau".
+    state, _ = policy.step(state, 20, {"val_loss": 0.5}, {})
+    assert policy.describe(state)["at_min_lr"] is False
+    # An LR set from outside (override, reload) is no longer the policy's stuck min_lr.
+    state, _ = policy.step(state, 21, {"val_loss": 0.5}, {})
+    state, _ = policy.step(state, 22, {"val_loss": 0.5}, {})
+    state, _ = policy.step(state, 23, {"val_loss": 0.5}, {})
+    assert policy.describe(state)["at_min_lr"] is True
+    assert policy.describe(policy.rebase(state, 0.05, 24))["at_min_lr"] is False

@@ -37,6 +37,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 JOB = "prom-e2e"  # no regex metacharacters: it stands for Grafana's $training_job as is
+RANGE_JOB = "prom-range"  # a job whose range test ends, for the suggested-LR panel
 SCRAPE_JOB = "lrpilot"  # the scrape job name the alerts and dashboard select on
 MIN_SCRAPES = 6  # scrapes of the controller before querying: enough for rate() over 1m
 WAIT_SECONDS = 60.0  # for Prometheus to be ready: bounded in time and in polls
@@ -44,7 +45,7 @@ POLL_SECONDS = 0.5
 
 # Grafana's variables as a user's dashboard would expand them.
 GRAFANA_VARIABLES = {
-    "training_job": JOB,
+    "training_job": f"{JOB}|{RANGE_JOB}",  # both selected, as Grafana's multi-value joins them
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "5m",
@@ -55,6 +56,10 @@ version: 1
 defaults:
   policy:
     {type: plateau, monitor: val_loss, factor: 0.5, patience: 1, min_delta: 0.0, min_lr: 1.0e-6}
+jobs:
+  - match: prom-range
+    policy: {type: range_test, unit: epoch, start_lr: 1.0e-4, end_lr: 1.0, steps_per_decade: 1,
+             beta: 0.0}
 """
 RELOADED = POLICY.replace("patience: 1", "patience: 2")
 
@@ -319,6 +324,15 @@ def exercise(c: Controller, w: Wire) -> int:
     finally:
         bad.close()
     assert c.metric("lrpilot_invalid_messages_total", reason="decode") >= 1
+
+    sweep = Wire(c.bind, RANGE_JOB)
+    try:
+        lr = sweep.hello(lr=0.1, restore=True).lr
+        for epoch, loss in enumerate([1.0, 0.8, 0.5, 5.0]):  # diverges at the 4th point
+            lr = sweep.report(epoch, {"loss": loss}, lr=lr).lr
+    finally:
+        sweep.close()
+    assert c.metric("lrpilot_range_test_suggested_lr", training_job=RANGE_JOB) > 0
     return len(replies)
 
 
@@ -485,6 +499,163 @@ def test_the_stale_alert_fires_for_stalled_jobs_not_finished_ones(
         ],
     }
     path = tmp_path / "stale-test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- annotations at any dashboard interval ------------------------------------------------
+
+SCRAPE_SECONDS = 1  # the test Prometheus' scrape_interval
+ANNOTATION_INTERVALS = (1, 5, 10, 15, 60)  # Grafana's $__interval (the query step), seconds
+# A plateau keeps its state over a reload; a higher min_lr lifts the LR (0.01 → 0.05).
+RELOAD_POLICY = POLICY.replace("min_lr: 1.0e-6", "min_lr: 0.05")
+
+
+def _wait_for_sample(prom: Prometheus, expr: str, value: float, deadline: float) -> None:
+    """Until Prometheus holds `expr` == value and has scraped once more after that."""
+    seen_at = None
+    for _ in range(int(WAIT_SECONDS / POLL_SECONDS)):
+        if time.monotonic() > deadline:
+            break
+        result = prom.query(f"timestamp({expr})")
+        current = prom.query(expr)
+        if current and float(current[0]["value"][1]) == value and result:
+            stamp = float(result[0]["value"][1])
+            if seen_at is None:
+                seen_at = stamp
+            elif stamp >= seen_at + SCRAPE_SECONDS:
+                return
+        time.sleep(POLL_SECONDS)
+    raise AssertionError(f"Prometheus never stored {expr} == {value}:\n{prom.log()}")
+
+
+def test_annotations_mark_overrides_and_reloads_at_any_dashboard_interval(
+    controller_factory: Factory, prometheus_binary: str, tmp_path: Path
+) -> None:
+    """Grafana evaluates the annotation query once per step ($__interval). A window of
+    $__interval alone holds one sample at 1 s steps and misses changes between windows at
+    longer ones; $__rate_interval (>= a step plus a scrape) sees each change."""
+    deadline = time.monotonic() + 2 * WAIT_SECONDS
+    c = controller_factory(POLICY)
+    w = Wire(c.bind, JOB)
+    workdir = tmp_path / "prometheus"
+    workdir.mkdir()
+    prom = Prometheus(prometheus_binary, workdir, urllib.parse.urlsplit(c.metrics).netloc)
+    try:
+        assert w.hello(lr=0.1).reason == "initial"
+        report(w, 0, 1.0)
+        prom.wait_until_ready(c, deadline)
+        start = time.time()
+        done = run_cli("set-lr", JOB, "0.01", "--admin", c.admin)
+        assert done.returncode == 0, done.stderr
+        changes = f'lrpilot_lr_changes_total{{training_job="{JOB}",reason="%s"}}'
+        _wait_for_sample(prom, changes % "override", 1, deadline)
+        assert c.policy is not None
+        c.policy.write_text(RELOAD_POLICY)
+        done = run_cli("reload", "--admin", c.admin)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report(w, 1, 1.0)  # a reload applies at the job's next decision at the latest
+        _wait_for_sample(prom, changes % "reload", 1, deadline)
+        end = time.time()
+        (annotation,) = [a for _, a in dashboard_annotations()]
+        for interval in ANNOTATION_INTERVALS:
+            rate = max(interval + SCRAPE_SECONDS, 4 * SCRAPE_SECONDS)  # as Grafana computes it
+            GRAFANA = {**GRAFANA_VARIABLES, "__interval": f"{interval}s"}
+            GRAFANA["__rate_interval"] = f"{rate}s"
+            expr = re.sub(r"\$\{?(\w+)\}?", lambda m, g=GRAFANA: g[m.group(1)], annotation["expr"])
+            first = (start // interval - 1) * interval  # Grafana aligns the range to the step
+            data = prom.get(
+                "query_range", query=expr, start=first, end=end + interval + 1, step=interval
+            )
+            marks = {series["metric"]["reason"] for series in data["result"]}
+            assert marks == {"override", "reload"}, f"$__interval {interval}s: {expr} → {data}"
+    finally:
+        prom.stop()
+        w.close()
+
+
+# -- the min-LR alert under both compat modes ----------------------------------------------
+
+MIN_LR_POLICY = """\
+version: 1
+defaults:
+  policy: {type: plateau, monitor: val_loss, factor: 0.5, patience: 2, min_delta: 0.0,
+           min_lr: 0.025}
+"""
+MIN_LR_EPOCHS = 24  # one epoch per minute in the rule test
+
+
+def test_the_min_lr_alert_fires_for_keras_and_torch_jobs(
+    controller_factory: Factory, promtool: str, tmp_path: Path
+) -> None:
+    """Both jobs sit at min_lr on a plateau. The series are what a real controller exported
+    after each epoch (one epoch a minute); promtool evaluates the alert rule on them. Under
+    compat torch (what `auto` picks for torch clients) wait cycles 0..patience at min_lr, so
+    the former `wait >= patience` rule never held for 10 minutes."""
+    c = controller_factory(MIN_LR_POLICY)
+    series: dict[str, dict[str, list[float]]] = {}
+    for framework in ("keras", "torch"):
+        job = f"{framework}-at-min"
+        w = Wire(c.bind, job)
+        try:
+            assert w.hello(lr=0.1, framework=framework).reason == "initial"
+            values: dict[str, list[float]] = {"at_min_lr": [], "wait": [], "lr": []}
+            for epoch in range(MIN_LR_EPOCHS):
+                report(w, epoch, 1.0)
+                for name in values:
+                    family = "lrpilot_learning_rate" if name == "lr" else f"lrpilot_{name}"
+                    if name == "wait":
+                        family = "lrpilot_plateau_wait"
+                    values[name].append(c.metric(family, training_job=job))
+        finally:
+            w.close()
+        series[job] = values
+        assert values["lr"][-1] == pytest.approx(0.025)
+    torch_tail = series["torch-at-min"]["wait"][-10:]
+    assert min(torch_tail) < 2, f"torch's wait did not cycle at min_lr: {torch_tail}"
+
+    tests = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'lrpilot_at_min_lr{{training_job="{job}"}}',
+                        "values": " ".join(f"{v:g}" for v in values["at_min_lr"]),
+                    }
+                    for job, values in series.items()
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{MIN_LR_EPOCHS - 1}m",
+                        "alertname": "LrpilotAtMinLrOnPlateau",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "info", "training_job": job},
+                                "exp_annotations": {
+                                    "summary": f"{job} is at min_lr and still on a plateau",
+                                    "description": (
+                                        f"{job} sits at its min_lr and its monitored metric "
+                                        "has not improved since it got there. Consider "
+                                        "stopping it (policy key stop_at_min_lr) or "
+                                        "revisiting the policy."
+                                    ),
+                                },
+                            }
+                            for job in sorted(series)
+                        ],
+                    },
+                    {"eval_time": "4m", "alertname": "LrpilotAtMinLrOnPlateau", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "min-lr-test.yml"
     path.write_text(yaml.safe_dump(tests))
     done = subprocess.run(
         [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60

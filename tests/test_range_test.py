@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgpack
 import pytest
 
 from lrpilot.client.errors import PolicyError
+from lrpilot.client.protocol import Hello, Report
+from lrpilot.controller import transitions
 from lrpilot.controller.policies import (
     POLICY_TYPES,
     Constant,
@@ -34,6 +38,7 @@ from lrpilot.controller.policies import (
 )
 from lrpilot.controller.policies.suggest import minimum, steep, suggest, valley
 from lrpilot.controller.policyfile import load_text
+from lrpilot.controller.transitions import Env
 
 # -- suggestions, against fastai's definitions -----------------------------------------------
 
@@ -531,3 +536,149 @@ def test_the_example_policy_is_a_range_test_then_plateau() -> None:
         assert second.lr == "suggested"
     seed = policy_set.rule_for("seed-course").policy
     assert isinstance(seed, Phases) and seed.phases[0].policy.unit == "epoch"
+
+
+# -- points are what was trained (outages, restarts) -------------------------------------------
+
+SWEEP = """\
+version: 1
+defaults:
+  phases:
+    - {type: range_test, start_lr: 1.0e-4, steps_per_decade: 10, suggest: valley}
+    - {type: plateau, unit: step, monitor: loss, lr: suggested, patience: 3, factor: 0.5}
+"""
+
+
+def _sweep_loss(lr: float) -> float:
+    """Falls to lr ~ 0.03, blows up past 0.2; a function of the LR trained only."""
+    x = math.log10(lr)
+    return 1.0 + (x + 1.5) ** 2 + 0.05 * math.sin(7 * x) if lr < 0.2 else 1e6 * lr
+
+
+def _trainer(name: str = "sweep", restore: bool = True, start: int = 0, rank: int = 0,
+             world: int = 1) -> tuple[Hello, bytes]:  # fmt: skip
+    s = os.urandom(16)
+    return Hello(name, rank, world, s, 0.01, 0, start, "python", "host", 1, {}, restore), s
+
+
+def _run_sweep(stale_from: int | None = None, stale_steps: int = 0) -> tuple[Any, list[float]]:
+    """A trainer through the transitions, as the client does: each step trains at the LR it
+    knows and reports it. From step `stale_from` it hears nothing for `stale_steps` steps
+    (the controller is away) and trains on at its last LR; those reports are decided late,
+    in order. Returns the job and the LR of every step trained."""
+    rule = load_text(SWEEP, "p.yaml").rule_for("sweep")
+    env = Env(now=0.0, wall=1.7e9)
+    hello, s = _trainer()
+    step = transitions.hello(None, hello, rule, env, lambda *a: None)
+    job, lr = step.job, step.out[0][1].lr
+    trained, late = [], []
+    for t in range(400):
+        trained.append(lr)
+        r = Report("sweep", 0, s, t + 1, 0, {"loss": _sweep_loss(lr)}, lr, t)
+        if stale_from is not None and stale_from <= t < stale_from + stale_steps:
+            late.append(r)  # kept by the client, sent when the controller is back
+            continue
+        replies = []
+        for n, kept in enumerate([*late, r]):
+            step = transitions.report(job, kept, env)
+            job = step.job
+            replies.append(step.out[0][1])
+            if 0 < n < len(late):  # the first was trained at the sweep's LR, the rest not
+                assert not step.audit and replies[-1].lr == replies[0].lr
+        late = []
+        lr = replies[-1].lr
+        if replies[-1].action == "restore":
+            return job, trained
+    raise AssertionError("the sweep never ended")
+
+
+def test_a_loss_trained_at_another_lr_is_no_point_and_the_sweep_resumes_untried() -> None:
+    clean, clean_lrs = _run_sweep()
+    outage, outage_lrs = _run_sweep(stale_from=12, stale_steps=9)
+    want = clean.policy.range_test_report(clean.state)
+    got = outage.policy.range_test_report(outage.state)
+    assert want is not None and got is not None and want["done"]
+    assert got["points"] == want["points"]  # point for point
+    assert got["suggested_lr"] == want["suggested_lr"] and got["stop_reason"] == "divergence"
+    # The trainer went on at the LR it had (steps 12..20, and 21, whose report brought the
+    # answer), then went on with the sweep's next LR: it never jumped ahead.
+    assert outage_lrs[12:22] == [clean_lrs[12]] * 10
+    assert outage_lrs[22:] == clean_lrs[13:]
+    assert outage.lr == clean.lr
+
+
+def test_counts_allows_a_float32_lr_and_the_index_counts_lrs_tried() -> None:
+    policy = RangeTest(start_lr=1e-4, steps_per_decade=10)
+    state = policy.start(0.01, 0)
+    assert policy.counts(state, 1e-4) and policy.counts(state, float32(1e-4))
+    assert not policy.counts(state, 0.01)
+    state, d = policy.step(state, 0, {"loss": 1.0}, {})
+    state, d = policy.step(state, 7, {"loss": 1.0}, {})  # t jumped: the index did not
+    assert d.lr == policy.lr_at(2) and isinstance(state, RangeTestState) and state.index == 2
+    assert not policy.counts(state, policy.lr_at(1))
+    old = {k: v for k, v in state.to_dict().items() if k != "index"}  # a 0.2 row
+    assert RangeTestState.from_dict(old).index == state.seen == 2
+
+
+def _mid_sweep(world: int = 1) -> tuple[Any, list[bytes], Env]:
+    rule = load_text(SWEEP, "p.yaml").rule_for("sweep")
+    env = Env(now=0.0, wall=1.7e9)
+    job, sessions = None, []
+    for rank in range(world):
+        hello, s = _trainer(rank=rank, world=world)
+        job = transitions.hello(job, hello, rule, env, lambda *a: None).job
+        sessions.append(s)
+    assert job is not None
+    for t in range(5):
+        for rank, s in enumerate(sessions):
+            step = transitions.report(job, Report("sweep", rank, s, t + 1, 0, {"loss": 1.0},
+                                                  job.lr, t), env)  # fmt: skip
+            job = step.job
+    assert job.lr == RangeTest(start_lr=1e-4, steps_per_decade=10).lr_at(5)
+    return job, sessions, env
+
+
+def test_a_rank_that_cannot_restore_abandons_a_sweep_under_way() -> None:
+    job, (s0, old1), env = _mid_sweep(world=2)
+    hello, s2 = _trainer(restore=False, start=5, rank=1, world=2)  # rank 1 restarted
+    step = transitions.hello(job, hello, job.rule, env, lambda *a: None)
+    out = dict(step.out)
+    assert set(out) == {s0, s2} and old1 not in out  # rank 1 restarted: a new session
+    restore, told = out[s0], out[s2]
+    before = float32(0.01)  # the LR from before the test, as the Keras-compat plateau holds it
+    assert (restore.lr, restore.action, restore.reason) == (before, "restore", "range_test")
+    assert (told.lr, told.action) == (before, None)  # and no restore
+    assert [code for code, _ in told.notices] == ["restore_unsupported"]
+    assert "abandoned" in told.notices[0][1] and step.warnings
+    (row,) = step.audit
+    assert (row.reason, row.old_lr, row.new_lr, row.source) == (
+        "range_test",
+        job.lr,
+        before,
+        "hello",
+    )
+    report = json.loads(row.detail or "")
+    assert report["stop_reason"] == "abandoned" and report["suggested_lr"] is None
+    assert len(report["points"]) == 5
+    after = step.job
+    assert after.policy.describe(after.state)["phase"] == "2/2 plateau" and after.lr == before
+    # The sweep is over: a restoring hello later joins the plateau, no snapshot.
+    again, _ = _trainer(start=5, rank=1, world=2)
+    reply = transitions.hello(after, again, after.rule, env, lambda *a: None).out[0][1]
+    assert (reply.lr, reply.action) == (before, None)
+
+
+def test_a_trainer_restarted_from_scratch_without_restore_is_refused_and_ends_the_sweep() -> None:
+    job, (s0,), env = _mid_sweep()
+    hello, s1 = _trainer(restore=False)  # start 0: a new run, which begins with a test
+    step = transitions.hello(job, hello, job.rule, env, lambda *a: None)
+    out = dict(step.out)
+    assert (out[s0].lr, out[s0].action) == (float32(0.01), "restore")  # the old session, if alive
+    refusal = out[s1]
+    assert (refusal.lr, refusal.version, refusal.action) == (0.01, 0, None)
+    assert [code for code, _ in refusal.notices] == ["restore_unsupported"]
+    assert s1.hex() not in step.job.sessions.seqs  # it did not join
+    assert step.audit[0].reason == "range_test" and step.job.run == job.run
+    # Nothing under way: only the refusal, nothing stored.
+    again = transitions.hello(step.job, _trainer(restore=False)[0], job.rule, env, lambda *a: 0)
+    assert len(again.out) == 1 and not again.audit and not again.persist

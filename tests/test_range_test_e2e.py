@@ -247,14 +247,14 @@ def test_torch_scheduler_with_the_model_restores_and_trains_on(controller_factor
 
     report = range_test_report(c, "torch-find-lr")
     suggested = check_the_sweep(report, limit)
-    stop = len(report["points"]) - 1
+    # Step 0 ran at the optimizer's own LR (the hello came after it): reported so, it is no
+    # point of the curve. Steps 1.. ran the sweep's LRs, one per point, then the suggestion.
+    stop = len(report["points"])  # the step of the last point
     assert restored_at == stop  # weights and optimizer as before the first step, exactly
     assert not torch.equal(rows[stop - 1][1], initial)  # the sweep had moved them
-    # Step 0 ran at the optimizer's own LR (the hello came after it), then the sweep's LRs
-    # one step after each report, then the suggestion.
     used = [lr for lr, _ in rows]
     assert used[0] == 0.01
-    assert used[1 : stop + 1] == pytest.approx([sweep_lr(t) for t in range(1, stop + 1)])
+    assert used[1 : stop + 1] == pytest.approx([sweep_lr(t) for t in range(stop)])
     assert used[stop + 1] == pytest.approx(suggested, rel=1e-7)
     final = mse(x.numpy(), y.numpy(), model.weight.detach().numpy().T)
     assert final < 0.01 * initial_loss, (final, initial_loss)

@@ -5,12 +5,14 @@ that cannot restore is refused with a notice. Raw protocol peers against a real 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 
 import pytest
 from conftest import Controller, Wire, run_cli
 
+from lrpilot.client import Client
 from lrpilot.client.protocol import ErrorMessage, LrMessage
 
 Factory = Callable[..., Controller]
@@ -95,3 +97,52 @@ def test_a_client_that_cannot_restore_is_refused_with_a_notice(controller_factor
         assert "no-restore" not in out.stdout  # it never joined
     finally:
         w.close()
+
+
+def test_a_trainer_restarted_mid_sweep_without_restore_abandons_the_sweep(
+    controller_factory: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's run: a trainer dies mid-sweep and comes back (from its checkpoint at step
+    6, or from scratch) with a client that cannot put weights back. The sweep is abandoned
+    (audited), the trainer is told in its own log, and it never trains at a sweep LR."""
+    c = controller_factory(POLICY)
+    restores: list[str] = []
+
+    def restoring(job: str) -> Client:
+        return Client(
+            c.bind, job=job, initial_lr=0.01, timeout=2.0, rank=0, world=1,
+            snapshot_fn=lambda: None, restore_fn=lambda: restores.append(job),
+        )  # fmt: skip
+
+    caplog.set_level(logging.WARNING, logger="lrpilot.client")
+    for job, start in (("from-checkpoint", 6), ("from-scratch", 0)):
+        first = restoring(job)
+        try:
+            for step in range(6):
+                first.report(0, {"loss": loss_at(first.lr)}, step=step)
+            assert first.lr == pytest.approx(1e-4 * 10 ** (6 / 10))  # mid-sweep
+            caplog.clear()
+            with Client(c.bind, job=job, initial_lr=0.01, start_step=start, timeout=2.0,
+                        rank=0, world=1) as again:  # fmt: skip
+                assert [code for code, _ in again.notices] == ["restore_unsupported"]
+                assert "restore_unsupported" in caplog.text  # logged in the trainer
+                assert again.lr == pytest.approx(0.01, rel=1e-7)  # never a sweep LR
+                if start:  # it joined: it trains on in the plateau phase from the old LR
+                    assert again.report(0, {"loss": 1.0}, step=start) == again.lr
+            # From scratch the new process did not join, so the first is still rank 0's
+            # worker: were it alive, it would put its weights back. From the checkpoint the
+            # new process took rank 0 over (the old one is gone): nothing to push.
+            first.poll(step=6)
+            assert first.lr == pytest.approx(0.01 if not start else 1e-4 * 10**0.6, rel=1e-7)
+        finally:
+            first.close()
+        history = json.loads(run_cli("history", job, "--json", "--admin", c.admin).stdout)
+        last = history[-1]
+        assert (last["reason"], last["source"]) == ("range_test", "hello")
+        assert json.loads(last["detail"])["stop_reason"] == "abandoned"
+        out = run_cli("range-test", job, "--json", "--admin", c.admin)
+        report = json.loads(out.stdout)
+        assert report["stop_reason"] == "abandoned" and report["suggested_lr"] is None
+        assert len(report["points"]) == 6
+    assert restores == ["from-scratch"]
+    assert c.log().count("cannot put its weights back") == 2  # the controller's log, too

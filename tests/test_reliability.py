@@ -6,6 +6,7 @@ killed with SIGKILL, a real full disk (tmpfs); the reference is the pure engine 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -73,24 +74,42 @@ def test_kill_9_at_random_points_then_restart_decides_as_an_uninterrupted_run(
             client = Client(bind, job=job, initial_lr=0.1, rank=0, world=1, timeout=0.5)
             kill_at = random.Random(100 + run).uniform(0.1, 1.2)  # seconds into the run
             holder = {"c": c}
+            down, back = threading.Event(), threading.Event()
 
-            def outage(at: float = kill_at, holder: dict[str, Controller] = holder) -> None:
+            def outage(
+                at: float = kill_at,
+                holder: dict[str, Controller] = holder,
+                down: threading.Event = down,
+                back: threading.Event = back,
+            ) -> None:
                 time.sleep(at)
                 holder["c"].kill()  # SIGKILL, mid-run
+                down.set()
                 time.sleep(1.0)  # down for a second
                 holder["c"] = Controller(state, policy, "--bind", bind).start()
+                back.set()
 
             killer = threading.Thread(target=outage)
             killer.start()
+            while_down = kept = 0  # reports made while the controller was dead; kept unanswered
             try:
                 for epoch, value in enumerate(values):  # an epoch every 50 ms
+                    if epoch == len(values) - 5:  # the kill lands before the run ends
+                        assert down.wait(30), "the controller was never killed"
                     client.report(epoch, {"val_loss": value})
+                    if down.is_set() and not back.is_set():
+                        while_down, kept = while_down + 1, max(kept, client.unanswered)
                     time.sleep(0.05)
                 killer.join(30)
+                assert back.is_set(), "the controller did not come back"
                 assert client.flush(timeout=30), "the kept reports were never answered"
             finally:
                 killer.join(30)
                 client.close()
+            # The kill landed mid-run: reports made during the outage were kept, and sent
+            # to the new controller after a second hello (the flush above saw them answered).
+            assert while_down >= 1 and kept >= 1, f"run {run}: the kill missed the run"
+            assert client.stats["hellos"] >= 2, client.stats
             c = holder["c"]
             got = history(c, job)
             assert got == expected(tmp_path, values, job), f"run {run}, kill at {kill_at:.2f} s"
@@ -145,3 +164,89 @@ def test_a_full_disk_loses_nothing_once_space_returns(tmp_path: Path) -> None:
             c.kill()
         subprocess.run(["umount", "-l", str(disk)], check=False)
         shutil.rmtree(disk, ignore_errors=True)
+
+
+SWEEP = """\
+version: 1
+defaults:
+  phases:
+    - {type: range_test, start_lr: 1.0e-4, steps_per_decade: 10, suggest: valley}
+    - {type: plateau, unit: step, monitor: loss, lr: suggested, patience: 3, factor: 0.5}
+"""
+
+
+def sweep_loss(lr: float) -> float:
+    """Falls to lr ~ 0.03, blows up past 0.2: a function of the LR trained only, so two
+    runs that train the same LRs measure the same curve."""
+    x = math.log10(lr)
+    return 1.0 + (x + 1.5) ** 2 + 0.05 * math.sin(7 * x) if lr < 0.2 else 1e6 * lr
+
+
+def train_through_a_sweep(
+    client: Client, outage: Callable[[int], None] = lambda step: None
+) -> list[float]:
+    """A trainer: each step trains at the LR the client holds and reports its loss, until
+    the controller's `restore`; `outage(step)` runs before each step. Returns the LRs trained."""
+    trained = []
+    for step in range(400):
+        outage(step)
+        lr = client.lr
+        trained.append(lr)
+        client.report(0, {"loss": sweep_loss(lr)}, step=step)
+        if client.last_action == "restore":
+            return trained
+    raise AssertionError(f"the sweep never ended; trained {trained}")
+
+
+def test_a_kill_9_mid_sweep_gives_the_curve_of_a_clean_run_point_for_point(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    policy = tmp_path / "sweep.yaml"
+    policy.write_text(SWEEP)
+    c = Controller(state, policy).start()
+    bind, calls = c.bind, {"snapshot": 0, "restore": 0}
+
+    def restoring(job: str) -> Client:
+        return Client(
+            bind, job=job, initial_lr=0.01, timeout=0.5, rank=0, world=1,
+            snapshot_fn=lambda: calls.__setitem__("snapshot", calls["snapshot"] + 1),
+            restore_fn=lambda: calls.__setitem__("restore", calls["restore"] + 1),
+        )  # fmt: skip
+
+    kept = []
+
+    def kill_9(step: int) -> None:
+        """Before step 12 the controller dies; steps 12..19 train with it dead (the client
+        goes on at its last LR); before step 20 it is back on the same port and state."""
+        nonlocal c
+        if step == 12:
+            c.kill()
+        elif step == 20:
+            kept.append(client.unanswered)
+            c = Controller(state, policy, "--bind", bind).start()
+            assert client.flush(timeout=30), "the kept reports were never answered"
+
+    try:
+        with restoring("clean") as clean:
+            clean_lrs = train_through_a_sweep(clean)
+        want = json.loads(run_cli("range-test", "clean", "--json", "--admin", c.admin).stdout)
+        client = restoring("killed")
+        try:
+            killed_lrs = train_through_a_sweep(client, kill_9)
+            hellos = client.stats["hellos"]
+        finally:
+            client.close()
+        got = json.loads(run_cli("range-test", "killed", "--json", "--admin", c.admin).stdout)
+    finally:
+        c.kill()
+    assert kept == [8] and hellos >= 2  # the kill landed mid-sweep: 8 reports kept, resent
+    assert want["done"] and want["stop_reason"] == "divergence" and len(want["points"]) > 25
+    assert got["points"] == want["points"]  # every point is an LR the trainer trained
+    assert got["suggested_lr"] == want["suggested_lr"] and got["suggestions"] == want["suggestions"]
+    # The trainer went on at its last LR while the controller was away and then took the
+    # sweep's next one: never an LR outside the sweep, never a jump ahead of it.
+    # (Step 20 too: the replies reached the client during the flush, applied at its report.)
+    assert killed_lrs[:12] == clean_lrs[:12] and killed_lrs[12:21] == [clean_lrs[12]] * 9
+    assert killed_lrs[21:] == clean_lrs[13:]
+    assert calls == {"snapshot": 2, "restore": 2}

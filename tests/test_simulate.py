@@ -285,3 +285,62 @@ def test_range_test_plot_marks_the_three_suggestions(tmp_path: Path) -> None:
     png = tmp_path / "report.png"  # what `lrpilot range-test JOB --plot` can draw
     plot_range_test(report, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_range_test_plot_marks_suggestions_on_the_reported_losses(tmp_path: Path) -> None:
+    """A loss that falls three decades within 30 points: the smoothed loss (an EMA with ~50
+    points of memory) lags far above it. The markers sit on the reported curve, the axes
+    show it, and the stop's label is clear of the x axis and of the legend."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrpilot.controller.policies import RangeTest
+    from lrpilot.controller.simulate import _plot_range_test
+
+    policy = RangeTest(start_lr=1e-6, suggest="minimum")
+    state = policy.start(1e-3, 0)
+    for t in range(400):
+        lr = state.lr
+        loss = 10 / (1 + (lr / 1e-3) ** 3) + 0.01 if lr < 2 else 1e4 * lr
+        state, d = policy.step(state, t, {"loss": loss}, {})
+        if d.action == "restore":
+            break
+    report = policy.range_test_report(state)
+    assert report is not None and report["stop_reason"] == "divergence"
+    lrs = [p[0] for p in report["points"]]
+    raw = [p[1] for p in report["points"]]
+    smooth = [p[2] for p in report["points"]]
+    assert max(s / r for s, r in zip(smooth, raw, strict=True)) > 100  # the lag is real
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    try:
+        _plot_range_test(ax, report)
+        fig.tight_layout()
+        markers = [
+            line
+            for line in ax.get_lines()
+            if line.get_marker() == "o" and len(line.get_xdata()) == 1
+        ]
+        assert len(markers) == 3
+        for m in markers:
+            x, y = float(m.get_xdata()[0]), float(m.get_ydata()[0])
+            i = max(k for k, lr in enumerate(lrs) if lr <= x)  # its neighbours on the curve
+            assert min(raw[i], raw[i + 1]) <= y * (1 + 1e-9) and y <= max(raw[i], raw[i + 1]) * (
+                1 + 1e-9
+            ), (x, y)
+        low, high = ax.get_ylim()
+        assert low <= min(raw) and high < 1e3  # the reported losses fill the axes
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        (stop,) = [t for t in ax.texts if t.get_text() == "stop: divergence"]
+        box = stop.get_window_extent(renderer)
+        frame = ax.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 < box.y0 <= box.y1 <= frame.y1
+        ticks = ax.xaxis.get_tightbbox(renderer)
+        assert ticks is not None and box.y0 > ticks.y1  # clear of the x axis and its labels
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert not box.overlaps(legend)
+    finally:
+        plt.close(fig)

@@ -137,6 +137,8 @@ class Policy(ABC):
 
     state_class: ClassVar[builtins.type[State]]
     type: ClassVar[str]
+    #: The framework classes (or calls) this type reproduces, for the policy reference.
+    equivalents: ClassVar[tuple[str, ...]] = ()
 
     unit: Unit = param("epoch", one_of("epoch", "step"), "count t in epochs or in steps")
     initial_lr: float | None = param(
@@ -205,6 +207,20 @@ class Policy(ABC):
 
         A range test that has not started yet returns `"snapshot"`; every other policy None.
         """
+        return None
+
+    def counts(self, state: State, lr: float) -> bool:
+        """Whether a report trained at `lr` is fed to this policy in `state`.
+
+        Only a range test refuses one: a loss trained at an LR other than its sweep's is no
+        point of its curve (the trainer went on at an older LR while the controller was away).
+        """
+        return True
+
+    def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
+        """End a range test under way at local time t without a suggestion (a rank that
+        cannot restore its weights joined): the new state and the decision, or None when no
+        sweep is under way."""
         return None
 
     def range_test_report(self, state: State) -> dict[str, Any] | None:

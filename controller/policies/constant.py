@@ -15,6 +15,7 @@ class Constant(Schedule):
     """Hold one LR; useful as a phase, or to pin a job while you look at it."""
 
     type = "constant"
+    equivalents = ("the optimizer's own LR, with no scheduler",)
 
     lr: float | None = param(None, between(0, 10, hi_open=False), "the LR (default lr0)")
 

@@ -23,6 +23,13 @@ class CosineRestarts(Schedule):
     """Cosine annealing with warm restarts (Keras CosineDecayRestarts, torch SGDR)."""
 
     type = "cosine_restarts"
+    equivalents = (
+        "Keras `CosineDecayRestarts`",
+        (
+            "torch `CosineAnnealingWarmRestarts(T_0=first_decay_steps, "
+            "T_mult=t_mul, eta_min=alpha * lr0)` (m_mul 1, integer t_mul)"
+        ),
+    )
 
     first_decay_steps: int = param(
         check=lambda v: None if v >= 1 else "must be >= 1", doc="length of the first cycle"

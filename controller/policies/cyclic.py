@@ -21,6 +21,7 @@ class Cyclic(Schedule):
     """Cycle the LR (and momentum) between two bounds (torch CyclicLR)."""
 
     type = "cyclic"
+    equivalents = ("torch `CyclicLR`",)
 
     base_lr: float = param(check=between(0, 10, hi_open=False), doc="lower LR of the cycle")
     max_lr: float = param(check=between(0, 10, hi_open=False), doc="upper LR of the cycle")

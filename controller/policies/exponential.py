@@ -21,6 +21,10 @@ class ExponentialDecay(Schedule):
     """Exponential decay per epoch (or step)."""
 
     type = "exponential"
+    equivalents = (
+        "Keras `ExponentialDecay(lr0, decay_steps, decay_rate, staircase)`",
+        "torch `ExponentialLR(gamma=decay_rate)` (decay_steps 1)",
+    )
 
     decay_rate: float | None = param(None, positive, "Keras form: multiplier per decay_steps")
     decay_steps: int | None = param(None, positive_int, "Keras form: period of decay_rate")

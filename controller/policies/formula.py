@@ -241,6 +241,10 @@ class Formula(Policy):
     """
 
     type = "formula"
+    equivalents = (
+        "Keras `keras.callbacks.LearningRateScheduler(lambda epoch, lr: ...)`",
+        "torch `LambdaLR` (write `lr0 * f(epoch)`: LambdaLR returns a factor of lr0)",
+    )
     state_class = FormulaState
 
     lr: str = param(check=formula_problem, doc="the expression giving the LR (a string)")

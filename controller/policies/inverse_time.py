@@ -20,6 +20,7 @@ class InverseTimeDecay(Schedule):
     """Time-based decay per epoch (or step)."""
 
     type = "inverse_time"
+    equivalents = ("Keras `InverseTimeDecay(lr0, decay_steps, decay_rate, staircase)`",)
 
     decay_rate: float = param(check=at_least(0), doc="k in lr0 / (1 + k * t / decay_steps)")
     decay_steps: int = param(1, positive_int, "period of t")

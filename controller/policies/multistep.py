@@ -25,6 +25,7 @@ class MultiStep(Schedule):
     """Multiply the LR by `factor` at each milestone (torch MultiStepLR)."""
 
     type = "multistep"
+    equivalents = ("torch `MultiStepLR(milestones, gamma=factor)`",)
 
     milestones: list[int] = param(check=_ascending, doc="epochs (or steps) where the LR drops")
     factor: float = param(0.1, positive, "multiplier at each milestone (torch: gamma)")

@@ -30,6 +30,10 @@ class OneCycle(Schedule):
     """One cycle of LR (and momentum) per run (torch OneCycleLR; fastai fit_one_cycle)."""
 
     type = "one_cycle"
+    equivalents = (
+        "torch `OneCycleLR`",
+        "fastai `fit_one_cycle`",
+    )
 
     max_lr: float | None = param(
         None, between(0, 10, hi_open=False), "peak LR (default: lr0, e.g. `lr: suggested`)"

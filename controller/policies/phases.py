@@ -113,6 +113,26 @@ class Phases(Policy):
         phase = self.phases[state.index]
         before = self.inner_state(state)
         inner, decision = phase.policy.step(before, t - state.start, metrics, directions)
+        return self._next(state, t, before, inner, decision)
+
+    def counts(self, state: State, lr: float) -> bool:
+        assert isinstance(state, PhasesState)
+        return self.phases[state.index].policy.counts(self.inner_state(state), lr)
+
+    def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
+        """The phase in force abandons its sweep; the chain moves on as when it finishes."""
+        assert isinstance(state, PhasesState)
+        before = self.inner_state(state)
+        ended = self.phases[state.index].policy.abandon(before, t - state.start)
+        if ended is None:
+            return None
+        return self._next(state, t, before, *ended)
+
+    def _next(
+        self, state: PhasesState, t: int, before: State, inner: State, decision: Decision
+    ) -> tuple[State, Decision]:
+        """The chain after the phase in force went from `before` to `inner` at time t."""
+        phase = self.phases[state.index]
         new = state.replace(lr=inner.lr, inner=inner.to_dict())
         finished = phase.policy.finished(inner) and not phase.policy.finished(before)
         if finished:

@@ -37,6 +37,10 @@ class Piecewise(Schedule):
     """A fixed LR per interval of t (Keras PiecewiseConstantDecay)."""
 
     type = "piecewise"
+    equivalents = (
+        "Keras `PiecewiseConstantDecay`",
+        "torch `MultiStepLR` when each value is the previous one times a constant factor",
+    )
 
     boundaries: list[int] = param(check=_increasing, doc="last t of each interval but the last")
     values: list[float] = param(

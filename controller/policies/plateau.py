@@ -9,6 +9,18 @@ values are compared and the LR held in float32, as TensorFlow does).
 epochs are counted, then cooldown clears them; reduce at `bad > patience`; rel
 or abs threshold; a change smaller than `eps` is skipped but still starts the
 cooldown).
+
+`mode: auto`: a monitor named `loss` or ending in `_loss` is minimised;
+otherwise the direction the client sent for that metric at `hello` (the Keras
+callback sends each compiled metric's direction); otherwise a name containing
+`acc` or `auc` is maximised; otherwise the controller answers
+`mode_unresolved` and keeps the LR — set `mode` explicitly.
+
+Where lrpilot differs from both frameworks, on purpose: a non-finite value
+(NaN, +inf, and −inf too) is never an improvement, also as the first value.
+Keras 3 would take a first NaN as its best and never see an improvement again;
+both would make a −inf loss the best forever. A report without the monitored
+metric is skipped with a warning, as Keras does.
 """
 
 from __future__ import annotations
@@ -36,6 +48,9 @@ class PlateauState(State):
     smoothed: float | None = None
     value: float | None = None
     stop_sent: bool = False
+    # The policy would have reduced but the LR is at min_lr, and nothing improved since. Under
+    # compat torch `wait` cycles 0..patience there, so `wait >= patience` cannot say this.
+    at_min_lr: bool = False
 
 
 def is_loss(monitor: str) -> bool:
@@ -68,35 +83,51 @@ class Plateau(Policy):
     """Reduce-on-plateau with Keras' or PyTorch's exact semantics."""
 
     type = "plateau"
+    equivalents = (
+        "Keras `keras.callbacks.ReduceLROnPlateau` (`compat: keras`)",
+        "torch `torch.optim.lr_scheduler.ReduceLROnPlateau` (`compat: torch`)",
+    )
     state_class = PlateauState
 
     monitor: str = param("val_loss", doc="metric to watch, as the client reports it")
     mode: str | None = param(
         None,
         one_of("auto", "min", "max"),
-        "min, max or auto (default auto with compat keras, min with compat torch)",
+        "`min`, `max` or `auto` (default: auto with compat keras, min with compat torch)",
     )
-    factor: float = param(0.1, between(0, 1), "new_lr = lr * factor")
+    factor: float = param(0.1, between(0, 1), "new_lr = lr · factor, 0 < factor < 1")
     patience: int = param(10, at_least(0), "evaluations without improvement before reducing")
     min_delta: float | None = param(
-        None, at_least(0), "smallest change that counts as improvement (torch: threshold); 1e-4"
+        None,
+        at_least(0),
+        "smallest change that counts as an improvement (torch's `threshold`; default 1e-4)",
     )
     threshold_mode: str | None = param(
-        None, one_of("abs", "rel"), "abs or rel (default abs with keras, rel with torch)"
+        None,
+        one_of("abs", "rel"),
+        "`abs`: beat best by min_delta; `rel`: by best · min_delta (default: abs with keras, "
+        "rel with torch)",
     )
-    cooldown: int = param(0, at_least(0), "evaluations to wait after a reduction")
+    cooldown: int = param(
+        0, at_least(0), "evaluations after a reduction during which nothing is counted"
+    )
     min_lr: float = param(0.0, at_least(0), "lower bound on the LR")
-    eps: float = param(1e-8, at_least(0), "torch only: skip changes smaller than this")
+    eps: float = param(1e-8, at_least(0), "torch only: a reduction smaller than this is skipped")
     smoothing: float | None = param(
-        None, between(0, 1, hi_open=False), "EMA alpha on the monitored value; best is smoothed"
+        None,
+        between(0, 1, hi_open=False),
+        "EMA α on the monitored value: s₀ = x₀, sₜ = α·xₜ + (1−α)·sₜ₋₁; best is on the smoothed "
+        "value (default: none)",
     )
     compat: str = param(
         "auto",
         one_of("auto", "keras", "torch"),
-        "keras or torch semantics; auto: torch for jobs whose rank 0 is a torch (or Lightning, "
-        "HF Trainer) client, else keras",
+        "whose semantics to repeat exactly: `keras`, `torch`, or `auto` (torch for jobs whose "
+        "rank 0 is a torch, Lightning or Hugging Face client, keras otherwise)",
     )
-    stop_at_min_lr: bool = param(False, doc="ask the trainer to stop at min_lr on a plateau")
+    stop_at_min_lr: bool = param(
+        False, doc="once at min_lr and still on a plateau, ask the trainer to stop (once)"
+    )
 
     def __post_init__(self) -> None:
         if self.compat == "auto":
@@ -139,7 +170,7 @@ class Plateau(Policy):
         return PlateauState(lr=self._held(lr0))
 
     def rebase(self, state: State, lr: float, t: int) -> State:
-        return state.replace(lr=self._held(lr))
+        return state.replace(lr=self._held(lr), at_min_lr=False)
 
     def _smooth(self, state: PlateauState, x: float) -> float:
         if self.smoothing is None or state.smoothed is None:
@@ -201,7 +232,7 @@ class Plateau(Policy):
             cooldown -= 1
             wait = 0
         if self.improved(x, best, mode):
-            return s.replace(best=x, wait=0, cooldown_counter=cooldown), Decision(
+            return s.replace(best=x, wait=0, cooldown_counter=cooldown, at_min_lr=False), Decision(
                 s.lr, apply=self.apply
             )
         if cooldown > 0:
@@ -212,31 +243,33 @@ class Plateau(Policy):
         if s.lr > float32(self.min_lr):
             new_lr = float32(max(s.lr * self.factor, self.min_lr))
             decision = self.decision(s, new_lr, "plateau", wait=wait, patience=self.patience)
-            return s.replace(lr=new_lr, wait=0, cooldown_counter=self.cooldown), decision
+            after = s.replace(lr=new_lr, wait=0, cooldown_counter=self.cooldown, at_min_lr=False)
+            return after, decision
         # At min_lr: Keras keeps counting and starts no cooldown.
         return self._at_min_lr(s.replace(wait=wait, cooldown_counter=cooldown))
 
     def _step_torch(self, s: PlateauState, x: float, mode: str) -> tuple[State, Decision]:
         best, bad, cooldown = s.best, s.wait, s.cooldown_counter
+        at_min_lr = s.at_min_lr
         if self.improved(x, best, mode):
-            best, bad = x, 0
+            best, bad, at_min_lr = x, 0, False
         else:
             bad += 1
         if cooldown > 0:
             cooldown -= 1
             bad = 0  # torch ignores bad epochs in cooldown
         if bad <= self.patience:
-            return s.replace(best=best, wait=bad, cooldown_counter=cooldown), Decision(
-                s.lr, apply=self.apply
-            )
+            state = s.replace(best=best, wait=bad, cooldown_counter=cooldown, at_min_lr=at_min_lr)
+            return state, Decision(s.lr, apply=self.apply)
         new_lr = max(s.lr * self.factor, self.min_lr)
         after = s.replace(best=best, wait=0, cooldown_counter=self.cooldown)
         if s.lr - new_lr > self.eps:
             decision = self.decision(s, new_lr, "plateau", wait=bad, patience=self.patience)
-            return after.replace(lr=new_lr), decision
+            return after.replace(lr=new_lr, at_min_lr=False), decision
         return self._at_min_lr(after)
 
     def _at_min_lr(self, s: PlateauState) -> tuple[State, Decision]:
+        s = s.replace(at_min_lr=True)
         if self.stop_at_min_lr and not s.stop_sent:
             return s.replace(stop_sent=True), Decision(s.lr, action="stop", apply=self.apply)
         return s, Decision(s.lr, apply=self.apply)
@@ -266,4 +299,5 @@ class Plateau(Policy):
             "wait": state.wait,
             "patience": self.patience,
             "min_lr": self.min_lr,
+            "at_min_lr": state.at_min_lr,
         }

@@ -21,6 +21,10 @@ class PolynomialDecay(Schedule):
     """Polynomial decay from lr0 to end_lr (Keras PolynomialDecay, torch PolynomialLR)."""
 
     type = "polynomial"
+    equivalents = (
+        "Keras `PolynomialDecay`",
+        "torch `PolynomialLR(total_iters=decay_steps, power)` (end_lr 0)",
+    )
 
     decay_steps: int = param(check=positive_int, doc="units to decay over")
     end_lr: float = param(1e-4, between(0, 10, lo_open=False, hi_open=False), "LR at the end")

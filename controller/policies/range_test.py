@@ -5,7 +5,16 @@ start_lr` so that `{type: range_test, unit: epoch}` hands out, to the float, wha
 `LearningRateScheduler(lambda epoch: 1e-8 * 10**(epoch / 20))` sets. Every report adds a
 point (lr in force, loss, smoothed loss); the smoothed loss is fastai's bias-corrected EMA
 (`beta` 0.98: about 50 points of memory, meant for per-step losses; with `unit: epoch` a
-smaller beta reacts sooner). The sweep stops on divergence — the smoothed loss above 4× its
+smaller beta reacts sooner).
+
+A point is what was trained: (the LR a report says it trained with, its loss). A report
+trained at another LR than the sweep's current one (the trainer went on at its last LR while
+the controller was away, then replays what it kept) is no point (`counts` is false), and the
+sweep's index counts the LRs tried, not the steps, so after any outage the sweep resumes
+with its next untried LR and its curve equals an uninterrupted run's. A rank that cannot
+restore its weights joining mid-sweep ends it with no suggestion (`abandon`).
+
+The sweep stops on divergence — the smoothed loss above 4× its
 best, or a non-finite loss — or when the next LR would pass end_lr. Then the three
 suggestions of `suggest.py` are computed, the chosen one (`suggest:`) becomes the LR and the
 decision asks the trainer to restore the weights and optimizer state it had before the test
@@ -30,6 +39,7 @@ __all__ = ["BETA", "DIVERGENCE", "RangeTest", "RangeTestState"]
 BETA = 0.98  # fastai's AvgSmoothLoss
 DIVERGENCE = 4.0  # fastai's LRFinder: stop when the smoothed loss passes 4x its best
 _ROUNDING = 1e-9  # 1e-8 * 10**(180/20) is 10.000000000000002: still end_lr 10
+_SAME_LR = 1e-6  # a reported LR this close (relative) is the sweep's: float32 in a trainer
 
 Point = tuple[float, float, float]
 
@@ -40,6 +50,7 @@ class RangeTestState(State):
 
     lr_before: float = 0.0  # the LR before the test: restored when nothing can be suggested
     seen: int = 0  # reports fed so far (0: the test has not started)
+    index: int = -1  # the sweep's index of `lr`: LRs tried so far (-1: a 0.2 state, see seen)
     points: tuple[Point, ...] = ()
     smoothed: float = 0.0
     count: int = 0
@@ -61,7 +72,9 @@ class RangeTestState(State):
     def from_dict(cls, data: Mapping[str, Any]) -> RangeTestState:
         state = super().from_dict(data)
         points = tuple((_float(a), _float(b), _float(c)) for a, b, c in state.points)
-        return state.replace(points=points)
+        # lrpilot 0.2 stored no index: its sweep counted reports, from t = 0.
+        index = state.index if state.index >= 0 else state.seen
+        return state.replace(points=points, index=index)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +88,13 @@ class RangeTest(Policy):
     """
 
     type = "range_test"
+    equivalents = (
+        "fastai `Learner.lr_find`",
+        (
+            "the seeds' Keras `LearningRateScheduler(lambda epoch: 1e-8 * "
+            "10**(epoch / 20))` (`unit: epoch`)"
+        ),
+    )
     state_class = RangeTestState
 
     unit: Unit = param("step", one_of("epoch", "step"), "count t in steps (default) or epochs")
@@ -115,8 +135,14 @@ class RangeTest(Policy):
         return min(lr, self.end_lr)
 
     def start(self, lr0: float, t: int) -> RangeTestState:
-        lr = self._next_lr(max(t, 0))
-        return RangeTestState(lr=self.end_lr if lr is None else lr, lr_before=lr0)
+        index = max(t, 0)  # a job first seen mid-sweep picks it up where the formula is
+        lr = self._next_lr(index)
+        return RangeTestState(lr=self.end_lr if lr is None else lr, lr_before=lr0, index=index)
+
+    def counts(self, state: State, lr: float) -> bool:
+        """Only a report trained at the sweep's LR is a point (float32 rounding allowed)."""
+        assert isinstance(state, RangeTestState)
+        return state.done or abs(lr - state.lr) <= _SAME_LR * state.lr
 
     def step(
         self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
@@ -132,7 +158,7 @@ class RangeTest(Policy):
                 f"range_test records metric `{self.monitor}` which is not available; "
                 f"available metrics are: {available}"
             )
-            return self._advance(state, t, warning)
+            return self._advance(state, warning)
         loss = float(raw)
         if not math.isfinite(loss):
             point = (state.lr, loss, math.nan)
@@ -151,16 +177,16 @@ class RangeTest(Policy):
         )
         if smoothed > DIVERGENCE * best:
             return self._stop(state, "divergence")
-        return self._advance(state, t, None)
+        return self._advance(state, None)
 
-    def _advance(
-        self, state: RangeTestState, t: int, warning: str | None
-    ) -> tuple[State, Decision]:
-        lr = self._next_lr(t + 1)
+    def _advance(self, state: RangeTestState, warning: str | None) -> tuple[State, Decision]:
+        """The next untried LR of the sweep (its index counts LRs tried, not steps)."""
+        index = state.index + 1
+        lr = self._next_lr(index)
         if lr is None:
             return self._stop(state, "end_lr", warning)
         decision = self.decision(state, lr, "range_test", warning=warning)
-        return state.replace(lr=lr), decision
+        return state.replace(lr=lr, index=index), decision
 
     def suggestions(self, points: Sequence[Point]) -> dict[str, float | None]:
         """The three suggestions on `points`, trimmed as fastai's lr_find trims its curve.
@@ -205,6 +231,23 @@ class RangeTest(Policy):
             Event("range_test", state.lr, chosen),
             action="restore",
             warning=warning,
+            apply=self.apply,
+            detail=json.dumps(report, separators=(",", ":"), allow_nan=False),
+        )
+
+    def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
+        """A sweep under way ends with no suggestion: back to the LR from before the test,
+        and every rank that can restores its weights."""
+        assert isinstance(state, RangeTestState)
+        if state.seen == 0 or state.done:
+            return None
+        lr = state.lr_before
+        done = state.replace(lr=lr, done=True, stop_reason="abandoned", suggested_lr=None)
+        report = self.range_test_report(done)
+        return done, Decision(
+            lr,
+            Event("range_test", state.lr, lr),
+            action="restore",
             apply=self.apply,
             detail=json.dumps(report, separators=(",", ":"), allow_nan=False),
         )

@@ -15,6 +15,10 @@ class StepDecay(Schedule):
     """Multiply the LR by `factor` every `step_size` epochs (torch StepLR, Keras step decay)."""
 
     type = "step"
+    equivalents = (
+        "torch `StepLR(step_size, gamma=factor)`",
+        "Keras `ExponentialDecay(lr0, decay_steps=step_size, decay_rate=factor, staircase=True)`",
+    )
 
     factor: float = param(0.5, positive, "multiplier applied every step_size (torch: gamma)")
     step_size: int = param(10, positive_int, "epochs (or steps) between drops")

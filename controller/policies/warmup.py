@@ -19,6 +19,13 @@ class Warmup(Schedule):
     """Ramp the LR linearly from from_lr to to_lr over `epochs`, then hold to_lr."""
 
     type = "warmup"
+    equivalents = (
+        (
+            "torch `LinearLR(start_factor=from_lr / to_lr, total_iters=epochs)` "
+            "with the optimizer at to_lr"
+        ),
+        "the warmup of Keras `CosineDecay(warmup_target, warmup_steps)`",
+    )
 
     to_lr: float = param(check=between(0, 10, hi_open=False), doc="LR reached after `epochs`")
     epochs: int = param(check=positive_int, doc="length of the ramp (steps with unit: step)")
