@@ -169,6 +169,8 @@ class JobTable:
 
     def publish(self, batch: Batch) -> Outgoing:
         """The batch committed: make its states current; returns what to send."""
+        if batch.rebound:
+            del self.rebinding[-batch.rebound :]
         for job in batch.touched.values():
             self._add(job)
         for name in batch.forgotten:
@@ -239,7 +241,7 @@ class Batch:
         self.touched: dict[str, JobState] = {}
         self.forgotten: list[str] = []
         self.quarantine: list[tuple[str, str]] = []
-        self.rebound: list[str] = []
+        self.rebound = 0  # names taken from the end of table.rebinding
         self.steps: list[Step] = []
         self.out: Outgoing = []
         self._snapshots: list[tuple[JobState, int]] = []
@@ -328,13 +330,11 @@ class Batch:
     def rebind(self, limit: int = 256) -> None:
         """Rebind up to `limit` jobs still on the policy set before the last reload (those
         that decide first are rebound at that decision, by `job`)."""
-        queue = self.table.rebinding
-        while queue and limit > 0:
-            name = queue.pop()
-            self.rebound.append(name)  # put back if the turn's commit fails
+        names = self.table.rebinding[-limit:] if limit > 0 else []
+        self.rebound = len(names)  # leave the queue with the commit (`publish`)
+        for name in names:
             if name in self.table.jobs:
                 self.job(name)
-                limit -= 1
 
     def forget(self, name: str) -> bool:
         known = self.job(name) is not None

@@ -427,7 +427,6 @@ class Server:
             try:
                 self.store.commit(batch.writes())
             except Exception as exc:
-                self.table.rebinding += batch.rebound
                 self._store_failed(exc)
                 text = "the controller cannot store its state now; resend later"
                 errors += [(i, ErrorMessage("unavailable", text, seq)) for i, seq in received]
