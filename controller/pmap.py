@@ -45,30 +45,35 @@ class _Leaf:
 
 
 def _set(node: tuple[Any, ...], shift: int, h: int, key: Any, value: Any) -> tuple[Any, bool]:
-    """(the node with key set, whether the key is new)."""
-    if shift >= _MAX_SHIFT:
-        raise AssertionError("unreachable: buckets are handled by the caller")  # pragma: no cover
-    i = (h >> shift) & _MASK
-    slot = node[i]
-    if slot is None:
-        child: Any = _Leaf(h, key, value)
-        added = True
-    elif isinstance(slot, _Leaf):
-        if slot.key is key or (slot.h == h and slot.key == key):
-            child, added = _Leaf(h, key, value), False
-        elif slot.h == h:
-            child, added = _Bucket({slot.key: slot.value, key: value}), True
+    """(the node with key set, whether the key is new): a loop down to the slot, then the
+    nodes on the way copied back up (the hot path of every report)."""
+    path: list[tuple[tuple[Any, ...], int]] = []
+    while True:
+        i = (h >> shift) & _MASK
+        slot = node[i]
+        if type(slot) is tuple:
+            path.append((node, i))
+            node, shift = slot, shift + _BITS
+            continue
+        if slot is None:
+            child: Any = _Leaf(h, key, value)
+            added = True
+        elif type(slot) is _Leaf:
+            if slot.key is key or (slot.h == h and slot.key == key):
+                child, added = _Leaf(h, key, value), False
+            elif slot.h == h:
+                child, added = _Bucket({slot.key: slot.value, key: value}), True
+            else:  # two keys in one slot: a node below, holding both
+                sub, _ = _set(_EMPTY, shift + _BITS, slot.h, slot.key, slot.value)
+                child, added = _set(sub, shift + _BITS, h, key, value)
         else:
-            sub, _ = _set(_EMPTY, shift + _BITS, slot.h, slot.key, slot.value)
-            child, added = _set(sub, shift + _BITS, h, key, value)
-    elif isinstance(slot, _Bucket):
-        added = key not in slot.items
-        child = _Bucket({**slot.items, key: value})
-    else:
-        child, added = _set(slot, shift + _BITS, h, key, value)
-    copy = list(node)
-    copy[i] = child
-    return tuple(copy), added
+            added = key not in slot.items
+            child = _Bucket({**slot.items, key: value})
+        break
+    new = (*node[:i], child, *node[i + 1 :])
+    for parent, j in reversed(path):
+        new = (*parent[:j], new, *parent[j + 1 :])
+    return new, added
 
 
 def _get(node: tuple[Any, ...], h: int, key: Any, default: Any) -> Any:
