@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus image-tools modules docs
+.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus postgresql image-tools modules docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,dev]" --config-settings editable_mode=strict
+	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install links each module: relink when the set of modules changes.
@@ -31,6 +31,18 @@ prometheus:
 		DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends prometheus >/dev/null && \
 		(systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true); \
 	else echo "prometheus is missing: run 'sudo apt-get install -y prometheus' and re-run make test"; exit 1; fi
+
+# Debian's PostgreSQL server binaries for the scale-out tests, which initdb a cluster of their
+# own (as an unprivileged user, on a free port) and remove it; the packaged service is stopped.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+postgresql:
+	@if [ -n "$(PG_INITDB)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's postgresql package"; \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq update >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends postgresql >/dev/null && \
+		(systemctl stop postgresql >/dev/null 2>&1 || service postgresql stop >/dev/null 2>&1 || true); \
+	else echo "postgresql is missing: run 'sudo apt-get install -y postgresql' and re-run make test"; exit 1; fi
 
 # Debian's buildah and debootstrap for tests/test_image.py, which builds the Dockerfile and runs
 # the image without a Docker engine (as root; elsewhere that test is skipped and says why).
@@ -51,7 +63,7 @@ lint: modules
 typecheck: modules
 	$(VENV)/bin/mypy -p lrpilot.controller -p lrpilot.client
 
-pytest: modules prometheus image-tools
+pytest: modules prometheus postgresql image-tools
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
@@ -79,6 +91,7 @@ bench: modules
 	$(PY) bench/run.py
 	$(PY) bench/scale.py
 	$(PY) bench/report_cost.py
+	$(PY) bench/scale_out.py
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/adapters.py
 

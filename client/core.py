@@ -4,21 +4,20 @@ One `Client` per training process (per rank). It speaks wire protocol v1 over a 
 DEALER socket of its own and follows the Lazy Pirate pattern: it waits at most `timeout`
 for an answer, and after one timeout stops waiting until the controller is heard from again.
 
-Nothing is lost: every report is kept until the controller answers it with an `lr`, or with
-an `error` that sending it again cannot fix; at most `MAX_KEPT` reports, the oldest dropped
-first (counted in `stats["dropped"]`). Kept reports that have not gone out yet form the send
-queue: a burst that fills the socket's send buffer waits there, in order, and goes out on
-later calls, so a full buffer is backpressure, not an outage. When the connection drops, or
-the controller answers `unknown_session` (it restarted), the client says hello from the
-oldest report it keeps and sends the kept reports again, in order; the controller answers a
-seq it has already decided with the LR in force. `error{code: "unavailable"}` (the controller
-could not commit) keeps the report and resends after 1 s, doubling up to 30 s.
+The protocol's state lives in two pure objects that tests drive without sockets or sleeps:
+the `Outbox` (kept reports, send queue, generations, the `unavailable` backoff; see
+`lrpilot.client.outbox`) and the `Decisions` (pending decisions applied at their boundary;
+see `lrpilot.client.decisions`). This module is the thin shell around them: the socket, its
+connection events, the endpoint list and the waits, all timed by one injectable clock.
+
+Nothing is lost: every report is kept until the controller answers it; when the connection
+drops, the controller answers `unknown_session` (it restarted), says `moved` (another
+controller owns the job) or the client fails over to the next endpoint of its list, it says
+hello from the oldest report it keeps and sends the kept reports again, in order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import math
 import operator
@@ -27,20 +26,21 @@ import socket
 import struct
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import zmq
 
-from .env import curve_keys, default_endpoint, resolve_job, resolve_rank_world
+from .decisions import Decisions
+from .env import curve_keys, endpoint_list, resolve_job, resolve_rank_world
 from .errors import ControllerUnavailable, ProtocolError
+from .link import DOWN, RETRIED, UP, Link, Sockets, shutdown
+from .outbox import HOLD, MAX_KEPT, REFUSED, REPLAY, STATS, Kept, Outbox
 from .protocol import (
     MAX_INT,
     MAX_METRICS,
     RETRYABLE_CODES,
     SESSION_BYTES,
-    SOCKET_MAX_MSG_SIZE,
     Bye,
     ErrorMessage,
     Hello,
@@ -56,21 +56,6 @@ __all__ = ["MAX_KEPT", "Client", "check_adapter_args", "scalar_metrics", "to_sca
 
 logger = logging.getLogger("lrpilot.client")
 
-#: The most reports a client keeps unanswered; beyond it the oldest is dropped (and counted).
-MAX_KEPT = 10_000
-
-_STATS = (
-    "sent",  # messages that went out, resends and hellos included
-    "replies",  # lr messages received
-    "timeouts",  # times the controller did not answer within `timeout`
-    "invalid",  # frames that were not a valid message for this job
-    "errors",  # error messages received
-    "hellos",  # hellos sent
-    "backpressure",  # sends refused by a full socket buffer while connected (the reports wait)
-    "resent",  # reports sent again (after a reconnect, unknown_session or unavailable)
-    "dropped",  # reports given up unanswered: the oldest, when MAX_KEPT were kept
-)
-
 # Messages handled per drain: a peer that floods cannot hold the training loop.
 _MAX_DRAIN = 1024
 # Reports sent per turn from the queue: a backlog drains over several calls, none slow.
@@ -81,27 +66,9 @@ _FLUSH_BATCH = 1000
 # bursts, one wake each; a report waits at most this long, and a slower loop sends each one at
 # once.
 _TURN_EVERY = 10e-3
-# Backoff of resends after `unavailable`, in seconds.
-_RETRY_FIRST = 1.0
-_RETRY_MAX = 30.0
-
-_SOCKET_OPTIONS = (
-    (zmq.IMMEDIATE, 1),  # queue only on live connections: no connection -> zmq.Again at once
-    # Small enough that little sits in a pipe a disconnect can discard (those reports are kept
-    # and resent anyway), large enough for the reports of a few milliseconds.
-    (zmq.SNDHWM, 1000),
-    # Room for a reply to every kept report, so the controller never has to drop one.
-    (zmq.RCVHWM, 2 * MAX_KEPT),
-    (zmq.LINGER, 0),  # never hold up close() or the process exit
-    (zmq.MAXMSGSIZE, SOCKET_MAX_MSG_SIZE),
-    (zmq.RECONNECT_IVL, 100),
-    (zmq.RECONNECT_IVL_MAX, 2000),
-    (zmq.HEARTBEAT_IVL, 5000),
-    (zmq.HEARTBEAT_TIMEOUT, 15000),
-    (zmq.HEARTBEAT_TTL, 15000),
-)
-# Connection changes, read from the socket's monitor.
-_UP, _DOWN = zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_DISCONNECTED
+# `moved` replies followed in a row without an answer before the client backs off as after
+# `unavailable` (controllers handing shards over point at each other for a moment).
+_MAX_MOVES = 8
 
 
 def to_scalar(value: Any) -> float | None:
@@ -169,60 +136,30 @@ def _check_lr(value: Any, what: str) -> float:
     return number
 
 
-def _shutdown(ctx: zmq.Context[Any], sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
-    # Runs from close(), from garbage collection or at interpreter exit; never references the
-    # Client itself, so an unclosed client is still collected and never holds up the exit.
-    with contextlib.suppress(zmq.ZMQError):  # the socket is going anyway
-        sock.disable_monitor()
-    try:
-        monitor.close(linger=0)
-        sock.close(linger=0)
-        ctx.term()
-    except zmq.ZMQError:  # pragma: no cover - nothing left to do about it
-        pass
-
-
-class _Kept:
-    """A report kept until it is answered: what it says, and where a replay of it starts."""
-
-    __slots__ = ("done", "epoch", "frame", "gen", "lr", "metrics", "seq", "start_step", "step")
-
-    def __init__(
-        self,
-        seq: int,
-        epoch: int,
-        step: int | None,
-        metrics: dict[str, float],
-        lr: float,
-        start_step: int,
-    ) -> None:
-        self.seq = seq
-        self.epoch = epoch
-        self.step = step
-        self.metrics = metrics
-        self.lr = lr
-        self.start_step = start_step  # a hello that replays this report starts at this step
-        self.frame = b""  # encoded when first sent: a burst is encoded together, warm
-        self.gen = -1  # the send generation it last went out in; -1: not sent yet
-        self.done = False  # answered or dropped; skipped where it still sits in a queue
-
-
 class Client:
     """Reports a training job's metrics to the lrpilot controller and returns the LR to use.
 
     Never raises into the training loop for a network problem: with the controller absent,
     slow, restarted or sending garbage, training continues with the last known LR, one
     warning is logged (logger `lrpilot.client`) per outage, and the client reconnects by
-    itself. Every report is kept until the controller answers it and sent again after a
-    reconnect (see the module's docstring): `unanswered` counts them, `flush()` waits for
-    them, `stats` counts what happened. Not thread-safe: use a client from the training
-    thread only.
+    itself (the first try 100 ms after a connection drops, then at most every second).
+    Every report is kept until the controller answers it and sent again after a reconnect
+    (see the module's docstring): `unanswered` counts them, `flush()` waits for them,
+    `stats` counts what happened. Not thread-safe: use a client from the training thread
+    only.
+
+    Several controllers (PostgreSQL scale-out): `endpoint` may list them, comma-separated.
+    The client talks to one at a time; a `moved` reply sends it to the controller that owns
+    the job, and when the current one has been unreachable (no connection, or no answer)
+    for `timeout` it fails over to the next; either way it says hello there and replays its
+    kept reports (`stats["moved"]`, `stats["failovers"]`).
 
     Timing follows the frameworks: `report(epoch=e)` returns the LR for epoch e+1, and the
     LR the constructor gets back (`c.lr`) is the one for `start_epoch`.
 
     Args:
-        endpoint: the controller, e.g. `tcp://lrpilot:5555`; default `LRPILOT_ENDPOINT`, else
+        endpoint: the controller, e.g. `tcp://lrpilot:5555`, or several, comma-separated
+            (`tcp://a:5555,tcp://b:5555`) or as a list; default `LRPILOT_ENDPOINT`, else
             `tcp://127.0.0.1:5555`.
         job: the training job's name (1-128 of `[A-Za-z0-9._:/@-]`); default `LRPILOT_JOB`.
         initial_lr: the LR the job starts with (the optimizer's); 0.001 is Keras' default.
@@ -242,6 +179,9 @@ class Client:
             put it back; the restore runs before the suggested LR applies. Without them a
             policy that starts with a range test is refused at hello (notice
             `restore_unsupported`) and the job keeps its own LR.
+        clock: seconds of a monotonic clock (default `time.monotonic`) for every timer of
+            the client: backoff, silence, failover, the waits' deadlines. Tests pass their
+            own and advance it; the waits on the socket still take real time.
 
     Raises:
         ValueError: for bad arguments, with what to change (at construction only).
@@ -259,7 +199,7 @@ class Client:
 
     def __init__(
         self,
-        endpoint: str | None = None,
+        endpoint: str | Sequence[str] | None = None,
         job: str | None = None,
         initial_lr: float = 0.001,
         start_epoch: int = 0,
@@ -273,8 +213,10 @@ class Client:
         strict: bool = False,
         snapshot_fn: Callable[[], None] | None = None,
         restore_fn: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.endpoint = endpoint or default_endpoint()
+        #: The controllers to try, in order (a `moved` reply may add one).
+        self.endpoints = endpoint_list(endpoint)
         self.strict = bool(strict)
         check_adapter_args("epoch", 1, snapshot_fn, restore_fn)
         self._snapshot_fn, self._restore_fn = snapshot_fn, restore_fn
@@ -294,101 +236,84 @@ class Client:
                 check_name(name, "metric name")
             except ProtocolError as exc:
                 raise ValueError(f"directions: {exc.message}") from None
-        keys = curve_keys()
+        self._keys = curve_keys()
+        self._clock = clock
 
         #: 16 random bytes naming this client object; also its socket's ROUTING_ID.
         self.session = os.urandom(SESSION_BYTES)
-        #: Counters: see `_STATS` (sent, replies, ..., backpressure, resent, dropped).
-        self.stats = dict.fromkeys(_STATS, 0)
-        #: True once the controller sent `action: stop` (the Keras callback stops training).
-        self.stop_requested = False
-        #: The last `snapshot` / `restore` action applied, for adapters that act on it.
-        self.last_action: str | None = None
+        #: Counters: see `lrpilot.client.outbox.STATS` (sent, replies, ..., moved, failovers).
+        self.stats = dict.fromkeys(STATS, 0)
+        #: (code, message) of every notice logged, in order (adapters print new ones).
+        self.notices: list[tuple[str, str]] = []
 
-        self._lr = initial
-        self._run: int | None = None
-        self._version = -1
-        # Accepted decisions not yet applied, numbered in the order received.
-        self._pending: list[tuple[int, LrMessage]] = []
-        self._received = 0  # decisions accepted so far
-        self._applied = 0  # the number of the decision in force
-        # Where training is: the next epoch / step to run. Pendings apply at these boundaries.
-        self._epoch = _position(start_epoch, "start_epoch")
-        self._step = _position(start_step, "start_step")
+        self._box = Outbox(self.stats)
+        self._decisions = Decisions(
+            initial, _position(start_epoch, "start_epoch"), _position(start_step, "start_step")
+        )
         self._seq = 0
         self._good_names: set[str] = set()  # metric names already checked
         # A report's wire form, filled in as each is encoded: cheaper than a Report each.
         self._report_wire = Report(self.job, self.rank, self.session, 0, 0, {}, initial).to_wire()
 
-        # The reports kept until answered, by seq; each sits in one of the two queues, in seq
-        # order: waiting to go out, or sent in the current generation. A generation ends when
-        # what was sent may be lost (disconnect, unknown_session, unavailable): its unanswered
-        # reports go back to the front of the send queue, and answers to its sends are stale.
-        self._kept: dict[int, _Kept] = {}
-        self._unsent: deque[_Kept] = deque()
-        self._inflight: deque[_Kept] = deque()
-        self._gen = 0
-        self._need_hello = True  # say hello before the next report
-        self._hello_sent = False  # ever: then close() says bye
-        self._hello_answered = False
-        self._rehello_seq = 0  # the newest seq when the last hello went out
-        self._retry_at = 0.0  # > 0: after `unavailable`, nothing is sent until then
-        self._backoff = _RETRY_FIRST
-        self._silent_since: float | None = None  # the first send since last heard from
         self._connected = False
+        self._opened_at = 0.0  # when the current link was opened (a move or failover)
+        self._down_since: float | None = None  # no connection since then (None: connected)
+        self._moves = 0  # `moved` followed since the last answer
         self._next_turn = 0.0  # see _TURN_EVERY
         self._online = True
         self._warned: set[str] = set()
         self._noticed: set[tuple[int, str]] = set()  # (run, code) of the notices logged
         self._ever_heard = False
-        #: (code, message) of every notice logged, in order (adapters print new ones).
-        self.notices: list[tuple[str, str]] = []
         self._closed = False
 
-        self._ctx: zmq.Context[Any] = zmq.Context()
-        self._sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
-        self._monitor: zmq.Socket[Any] = self._sock.get_monitor_socket(_UP | _DOWN)
-        self._monitor.linger = 0
-        self._finalizer = weakref.finalize(self, _shutdown, self._ctx, self._sock, self._monitor)
-        self._looked_at = [(self._sock, zmq.POLLIN), (self._monitor, zmq.POLLIN)]
+        self._endpoint = self.endpoints[0]
+        self._sockets = Sockets()
+        self._finalizer = weakref.finalize(self, shutdown, self._sockets)
         try:
-            self._sock.setsockopt(zmq.ROUTING_ID, self.session)
-            for option, value in _SOCKET_OPTIONS:
-                self._sock.setsockopt(option, value)
-            if keys is not None:
-                self._sock.curve_serverkey = keys.server_public
-                self._sock.curve_publickey = keys.public
-                self._sock.curve_secretkey = keys.secret
-            self._sock.connect(self.endpoint)
+            self._open(self.endpoints[0])
         except zmq.ZMQError as exc:
             self._finalizer()
             raise ValueError(
-                f"cannot connect to endpoint {self.endpoint!r} ({exc}); "
+                f"cannot connect to endpoint {self.endpoints[0]!r} ({exc}); "
                 "pass endpoint='tcp://HOST:PORT' or set LRPILOT_ENDPOINT"
             ) from None
 
-        deadline = time.monotonic() + self.timeout
-        # With IMMEDIATE the socket is writable only once a connection exists.
-        if self._sock.poll(_ms(deadline), zmq.POLLOUT):
-            self._connected = True
-            self._await(lambda: self._hello_answered, deadline)
+        deadline = self._deadline()
+        # With IMMEDIATE the socket is writable only once a connection exists. Each endpoint
+        # gets its share of the timeout; the one that connects gets the rest.
+        share = self.timeout / len(self.endpoints)
+        for tried in range(len(self.endpoints)):
+            until = deadline if tried == len(self.endpoints) - 1 else self._deadline(share)
+            if self._link.sock.poll(self._ms(min(until, deadline)), zmq.POLLOUT):
+                self._connected, self._down_since = True, None
+                break
+            if tried < len(self.endpoints) - 1:
+                self._fail_over("did not accept a connection")
+        if self._connected:
+            self._await(lambda: self._box.hello_answered, deadline)
         else:
             self._go_offline(f"no connection within {self.timeout:g} s")
-        if self.strict and not self._hello_answered:
+        if self.strict and not self._box.hello_answered:
             self._finalizer()
             self._closed = True
             raise ControllerUnavailable(
-                f"strict=True: the lrpilot controller at {self.endpoint} did not answer within "
-                f"{self.timeout:g} s (is `lrpilot serve` running there? LRPILOT_ENDPOINT?)"
+                f"strict=True: the lrpilot controller at {','.join(self.endpoints)} did not "
+                f"answer within {self.timeout:g} s (is `lrpilot serve` running there? "
+                "LRPILOT_ENDPOINT?)"
             )
         self._apply_due()
 
     # -- public ----------------------------------------------------------------------------
 
     @property
+    def endpoint(self) -> str:
+        """The controller this client talks to now (the last one, once closed)."""
+        return self._endpoint
+
+    @property
     def lr(self) -> float:
         """The latest LR in force; never blocks."""
-        return self._lr
+        return self._decisions.lr
 
     @property
     def online(self) -> bool:
@@ -398,7 +323,17 @@ class Client:
     @property
     def unanswered(self) -> int:
         """The number of reports kept because the controller has not answered them yet."""
-        return len(self._kept)
+        return len(self._box)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the controller sent `action: stop` (the adapters stop training)."""
+        return self._decisions.stop_requested
+
+    @property
+    def last_action(self) -> str | None:
+        """The last `snapshot` / `restore` action applied, for adapters that act on it."""
+        return self._decisions.last_action
 
     def report(
         self,
@@ -434,26 +369,30 @@ class Client:
             epoch = _position(epoch, "epoch")
         if step is not None and (type(step) is not int or not 0 <= step <= MAX_INT):
             step = _position(step, "step")
+        decisions = self._decisions
         if self._closed:
-            return self._lr
+            return decisions.lr
         self._seq = seq = self._seq + 1
-        start = self._step if step is None else step
-        lr = self._lr if trained_lr is None else _check_lr(trained_lr, "trained_lr")
-        kept = _Kept(seq, epoch, step, self._clean_metrics(metrics), lr, start)
-        self._kept[seq] = kept
-        self._unsent.append(kept)
-        if len(self._kept) > MAX_KEPT:
-            self._drop_oldest()
-        if wait and self._online and not self._retry_at:
-            self._await(lambda: seq not in self._kept or self._retry_at > 0, self._deadline())
+        start = decisions.step if step is None else step
+        lr = decisions.lr if trained_lr is None else _check_lr(trained_lr, "trained_lr")
+        box = self._box
+        if box.keep(Kept(seq, epoch, step, self._clean_metrics(metrics), lr, start)):
+            self._warn_once(
+                "dropped",
+                "lrpilot keeps at most %d unanswered reports; dropping the oldest "
+                "(counted in Client.stats['dropped'])",
+                MAX_KEPT,
+            )
+        if wait and self._online and not box.retry_at:
+            self._await(lambda: seq not in box.kept or box.retry_at > 0, self._deadline())
         else:
-            self._turn(time.monotonic(), force=wait)
+            self._turn(self._clock(), force=wait)
         if step is None:
-            self._epoch = epoch + 1
+            decisions.at(epoch=epoch + 1)
         else:
-            self._epoch, self._step = epoch, step + 1
+            decisions.at(epoch=epoch, step=step + 1)
         self._apply_due()
-        return self._lr
+        return decisions.lr
 
     def poll(self, epoch: int | None = None, step: int | None = None) -> float:
         """Handles what the controller sent and sends what is queued, without blocking;
@@ -464,14 +403,14 @@ class Client:
             step: the step about to start: decisions due from it on are applied.
                 With neither, every decision received is applied at once.
         """
-        if epoch is not None:
-            self._epoch = _position(epoch, "epoch")
-        if step is not None:
-            self._step = _position(step, "step")
+        self._decisions.at(
+            epoch=None if epoch is None else _position(epoch, "epoch"),
+            step=None if step is None else _position(step, "step"),
+        )
         if not self._closed:
-            self._turn(time.monotonic(), force=True)
+            self._turn(self._clock(), force=True)
         self._apply_due(everything=epoch is None and step is None)
-        return self._lr
+        return self._decisions.lr
 
     def flush(self, timeout: float | None = None) -> bool:
         """Sends what is queued and waits until every kept report is answered: at most
@@ -481,23 +420,25 @@ class Client:
         Returns:
             True if no report is left unanswered.
         """
-        if not self._closed and self._kept:
+        box = self._box
+        if not self._closed and box.kept:
             seconds = self.timeout if timeout is None else timeout
-            self._await(lambda: not self._kept, self._deadline(seconds), patient=True)
-        return not self._kept
+            self._await(lambda: not box.kept, self._deadline(seconds), patient=True)
+        return not box.kept
 
     def close(self) -> None:
         """Gives kept reports up to `timeout` to be answered if the controller is online,
         says bye and closes the socket; safe to call twice."""
         if self._closed:
             return
-        if self._kept and self._online:
+        box = self._box
+        if box.kept and self._online:
             self.flush()
         if not self._ever_heard:
             logger.warning(
                 "lrpilot: the controller at %s was never reached; job %s trained at its own "
                 "learning rate (pass strict=True to fail instead)",
-                self.endpoint,
+                ",".join(self.endpoints),
                 self.job,
             )
         elif self.stats["dropped"]:
@@ -507,11 +448,11 @@ class Client:
                 self.stats["dropped"],
                 self.job,
                 MAX_KEPT,
-                len(self._kept),
+                len(box),
             )
-        elif self._kept:
-            logger.info("%d lrpilot reports were unanswered at close", len(self._kept))
-        if self._hello_sent:
+        elif box.kept:
+            logger.info("%d lrpilot reports were unanswered at close", len(box))
+        if box.hello_sent:
             self._send(encode(Bye(self.job, self.rank, self.session).to_wire()))
         self._closed = True
         self._finalizer()
@@ -524,92 +465,165 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "online" if self._online else "offline"
-        return f"<lrpilot Client job={self.job!r} rank={self.rank} lr={self._lr:g} {state}>"
+        return f"<lrpilot Client job={self.job!r} rank={self.rank} lr={self.lr:g} {state}>"
+
+    # -- the link: one endpoint at a time --------------------------------------------------
+
+    @property
+    def _link(self) -> Link:
+        link = self._sockets.link
+        assert link is not None, "the client is closed"
+        return link
+
+    def _open(self, endpoint: str) -> None:
+        """A new socket to `endpoint`, replacing the current one (whose pipes are dropped:
+        what was in flight there is sent again after a hello here)."""
+        link = Link(self._sockets.ctx, endpoint, self.session, self._keys)
+        old, self._sockets.link = self._sockets.link, link
+        self._endpoint = endpoint
+        if old is not None:
+            old.close()
+        now = self._clock()
+        self._connected = False
+        self._opened_at, self._down_since = now, now
+        self._box.lost()
+
+    def _fail_over(self, why: str) -> None:
+        """The current endpoint is unreachable: try the next one of the list."""
+        endpoints = self.endpoints
+        current = endpoints.index(self.endpoint) if self.endpoint in endpoints else -1
+        target = endpoints[(current + 1) % len(endpoints)]
+        logger.info("lrpilot controller at %s %s; trying %s", self.endpoint, why, target)
+        self.stats["failovers"] += 1
+        self._open(target)
+
+    def _follow(self, message: ErrorMessage) -> None:
+        """`moved`: the job lives on the controller at `message.endpoint`."""
+        target = message.endpoint
+        box = self._box
+        if box.retry_at:
+            return  # backing off already: the answer to another message of the same try
+        if target is None or target == self.endpoint or self._moves >= _MAX_MOVES:
+            # Pointed back here, or controllers handing a shard over point at each other:
+            # wait as after `unavailable`, then try again.
+            self._moves = 0
+            box.lost()  # hello again after the backoff: this controller took none
+            box.hold(self._clock())
+            return
+        try:
+            self._open(target)
+        except zmq.ZMQError as exc:
+            self._invalid(f"moved to an endpoint that does not connect: {target!r} ({exc})")
+            return
+        self._moves += 1
+        self.stats["moved"] += 1
+        if target not in self.endpoints:
+            self.endpoints.append(target)
+        logger.info("lrpilot: job %s is served by the controller at %s", self.job, target)
 
     # -- one turn: connection events, replies, the send queue ------------------------------
 
     def _turn(self, now: float, force: bool = False) -> None:
         """Everything that can be done without blocking, at most every _TURN_EVERY unless
-        forced: replies, connection events, the send queue, the silence check."""
+        forced: replies, connection events, the send queue, the silence check, failover."""
         if not force:
             if now < self._next_turn:
                 return
             self._next_turn = now + _TURN_EVERY
-        if self._retry_at and now >= self._retry_at:
-            self._retry_at = 0.0
-            self._rewind()
+        box = self._box
+        box.tick(now)
         # One poll for both sockets (a call into libzmq costs microseconds in a busy process).
         # Connection events come before sending: a lost connection rewinds the queue before
         # anything goes out on the next one, which libzmq opens RECONNECT_IVL later at best.
-        for sock, _ in zmq.zmq_poll(self._looked_at, 0):
-            if sock is self._monitor:
-                self._watch()
+        link = self._link
+        for sock, _ in zmq.zmq_poll(link.looked_at, 0):
+            if self._sockets.link is not link:
+                break  # replaced by a `moved` while draining: its events are stale
+            if sock is link.monitor:
+                self._watch(link)
             else:
-                self._drain()
-        if (self._unsent or self._need_hello) and not self._retry_at:
+                self._drain(link)
+        if self._sockets.link is not link:
+            return  # moved: the new link gets its turn next time
+        if box.wants_to_send():
             if self._connected:
-                self._flush(_FLUSH_BATCH)  # stops at a full send buffer: backpressure
-            else:
+                self._flush(now, _FLUSH_BATCH)  # stops at a full send buffer: backpressure
+            elif now - self._opened_at >= self.timeout:
                 self._go_offline("is not connected")
-        if (
-            self._silent_since is not None
-            and self._online
-            and now - self._silent_since > self.timeout
-        ):
-            self.stats["timeouts"] += 1
-            self._go_offline(f"did not answer within {self.timeout:g} s")
+        down = self._down_since
+        if len(self.endpoints) > 1 and down is not None and now - down >= self.timeout:
+            self._go_offline("is not connected")
+            self._fail_over(f"had no connection for {self.timeout:g} s")
+            return
+        if box.silent_for(now) > self.timeout and self._online:
+            self._timed_out()
 
     def _items(self) -> list[tuple[zmq.Socket[Any], int]]:
-        out = zmq.POLLOUT if (self._unsent or self._need_hello) and not self._retry_at else 0
-        return [(self._sock, zmq.POLLIN | out), (self._monitor, zmq.POLLIN)]
+        link = self._link
+        out = zmq.POLLOUT if self._box.wants_to_send() and self._connected else 0
+        return [(link.sock, zmq.POLLIN | out), (link.monitor, zmq.POLLIN)]
 
     def _await(self, settled: Callable[[], bool], deadline: float, patient: bool = False) -> None:
         """Turns until `settled()`, the client goes offline, the controller asks for a retry
         or the deadline passes (then one timeout is counted and the client goes offline).
         `patient`: waits out retries and outages too, until the deadline."""
+        box = self._box
         while True:
-            self._turn(time.monotonic(), force=True)
+            self._turn(self._clock(), force=True)
             if settled():
                 return
-            if not patient and (self._retry_at or not self._online):
+            if not patient and (box.retry_at or not self._online):
                 return
-            wake = min(deadline, self._retry_at) if self._retry_at else deadline
-            if (remaining := _ms(wake)) <= 0 and wake >= deadline:
+            wake = deadline
+            if box.retry_at:
+                wake = min(wake, box.retry_at)
+            if self._down_since is not None and len(self.endpoints) > 1:
+                wake = min(wake, self._down_since + self.timeout)
+            if (remaining := self._ms(wake)) <= 0 and wake >= deadline:
                 break
             zmq.zmq_poll(self._items(), remaining)  # a reply, room to send, or the monitor
-        if self._online and not self._retry_at:  # else the silence is no news
-            self.stats["timeouts"] += 1
-            self._go_offline(f"did not answer within {self.timeout:g} s")
+        if self._online and not box.retry_at:  # else the silence is no news
+            self._timed_out()
+
+    def _timed_out(self) -> None:
+        """The controller did not answer within `timeout`: stop waiting for it (Lazy
+        Pirate) and, with several endpoints, try the next one."""
+        why = f"did not answer within {self.timeout:g} s"
+        self.stats["timeouts"] += 1
+        self._go_offline(why)
+        if len(self.endpoints) > 1:
+            self._fail_over(why)
 
     def _deadline(self, seconds: float | None = None) -> float:
-        return time.monotonic() + (self.timeout if seconds is None else seconds)
+        return self._clock() + (self.timeout if seconds is None else seconds)
+
+    def _ms(self, deadline: float) -> int:
+        """Milliseconds left until `deadline` (a clock value), rounded up; >= 0."""
+        left = deadline - self._clock()
+        return max(0, int(left * 1000) + 1) if left > 0 else 0
 
     # -- sending ---------------------------------------------------------------------------
 
     def _send(self, frame: bytes) -> bool:
         try:
-            self._sock.send(frame, zmq.NOBLOCK)
+            self._link.sock.send(frame, zmq.NOBLOCK)
         except zmq.ZMQError:  # zmq.Again: no connection (IMMEDIATE) or the HWM is full
             return False
         self.stats["sent"] += 1
-        if self._silent_since is None:
-            self._silent_since = time.monotonic()
         return True
 
-    def _flush(self, budget: int) -> None:
+    def _flush(self, now: float, budget: int) -> None:
         """Sends the hello if one is due, then up to `budget` queued reports, in order."""
-        if self._need_hello and not self._send_hello():
+        box = self._box
+        if box.need_hello and not self._send_hello(now):
             return
-        queue = self._unsent
-        while queue and queue[0].done:
-            queue.popleft()
-        burst = [kept for kept in itertools.islice(queue, budget) if not kept.done]
+        burst = box.burst(budget)
         for kept in burst:
             if not kept.frame:
                 kept.frame = self._encode(kept)
         # Back to back: libzmq's I/O thread then wakes once for the burst, not once a report.
         sent = 0
-        send, noblock = self._sock.send, zmq.NOBLOCK
+        send, noblock = self._link.sock.send, zmq.NOBLOCK
         try:
             for kept in burst:
                 send(kept.frame, noblock)
@@ -617,43 +631,26 @@ class Client:
         except zmq.ZMQError:  # zmq.Again: the send buffer is full, or the connection is gone
             if self._connected:
                 self.stats["backpressure"] += 1
-        if not sent:
-            return
         self.stats["sent"] += sent
-        if self._silent_since is None:
-            self._silent_since = time.monotonic()
-        gen, inflight = self._gen, self._inflight
-        while sent:
-            kept = queue.popleft()
-            if kept.done:
-                continue
-            if kept.gen >= 0:
-                self.stats["resent"] += 1
-            kept.gen = gen
-            inflight.append(kept)
-            sent -= 1
+        box.went(sent, now)
 
-    def _encode(self, kept: _Kept) -> bytes:
+    def _encode(self, kept: Kept) -> bytes:
         wire = self._report_wire
         wire["seq"], wire["epoch"], wire["step"] = kept.seq, kept.epoch, kept.step
         wire["metrics"], wire["lr"] = kept.metrics, kept.lr
         return encode(wire)
 
-    def _send_hello(self) -> bool:
+    def _send_hello(self, now: float) -> bool:
         """Hello from the oldest kept report (a replay starts there), else from where
         training is."""
-        start_epoch, start_step = self._epoch, self._step
-        for queue in (self._inflight, self._unsent):
-            oldest = next((k for k in queue if not k.done), None)
-            if oldest is not None:
-                start_epoch, start_step = oldest.epoch, oldest.start_step
-                break
+        decisions = self._decisions
+        start_epoch, start_step = self._box.hello_start(decisions.epoch, decisions.step)
         hello = Hello(
             job=self.job,
             rank=self.rank,
             world=self.world,
             session=self.session,
-            lr=self._lr,
+            lr=decisions.lr,
             start_epoch=start_epoch,
             start_step=start_step,
             framework=self.framework,
@@ -664,74 +661,33 @@ class Client:
         )
         if not self._send(encode(hello.to_wire())):
             return False
-        self._need_hello = False
-        self._hello_sent = True
-        self._hello_answered = False
-        self._rehello_seq = self._seq
+        self._box.hello_went(now, self._seq)
         self.stats["hellos"] += 1
         return True
 
-    def _rewind(self) -> None:
-        """What is in flight may be lost: a new generation resends it, oldest first."""
-        self._gen += 1
-        live = [k for k in self._inflight if not k.done]
-        self._inflight.clear()
-        self._unsent.extendleft(reversed(live))
-
-    def _answered(self, seq: int) -> None:
-        kept = self._kept.pop(seq, None)
-        if kept is None:
-            return
-        kept.done = True
-        inflight = self._inflight
-        while inflight and inflight[0].done:
-            inflight.popleft()
-        if len(inflight) > 2 * len(self._kept) + 64:  # answered out of order behind a laggard
-            self._inflight = deque(k for k in inflight if not k.done)
-
-    def _drop_oldest(self) -> None:
-        for queue in (self._inflight, self._unsent):
-            while queue:
-                kept = queue.popleft()
-                if not kept.done:
-                    kept.done = True
-                    del self._kept[kept.seq]
-                    self.stats["dropped"] += 1
-                    self._warn_once(
-                        "dropped",
-                        "lrpilot keeps at most %d unanswered reports; dropping the oldest "
-                        "(counted in Client.stats['dropped'])",
-                        MAX_KEPT,
-                    )
-                    return
-
-    def _hold(self) -> None:
-        """`unavailable`: send nothing until the backoff has passed, then resend it all."""
-        if not self._retry_at:
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(2 * self._backoff, _RETRY_MAX)
-
     # -- receiving -------------------------------------------------------------------------
 
-    def _watch(self) -> None:
+    def _watch(self, link: Link) -> None:
         """Connection events from the socket's monitor."""
         for _ in range(_MAX_DRAIN):
             try:
-                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+                frames = link.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:
                 return
             (event,) = struct.unpack_from("=H", frames[0])  # uint16 event, uint32 value
-            if event == _UP:
-                self._connected = True
-            elif event == _DOWN:
+            if event == UP:
+                self._connected, self._down_since = True, None
+            elif event == RETRIED:
+                self.stats["retries"] += 1
+            elif event == DOWN:
                 # What was in the pipe is gone: resend it after a hello on the next connection.
                 self._connected = False
-                self._need_hello = True
-                self._rewind()
+                self._down_since = self._clock()
+                self._box.lost()
                 self._go_offline("closed the connection")
 
-    def _drain(self) -> None:
-        sock, noblock = self._sock, zmq.NOBLOCK
+    def _drain(self, link: Link) -> None:
+        sock, noblock = link.sock, zmq.NOBLOCK
         for _ in range(_MAX_DRAIN):
             try:
                 frame = sock.recv(noblock)
@@ -750,38 +706,31 @@ class Client:
                 self._invalid(f"an lr message for job {message.job!r}, not {self.job!r}")
                 continue
             self._handle(message)
+            if self._sockets.link is not link:
+                return  # moved: the rest of this socket's messages are stale
 
     def _handle(self, message: ServerMessage) -> None:
-        self._silent_since = None
+        box = self._box
+        box.heard()
         self._ever_heard = True
         if not self._online:
             self._online = True
             logger.info("reconnected to the lrpilot controller at %s", self.endpoint)
         if isinstance(message, LrMessage):
             self.stats["replies"] += 1
+            self._moves = 0
             if message.notices:
                 self._notice(message)
-            if message.seq is None:
-                self._hello_answered = True  # or a push: either way the controller knows us
-            else:
-                self._answered(message.seq)
-                self._backoff = _RETRY_FIRST
-            self._accept(message)
+            box.answered(message.seq)
+            self._decisions.accept(message)
             return
         self.stats["errors"] += 1
-        retry = message.code in RETRYABLE_CODES
-        if message.seq is None:  # the hello was refused
-            self._hello_answered = True
-            if retry:
-                self._need_hello, self._rehello_seq = True, 0
-                self._hold()
-            else:
-                self._refused(message)
+        if message.code == "moved":
+            self._follow(message)
             return
-        kept = self._kept.get(message.seq)
-        if kept is None or kept.gen < self._gen:
-            return  # answered already, or sent again since
-        if retry:
+        retryable = message.code in RETRYABLE_CODES
+        outcome = box.on_error(message.code, message.seq, retryable, self._clock())
+        if outcome == HOLD and message.seq is not None:
             self._warn_once(
                 f"error:{message.code}",
                 "the lrpilot controller cannot decide now (%s: %s); reports are kept and "
@@ -789,16 +738,10 @@ class Client:
                 message.code,
                 message.message,
             )
-            self._hold()
-        elif message.code == "unknown_session" and kept.seq > self._rehello_seq:
-            # The controller forgot this session (it restarted): hello from the oldest kept
-            # report, then everything kept again. A report kept at that hello and refused
-            # again is given up, so a controller that forgets every time cannot loop us.
-            self._need_hello = True
-            self._rewind()
-        else:
+        elif outcome == REFUSED:
             self._refused(message)
-            self._answered(kept.seq)
+        elif outcome == REPLAY:
+            pass  # the hello and the replay go out at the next turn
 
     def _notice(self, message: LrMessage) -> None:
         """Controller notices: each code logged once per run, in this training process."""
@@ -816,45 +759,19 @@ class Client:
             "the lrpilot controller refused a message (%s: %s); keeping learning rate %g",
             message.code,
             message.message,
-            self._lr,
+            self.lr,
         )
 
-    def _accept(self, message: LrMessage) -> None:
-        if message.run == self._run and message.version <= self._version:
-            return  # an older or repeated decision
-        if message.run != self._run:
-            self._pending.clear()  # decisions of another run are void
-        self._run, self._version = message.run, message.version
-        self._received += 1
-        self._pending.append((self._received, message))
-
     def _apply_due(self, everything: bool = False) -> None:
-        if not self._pending:
-            return
-        due = [(n, d) for n, d in self._pending if everything or self._is_due(d)]
-        if not due:
-            return
-        applied = {n for n, _ in due}
-        self._pending = [(n, d) for n, d in self._pending if n not in applied]
-        for n, decision in due:
-            # A decision received before the one in force is outdated: it changes no LR
-            # (e.g. a plateau step for epoch 5 after an override for epoch 3), but its
-            # action still happens. A restore puts the weights back before the LR changes.
+        decisions = self._decisions
+        for decision in decisions.due(everything):
+            # A restore puts the weights back before the LR changes; an outdated decision
+            # (received before the one in force) changes no LR, but its action still happens.
             if decision.action == "snapshot" and self._snapshot_fn is not None:
                 self._snapshot_fn()
             elif decision.action == "restore" and self._restore_fn is not None:
                 self._restore_fn()
-            if n > self._applied:
-                self._lr, self._applied = decision.lr, n
-            if decision.action == "stop":
-                self.stop_requested = True
-            elif decision.action is not None:
-                self.last_action = decision.action
-
-    def _is_due(self, decision: LrMessage) -> bool:
-        if decision.apply_from_epoch is not None:
-            return decision.apply_from_epoch <= self._epoch
-        return decision.apply_from_step is not None and decision.apply_from_step <= self._step
+            decisions.settle(decision)
 
     # -- warnings --------------------------------------------------------------------------
 
@@ -867,7 +784,7 @@ class Client:
             "client reconnects by itself",
             self.endpoint,
             why,
-            self._lr,
+            self.lr,
         )
 
     def _invalid(self, why: str) -> None:
@@ -906,9 +823,3 @@ class Client:
             else:
                 clean[name] = number
         return clean
-
-
-def _ms(deadline: float) -> int:
-    """Milliseconds left until `deadline` (a time.monotonic() value), rounded up; >= 0."""
-    left = deadline - time.monotonic()
-    return max(0, int(left * 1000) + 1) if left > 0 else 0

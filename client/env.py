@@ -3,7 +3,9 @@
 Everything here reads an `environ` mapping (default `os.environ`) so tests pass their own.
 The sources, first match wins:
 
-- endpoint: `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+- endpoint: `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`; a comma-separated list names
+  several controllers (`tcp://a:5555,tcp://b:5555`): the client uses the first that
+  answers and fails over to the next.
 - job: `LRPILOT_JOB`.
 - rank and world: `TF_CONFIG` (chief and workers count; the chief is rank 0),
   `RANK`/`WORLD_SIZE` (torchrun), `OMPI_COMM_WORLD_RANK`/`OMPI_COMM_WORLD_SIZE`
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "CurveKeys",
     "curve_keys",
     "default_endpoint",
+    "endpoint_list",
     "resolve_job",
     "resolve_rank_world",
 ]
@@ -55,6 +58,40 @@ def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
 def default_endpoint(environ: Mapping[str, str] | None = None) -> str:
     """The controller's endpoint: `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`."""
     return _env(environ).get("LRPILOT_ENDPOINT") or DEFAULT_ENDPOINT
+
+
+def endpoint_list(endpoint: str | Sequence[str] | None = None) -> list[str]:
+    """The controllers to try, in order: `endpoint` (a comma-separated string or a list),
+    else `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`. Duplicates are left out.
+
+    Raises:
+        ValueError: an empty list, or an endpoint without a scheme (suggesting `tcp://`).
+
+    Example:
+
+        endpoint_list("tcp://a:5555, tcp://b:5555")   # ['tcp://a:5555', 'tcp://b:5555']
+    """
+    raw = endpoint if endpoint is not None and endpoint != "" else default_endpoint()
+    parts = raw.split(",") if isinstance(raw, str) else list(raw)
+    found: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"an endpoint must be a string, got {type(part).__name__}")
+        name = part.strip()
+        if not name:
+            continue
+        if "://" not in name:
+            raise ValueError(
+                f"endpoint {name!r} has no scheme: pass endpoint='tcp://HOST:PORT' (a "
+                "comma-separated list for several controllers) or set LRPILOT_ENDPOINT"
+            )
+        if name not in found:
+            found.append(name)
+    if not found:
+        raise ValueError(
+            f"no endpoint in {raw!r}: pass endpoint='tcp://HOST:PORT' or set LRPILOT_ENDPOINT"
+        )
+    return found
 
 
 def resolve_job(job: str | None = None, environ: Mapping[str, str] | None = None) -> str:

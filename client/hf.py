@@ -25,9 +25,9 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "hf", __name__) from exc
 
-from .core import Client, check_adapter_args
-from .env import resolve_job
-from .torch import StateSnapshot, number, restore_snapshot, scalars, set_lr
+from .adapter import AdapterCore
+from .core import Client
+from .torch import StateSnapshot, number, scalars, set_lr
 
 __all__ = ["LRPilotTrainerCallback"]
 
@@ -82,7 +82,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
 
     Args:
         job: the job name; default `LRPILOT_JOB`.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, an evaluation (or a log) waits for the controller.
         strict: True raises `ControllerUnavailable` when the controller does not answer the
             hello within `timeout`, instead of training on at the optimizer's LR.
@@ -108,22 +109,27 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         unit: str = "epoch",
         strict: bool = False,
     ) -> None:
-        check_adapter_args(unit)
-        self.job = resolve_job(job)
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.strict = bool(strict)
+        self._core = AdapterCore(
+            job=job,
+            endpoint=endpoint,
+            timeout=timeout,
+            strict=strict,
+            unit=unit,
+            report_every=1,
+            framework="hf",
+        )
+        self.job = self._core.job
         self.unit = unit
-        #: The lrpilot client of the running `train()`, None outside of one.
-        self.client: Client | None = None
         self._optimizer: Any = None
         self._scheduler: Any = None
         self._lr = 0.0  # the LR set on the optimizer
         self._next_eval = 0  # the controller's epoch of the next evaluation
         self._trained_at = 0  # the global step of the last report (or of the start)
-        self._model: Any = None
-        self._snapshot: StateSnapshot | None = None  # from a range test's start to its end
-        self._restored = False  # a restore put the optimizer's own LRs back: set them again
+
+    @property
+    def client(self) -> Client | None:
+        """The lrpilot client of the running `train()`, None outside of one."""
+        return self._core.client
 
     # -- training --------------------------------------------------------------------------
 
@@ -154,7 +160,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
             )
         if optimizer is None or not optimizer.param_groups:
             raise ValueError("LRPilotTrainerCallback needs the Trainer's optimizer")
-        self._optimizer, self._scheduler, self._model = optimizer, scheduler, model
+        self._optimizer, self._scheduler = optimizer, scheduler
         lr = number(optimizer.param_groups[0]["lr"])
         if lr is None:
             raise ValueError("LRPilotTrainerCallback: the optimizer's LR is not a number")
@@ -166,38 +172,30 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         if best and args.greater_is_better is not None:
             name = best if best.startswith("eval_") else f"eval_{best}"
             directions[name] = "max" if args.greater_is_better else "min"
-        self.client = Client(
-            self.endpoint,
-            self.job,
+        client = self._core.connect(
             initial_lr=lr,
             start_epoch=math.floor(state.epoch or 0) if self.unit == "step" else self._next_eval,
-            timeout=self.timeout,
+            start_step=state.global_step,
             rank=args.process_index,
             world=args.world_size,
-            start_step=state.global_step,
-            framework="hf",
             directions=directions,
-            strict=self.strict,
-            snapshot_fn=self._take_snapshot if model is not None else None,
-            restore_fn=self._restore if model is not None else None,
+            copy=None if model is None else (lambda: StateSnapshot(model, [optimizer])),
         )
-        self._apply(self.client.lr, control)
+        self._apply(client.lr, control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        self._optimizer = self._scheduler = self._model = None
+        self._core.close()
+        self._optimizer = self._scheduler = None
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.client is not None and self.unit == "epoch":
-            self._apply(self.client.poll(epoch=self._next_eval), control)
+            self._apply(self._core.begin(epoch=self._next_eval), control)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.client is None:
             return
         if self.unit == "step":
-            self._apply(self.client.poll(step=state.global_step), control)
+            self._apply(self._core.begin(step=state.global_step), control)
         elif self._optimizer.param_groups[0]["lr"] != self._lr:
             self._apply(self._lr, control)  # something else set it: undo that
 
@@ -214,7 +212,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
             # Also under Keras' name, so a policy on `val_loss` (the embedded default's
             # monitor) works with the Trainer as it does with Keras and Lightning.
             report.setdefault("val_loss", report["eval_loss"])
-        lr = self.client.report(index, report)
+        lr = self._core.epoch_end(index, report)
         self._next_eval, self._trained_at = index + 1, state.global_step
         self._apply(lr, control)
 
@@ -227,21 +225,10 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         epoch = math.floor(state.epoch or 0)
         # A log comes every logging_steps steps: waiting for its decision costs little, and
         # the next step then runs with it.
-        lr = self.client.report(epoch, report, step=state.global_step - 1)
+        done, before = state.global_step - 1, self._trained_at
+        lr = self._core.step_end(epoch, done, min(before, done), lambda: report, wait=True)
         self._trained_at = state.global_step
         self._apply(lr, control)
-
-    # -- range tests -----------------------------------------------------------------------
-
-    def _take_snapshot(self) -> None:
-        """`action: snapshot`: copy the model's and the optimizer's state."""
-        self._snapshot = StateSnapshot(self._model, [self._optimizer])
-
-    def _restore(self) -> None:
-        """`action: restore`: load the copy back; `_apply` then sets the suggested LR."""
-        if restore_snapshot(self._snapshot, self.job):
-            self._restored = True
-        self._snapshot = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -263,8 +250,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
 
     def _apply(self, lr: float, control: Any) -> None:
         optimizer = self._optimizer
-        if set_lr([optimizer], lr) or self._restored:
-            self._restored = False
+        if set_lr([optimizer], lr) or self._core.restored:
+            self._core.restored = False
             lrs = [number(group["lr"]) or 0.0 for group in optimizer.param_groups]
             scheduler = self._scheduler
             if scheduler is not None:
@@ -274,5 +261,5 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
                 scheduler.base_lrs = list(lrs)
                 scheduler._last_lr = list(lrs)
         self._lr = lr
-        if self.client is not None and self.client.stop_requested:
+        if self._core.stop_requested:
             control.should_training_stop = True

@@ -19,8 +19,8 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "keras", __name__) from exc
 
-from .core import Client, check_adapter_args, scalar_metrics, to_scalar
-from .env import resolve_job
+from .adapter import AdapterCore
+from .core import Client, scalar_metrics, to_scalar
 
 __all__ = ["LRPilotCallback"]
 
@@ -61,9 +61,10 @@ def _tracked(tracker: Any) -> tuple[float, float]:
 class _Snapshot:
     """The model's weights and the optimizer's variables, copied to host memory."""
 
-    __slots__ = ("variables", "weights")
+    __slots__ = ("model", "variables", "weights")
 
     def __init__(self, model: Any) -> None:
+        self.model = model
         optimizer = model.optimizer
         if not model.built:
             raise ValueError(
@@ -80,8 +81,8 @@ class _Snapshot:
         # Every optimizer variable (its step count and learning rate too): put back exactly.
         self.variables = [(v, np.array(v.numpy(), copy=True)) for v in optimizer.variables]
 
-    def restore(self, model: Any) -> None:
-        model.set_weights(self.weights)
+    def restore(self) -> None:
+        self.model.set_weights(self.weights)
         for variable, value in self.variables:
             variable.assign(value)
 
@@ -159,7 +160,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     Args:
         job: the job name; default `LRPILOT_JOB`.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, an epoch end waits for the controller.
         verbose: 1 prints each LR change, like Keras' own LR callbacks, and the controller's
             notices (they are logged at WARNING on `lrpilot.client` whatever the verbosity).
@@ -198,30 +200,30 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         restore_fn: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
-        check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
-        self.job = resolve_job(job)
-        self.endpoint = endpoint
-        self.timeout = timeout
+        self._core = AdapterCore(
+            job=job,
+            endpoint=endpoint,
+            timeout=timeout,
+            strict=strict,
+            unit=unit,
+            report_every=report_every,
+            framework="keras",
+            snapshot_fn=snapshot_fn,
+            restore_fn=restore_fn,
+        )
+        self.job = self._core.job
         self.verbose = verbose
         self.unit = unit
-        self.report_every = report_every
-        self.strict = strict
         self._notices_shown = 0
-        #: The lrpilot client of the running `fit`, None outside of one.
-        self.client: Client | None = None
         self._epoch = 0
         self._lr = 0.0  # the LR last set on (or read from) the optimizer
         # With unit="step" the callback counts optimizer steps itself: `optimizer.iterations`
         # is read once, at the hello (each read converts a variable, a device round trip).
         self._step = 0  # the next step to run
         self._epoch_start = 0  # the step the current epoch started at
-        self._snapshot_fn, self._restore_fn = snapshot_fn, restore_fn
-        # The copy kept from a range test's start to its end (kept across fits: a test may
-        # outlast one); `_testing` while it runs.
-        self._snapshot: _Snapshot | None = None
-        self._testing = False
         # Steps a restore took off `optimizer.iterations`: the job's step count goes on.
         self._steps_restored = 0
+        self._iterations_before = 0  # `optimizer.iterations` right before a restore
         # During a test with unit="step": the loss tracker and its sums at the last report.
         self._tracker: Any = None
         self._sums = (0.0, 0.0)
@@ -229,6 +231,11 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             # Keras dispatches batch ends asynchronously unless a callback overrides them;
             # only step mode needs them, so only step mode has them.
             self.on_train_batch_end = self._on_step_end
+
+    @property
+    def client(self) -> Client | None:
+        """The lrpilot client of the running `fit`, None outside of one."""
+        return self._core.client
 
     # -- fit -------------------------------------------------------------------------------
 
@@ -248,9 +255,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             raise ValueError(f"LRPilotCallback cannot set a callable learning rate; {_FIX}")
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
+        self._core.close()
 
     # -- epochs ----------------------------------------------------------------------------
 
@@ -261,22 +266,18 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._step = _iterations(optimizer) + self._steps_restored
         if self.client is None:  # the first epoch of this fit: hello from here
             self._lr = _current_lr(optimizer)
-            self.client = Client(
-                self.endpoint,
-                self.job,
+            lr = self._core.connect(
                 initial_lr=self._lr,
                 start_epoch=epoch,
-                timeout=self.timeout,
                 start_step=self._step,
-                framework="keras",
                 directions=_directions(self.model),
-                strict=self.strict,
-                snapshot_fn=self._take_snapshot,
-                restore_fn=self._restore,
-            )
-            lr = self.client.lr
+                copy=lambda: _Snapshot(self.model),
+                after_snapshot=self._track_loss,
+                before_restore=self._count_iterations,
+                after_restore=self._restored,
+            ).lr
         else:
-            lr = self.client.poll(epoch=epoch, step=self._step)
+            lr = self._core.begin(epoch=epoch, step=self._step)
         self._epoch_start = self._step
         self._sums = (0.0, 0.0)  # fit resets its metrics right before each epoch begin
         self._set_lr(epoch, lr, "setting")
@@ -287,9 +288,9 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         used = _current_lr(self.model.optimizer)
         if self.unit == "epoch":
             metrics = {k: v for k, v in scalar_metrics(logs).items() if k != "learning_rate"}
-            new_lr = self.client.report(epoch, metrics)
+            new_lr = self._core.epoch_end(epoch, metrics)
         else:
-            new_lr = self.client.poll(step=self._step)
+            new_lr = self._core.begin(step=self._step)
         if logs is not None:
             logs["learning_rate"] = used
         self._set_lr(epoch, new_lr, "reducing" if new_lr < used else "raising")
@@ -297,7 +298,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             for code, text in self.client.notices[self._notices_shown :]:
                 print(f"\nEpoch {epoch + 1}: LRPilotCallback: {text} ({code})")
             self._notices_shown = len(self.client.notices)
-        if self.client.stop_requested:
+        if self._core.stop_requested:
             self.model.stop_training = True
 
     # -- steps (unit="step") ---------------------------------------------------------------
@@ -310,14 +311,15 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if client is None:
             return
         step = self._epoch_start + batch  # the update just made, 0-based
-        done_before, self._step = self._step, step + 1
-        if self._step // self.report_every > done_before // self.report_every:
-            metrics = scalar_metrics(logs)
-            if self._testing and self._tracker is not None:
-                self._own_loss(metrics)
-            lr = client.report(self._epoch, metrics, step=step, wait=self._testing)
-        else:
-            lr = client.poll(step=self._step)
+        before, self._step = self._step, step + 1
+
+        def metrics() -> dict[str, float]:
+            found = scalar_metrics(logs)
+            if self._core.testing and self._tracker is not None:
+                self._own_loss(found)
+            return found
+
+        lr = self._core.step_end(self._epoch, step, before, metrics)
         if lr != self._lr:
             self._set_lr(self._epoch, lr, "setting", quiet=True)
         if client.stop_requested:
@@ -325,13 +327,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     # -- range tests -----------------------------------------------------------------------
 
-    def _take_snapshot(self) -> None:
-        """`action: snapshot`: keep the state from before the range test."""
-        if self._snapshot_fn is not None:
-            self._snapshot_fn()
-        else:
-            self._snapshot = _Snapshot(self.model)
-        self._testing = True
+    def _track_loss(self) -> None:
+        """A range test starts: with unit="step", report each step's own loss from here."""
         if self.unit == "step":
             self._tracker = _loss_tracker(self.model)
             if self._tracker is not None:
@@ -347,29 +344,15 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if count > before_count and "loss" in metrics:
             metrics["loss"] = (total - before_total) / (count - before_count)
 
-    def _restore(self) -> None:
-        """`action: restore`: put the state from before the range test back; the client
-        then hands over the suggested LR, which `_set_lr` assigns."""
-        self._testing = False
+    def _count_iterations(self) -> None:
         self._tracker = None
-        optimizer = self.model.optimizer
-        before = _iterations(optimizer)
-        if self._restore_fn is not None:
-            self._restore_fn()
-        elif self._snapshot is not None:
-            self._snapshot.restore(self.model)
-            self._snapshot = None  # one test, one restore: free the copy
-        else:
-            logger.warning(
-                "lrpilot: the range test of job %s ended, but this callback kept no copy of "
-                "the weights from its start (it joined later); training goes on from the "
-                "weights as they are",
-                self.job,
-            )
-            return
-        self._steps_restored += before - _iterations(optimizer)
-        # The optimizer's learning-rate variable went back too: the next LR must be set even
-        # if it equals the one this callback set last.
+        self._iterations_before = _iterations(self.model.optimizer)
+
+    def _restored(self) -> None:
+        """After a restore: the steps it took back keep counting for the job, and the
+        optimizer's learning-rate variable went back too, so the next LR is set even if it
+        equals the one this callback set last."""
+        self._steps_restored += self._iterations_before - _iterations(self.model.optimizer)
         self._lr = math.nan
 
     # -- helpers ---------------------------------------------------------------------------

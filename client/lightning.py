@@ -26,9 +26,9 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "lightning", __name__) from exc
 
-from .core import Client, check_adapter_args
-from .env import resolve_job
-from .torch import StateSnapshot, number, restore_snapshot, scalars, set_lr
+from .adapter import AdapterCore
+from .core import Client
+from .torch import StateSnapshot, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -81,7 +81,8 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         job: the job name; default `LRPILOT_JOB`.
         monitor: the metric the policy watches; a validation run that does not log it is
             warned about once (log it with `self.log("val_loss", loss)`). None: no check.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, a validation end waits for the controller.
         strict: True raises `ControllerUnavailable` when the controller does not answer the
             hello within `timeout`, instead of training on at the optimizer's LR.
@@ -98,6 +99,8 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         trainer.fit(model, train_loader, val_loader)
     """
 
+    _core: AdapterCore
+
     def __init__(
         self,
         job: str | None = None,
@@ -109,24 +112,27 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         strict: bool = False,
     ) -> None:
         super().__init__()
-        check_adapter_args(unit, report_every)
-        self.job = resolve_job(job)
+        self._core = AdapterCore(
+            job=job,
+            endpoint=endpoint,
+            timeout=timeout,
+            strict=strict,
+            unit=unit,
+            report_every=report_every,
+            framework="lightning",
+        )
+        self.job = self._core.job
         self.monitor = monitor
-        self.endpoint = endpoint
-        self.timeout = timeout
-        self.strict = bool(strict)
         self.unit = unit
-        self.report_every = report_every
-        #: The lrpilot client of the running `fit`, None outside of one.
-        self.client: Client | None = None
         self._evaluations = 0  # validation runs reported: the controller's epoch
         self._restored: int | None = None  # from a checkpoint, for the next fit
         self._step = 0  # the trainer's global step last seen (unit="step")
         self._warned_monitor = False
-        self._trainer: Any = None  # of the running fit, for the range test's hooks
-        self._module: Any = None
-        self._snapshot: StateSnapshot | None = None  # from a range test's start to its end
-        self._testing = False
+
+    @property
+    def client(self) -> Client | None:
+        """The lrpilot client of the running `fit`, None outside of one."""
+        return self._core.client
 
     # -- fit -------------------------------------------------------------------------------
 
@@ -148,28 +154,21 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         lr = number(trainer.optimizers[0].param_groups[0]["lr"])
         if lr is None:
             raise ValueError("LRPilotCallback: the first optimizer's LR is not a number")
-        self._trainer, self._module = trainer, pl_module
-        self.client = Client(
-            self.endpoint,
-            self.job,
+        client = self._core.connect(
             initial_lr=lr,
             start_epoch=start,
-            timeout=self.timeout,
+            start_step=self._step,
             rank=trainer.global_rank,
             world=trainer.world_size,
-            start_step=self._step,
-            framework="lightning",
-            strict=self.strict,
-            snapshot_fn=self._take_snapshot,
-            restore_fn=self._restore,
+            copy=lambda: StateSnapshot(pl_module, trainer.optimizers),
         )
-        self._apply(trainer, self.client.lr)
+        self._apply(trainer, client.lr)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._close()
+        self._core.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._close()
+        self._core.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Kept in Lightning checkpoints: the number of validation runs reported."""
@@ -186,10 +185,9 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         if self.client is None:
             return
         if self.unit == "epoch":
-            lr = self.client.poll(epoch=self._evaluations)
+            self._apply(trainer, self._core.begin(epoch=self._evaluations))
         else:
-            lr = self.client.poll(step=trainer.global_step)
-        self._apply(trainer, lr)
+            self._apply(trainer, self._core.begin(step=trainer.global_step))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self.client is None or trainer.sanity_checking or self.unit != "epoch":
@@ -204,7 +202,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
                 ", ".join(sorted(metrics)) or "none",
                 self.monitor,
             )
-        lr = self.client.report(self._evaluations, metrics)
+        lr = self._core.epoch_end(self._evaluations, metrics)
         self._evaluations += 1
         self._apply(trainer, lr)
 
@@ -216,42 +214,20 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         """unit="step": after each optimizer step, report every `report_every` steps
         without waiting (else only look for decisions), and set the LR decided for the next
         step if one has arrived, as the Keras callback does."""
-        client = self.client
-        if client is None or self.unit != "step" or trainer.global_step == self._step:
+        if self.client is None or self.unit != "step" or trainer.global_step == self._step:
             return  # epoch mode, or a batch that only accumulated gradients
-        self._step = trainer.global_step
-        if self._step % self.report_every:
-            lr = client.poll(step=self._step)
-        else:
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            value = number(loss)
-            metrics = {} if value is None else {"loss": value}
-            step = self._step - 1
-            lr = client.report(trainer.current_epoch, metrics, step=step, wait=self._testing)
+        before, self._step = self._step, trainer.global_step
+
+        def loss() -> dict[str, float]:
+            value = number(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
+            return {} if value is None else {"loss": value}
+
+        lr = self._core.step_end(trainer.current_epoch, self._step - 1, before, loss)
         self._apply(trainer, lr)
-
-    # -- range tests -----------------------------------------------------------------------
-
-    def _take_snapshot(self) -> None:
-        """`action: snapshot`: copy the module's and the optimizers' state."""
-        self._snapshot = StateSnapshot(self._module, self._trainer.optimizers)
-        self._testing = True
-
-    def _restore(self) -> None:
-        """`action: restore`: load the copy back; `_apply` then sets the suggested LR."""
-        self._testing = False
-        restore_snapshot(self._snapshot, self.job)
-        self._snapshot = None
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _apply(self, trainer: Any, lr: float) -> None:
         set_lr(trainer.optimizers, lr)
-        if self.client is not None and self.client.stop_requested:
+        if self._core.stop_requested:
             trainer.should_stop = True
-
-    def _close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        self._trainer = self._module = None

@@ -28,6 +28,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "ERROR_CODES",
+    "MAX_ENDPOINT",
     "MAX_INT",
     "MAX_LR",
     "MAX_MESSAGE_BYTES",
@@ -65,6 +66,8 @@ MAX_UNDECIDED = 64
 #: LRs on the wire are finite, at most this, and may be 0 (where cosine decay with alpha 0 ends).
 MAX_LR = 10.0
 SESSION_BYTES = 16
+#: The longest endpoint a `moved` error may name.
+MAX_ENDPOINT = 256
 #: Job and metric names, matched in full (`fullmatch`: no trailing newline slips through).
 NAME_RE = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
 
@@ -79,6 +82,7 @@ ERROR_CODES = (
     "unknown_session",
     "max_jobs",
     "mode_unresolved",
+    "moved",
     "unavailable",
     "forbidden",
 )
@@ -412,24 +416,36 @@ class LrMessage:
 
 @dataclass(frozen=True)
 class ErrorMessage:
-    """The controller refused a message; `code` says why (one of ERROR_CODES)."""
+    """The controller refused a message; `code` says why (one of ERROR_CODES).
+
+    With code `moved`, `endpoint` names the controller that owns the job (a ZeroMQ endpoint
+    such as `tcp://host:5555`); the client sends there from then on.
+    """
 
     code: str
     message: str
     seq: int | None = None
+    endpoint: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "error", "code": self.code, "message": self.message, "seq": self.seq}
+        wire = {"t": "error", "code": self.code, "message": self.message, "seq": self.seq}
+        if self.endpoint is not None:
+            wire["endpoint"] = self.endpoint
+        return wire
 
     @classmethod
     def from_wire(cls, msg: Mapping[str, Any]) -> ErrorMessage:
         code = _get(msg, "code")
         if code not in ERROR_CODES:
             raise ProtocolError("schema", f"unknown error code {code!r}")
+        endpoint = _str(msg, "endpoint", MAX_ENDPOINT, optional=True) or None
+        if code == "moved" and (endpoint is None or "://" not in endpoint):
+            raise ProtocolError("schema", f"moved names no endpoint, got {endpoint!r}")
         return cls(
             code,
             _str(msg, "message", 4096, optional=True),
             _int(msg, "seq", 0, MAX_SEQ, optional=True),
+            endpoint if code == "moved" else None,
         )
 
 

@@ -30,8 +30,8 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "torch", __name__) from exc
 
+from .adapter import AdapterCore
 from .core import Client, check_adapter_args, to_scalar
-from .env import resolve_job
 
 __all__ = [
     "LRPilotScheduler",
@@ -51,14 +51,13 @@ _SNAPSHOT = frozenset({"_snapshot", "_first_step", "_first_step_hook"})
 # progress: never in a state_dict().
 _NOT_SAVED = frozenset(
     {
-        "_client",
+        "_core",
         "endpoint",
         "timeout",
         "model",
         "snapshot_fn",
         "restore_fn",
         "_kept",
-        "_testing",
         *_SNAPSHOT,
     }
 )
@@ -248,7 +247,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
         optimizer: a torch optimizer; group 0's LR is the job's LR.
         job: the job name; default `LRPILOT_JOB`.
         monitor: the metric name a number passed to `step()` is reported under.
-        endpoint: the controller; default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
+        endpoint: the controller, or several comma-separated (the client follows `moved`
+            and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, a `step()` waits for the controller.
         strict: True raises `ControllerUnavailable` when the controller does not answer the
             hello within `timeout`, instead of training on at the optimizer's LR.
@@ -298,7 +298,18 @@ class LRPilotScheduler(ReduceLROnPlateau):
         if not optimizer.param_groups:
             raise ValueError("LRPilotScheduler needs an optimizer with param groups")
         super().__init__(optimizer)
-        self.job = resolve_job(job)
+        # The user's snapshot_fn / restore_fn stay here: the copy is taken before the first
+        # optimizer step, before the controller has said whether a range test runs.
+        self._core = AdapterCore(
+            job=job,
+            endpoint=endpoint,
+            timeout=timeout,
+            strict=strict,
+            unit=unit,
+            report_every=report_every,
+            framework="torch",
+        )
+        self.job = self._core.job
         self.monitor = monitor
         self.endpoint = endpoint
         self.timeout = timeout
@@ -310,29 +321,37 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self.last_epoch = 0
         #: With unit="step": the epoch the steps belong to (for `lrpilot status`).
         self.epoch_in_progress = 0
-        # The hello waits for the first step() or load_state_dict(): a resume must say hello
-        # with its start epoch, or the controller would start a new run of the job.
-        self._client: Client | None = None
         #: The module a range test restores (None: this scheduler cannot restore).
         self.model = model
         self.snapshot_fn, self.restore_fn = snapshot_fn, restore_fn
         self._snapshot: StateSnapshot | None = None  # the in-memory copy
         self._kept = False  # a copy is held (in memory, or made by snapshot_fn)
-        self._testing = False  # a range test runs: from its snapshot to its restore
         self._first_step: _BeforeFirstStep | None = None
         self._first_step_hook: Any = None  # its handle
         if self._can_restore():
             self._first_step = _BeforeFirstStep(self)
             self._first_step_hook = optimizer.register_step_pre_hook(self._first_step)
 
+    # The hello waits for the first step() or load_state_dict(): a resume must say hello
+    # with its start epoch, or the controller would start a new run of the job.
+    @property
+    def _client(self) -> Client | None:
+        return self._core.client
+
+    @property
+    def _testing(self) -> bool:
+        """A range test runs: from its snapshot to its restore."""
+        return self._core.testing
+
     @property
     def client(self) -> Client:
         """The lrpilot client (its `stats`, `online`, `stop_requested`); says hello if needed."""
-        if self._client is None:
-            self._client = self._connect(self._lr0())
-            self._set_lr(self._client.lr)
+        client = self._core.client
+        if client is None:
+            client = self._connect(self._lr0())
+            self._set_lr(client.lr)
             self._settle()
-        return self._client
+        return client
 
     # torch's own ReduceLROnPlateau.step differs from LRScheduler.step the same way.
     def step(self, metrics: Any = None, epoch: int | None = None) -> None:  # type: ignore[override]
@@ -395,21 +414,19 @@ class LRPilotScheduler(ReduceLROnPlateau):
             )
         saved = state_dict.get("last_lr") or state_dict.get("_last_lr") or []
         lr = number(saved[0]) if saved else None
-        if self._client is not None:
-            self._client.close()
+        self._core.close()
         self.last_epoch = epoch
         in_progress = state_dict.get("epoch_in_progress")
         if isinstance(in_progress, int) and not isinstance(in_progress, bool):
             self.epoch_in_progress = in_progress
-        self._client = self._connect(lr if lr is not None and 0 < lr <= 10 else self._lr0())
-        self._set_lr(self._client.lr)
+        client = self._connect(lr if lr is not None and 0 < lr <= 10 else self._lr0())
+        self._set_lr(client.lr)
         self._settle()
 
     def close(self) -> None:
         """Says bye to the controller and closes the socket; safe to call twice."""
-        if self._client is not None:
-            self._client.close()
-        if not getattr(self, "_testing", False):
+        self._core.close()
+        if not self._testing:
             self._release()
 
     def __enter__(self) -> LRPilotScheduler:
@@ -421,7 +438,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
     def __getstate__(self) -> dict[str, Any]:
         # A socket does not pickle: `torch.save(scheduler)` keeps everything else but the
         # range test's in-memory copy (a second model in every checkpoint).
-        state = {k: v for k, v in self.__dict__.items() if k != "_client" and k not in _SNAPSHOT}
+        state = {k: v for k, v in self.__dict__.items() if k != "_core" and k not in _SNAPSHOT}
+        state["_testing"] = self._core.testing
         if state.get("snapshot_fn") is None:
             state["_kept"] = False
         return state
@@ -430,9 +448,22 @@ class LRPilotScheduler(ReduceLROnPlateau):
         for name, default in (("model", None), ("snapshot_fn", None), ("restore_fn", None)):
             state.setdefault(name, default)  # pickled by an lrpilot without range tests
         state.setdefault("_kept", False)
-        state.setdefault("_testing", False)
+        testing = bool(state.pop("_testing", False))
+        state.pop("_client", None)  # pickled by an lrpilot before the adapter core
         self.__dict__.update(state)
-        self._client = None  # the next use says hello from `last_epoch`: the run resumes
+        # No client: the next use says hello from `last_epoch`, and the run resumes.
+        self._core = AdapterCore(
+            job=self.job,
+            endpoint=self.endpoint,
+            timeout=self.timeout,
+            strict=state.get("strict", False),
+            unit=self.unit,
+            report_every=self.report_every,
+            framework="torch",
+        )
+        self._core.testing = testing
+        if testing and self._kept:  # snapshot_fn saved the state: restore_fn puts it back
+            self._core.snapshot = _PutBack(self)
         self._snapshot = None
         self._first_step = self._first_step_hook = None
 
@@ -443,15 +474,12 @@ class LRPilotScheduler(ReduceLROnPlateau):
         if epoch is not None:
             self.epoch_in_progress = epoch
         trained = self._trained_lr()
-        client = self.client
+        self.client  # noqa: B018 - says hello if needed
         done = self.last_epoch
         self.last_epoch = done + 1
-        if self.last_epoch % self.report_every == 0:
-            lr = client.report(
-                self.epoch_in_progress, report, step=done, wait=self._testing, trained_lr=trained
-            )
-        else:
-            lr = client.poll(step=self.last_epoch)
+        lr = self._core.step_end(
+            self.epoch_in_progress, done, done, lambda: report, trained_lr=trained
+        )
         self._set_lr(lr)
         self._settle()
 
@@ -470,18 +498,11 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _connect(self, initial_lr: float) -> Client:
         step_unit = self.unit == "step"
-        restorable = self._can_restore()
-        return Client(
-            self.endpoint,
-            self.job,
+        return self._core.connect(
             initial_lr=initial_lr,
             start_epoch=self.epoch_in_progress if step_unit else self.last_epoch,
-            timeout=self.timeout,
             start_step=self.last_epoch if step_unit else 0,
-            framework="torch",
-            strict=getattr(self, "strict", False),
-            snapshot_fn=self._keep if restorable else None,
-            restore_fn=self._restore if restorable else None,
+            copy=self._keep if self._can_restore() else None,
         )
 
     # -- range tests -----------------------------------------------------------------------
@@ -505,17 +526,17 @@ class LRPilotScheduler(ReduceLROnPlateau):
         if not self._kept and not decided:
             self._take()
 
-    def _keep(self) -> None:
-        """`action: snapshot` (in the client): a range test starts from the state kept."""
+    def _keep(self) -> _PutBack:
+        """`action: snapshot` (through the adapter core): a range test starts from the state
+        kept."""
         if not self._kept:  # asked before the first step, or a later test: the state now
             self._take()
-        self._testing = True
         self._unhook()
+        return _PutBack(self)
 
     def _restore(self) -> None:
-        """`action: restore` (in the client): the state from before the test goes back; the
-        suggested LR is set on the param groups right after (`_set_lr`)."""
-        self._testing = False
+        """`action: restore` (through the adapter core): the state from before the test goes
+        back; the suggested LR is set on the param groups right after (`_set_lr`)."""
         if not self._kept:
             logger.warning(
                 "lrpilot: the range test of job %s ended, but this scheduler kept no copy of "
@@ -566,3 +587,15 @@ class LRPilotScheduler(ReduceLROnPlateau):
         if set_lr([self.optimizer], lr):
             lrs: list[float | torch.Tensor] = [*self.get_last_lr()]
             self._last_lr = lrs
+
+
+class _PutBack:
+    """What the adapter core restores at `action: restore`: the scheduler's kept state."""
+
+    __slots__ = ("scheduler",)
+
+    def __init__(self, scheduler: LRPilotScheduler) -> None:
+        self.scheduler = scheduler
+
+    def restore(self) -> None:
+        self.scheduler._restore()

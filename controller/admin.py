@@ -60,7 +60,8 @@ def check_endpoint(endpoint: str) -> str:
 
 
 def request(endpoint: str, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-    """Send one admin request and wait at most `timeout` seconds for its answer.
+    """Send one admin request and wait at most `timeout` seconds for its answer; a `moved`
+    answer (the job is another controller's, PostgreSQL store) is followed once.
 
     Raises:
         BadEndpoint: the endpoint has no usable scheme.
@@ -86,10 +87,14 @@ def request(endpoint: str, message: dict[str, Any], timeout: float = 2.0) -> dic
         sock.send(encode(message))
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             raise NoAnswer(f"no controller answered at {endpoint} within {timeout:g} s")
-        return decode_reply(endpoint, sock.recv())
+        reply = decode_reply(endpoint, sock.recv())
     finally:
         sock.close(linger=0)
         ctx.term()
+    owner = reply.get("endpoint")
+    if reply.get("code") == "moved" and isinstance(owner, str) and not message.get("_moved"):
+        return request(owner, {**message, "_moved": True}, timeout)
+    return reply
 
 
 def decode_reply(endpoint: str, frame: bytes) -> dict[str, Any]:

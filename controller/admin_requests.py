@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
@@ -21,14 +21,18 @@ from lrpilot.client.protocol import check_name
 from .auth import Grant
 from .jobs import Batch, JobTable
 from .jobstate import JobState, status_row
-from .store import StateStore, rfc3339
+from .store import StateStore, StoreUnavailable, rfc3339
 from .transitions import Outgoing
+
+if TYPE_CHECKING:
+    from .pgstore import PgStore
 
 __all__ = [
     "AdminRequest",
     "Forget",
     "History",
     "JobRequests",
+    "Moved",
     "RangeTestRequest",
     "Reload",
     "SetLr",
@@ -40,6 +44,14 @@ __all__ = [
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
+
+
+class Moved(ProtocolError):
+    """The job's shard is another controller's: the reply names its admin endpoint."""
+
+    def __init__(self, job: str, endpoint: str) -> None:
+        super().__init__("moved", f"job {job} is steered at the controller at {endpoint}")
+        self.endpoint = endpoint
 
 
 # -- the typed requests -------------------------------------------------------------------------
@@ -189,6 +201,7 @@ class JobRequests:
         clock, wall: monotonic and Unix time.
         commit: commits a batch and returns what to send (raises when it cannot).
         send: sends the messages of a committed batch to clients.
+        pg: the PostgreSQL store when controllers share state (shards, `moved`), else None.
 
     `grant` is the key's grant when CURVE is on, None when every caller may do everything.
     """
@@ -201,7 +214,9 @@ class JobRequests:
         wall: Callable[[], float],
         commit: Callable[[Batch], Outgoing],
         send: Callable[[Outgoing], None],
+        pg: PgStore | None = None,
     ) -> None:
+        self.pg = pg
         self.table = table
         self.store = store
         self.clock = clock
@@ -215,18 +230,52 @@ class JobRequests:
         if grant is not None and not grant.allows(job):
             raise ProtocolError("forbidden", f"this key may not use job {job}")
 
+    def owned(self, job: str) -> None:
+        """Steering a job another controller owns (PostgreSQL store) is answered `moved`
+        with that controller's admin endpoint (`Admin` follows it)."""
+        pg = self.pg
+        if pg is None or pg.owns(job):
+            return
+        owner = pg.owner(job)
+        if owner is None:
+            raise ProtocolError("unavailable", f"job {job} changes controller now; retry")
+        if owner[1].startswith("ipc://"):  # a socket file on the owner's machine, not here
+            raise ProtocolError(
+                "moved",
+                f"job {job} is steered at the controller advertising {owner[0]}; its admin "
+                f"socket {owner[1]} is local to it: run the command there",
+            )
+        raise Moved(job, owner[1])
+
     def status(self, request: Status, grant: Grant | None) -> dict[str, Any]:
         now, timeout = self.clock(), self.table.worker_timeout
+        table = self.table
         jobs = [
             status_row(j, now, timeout)
-            for j in self.table.jobs.values()
+            for j in table.jobs.values()
             if grant is None or grant.allows(j.name)
         ]
+        if self.pg is not None:  # every controller's jobs, as the database has them
+            try:
+                stored = list(self.pg.load_jobs())
+            except StoreUnavailable:  # this controller's own jobs still show (and it is alive)
+                stored = []
+            for name, data in stored:
+                if name in table.jobs or (grant is not None and not grant.allows(name)):
+                    continue
+                if isinstance(data, ValueError):
+                    continue  # its owner quarantines it
+                try:
+                    job = JobState.from_stored(name, table.rule_for(name), data, now)
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue
+                jobs.append(status_row(job, now, timeout))
         return {"t": "status", "jobs": jobs}
 
     def set_lr(self, request: SetLr, grant: Grant | None) -> dict[str, Any]:
         r = request
         self.allowed(r.job, grant)
+        self.owned(r.job)
         batch = self.table.batch(self.clock(), self.wall())
         try:
             job = batch.override(r.job, r.lr, r.reason, r.author, r.epochs, r.seconds)
@@ -265,6 +314,7 @@ class JobRequests:
     def range_test(self, request: RangeTestRequest, grant: Grant | None) -> dict[str, Any]:
         name = request.job
         self.allowed(name, grant)
+        self.owned(name)
         job = self.table.jobs.get(name)
         if job is None:
             return error("unknown_job", f"no job {name!r}")
@@ -276,6 +326,7 @@ class JobRequests:
     def forget(self, request: Forget, grant: Grant | None) -> dict[str, Any]:
         name = request.job
         self.allowed(name, grant)
+        self.owned(name)
         batch = self.table.batch(self.clock(), self.wall())
         if not batch.forget(name):
             return error("unknown_job", f"no job {name!r}")

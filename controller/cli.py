@@ -194,6 +194,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     for warning in policies.warnings:
         log.warning("%s", warning)
+    if args.store and not args.store.startswith(("postgresql://", "postgres://")):
+        log.error("lrpilot serve: --store takes postgresql://USER@HOST:PORT/DB, got %r", args.store)
+        return 2
     config = ServeConfig(
         policy=args.policy,
         bind=args.bind,
@@ -206,6 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_timeout=args.worker_timeout,
         curve_secret_key=args.curve_secret_key,
         curve_authorized_dir=args.curve_authorized_dir,
+        store=args.store,
+        advertise=args.advertise,
     )
     return serve(config, policies)
 
@@ -614,6 +619,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_port, default=9477, help="Prometheus port (0: any)")
     p.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus address")
     p.add_argument("--state-dir", default="./lrpilot-state", help="durable state (SQLite)")
+    p.add_argument(
+        "--store",
+        metavar="postgresql://USER@HOST:PORT/DB",
+        help="state in PostgreSQL instead of --state-dir: several controllers share it",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="tcp://HOST:PORT",
+        help="this controller's client endpoint as other controllers name it in `moved` "
+        "(default: the bound one, 0.0.0.0 as this host's name)",
+    )
     p.add_argument(
         "--job-ttl",
         type=_duration,

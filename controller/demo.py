@@ -21,9 +21,7 @@ __all__ = ["run_demo"]
 JOB = "demo-keras"
 
 
-def _start_controller(
-    state_dir: str, policy: str | None
-) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def _spawn_controller(state_dir: str, policy: str | None) -> subprocess.Popen[str]:
     args = [
         sys.executable,
         "-m",
@@ -44,14 +42,17 @@ def _start_controller(
     ]
     if policy:
         args += ["--policy", policy]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+
+def _endpoints(proc: subprocess.Popen[str]) -> dict[str, str]:
+    """The controller's endpoints from its ready line (it prints it once bound, or exits)."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
     endpoints = parse_ready_line(line)
     if endpoints is None:
-        proc.kill()
         raise SystemExit(f"lrpilot demo: the controller did not start: {line!r}")
-    return proc, endpoints
+    return endpoints
 
 
 def _data(n: int = 384) -> tuple[Any, Any, Any, Any]:
@@ -69,20 +70,23 @@ def run_demo(epochs: int = 45, policy: str | None = None) -> int:
     """Run the demo; returns the exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with tempfile.TemporaryDirectory(prefix="lrpilot-demo-") as state_dir:
-        proc, ends = _start_controller(state_dir, policy)
+        # The controller starts while Keras loads: both take seconds.
+        proc = _spawn_controller(state_dir, policy)
         try:
-            return _train(ends, epochs, policy)
+            try:
+                import keras  # noqa: F401
+            except ImportError:
+                print("lrpilot demo needs Keras: pip install 'lrpilot[keras]'", file=sys.stderr)
+                return 2
+            return _train(_endpoints(proc), epochs, policy)
         finally:
             proc.terminate()
             proc.wait(10)
 
 
 def _train(ends: dict[str, str], epochs: int, policy: str | None) -> int:
-    try:
-        import keras
-    except ImportError:
-        print("lrpilot demo needs Keras: pip install 'lrpilot[keras]'", file=sys.stderr)
-        return 2
+    import keras
+
     from lrpilot.client.keras import LRPilotCallback
 
     from .admin import request

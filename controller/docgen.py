@@ -44,6 +44,8 @@ lr0 is the rule's `initial_lr`, else the policy's, else the LR the client
 starts with. `t` restarts at 0 in each phase. Numbers like `1e-6` are read as
 floats (plain YAML 1.1 would read them as strings). `lrpilot check FILE`
 reports every unknown key, wrong type and out-of-range value with its line.
+How to choose and combine them: [Policies](policies.md); finding an LR:
+[the LR range test](range-test.md).
 """
 
 _PHASES = """\

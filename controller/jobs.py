@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from lrpilot.client.protocol import REASONS, Bye, Hello, Report
 from . import transitions
 from .jobstate import JobState
 from .policyfile import JobRule, PolicySet
-from .store import SNAPSHOTS_KEPT, Store, Writes, encode_row
+from .store import SNAPSHOTS_KEPT, StateStore, Writes, encode_row
 from .transitions import AggregateDue, Env, Outgoing, OverrideDue, Rebind, SetLr, Step
 
 __all__ = ["Batch", "Counters", "JobTable"]
@@ -92,17 +92,21 @@ class JobTable:
         max_jobs: bound on jobs in memory.
         worker_timeout: a rank not heard from for this long is no longer a worker.
         job_ttl: a job silent this long, with no live worker, leaves memory.
+        owns: whether this controller decides for a job (False: another controller owns the
+            job's shard, so the job is neither loaded nor decided here); default all.
     """
 
     def __init__(
         self,
         policies: PolicySet,
-        store: Store,
+        store: StateStore,
         max_jobs: int = 10000,
         worker_timeout: float = 600.0,
         job_ttl: float = 86400.0,
+        owns: Callable[[str], bool] | None = None,
     ) -> None:
         self.policies = policies
+        self.owns: Callable[[str], bool] = owns or (lambda name: True)
         self.store = store
         self.max_jobs = max_jobs
         self.worker_timeout = worker_timeout
@@ -250,6 +254,8 @@ class Batch:
     def job(self, name: str) -> JobState | None:
         """The job as this turn left it; a job known only on disk is loaded from there."""
         job = self.touched.get(name) or self.table.jobs.get(name)
+        if job is None and not self.table.owns(name):
+            return None  # another controller's (a deadline left from before a hand-over)
         if job is None and name not in self._loaded and name not in self.forgotten:
             self._loaded.add(name)
             table = self.table

@@ -124,6 +124,15 @@ class Metrics:
             self.registry.register(metric)
         self.jobs: JobCollector | None = None
 
+    def watch_shards(self, owned: Callable[[], int]) -> None:
+        """`lrpilot_shards_owned`, read at scrape time (PostgreSQL store only)."""
+        gauge = Gauge(
+            "lrpilot_shards_owned",
+            "Shards this controller holds and decides for (PostgreSQL store)",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: float(owned()))
+
     def watch(self, table: JobTable, clock: Callable[[], float]) -> None:
         """Register the per-job series of `table`'s jobs (read at every scrape)."""
         self.jobs = JobCollector(table, clock)
@@ -135,14 +144,29 @@ class Metrics:
         body = generate_latest(self._core)
         return body if self.jobs is None else body + self.jobs.exposition()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-        """Serve `/metrics` from a thread of its own; `shutdown()` and `server_close()` it."""
+    def serve(
+        self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
+    ) -> ThreadingHTTPServer:
+        """Serve `/metrics` and `/ready` from a thread of its own; `shutdown()` and
+        `server_close()` it. `/ready` answers 200 while `ready()` is true, else 503 (a
+        controller on PostgreSQL that owns no shard: a readiness probe keeps it out of
+        the Service)."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-                    self.send_error(404, "only /metrics is here")
+                path = self.path.split("?", 1)[0]
+                if path == "/ready":
+                    ok = ready is None or ready()
+                    text = b"ready\n" if ok else b"not ready: this controller owns no shard\n"
+                    self.send_response(200 if ok else 503)
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", str(len(text)))
+                    self.end_headers()
+                    self.wfile.write(text)
+                    return
+                if path not in ("/metrics", "/"):
+                    self.send_error(404, "only /metrics and /ready are here")
                     return
                 body = metrics.render()
                 self.send_response(200)

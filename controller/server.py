@@ -17,12 +17,13 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -42,6 +43,7 @@ from .admin_requests import (
     Forget,
     History,
     JobRequests,
+    Moved,
     RangeTestRequest,
     Reload,
     SetLr,
@@ -54,8 +56,11 @@ from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import StateStore, Store
+from .store import StateStore, Store, StoreUnavailable
 from .transitions import Outgoing
+
+if TYPE_CHECKING:
+    from .pgstore import PgStore
 
 __all__ = [
     "BindError",
@@ -103,6 +108,14 @@ class ServeConfig:
     worker_timeout: float = 600.0
     curve_secret_key: str | None = None
     curve_authorized_dir: str | None = None
+    #: postgresql://… : state in PostgreSQL, shared with other controllers (else state_dir).
+    store: str | None = None
+    #: The client endpoint other controllers send this one's clients to (default: bound).
+    advertise: str | None = None
+
+    def store_name(self) -> str:
+        """Where the state is, for log lines."""
+        return "the --store database" if self.store else f"{self.state_dir}/state.db"
 
 
 class _LogLimiter:
@@ -142,8 +155,11 @@ class Sockets:
         self.authorizer: Authorizer | None = None
 
     @classmethod
-    def bind(cls, config: ServeConfig, metrics: Metrics) -> Sockets:
-        """Bind every endpoint of `config`; on failure nothing stays open.
+    def bind(
+        cls, config: ServeConfig, metrics: Metrics, ready: Callable[[], bool] | None = None
+    ) -> Sockets:
+        """Bind every endpoint of `config`; on failure nothing stays open. `ready` answers
+        the metrics port's `/ready` (default: always ready).
 
         Raises:
             BindError: an endpoint or port that cannot be bound, named with its flag.
@@ -162,7 +178,7 @@ class Sockets:
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self.http = metrics.serve(port, host)
+                    self.http = metrics.serve(port, host, ready=ready)
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -273,11 +289,21 @@ def build_server(
     Raises:
         BindError: an endpoint or port cannot be bound.
         StateDirLocked, StoreCorrupt: the state dir cannot be used.
+        StoreUnavailable: the --store database cannot be reached.
+        ImportError: --store without the `postgres` extra (psycopg).
     """
     policies = policies or load_default()
     metrics = Metrics(version=__version__)
     metrics.last_reload_timestamp.set(wall())
-    store = Store(config.state_dir)
+    pg: PgStore | None = None
+    store: StateStore
+    if config.store:
+        from .pgstore import PgStore
+
+        store = pg = PgStore(config.store, clock=clock)
+        metrics.watch_shards(lambda: len(pg.owned) if pg is not None else 0)
+    else:
+        store = Store(config.state_dir)
     try:
         table = JobTable(
             policies,
@@ -285,19 +311,26 @@ def build_server(
             max_jobs=config.max_jobs,
             worker_timeout=config.worker_timeout,
             job_ttl=config.job_ttl,
+            owns=pg.owns if pg is not None else None,
         )
         metrics.watch(table, clock)
-        sockets = Sockets.bind(config, metrics)
+        ready = None if pg is None else (lambda: bool(pg.owned))
+        sockets = Sockets.bind(config, metrics, ready)
     except BaseException:
         store.close()
         raise
-    count = table.restore(store.load_jobs(), clock(), wall())
-    if count:
-        log.info("restored %d jobs from %s", count, config.state_dir)
+    if pg is None:
+        count = table.restore(store.load_jobs(), clock(), wall())
+        if count:
+            log.info("restored %d jobs from %s", count, config.state_dir)
     loader = None
     if config.policy:
         loader = PolicyLoader(config.policy, policies.digest, clock, sockets.waker())
-    return Server(config, store, table, metrics, sockets, clock, wall, loader)
+    server = Server(config, store, table, metrics, sockets, clock, wall, loader, pg)
+    if pg is not None:  # the jobs of the shards it takes are restored by the tick
+        pg.register(*server.advertised())
+        server.tick_shards()
+    return server
 
 
 class Server:
@@ -311,6 +344,7 @@ class Server:
         sockets: the bound sockets.
         clock, wall: monotonic and Unix time.
         loader: the policy file's loader thread (None: no --policy, no reloads).
+        pg: the PostgreSQL store when state is shared (shards, `moved`), else None.
     """
 
     def __init__(
@@ -323,8 +357,11 @@ class Server:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         loader: PolicyLoader | None = None,
+        pg: PgStore | None = None,
     ) -> None:
         self.config = config
+        self.pg = pg
+        self._next_tick = 0.0
         self.clock = clock
         self.wall = wall
         self.metrics = metrics
@@ -339,7 +376,7 @@ class Server:
         self.admin = sockets.admin
         self._wakeup = sockets.wakeup
         self.authorizer = sockets.authorizer
-        self.jobs = JobRequests(table, store, clock, wall, self.commit, self.send)
+        self.jobs = JobRequests(table, store, clock, wall, self.commit, self.send, pg)
         self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
         self._stopping = False
         self._reload_requested = False
@@ -362,6 +399,38 @@ class Server:
             host = self.config.metrics_host
             out["metrics"] = f"http://{host}:{self.sockets.http.server_port}/metrics"
         return out
+
+    def advertised(self) -> tuple[str, str]:
+        """The client and admin endpoints that `moved` names: --advertise, else the bound
+        ones with a wildcard address replaced by this host's name."""
+        e = self.endpoints()
+        host = socket.gethostname()
+        bind = e["bind"].replace("0.0.0.0", host).replace("[::]", host)
+        admin = e["admin"].replace("0.0.0.0", host).replace("[::]", host)
+        return self.config.advertise or bind, admin
+
+    def tick_shards(self) -> None:
+        """Heartbeat and rebalance (PostgreSQL): drop the jobs of shards given up, restore
+        those of shards taken. Runs between turns, when every decision is committed."""
+        assert self.pg is not None
+        gained, lost = self.pg.tick()
+        self._next_tick = self.clock() + self.pg.heartbeat
+        if lost:
+            for name in [n for n in self.table.jobs if self.pg.shard(n) in lost]:
+                self.table.drop(name)
+            log.info("gave up %d shards; %d owned", len(lost), len(self.pg.owned))
+        if gained:
+            try:
+                count = self.table.restore(self.pg.load_shards(gained), self.clock(), self.wall())
+            except StoreUnavailable as exc:  # loaded one by one as their clients come
+                log.error("cannot restore the jobs of the shards taken: %s", exc)
+                count = len(self.table.jobs)
+            log.info(
+                "took %d shards; %d owned, %d jobs in memory",
+                len(gained),
+                len(self.pg.owned),
+                count,
+            )
 
     def ready_line(self) -> str:
         """`lrpilot ready bind=... admin=... metrics=...`: the one stdout line once bound."""
@@ -392,8 +461,12 @@ class Server:
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
             if self.table.rebinding:  # jobs to rebind after a reload: a turn at once
                 wake = now
+            if self.pg is not None:
+                wake = min(wake, self._next_tick)
             events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
             self.turn(drain=self.sock in events)
+            if self.pg is not None and self.clock() >= self._next_tick:
+                self.tick_shards()
             if self.admin in events:
                 self._drain_admin()
             if self._wakeup in events:
@@ -483,6 +556,9 @@ class Server:
                 if grant is None or not grant.allows(message.job):
                     who = "a key no longer authorized" if grant is None else f"key {grant.name}"
                     raise ProtocolError("forbidden", f"{who} may not use job {message.job}")
+            if self.pg is not None and not self.pg.owns(message.job):
+                errors.append(self._elsewhere(ident, message.job, seq))
+                return
             if isinstance(message, Hello):
                 batch.hello(message)
             elif isinstance(message, Report):
@@ -492,18 +568,35 @@ class Server:
         except ProtocolError as exc:
             self._invalid(ident, exc, seq, errors)
             return
+        except StoreUnavailable as exc:  # a job's row could not be read: the client resends
+            self._store_failed(exc)
+            text = "the controller cannot read its state now; resend later"
+            errors.append((ident, ErrorMessage("unavailable", text, seq)))
+            return
         except Exception:  # a bug must not stop the controller; the client resends
             log.exception("could not process a message from %s", ident.hex()[:12])
             return
         received.append((ident, seq))
 
+    def _elsewhere(self, ident: bytes, job: str, seq: int | None) -> tuple[bytes, ErrorMessage]:
+        """The answer for a job of a shard another controller owns: `moved` to its endpoint,
+        or `unavailable` while nobody owns it (a hand-over: the client resends)."""
+        assert self.pg is not None
+        owner = self.pg.owner(job)
+        if owner is None or owner[0] == self.pg.endpoint:
+            text = f"job {job} changes controller now; resend later"
+            return ident, ErrorMessage("unavailable", text, seq)
+        text = f"job {job} is decided by the controller at {owner[0]}"
+        return ident, ErrorMessage("moved", text, seq, endpoint=owner[0])
+
     def _store_failed(self, exc: BaseException) -> None:
         self.metrics.store_errors.inc()
+        if self.pg is not None and not self.pg.owned:
+            self._next_tick = 0.0  # the session is gone: drop its jobs and reconnect now
         if self._limiter.allow(self.clock()):
             log.error(
-                "cannot commit state to %s/state.db (%s: %s); answering unavailable, "
-                "retrying next turn",
-                self.config.state_dir,
+                "cannot commit state to %s (%s: %s); answering unavailable, retrying next turn",
+                self.config.store_name(),
                 type(exc).__name__,
                 exc,
             )
@@ -546,8 +639,12 @@ class Server:
                     if grant is None:
                         raise ProtocolError("forbidden", "this key is no longer authorized")
                 reply = self._admin(frames[-1], grant)
+            except Moved as exc:
+                reply = {**error(exc.code, exc.message), "endpoint": exc.endpoint}
             except ProtocolError as exc:
                 reply = error(exc.code, exc.message)
+            except StoreUnavailable as exc:
+                reply = error("unavailable", str(exc))
             except Exception as exc:
                 log.exception("admin request failed")
                 reply = {"t": "error", "code": "internal", "message": f"controller error: {exc}"}
@@ -659,7 +756,7 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
-    from .store import StateDirLocked, StoreCorrupt
+    from .store import StateDirLocked, StoreCorrupt, StoreUnavailable
 
     policies = policies or load_default()
     # A scrape renders in the metrics thread; hand the GIL back to the loop often, so a
@@ -667,7 +764,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = build_server(config, policies)
-    except (StateDirLocked, StoreCorrupt) as exc:
+    except (StateDirLocked, StoreCorrupt, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:
@@ -679,11 +776,14 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     except OSError as exc:
         log.error("lrpilot serve: cannot start: %s", exc)
         return 1
+    except ImportError as exc:  # --store without the extra
+        log.error("lrpilot serve: %s; pip install 'lrpilot[postgres]' for --store", exc)
+        return 2
     server.install_signal_handlers()
     print(server.ready_line(), flush=True)
     try:
         server.run()
     finally:
         server.close()
-        log.info("controller stopped; state flushed to %s", config.state_dir)
+        log.info("controller stopped; state flushed to %s", config.store_name())
     return 0

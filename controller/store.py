@@ -33,6 +33,7 @@ __all__ = [
     "StateStore",
     "Store",
     "StoreCorrupt",
+    "StoreUnavailable",
     "Writes",
     "decode_row",
     "encode_row",
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 class StateDirLocked(Exception):
     """Another controller holds the state directory."""
+
+
+class StoreUnavailable(Exception):
+    """The state cannot be read or written now (a database down or out of reach); clients
+    are answered `unavailable` and resend."""
 
 
 class StoreCorrupt(Exception):
@@ -160,12 +166,16 @@ class Writes:
 
 
 class StateStore(Protocol):
-    """What the daemon needs of durable state (SQLite `Store`; other backends implement it).
+    """What the controller needs from durable state; `Store` (SQLite, the embedded default)
+    and `lrpilot.controller.pgstore.PgStore` (PostgreSQL, several controllers) provide it.
 
-    Reads may raise `ValueError` for a stored row that does not decode (the caller moves it
-    aside with `Writes.quarantine`); `commit` is one atomic transaction or raises.
+    Every method runs on the controller's loop thread. A read may yield (`load_jobs`) or
+    raise (`load_job`) the `ValueError` of a stored row that does not decode; the caller
+    moves it aside with `Writes.quarantine`. `commit` writes one turn's rows, quarantine
+    included, in one transaction, or nothing; it raises when the rows could not be stored.
     """
 
+    #: Rows moved to the `quarantine` table because they did not decode or fit.
     quarantined: int
 
     def load_jobs(self) -> Iterator[tuple[str, dict[str, Any] | ValueError]]: ...

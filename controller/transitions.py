@@ -517,12 +517,16 @@ def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
     """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
-    if not all(job.policy.counts(job.state, r.lr) for r in reports.values()):
-        return _not_a_point(job, t, reports)
     # In shadow mode the policy runs on its own LR (shadow_lr), the job keeps the one it sent.
     before = job.state if job.shadow_lr is None else job.state.replace(lr=job.shadow_lr)
     try:
-        state, decision = job.policy.step(before, t, metrics, job.directions)
+        if all(job.policy.counts(job.state, r.lr) for r in reports.values()):
+            state, decision = job.policy.step(before, t, metrics, job.directions)
+        else:
+            # Trained at an LR the range test did not set (the trainer went on at its last
+            # LR while the controller was away): no point, the policy decides nothing, and
+            # every rank is told the sweep's next untried LR again, from t+1.
+            state, decision = job.state, Decision(job.state.lr)
     except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
         errors: Outgoing = [
             (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
@@ -582,17 +586,6 @@ def decide(
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided)
-
-
-def _not_a_point(job: JobState, t: int, reports: Mapping[int, Report]) -> Step:
-    """Time t was trained at an LR the range test did not set (the trainer went on at its
-    last LR while the controller was away): no point, nothing decided; every rank is told
-    the sweep's next untried LR again, which it applies from t+1."""
-    job = job.with_(last_epoch=t)
-    out: Outgoing = [
-        (r.session, lr_message(job, "unchanged", r.seq, t + 1)) for r in reports.values()
-    ]
-    return Step(job, out, snapshot=t)
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:

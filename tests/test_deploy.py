@@ -186,11 +186,12 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
     run = only(build, "RUN")
-    assert "pip install" in run and run.rstrip().endswith(" ."), f"unexpected install: {run}"
+    spec = run.rstrip().split()[-1].strip("'\"")
+    assert "pip install" in run and spec in (".", ".[postgres]"), f"unexpected install: {run}"
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     done = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", "."],
+        [str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir", spec],
         cwd=src,
         capture_output=True,
         text=True,
@@ -527,3 +528,99 @@ def test_demo_trainer_reports_every_epoch(controller_factory: Factory) -> None:
     assert "offline" not in done.stdout
     assert c.metric("lrpilot_reports_total", training_job="demo-test") == 3
     assert c.metric("lrpilot_epoch", training_job="demo-test") == 2
+
+
+# -- scale-out: PostgreSQL and several controllers ----------------------------------------------
+
+K8S_SCALE_OUT = DEPLOY / "k8s-scale-out"
+
+
+def serve_args(argv: list[str]) -> Any:
+    """`lrpilot serve ARGV` as the CLI parses it (a flag it does not know fails here)."""
+    from lrpilot.controller.cli import build_parser
+
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_scale_out_compose_controllers_share_the_postgres_service() -> None:
+    doc = yaml.safe_load((DEPLOY / "docker-compose.scale-out.yml").read_text())
+    services = doc["services"]
+    db = services["postgres"]["environment"]
+    controllers = {n: s for n, s in services.items() if "--store" in (s.get("command") or [])}
+    assert len(controllers) >= 2
+    advertised = []
+    for name, service in controllers.items():
+        args = serve_args(service["command"])
+        store = urllib.parse.urlsplit(args.store)
+        assert (store.scheme, store.hostname, store.port) == ("postgresql", "postgres", 5432)
+        assert (store.username, store.path) == (db["POSTGRES_USER"], f"/{db['POSTGRES_DB']}")
+        assert service["environment"]["PGPASSWORD"] == db["POSTGRES_PASSWORD"]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        advertise = urllib.parse.urlsplit(args.advertise)
+        assert advertise.hostname == name, "moved must name a host the clients can resolve"
+        assert advertise.port == urllib.parse.urlsplit(args.bind).port
+        advertised.append(args.advertise)
+        policy = host_path(service, args.policy)
+        assert load_text(policy.read_text(), str(policy)) is not None
+        admin = args.admin_bind
+        assert service["environment"]["LRPILOT_ADMIN"] == admin  # the healthcheck's status
+        published = {p.split(":")[1] for p in service["ports"]}
+        assert {str(advertise.port), str(args.metrics_port)} <= published
+    trainer = services["trainer"]["environment"]["LRPILOT_ENDPOINT"]
+    assert sorted(trainer.split(",")) == sorted(advertised)
+
+
+def scale_out_k8s() -> dict[str, dict[str, Any]]:
+    docs: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S_SCALE_OUT.glob("*.y*ml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert isinstance(doc, dict) and "kind" in doc, f"{path.name}: {doc!r}"
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_scale_out_k8s_runs_n_replicas_ready_on_shard_ownership() -> None:
+    docs = scale_out_k8s()
+    resources = docs["Kustomization"]["resources"]
+    manifests = {p.name for p in K8S_SCALE_OUT.glob("*.y*ml")} - {"kustomization.yaml"}
+    assert set(resources) == manifests
+    spec = docs["Deployment"]["spec"]
+    assert spec["replicas"] >= 2
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"] for e in container["env"]}
+    args = container["args"]
+    for arg in args:  # Kubernetes expands $(VAR) in args from the container's env only
+        for var in re.findall(r"\$\((\w+)\)", arg):
+            assert var in env, f"{arg}: {var} is not in the container's env"
+    parsed = serve_args(
+        [re.sub(r"\$\(LRPILOT_STORE\)", "postgresql://u@db:5432/lrpilot", a) for a in args]
+    )
+    assert parsed.store.startswith("postgresql://")
+    assert parsed.advertise == "tcp://$(POD_IP):5555"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"client": CLIENT_PORT, "metrics": METRICS_PORT}
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/ready" and probe["port"] == "metrics"
+    assert {"name": "LRPILOT_ADMIN", "value": parsed.admin_bind} in container["env"]
+    # The policy ConfigMap is deploy/k8s's, mounted as a directory.
+    configmap = k8s()["ConfigMap"]
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert "subPath" not in mount
+    assert PurePosixPath(parsed.policy).parent == PurePosixPath(mount["mountPath"])
+    assert PurePosixPath(parsed.policy).name in configmap["data"]
+    service = docs["Service"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+    assert {p["targetPort"] for p in service["ports"]} <= set(ports)
+
+
+def test_the_readiness_path_is_served(controller_factory: Factory) -> None:
+    import urllib.request
+
+    c = controller_factory()
+    url = c.metrics.replace("/metrics", "/ready")
+    with urllib.request.urlopen(url, timeout=5) as resp:  # SQLite: always ready
+        assert (resp.status, resp.read()) == (200, b"ready\n")

@@ -41,19 +41,29 @@ IMAGE = f"localhost/lrpilot-test:{os.getpid()}"  # test runs side by side do not
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PIP_CONFIG = [Path("/etc/pip.conf"), Path("/etc/xdg/pip/pip.conf")]
 PACKAGES = ["python3", "python3-venv", "python-is-python3"]
+PRINT_VERSION = "import sys; print('%d.%d' % sys.version_info[:2])"
 #: Bump when the recipe below changes: the cached base is rebuilt.
 RECIPE = "1"
 
 pytestmark = pytest.mark.timeout(600)
 
 
+#: buildah on the test's own storage.
+BUILDAH = ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run")]
+
+
 def buildah(*args: str, timeout: float = 300, check: bool = True) -> str:
     """Run buildah on the test's own storage; returns stdout."""
-    argv = ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run"), *args]
+    argv = [*BUILDAH, *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     return done.stdout
+
+
+def in_container(ctr: str, *argv: str) -> list[str]:
+    """The command line that runs `argv` in working container `ctr`, as the image's user."""
+    return [*BUILDAH, "run", "--isolation", "chroot", ctr, "--", *argv]
 
 
 def _reachable(url: str) -> str | None:
@@ -106,7 +116,7 @@ def why_not() -> str | None:
         return f"{' and '.join(missing)} missing: apt-get install -y buildah debootstrap"
     CACHE.mkdir(parents=True, exist_ok=True)
     probe = subprocess.run(
-        ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run"), "images"],
+        [*BUILDAH, "images"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -211,16 +221,13 @@ def image() -> Iterator[dict[str, Any]]:
         if name.split(":")[0].endswith("python") and version:
             ctr = buildah("from", "--pull=never", base).strip()
             try:
-                have = buildah(
-                    "run",
-                    "--isolation",
-                    "chroot",
-                    ctr,
-                    "--",
-                    "python3",
-                    "-c",
-                    "import sys; print('%d.%d' % sys.version_info[:2])",
-                ).strip()
+                have = subprocess.run(
+                    in_container(ctr, "python3", "-c", PRINT_VERSION),
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=True,
+                ).stdout.strip()
             finally:
                 buildah("rm", ctr, check=False)
             assert have == version.group(0), (
@@ -301,12 +308,8 @@ def test_the_container_serves_a_host_client_and_answers_its_healthcheck(
     argv = [*image["Entrypoint"], *image["Cmd"], "--bind", "tcp://127.0.0.1:0",
             "--metrics-host", "127.0.0.1", "--metrics-port", "0"]  # fmt: skip
     runner = subprocess.Popen(
-        ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run"), "run",
-         "--isolation", "chroot", ctr, "--", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+        in_container(ctr, *argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     client = None
     try:
         ready = parse_ready_line(_ready_line(runner, 60))
@@ -331,28 +334,25 @@ def test_the_container_serves_a_host_client_and_answers_its_healthcheck(
         test = image["Healthcheck"]["Test"]
         assert test[0] == "CMD"
         health = subprocess.run(
-            ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run"), "run",
-             "--isolation", "chroot", ctr, "--", *test[1:]],
+            in_container(ctr, *test[1:]), capture_output=True, text=True, timeout=60
+        )
+        assert health.returncode == 0, health.stderr
+        assert "image-job" in health.stdout
+        owner = subprocess.run(
+            in_container(ctr, "stat", "-c", "%u", "/var/lib/lrpilot/state.db"),
             capture_output=True,
             text=True,
             timeout=60,
-        )  # fmt: skip
-        assert health.returncode == 0, health.stderr
-        assert "image-job" in health.stdout
-        owners = buildah("run", "--isolation", "chroot", ctr, "--",
-                         "stat", "-c", "%u %n", "/var/lib/lrpilot/state.db")  # fmt: skip
-        assert owners.split()[0] == "10001"
+            check=True,
+        ).stdout
+        assert owner.strip() == "10001"  # the state the controller wrote is its user's
 
         os.kill(server, signal.SIGTERM)  # what `docker stop` sends to the entrypoint
         assert runner.wait(30) == 0, runner.stderr.read() if runner.stderr else ""
         # With the controller gone, the same health check fails: it does check something.
         health = subprocess.run(
-            ["buildah", "--root", str(CACHE / "root"), "--runroot", str(CACHE / "run"), "run",
-             "--isolation", "chroot", ctr, "--", *test[1:]],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )  # fmt: skip
+            in_container(ctr, *test[1:]), capture_output=True, text=True, timeout=60
+        )
         assert health.returncode != 0
     finally:
         if client is not None:

@@ -472,7 +472,8 @@ def test_two_ranks_sweep_in_lockstep_and_restore_at_the_same_step(
     x, _ = problem()
     report = range_test_report(c, "ddp-find-lr")
     suggested = check_the_sweep(report, stability_limit(x))  # DDP: the full batch's Hessian
-    stop = len(report["points"]) - 1
+    # Step 0 ran at the optimizer's own LR, before the hello: no point. Step k+1 is point k.
+    stop = len(report["points"])  # the step of the last point
     # Through the test every step at the same LR on both ranks (each report waited for the
     # decision on both), then the suggestion from the same step. (After the test, decisions
     # are not waited for: each rank applies one at its first step after it arrived.)
@@ -488,7 +489,7 @@ def test_two_ranks_sweep_in_lockstep_and_restore_at_the_same_step(
     # Each rank its own half of the rows, one decision on the mean of their two losses.
     assert rank0[0]["loss"] != rank1[0]["loss"]
     first = report["points"][0][1]
-    assert first == pytest.approx((rank0[0]["loss"] + rank1[0]["loss"]) / 2, rel=1e-6)
+    assert first == pytest.approx((rank0[1]["loss"] + rank1[1]["loss"]) / 2, rel=1e-6)
 
 
 if __name__ == "__main__":

@@ -2,24 +2,23 @@
 
 lr(t) = start_lr · 10^(t / steps_per_decade), computed as `10 ** (t / steps_per_decade) *
 start_lr` so that `{type: range_test, unit: epoch}` hands out, to the float, what the seeds'
-`LearningRateScheduler(lambda epoch: 1e-8 * 10**(epoch / 20))` sets. Every report adds a
-point (lr in force, loss, smoothed loss); the smoothed loss is fastai's bias-corrected EMA
-(`beta` 0.98: about 50 points of memory, meant for per-step losses; with `unit: epoch` a
-smaller beta reacts sooner).
+`LearningRateScheduler(lambda epoch: 1e-8 * 10**(epoch / 20))` sets. Every report trained
+at the sweep's LR adds a point (that LR, loss, smoothed loss); the smoothed loss is fastai's
+bias-corrected EMA (`beta` 0.98: about 50 points of memory, meant for per-step losses; with
+`unit: epoch` a smaller beta reacts sooner). The sweep stops on divergence — the smoothed
+loss above 4× its best, or a non-finite loss — or when the next LR would pass end_lr. Then
+the three suggestions of `suggest.py` are computed, the chosen one (`suggest:`) becomes the
+LR and the decision asks the trainer to restore the weights and optimizer state it had
+before the test (`action: restore`; the test's first LR went out with `action: snapshot`).
+A range test with no phase after it keeps the suggested LR.
 
-A point is what was trained: (the LR a report says it trained with, its loss). A report
+A point is what was trained: the LR a report says its step ran at, and its loss. A report
 trained at another LR than the sweep's current one (the trainer went on at its last LR while
-the controller was away, then replays what it kept) is no point (`counts` is false), and the
-sweep's index counts the LRs tried, not the steps, so after any outage the sweep resumes
-with its next untried LR and its curve equals an uninterrupted run's. A rank that cannot
-restore its weights joining mid-sweep ends it with no suggestion (`abandon`).
-
-The sweep stops on divergence — the smoothed loss above 4× its
-best, or a non-finite loss — or when the next LR would pass end_lr. Then the three
-suggestions of `suggest.py` are computed, the chosen one (`suggest:`) becomes the LR and the
-decision asks the trainer to restore the weights and optimizer state it had before the test
-(`action: restore`; the test's first LR went out with `action: snapshot`). A range test with
-no phase after it keeps the suggested LR.
+the controller was away, then sent what it kept) is no point, and the sweep's index counts
+the LRs tried, not the steps: after an outage the sweep resumes with its next untried LR and
+its curve equals an uninterrupted run's. A worker that cannot restore its weights saying
+hello mid-sweep ends it with no suggestion (stop reason `abandoned`) and the LR from before
+the test.
 """
 
 from __future__ import annotations

@@ -1,0 +1,242 @@
+"""What every framework adapter does the same way, written once: the shared arguments, the
+client's construction, the unit (report each epoch, or every `report_every` optimizer steps
+without waiting), the range test's snapshot / restore, and `action: stop`.
+
+The Keras callback, the torch scheduler and the Lightning and Hugging Face callbacks are
+thin: each reads its framework's state (LR, step, metrics), hands it to an `AdapterCore`
+and writes back the LR it returns. A new action (a guard's restore, plans) is added here,
+once. Importing this module imports no framework.
+
+Example (the skeleton of an adapter):
+
+    core = AdapterCore(job="resnet-a", framework="torch", unit="step", report_every=10)
+    core.connect(initial_lr=0.1, start_epoch=0, start_step=0,
+                 copy=lambda: StateSnapshot(model, [optimizer]))
+    for step in range(1000):
+        train_step()
+        set_lr(optimizer, core.step_end(epoch=0, done=step, before=step,
+                                        metrics=lambda: {"loss": loss.item()}))
+        if core.stop_requested:
+            break
+    core.close()
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from .core import Client, check_adapter_args
+from .env import resolve_job
+
+__all__ = ["AdapterCore", "Restorable"]
+
+logger = logging.getLogger("lrpilot.client")
+
+
+class Restorable(Protocol):
+    """An in-memory copy of a model's and optimizer's state, taken when a range test starts."""
+
+    def restore(self) -> None: ...
+
+
+class AdapterCore:
+    """The client of one `fit` / training run, and the decisions every adapter applies alike.
+
+    Args:
+        job: the job name; default `LRPILOT_JOB`.
+        endpoint: the controller(s): one endpoint, or several comma-separated; default
+            `LRPILOT_ENDPOINT`.
+        timeout: the longest, in seconds, a report waits for the controller.
+        strict: True raises `ControllerUnavailable` when the hello gets no answer.
+        unit: `"epoch"`, or `"step"` for policies with `unit: step`.
+        report_every: with `unit="step"`, report every this many optimizer steps.
+        framework: told to the controller (`keras`, `torch`, `lightning`, `hf`).
+        snapshot_fn, restore_fn: the user's replacement of the in-memory copy for models
+            too large to copy; both or neither.
+
+    Raises:
+        ValueError: no job name or a bad argument, naming the fix.
+    """
+
+    def __init__(
+        self,
+        *,
+        job: str | None,
+        endpoint: str | None,
+        timeout: float,
+        strict: bool,
+        unit: str,
+        report_every: int,
+        framework: str,
+        snapshot_fn: Callable[[], None] | None = None,
+        restore_fn: Callable[[], None] | None = None,
+    ) -> None:
+        check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
+        self.job = resolve_job(job)
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.strict = bool(strict)
+        self.unit = unit
+        self.report_every = report_every
+        self.framework = framework
+        self.snapshot_fn, self.restore_fn = snapshot_fn, restore_fn
+        #: The client of the running fit; None outside of one.
+        self.client: Client | None = None
+        #: A range test runs: from its snapshot to its restore (step reports then wait).
+        self.testing = False
+        #: A restore just put the optimizer's own LR back: set the LR even if unchanged.
+        self.restored = False
+        self.snapshot: Restorable | None = None
+        self._copy: Callable[[], Restorable] | None = None
+        self._after_snapshot: Callable[[], None] | None = None
+        self._before_restore: Callable[[], None] | None = None
+        self._after_restore: Callable[[], None] | None = None
+
+    # -- a run -----------------------------------------------------------------------------
+
+    def connect(
+        self,
+        *,
+        initial_lr: float,
+        start_epoch: int,
+        start_step: int = 0,
+        rank: int | None = None,
+        world: int | None = None,
+        directions: Mapping[str, str] | None = None,
+        copy: Callable[[], Restorable] | None = None,
+        after_snapshot: Callable[[], None] | None = None,
+        before_restore: Callable[[], None] | None = None,
+        after_restore: Callable[[], None] | None = None,
+    ) -> Client:
+        """Says hello (closing a client left from an earlier run) and returns the client.
+
+        Args:
+            copy: makes the in-memory copy when a range test starts; without it and without
+                `snapshot_fn` the hello says this process cannot restore.
+            after_snapshot, before_restore, after_restore: what the adapter does besides
+                (e.g. Keras starts its loss sums, counts the optimizer steps a restore
+                takes back).
+        """
+        self.close()
+        self._copy = copy
+        self._after_snapshot = after_snapshot
+        self._before_restore, self._after_restore = before_restore, after_restore
+        restorable = self.snapshot_fn is not None or copy is not None
+        self.client = Client(
+            self.endpoint,
+            self.job,
+            initial_lr=initial_lr,
+            start_epoch=start_epoch,
+            timeout=self.timeout,
+            rank=rank,
+            world=world,
+            start_step=start_step,
+            framework=self.framework,
+            directions=directions,
+            strict=self.strict,
+            snapshot_fn=self._snapshot if restorable else None,
+            restore_fn=self._restore if restorable else None,
+        )
+        return self.client
+
+    def close(self) -> None:
+        """Says bye and closes the client of the run; safe to call twice."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    @property
+    def lr(self) -> float:
+        """The LR in force (the client's); call during a run only."""
+        assert self.client is not None, "connect() first"
+        return self.client.lr
+
+    @property
+    def stop_requested(self) -> bool:
+        """The controller sent `action: stop`: the adapter stops training."""
+        return self.client is not None and self.client.stop_requested
+
+    # -- boundaries ------------------------------------------------------------------------
+
+    def begin(self, epoch: int | None = None, step: int | None = None) -> float:
+        """An epoch (or step) is about to start: decisions due there apply."""
+        assert self.client is not None, "connect() first"
+        return self.client.poll(epoch=epoch, step=step)
+
+    def epoch_end(
+        self, epoch: int, metrics: Mapping[str, Any], trained_lr: float | None = None
+    ) -> float:
+        """`unit="epoch"`: reports the epoch just finished; the LR for the next one.
+        `trained_lr`: the LR it trained at, when not the client's (see `Client.report`)."""
+        assert self.client is not None, "connect() first"
+        return self.client.report(epoch, metrics, trained_lr=trained_lr)
+
+    def step_end(
+        self,
+        epoch: int,
+        done: int,
+        before: int,
+        metrics: Callable[[], Mapping[str, Any]],
+        wait: bool | None = None,
+        trained_lr: float | None = None,
+    ) -> float:
+        """`unit="step"`: optimizer steps `before`..`done` (0-based) have run. Reports every
+        `report_every` steps (`metrics()` is read only then: a host read of the loss happens
+        only at a report) without waiting, except during a range test, so that every rank
+        sweeps in lockstep; else only looks for decisions. The LR for step `done + 1`.
+
+        Args:
+            epoch: the epoch the steps belong to.
+            done: the last optimizer step that ran.
+            before: the first step of this call (the step count at the previous call);
+                several at once when a framework runs steps per execution.
+            metrics: returns the metrics to report.
+            wait: whether the report waits for its answer; default only during a range test.
+            trained_lr: the LR the steps trained at, when not the client's (a hello that
+                came after them; see `Client.report`).
+        """
+        client = self.client
+        assert client is not None, "connect() first"
+        every = self.report_every
+        if (done + 1) // every > before // every:
+            waits = self.testing if wait is None else wait
+            return client.report(epoch, metrics(), step=done, wait=waits, trained_lr=trained_lr)
+        return client.poll(step=done + 1)
+
+    # -- range tests -----------------------------------------------------------------------
+
+    def _snapshot(self) -> None:
+        """`action: snapshot`: keep the state from before the range test."""
+        if self.snapshot_fn is not None:
+            self.snapshot_fn()
+        elif self._copy is not None:
+            self.snapshot = self._copy()
+        self.testing = True
+        if self._after_snapshot is not None:
+            self._after_snapshot()
+
+    def _restore(self) -> None:
+        """`action: restore`: put the state from before the test back; the client then
+        hands over the suggested LR, which the adapter sets (`restored` says it must)."""
+        self.testing = False
+        if self._before_restore is not None and (self.restore_fn or self.snapshot):
+            self._before_restore()
+        if self.restore_fn is not None:
+            self.restore_fn()
+        elif self.snapshot is not None:
+            self.snapshot.restore()
+            self.snapshot = None  # one test, one restore: free the copy
+        else:
+            logger.warning(
+                "lrpilot: the range test of job %s ended, but this %s adapter kept no copy of "
+                "the state from its start (it joined later); training goes on from the "
+                "weights as they are",
+                self.job,
+                self.framework,
+            )
+            return
+        self.restored = True
+        if self._after_restore is not None:
+            self._after_restore()

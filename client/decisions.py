@@ -1,0 +1,104 @@
+"""The controller's decisions on the client side: accepted, pending, applied when due.
+
+Pure state, no sockets and no clock: `Client` feeds it every `lr` message it receives and
+tells it where training is (the next epoch and step to run); a decision applies at the first
+boundary at or after its `apply_from_epoch` / `apply_from_step`. A decision of another run
+replaces the pending ones; one of the same run applies only if its `version` is newer.
+
+Example:
+
+    d = Decisions(lr=0.1, epoch=0, step=0)
+    d.accept(lr_message)            # e.g. 0.05 from epoch 3
+    d.at(epoch=3)
+    for decision in d.due():        # the shell runs snapshot / restore here, then
+        d.settle(decision)          # the LR changes
+    d.lr                            # 0.05
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .protocol import LrMessage
+
+__all__ = ["Decision", "Decisions"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An accepted decision, numbered in the order received."""
+
+    number: int
+    message: LrMessage
+
+    @property
+    def action(self) -> str | None:
+        return self.message.action
+
+
+class Decisions:
+    """The LR in force, the decisions waiting for their boundary, and the actions applied.
+
+    Args:
+        lr: the LR in force before any decision (the optimizer's).
+        epoch: the next epoch training runs.
+        step: the next optimizer step training runs.
+    """
+
+    def __init__(self, lr: float, epoch: int, step: int) -> None:
+        self.lr = lr
+        self.epoch = epoch
+        self.step = step
+        self.run: int | None = None
+        self.version = -1
+        self.pending: list[Decision] = []
+        self.received = 0  # decisions accepted so far
+        self.applied = 0  # the number of the decision in force
+        #: True once a decision said `action: stop`.
+        self.stop_requested = False
+        #: The last `snapshot` / `restore` action applied.
+        self.last_action: str | None = None
+
+    def accept(self, message: LrMessage) -> bool:
+        """Takes a decision that is newer than the last one (or of another run)."""
+        if message.run == self.run and message.version <= self.version:
+            return False  # an older or repeated decision
+        if message.run != self.run:
+            self.pending.clear()  # decisions of another run are void
+        self.run, self.version = message.run, message.version
+        self.received += 1
+        self.pending.append(Decision(self.received, message))
+        return True
+
+    def at(self, epoch: int | None = None, step: int | None = None) -> None:
+        """Training is about to run `epoch` (and/or `step`)."""
+        if epoch is not None:
+            self.epoch = epoch
+        if step is not None:
+            self.step = step
+
+    def due(self, everything: bool = False) -> list[Decision]:
+        """Takes the decisions due at the current boundary (all of them with `everything`)
+        off the pending list, oldest first; `settle` each after running its action."""
+        if not self.pending:
+            return []
+        due = [d for d in self.pending if everything or self._is_due(d.message)]
+        if due:
+            taken = {d.number for d in due}
+            self.pending = [d for d in self.pending if d.number not in taken]
+        return due
+
+    def settle(self, decision: Decision) -> None:
+        """The decision applies: its LR (unless a later-received one is in force already,
+        e.g. a plateau step for epoch 5 after an override for epoch 3) and its action."""
+        if decision.number > self.applied:
+            self.lr, self.applied = decision.message.lr, decision.number
+        if decision.action == "stop":
+            self.stop_requested = True
+        elif decision.action is not None:
+            self.last_action = decision.action
+
+    def _is_due(self, message: LrMessage) -> bool:
+        if message.apply_from_epoch is not None:
+            return message.apply_from_epoch <= self.epoch
+        return message.apply_from_step is not None and message.apply_from_step <= self.step
