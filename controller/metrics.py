@@ -129,9 +129,10 @@ class Metrics:
         gauge = Gauge(
             "lrpilot_shards_owned",
             "Shards this controller holds and decides for (PostgreSQL store)",
-            registry=self.registry,
+            registry=self._core,
         )
         gauge.set_function(lambda: float(owned()))
+        self.registry.register(gauge)
 
     def watch(self, table: JobTable, clock: Callable[[], float]) -> None:
         """Register the per-job series of `table`'s jobs (read at every scrape)."""
