@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
+from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
 from .auth import Grant
+from .errors import Moved
 from .jobs import Batch, JobTable
 from .jobstate import JobState, status_row
-from .store import StateStore, StoreUnavailable, rfc3339
+from .store import MetricStore, StateStore, StoreUnavailable, decode_metrics, rfc3339
 from .transitions import Outgoing
 
 if TYPE_CHECKING:
@@ -32,26 +34,20 @@ __all__ = [
     "Forget",
     "History",
     "JobRequests",
+    "MetricsRequest",
     "Moved",
     "RangeTestRequest",
     "Reload",
     "SetLr",
     "Status",
     "error",
+    "metric_columns",
     "parse_request",
 ]
 
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
-
-
-class Moved(ProtocolError):
-    """The job's shard is another controller's: the reply names its admin endpoint."""
-
-    def __init__(self, job: str, endpoint: str) -> None:
-        super().__init__("moved", f"job {job} is steered at the controller at {endpoint}")
-        self.endpoint = endpoint
 
 
 # -- the typed requests -------------------------------------------------------------------------
@@ -100,11 +96,27 @@ class Forget:
 
 
 @dataclass(frozen=True)
+class MetricsRequest:
+    """`lrpilot metrics JOB [--run RUN]` and the web view: a run's recorded metrics.
+
+    `after`: only the points after that t; `raw`: rows undecoded (the web view decodes
+    them in its own thread).
+    """
+
+    job: str
+    run: int | None = None
+    after: int = -1
+    raw: bool = False
+
+
+@dataclass(frozen=True)
 class Reload:
     """`lrpilot reload` (answered by the server once the loader has read the file)."""
 
 
-AdminRequest: TypeAlias = Status | SetLr | History | RangeTestRequest | Forget | Reload
+AdminRequest: TypeAlias = (
+    Status | SetLr | History | RangeTestRequest | Forget | MetricsRequest | Reload
+)
 
 
 def _number(x: Any) -> bool:
@@ -113,13 +125,9 @@ def _number(x: Any) -> bool:
 
 def _set_lr(msg: dict[str, Any]) -> SetLr:
     name = check_name(msg.get("job"), "job")
-    lr = msg.get("lr")
-    if (
-        isinstance(lr, bool)
-        or not isinstance(lr, int | float)
-        or not (math.isfinite(lr) and 0 < lr <= 10)
-    ):
-        raise ProtocolError("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
+    lr = as_lr(msg.get("lr"))
+    if lr is None:
+        raise ProtocolError("out_of_range", f"lr {LR_MESSAGE}, got {msg.get('lr')!r}")
     reason = str(msg.get("reason") or "")[:500]
     author = str(msg.get("author") or "operator")[:200]
     epochs, seconds = msg.get("epochs"), msg.get("seconds")
@@ -135,7 +143,7 @@ def _set_lr(msg: dict[str, Any]) -> SetLr:
         raise ProtocolError("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
     if epochs is not None and seconds is not None:
         raise ProtocolError("schema", "an override ends after epochs or after a duration, not both")
-    return SetLr(name, float(lr), reason, author, epochs, None if seconds is None else seconds)
+    return SetLr(name, lr, reason, author, epochs, None if seconds is None else seconds)
 
 
 def _history(msg: dict[str, Any]) -> History:
@@ -149,12 +157,23 @@ def _history(msg: dict[str, Any]) -> History:
     )
 
 
+def _metrics(msg: dict[str, Any]) -> MetricsRequest:
+    run, after = msg.get("run"), msg.get("after")
+    return MetricsRequest(
+        check_name(msg.get("job"), "job"),
+        run if isinstance(run, int) and not isinstance(run, bool) else None,
+        after if isinstance(after, int) and not isinstance(after, bool) else -1,
+        bool(msg.get("raw")),
+    )
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any]], AdminRequest]] = {
     "status": lambda msg: Status(),
     "set_lr": _set_lr,
     "history": _history,
     "range_test": lambda msg: RangeTestRequest(check_name(msg.get("job"), "job")),
     "forget": lambda msg: Forget(check_name(msg.get("job"), "job")),
+    "metrics": lambda msg: _metrics(msg),
     "reload": lambda msg: Reload(),
 }
 
@@ -335,3 +354,51 @@ class JobRequests:
         except Exception as exc:
             return error("unavailable", f"could not forget {name!r}: {exc}")
         return {"t": "ok", "job": name}
+
+    def metrics(self, request: MetricsRequest, grant: Grant | None) -> dict[str, Any]:
+        """The job's recorded metrics of one run (default: the current one), as columns;
+        with `after`, only the points after that t (`count` says how many the run holds)."""
+        name = request.job
+        self.allowed(name, grant)
+        store, job = self.store, self.table.jobs.get(name)
+        if not isinstance(store, MetricStore):
+            return error("unavailable", "this controller's store records no metrics (yet)")
+        runs = store.metric_runs(name)
+        if not runs and job is None:
+            return error("unknown_job", f"no job {name!r}")
+        run = request.run
+        if run is None:
+            run = job.run if job is not None else runs[-1]
+        after = request.after
+        rows = store.metric_rows(name, run, after)
+        unit = job.unit if job is not None else None
+        monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
+        reply = {
+            "t": "metrics",
+            "job": name,
+            "run": run,
+            "runs": runs,
+            "unit": unit or ("step" if any(r[0] != r[1] for r in rows) else "epoch"),
+            "monitor": monitor,
+            "after": after,  # only points with a later t: the reader has those before
+            "count": store.metric_count(name, run) if after >= 0 else len(rows),
+        }
+        if request.raw:  # the web view decodes in its own thread, not the loop's
+            reply["rows"] = rows
+            return reply
+        return {**reply, **metric_columns(rows)}
+
+
+def metric_columns(rows: list[tuple[int, int, float, float, bytes]]) -> dict[str, Any]:
+    """Stored points (`Store.metric_rows`) as columns (what charts and CSV writers want): `x`
+    (epoch, or step for a step job), `epoch`, `lr` (trained), `time` (Unix), `metrics` {name:
+    values, None where a point lacks the metric}."""
+    decoded = [decode_metrics(r[4]) for r in rows]
+    names = sorted({k for m in decoded for k in m})
+    return {
+        "x": [r[0] for r in rows],
+        "epoch": [r[1] for r in rows],
+        "lr": [r[2] for r in rows],
+        "time": [r[3] for r in rows],
+        "metrics": {k: [m.get(k) for m in decoded] for k in names},
+    }

@@ -43,7 +43,7 @@ from .admin_requests import (
     Forget,
     History,
     JobRequests,
-    Moved,
+    MetricsRequest,
     RangeTestRequest,
     Reload,
     SetLr,
@@ -52,12 +52,14 @@ from .admin_requests import (
     parse_request,
 )
 from .auth import Authorizer, Grant
+from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import StateStore, Store, StoreUnavailable
+from .store import StateStore, Store
 from .transitions import Outgoing
+from .web import WebBridge, WebPages
 
 if TYPE_CHECKING:
     from .pgstore import PgStore
@@ -80,10 +82,6 @@ _DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
-
-
-class BindError(OSError):
-    """An endpoint or port the controller cannot bind; the message names it and the flag."""
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:
@@ -156,10 +154,14 @@ class Sockets:
 
     @classmethod
     def bind(
-        cls, config: ServeConfig, metrics: Metrics, ready: Callable[[], bool] | None = None
+        cls,
+        config: ServeConfig,
+        metrics: Metrics,
+        ready: Callable[[], bool] | None = None,
+        pages: WebPages | None = None,
     ) -> Sockets:
         """Bind every endpoint of `config`; on failure nothing stays open. `ready` answers
-        the metrics port's `/ready` (default: always ready).
+        the metrics port's `/ready` (default: always ready); `pages` the web view's paths.
 
         Raises:
             BindError: an endpoint or port that cannot be bound, named with its flag.
@@ -178,7 +180,7 @@ class Sockets:
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self.http = metrics.serve(port, host, ready=ready)
+                    self.http = metrics.serve(port, host, ready=ready, pages=pages)
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -315,7 +317,9 @@ def build_server(
         )
         metrics.watch(table, clock)
         ready = None if pg is None else (lambda: bool(pg.owned))
-        sockets = Sockets.bind(config, metrics, ready)
+        bridge: list[WebBridge] = []  # the web view's pages ask the loop, once it exists
+        pages = WebPages(lambda message: bridge[0].ask(message) if bridge else None)
+        sockets = Sockets.bind(config, metrics, ready, pages)
     except BaseException:
         store.close()
         raise
@@ -327,6 +331,8 @@ def build_server(
     if config.policy:
         loader = PolicyLoader(config.policy, policies.digest, clock, sockets.waker())
     server = Server(config, store, table, metrics, sockets, clock, wall, loader, pg)
+    server.web = WebBridge(server)
+    bridge.append(server.web)
     if pg is not None:  # the jobs of the shards it takes are restored by the tick
         pg.register(*server.advertised())
         server.tick_shards()
@@ -382,6 +388,9 @@ class Server:
         self._reload_requested = False
         self._admin_token = 0
         self._limiter = _LogLimiter()
+        self._reload_failing = False  # the last reload was rejected: a valid file says so
+        #: The web view's requests, answered in the loop (`build_server` sets it).
+        self.web: WebBridge | None = None
 
     def reload_keys(self) -> None:
         """Re-read the authorized dir: for new handshakes (ZAP) and for every next message."""
@@ -456,6 +465,8 @@ class Server:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.admin, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
+        assert self.web is not None
+        poller.register(self.web.sock, zmq.POLLIN)
         while not self._stopping:
             now = self.clock()
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
@@ -469,6 +480,8 @@ class Server:
                 self.tick_shards()
             if self.admin in events:
                 self._drain_admin()
+            if self.web.sock in events:
+                self.web.drain()
             if self._wakeup in events:
                 with contextlib.suppress(zmq.Again):
                     while self._wakeup.recv(zmq.NOBLOCK) is not None:
@@ -669,6 +682,8 @@ class Server:
                 return jobs.range_test(request, grant)
             case Forget():
                 return jobs.forget(request, grant)
+            case MetricsRequest():
+                return jobs.metrics(request, grant)
             case Reload():
                 return self._reload_request(grant)
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
@@ -710,8 +725,15 @@ class Server:
             return self._reload_failed(loaded.errors)
         self.loader.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
+        was_failing, self._reload_failing = self._reload_failing, False
         if new.digest == self.table.policies.digest:
-            if source != "watch":  # an operator asked: say it was heard
+            if was_failing:  # the gauge goes back to 1: the log says why
+                log.info(
+                    "policy file %s is valid again (%s); the policy in force is unchanged",
+                    self.config.policy,
+                    source,
+                )
+            elif source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
         # Each job takes its new rule at its next decision, or within a few loop turns
@@ -731,6 +753,7 @@ class Server:
         return {"t": "reload", "ok": True, "changed": True, "errors": []}
 
     def _reload_failed(self, errors: list[str]) -> dict[str, Any]:
+        self._reload_failing = True
         self.metrics.reloads.labels("error").inc()
         self.metrics.last_reload_success.set(0)
         for line in errors:
@@ -743,6 +766,8 @@ class Server:
         """Close sockets with linger 0, stop the metrics server, release the state dir."""
         if self.loader is not None:
             self.loader.close()
+        if self.web is not None:
+            self.web.close()
         self.sockets.close()
         self.store.close()
 
@@ -756,7 +781,6 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
-    from .store import StateDirLocked, StoreCorrupt, StoreUnavailable
 
     policies = policies or load_default()
     # A scrape renders in the metrics thread; hand the GIL back to the loop often, so a
@@ -764,7 +788,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = build_server(config, policies)
-    except (StateDirLocked, StoreCorrupt, StoreUnavailable) as exc:
+    except (StateDirError, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:
@@ -781,6 +805,8 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
         return 2
     server.install_signal_handlers()
     print(server.ready_line(), flush=True)
+    if "metrics" in (endpoints := server.endpoints()):
+        log.info("web view (read-only): %s", endpoints["metrics"].removesuffix("metrics"))
     try:
         server.run()
     finally:
