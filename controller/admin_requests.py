@@ -1,16 +1,17 @@
-"""The admin socket's requests about jobs: status, set-lr, history, range-test, forget.
+"""The admin socket's requests about jobs: status, set-lr, release, history, range-test,
+forget, metrics.
 
 A request is parsed once into a typed value (`parse_request`); each kind has one
 handler `(request, grant) -> reply` on `JobRequests`, which sees the job table,
 the store, the clocks and a commit function, never the `Server` (so this module
 imports nothing of server.py). A reply is a plain dict; a bad request raises
 `ProtocolError` (answered as an `error`). Changes go through a `Batch` and the
-commit function, as client messages do.
+commit function, as client messages do. The author of a `SetLr` or `Release` is the
+identity the server authenticated (`auth.audit_author`), set before the handler sees it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -25,6 +26,7 @@ from .jobs import Batch, JobTable
 from .jobstate import JobState, status_row
 from .store import MetricStore, StateStore, StoreUnavailable, decode_metrics, rfc3339
 from .transitions import Outgoing
+from .units import check_seconds
 
 if TYPE_CHECKING:
     from .pgstore import PgStore
@@ -37,6 +39,7 @@ __all__ = [
     "MetricsRequest",
     "Moved",
     "RangeTestRequest",
+    "Release",
     "Reload",
     "SetLr",
     "Status",
@@ -65,9 +68,18 @@ class SetLr:
     job: str
     lr: float
     reason: str = ""
-    author: str = "operator"
+    author: str = "operator"  # as sent; the server records who it authenticated
     epochs: int | None = None
     seconds: float | None = None
+    force: bool = False  # also for a finished job
+
+
+@dataclass(frozen=True)
+class Release:
+    """`lrpilot release JOB`: the job's pin ends now."""
+
+    job: str
+    author: str = "operator"  # as sent; the server records who it authenticated
 
 
 @dataclass(frozen=True)
@@ -115,12 +127,8 @@ class Reload:
 
 
 AdminRequest: TypeAlias = (
-    Status | SetLr | History | RangeTestRequest | Forget | MetricsRequest | Reload
+    Status | SetLr | Release | History | RangeTestRequest | Forget | MetricsRequest | Reload
 )
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def _set_lr(msg: dict[str, Any]) -> SetLr:
@@ -135,15 +143,23 @@ def _set_lr(msg: dict[str, Any]) -> SetLr:
         isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1 << 40
     ):
         raise ProtocolError("out_of_range", f"epochs must be an integer >= 1, got {epochs!r}")
-    if seconds is not None and (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not (math.isfinite(seconds) and seconds > 0)
-    ):
-        raise ProtocolError("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
+    if seconds is not None:
+        seconds = _seconds(seconds, "the duration (--for)")
+        if seconds <= 0:
+            raise ProtocolError(
+                "out_of_range", f"the duration must be > 0 seconds, got {seconds!r}"
+            )
     if epochs is not None and seconds is not None:
         raise ProtocolError("schema", "an override ends after epochs or after a duration, not both")
-    return SetLr(name, lr, reason, author, epochs, None if seconds is None else seconds)
+    return SetLr(name, lr, reason, author, epochs, seconds, bool(msg.get("force")))
+
+
+def _seconds(value: Any, what: str) -> float:
+    """A duration of at most 365 days (so every time derived from it is a date)."""
+    try:
+        return check_seconds(value, what)
+    except ValueError as exc:
+        raise ProtocolError("out_of_range", str(exc)) from None
 
 
 def _history(msg: dict[str, Any]) -> History:
@@ -152,7 +168,7 @@ def _history(msg: dict[str, Any]) -> History:
         check_name(msg.get("job"), "job"),
         run if isinstance(run, int) and not isinstance(run, bool) else None,
         bool(msg.get("all_runs")),
-        float(since) if since is not None and _number(since) else None,
+        None if since is None else _seconds(since, "since"),
         tail if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0 else None,
     )
 
@@ -170,6 +186,9 @@ def _metrics(msg: dict[str, Any]) -> MetricsRequest:
 _PARSERS: dict[str, Callable[[dict[str, Any]], AdminRequest]] = {
     "status": lambda msg: Status(),
     "set_lr": _set_lr,
+    "release": lambda msg: Release(
+        check_name(msg.get("job"), "job"), str(msg.get("author") or "operator")[:200]
+    ),
     "history": _history,
     "range_test": lambda msg: RangeTestRequest(check_name(msg.get("job"), "job")),
     "forget": lambda msg: Forget(check_name(msg.get("job"), "job")),
@@ -267,10 +286,10 @@ class JobRequests:
         raise Moved(job, owner[1])
 
     def status(self, request: Status, grant: Grant | None) -> dict[str, Any]:
-        now, timeout = self.clock(), self.table.worker_timeout
+        now, timeout, wall = self.clock(), self.table.worker_timeout, self.wall()
         table = self.table
         jobs = [
-            status_row(j, now, timeout)
+            status_row(j, now, timeout, wall)
             for j in table.jobs.values()
             if grant is None or grant.allows(j.name)
         ]
@@ -285,10 +304,10 @@ class JobRequests:
                 if isinstance(data, ValueError):
                     continue  # its owner quarantines it
                 try:
-                    job = JobState.from_stored(name, table.rule_for(name), data, now)
+                    job = JobState.from_stored(name, table.rule_for(name), data, now, wall=wall)
                 except (ValueError, TypeError, KeyError, AttributeError):
                     continue
-                jobs.append(status_row(job, now, timeout))
+                jobs.append(status_row(job, now, timeout, wall))
         return {"t": "status", "jobs": jobs}
 
     def set_lr(self, request: SetLr, grant: Grant | None) -> dict[str, Any]:
@@ -296,19 +315,47 @@ class JobRequests:
         self.allowed(r.job, grant)
         self.owned(r.job)
         batch = self.table.batch(self.clock(), self.wall())
-        try:
-            job = batch.override(r.job, r.lr, r.reason, r.author, r.epochs, r.seconds)
-        except KeyError:
+        known = batch.job(r.job)
+        if known is None:
             return error("unknown_job", f"no job {r.job!r}")
+        if known.finished and not r.force:
+            return error(
+                "finished",
+                f"job {r.job} has finished (every worker said bye); nothing would train at "
+                "this LR. Pass --force to set it anyway (for a resume)",
+            )
+        job = batch.override(r.job, r.lr, r.reason, r.author, r.epochs, r.seconds)
+        return self._changed(batch, job, "the override")
+
+    def release(self, request: Release, grant: Grant | None) -> dict[str, Any]:
+        """End the job's pin now: the policy's LR from the next epoch (step)."""
+        self.allowed(request.job, grant)
+        self.owned(request.job)
+        batch = self.table.batch(self.clock(), self.wall())
+        try:
+            job = batch.release(request.job, request.author)
+        except KeyError:
+            return error("unknown_job", f"no job {request.job!r}")
+        if job is None:
+            return error("no_override", f"job {request.job} has no pinned LR to release")
+        return self._changed(batch, job, "the release")
+
+    def _changed(self, batch: Batch, job: JobState, what: str) -> dict[str, Any]:
+        """Commit an admin change, push it, and say what is in force now."""
         try:
             self.send(self.commit(batch))
         except Exception as exc:
-            return error("unavailable", f"could not store the override: {exc}")
-        reply = {"t": "ok", "job": r.job, "lr": job.lr, "version": job.version}
-        row = status_row(job, self.clock(), self.table.worker_timeout)
-        reply["override"] = row["override"]
-        reply["apply_from"] = job.next_t()
-        return reply
+            return error("unavailable", f"could not store {what}: {exc}")
+        row = status_row(job, self.clock(), self.table.worker_timeout, self.wall())
+        return {
+            "t": "ok",
+            "job": job.name,
+            "lr": job.lr,
+            "version": job.version,
+            "override": row["override"],
+            "apply_from": job.next_t(),
+            "unit": job.unit,
+        }
 
     def history(self, request: History, grant: Grant | None) -> dict[str, Any]:
         """The job's LR changes, filtered by the store (run, since, tail) in SQL."""

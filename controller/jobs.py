@@ -29,7 +29,7 @@ from . import transitions
 from .jobstate import JobState
 from .policyfile import JobRule, PolicySet
 from .store import SNAPSHOTS_KEPT, StateStore, Writes, encode_row
-from .transitions import AggregateDue, Env, Outgoing, OverrideDue, Rebind, SetLr, Step
+from .transitions import AggregateDue, Env, Outgoing, OverrideDue, Rebind, Release, SetLr, Step
 
 __all__ = ["Batch", "Counters", "JobTable"]
 
@@ -149,11 +149,13 @@ class JobTable:
         recent.sort(key=lambda r: float(r[1].get("last_report_wall", 0.0) or 0.0), reverse=True)
         for name, data in recent[: self.max_jobs]:
             try:
-                job = JobState.from_stored(name, self.rule_for(name), data, now, self.generation)
+                job = JobState.from_stored(
+                    name, self.rule_for(name), data, now, wall=wall, generation=self.generation
+                )
             except _UNUSABLE as exc:
                 bad.append((name, f"{type(exc).__name__}: {exc}"))
                 continue
-            self._add(job, wall)
+            self._add(job)
         if bad:
             try:
                 self.store.commit(Writes(quarantine=bad))
@@ -161,15 +163,13 @@ class JobTable:
                 log.error("cannot quarantine %d unusable job rows: %s", len(bad), exc)
         return len(self.jobs)
 
-    def _add(self, job: JobState, wall: float | None = None) -> None:
+    def _add(self, job: JobState) -> None:
         if job.name not in self.counters:
             self.counters[job.name] = Counters()
             self.deadlines.push(job.last_seen + self.job_ttl, "ttl", job.name)
-            o = job.override
-            if wall is not None and o is not None and o.until_wall is not None:
-                self.deadlines.push(
-                    job.last_seen + max(o.until_wall - wall, 0.0), "override", job.name
-                )
+            ends = None if job.override is None else job.override.ends
+            if ends is not None:  # a --for pin loaded from the store
+                self.deadlines.push(ends, "override", job.name)
         self.jobs[job.name] = job
 
     def publish(self, batch: Batch) -> Outgoing:
@@ -265,7 +265,12 @@ class Batch:
                 if data is None or not self._has_room():
                     return None
                 job = JobState.from_stored(
-                    name, table.rule_for(name), data, self.env.now, table.generation
+                    name,
+                    table.rule_for(name),
+                    data,
+                    self.env.now,
+                    wall=self.env.wall,
+                    generation=table.generation,
                 )
             except _UNUSABLE as exc:  # moved aside in this turn's commit
                 self.quarantine.append((name, f"{type(exc).__name__}: {exc}"))
@@ -332,6 +337,16 @@ class Batch:
         if job is None:
             raise KeyError(name)
         self._step(job, SetLr(lr, reason, author, epochs, seconds))
+        return self.touched[name]
+
+    def release(self, name: str, author: str) -> JobState | None:
+        """End the job's pin now; None when no pin holds. Raises KeyError for an unknown job."""
+        job = self.job(name)
+        if job is None:
+            raise KeyError(name)
+        if job.override is None:
+            return None
+        self._step(job, Release(author))
         return self.touched[name]
 
     def rebind(self, limit: int = 256) -> None:

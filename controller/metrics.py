@@ -243,6 +243,12 @@ _JOB_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "1 when every worker of the job said bye (a normal end)",
         (),
     ),
+    (
+        "lrpilot_override_active",
+        "gauge",
+        "1 while an operator's pin (set-lr --for/--epochs) holds",
+        (),
+    ),
 )
 
 #: One job's samples, per family of _JOB_FAMILIES: (extra label values, value).
@@ -371,6 +377,7 @@ def _job_samples(job: JobState, c: Counters | None, live: int) -> Samples:
         [((), suggested)] if isinstance(suggested, float) else none,
         [((), job.last_report_wall)] if job.last_report_wall else none,
         [((), 1.0 if job.sessions.finished() else 0.0)],
+        [((), 0.0 if job.override is None else 1.0)],
     )
 
 

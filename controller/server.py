@@ -13,6 +13,7 @@ thread; per-job series are read from the job table at scrape time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -45,13 +46,14 @@ from .admin_requests import (
     JobRequests,
     MetricsRequest,
     RangeTestRequest,
+    Release,
     Reload,
     SetLr,
     Status,
     error,
     parse_request,
 )
-from .auth import Authorizer, Grant
+from .auth import Authorizer, Grant, audit_author, peer_uid
 from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
@@ -642,16 +644,23 @@ class Server:
     def _drain_admin(self, budget: int = 100) -> None:
         for _ in range(budget):
             try:
-                frames, user = self._recv(self.admin)
+                parts = self.admin.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [p.bytes for p in parts]
+            user: str | None = None
+            uid: int | None = None  # an ipc:// peer's uid, where the OS tells
+            with contextlib.suppress(zmq.ZMQError):
+                if self.authorizer is not None:
+                    user = str(parts[-1].get("User-Id"))
+                uid = peer_uid(str(parts[-1].get("Peer-Address")))
             try:
                 grant = None
                 if self.authorizer is not None:
                     grant = self.authorizer.grant(user)
                     if grant is None:
                         raise ProtocolError("forbidden", "this key is no longer authorized")
-                reply = self._admin(frames[-1], grant)
+                reply = self._admin(frames[-1], grant, uid)
             except Moved as exc:
                 reply = {**error(exc.code, exc.message), "endpoint": exc.endpoint}
             except ProtocolError as exc:
@@ -667,15 +676,21 @@ class Server:
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
 
-    def _admin(self, frame: bytes, grant: Grant | None) -> dict[str, Any]:
-        """One admin request: decoded, typed, handled as `(request, grant) -> reply`."""
+    def _admin(self, frame: bytes, grant: Grant | None, uid: int | None) -> dict[str, Any]:
+        """One admin request: decoded, typed, handled as `(request, grant) -> reply`. A change
+        is audited under the identity the controller checked (`auth.audit_author`: the CURVE
+        key's name, an ipc:// peer's user (`uid`), else `claimed:` what the caller sent)."""
         request = parse_request(decode(frame, limit=ADMIN_MAX_REQUEST))
+        if isinstance(request, SetLr | Release):
+            request = dataclasses.replace(request, author=audit_author(grant, uid, request.author))
         jobs = self.jobs
         match request:
             case Status():
                 return jobs.status(request, grant)
             case SetLr():
                 return jobs.set_lr(request, grant)
+            case Release():
+                return jobs.release(request, grant)
             case History():
                 return jobs.history(request, grant)
             case RangeTestRequest():

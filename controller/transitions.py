@@ -32,17 +32,7 @@ from lrpilot.client.protocol import (
 
 from .aggregate import Pending, combine
 from .jobstate import JobState, Override, state_for
-from .policies import (
-    Decision,
-    Event,
-    Phases,
-    PhasesState,
-    Policy,
-    Schedule,
-    ScheduleState,
-    State,
-    fingerprint,
-)
+from .policies import Decision, fingerprint
 from .policies.errors import EngineError, ModeUnresolved
 from .policyfile import JobRule
 from .store import AuditRow, MetricPoint, rfc3339
@@ -54,13 +44,16 @@ __all__ = [
     "Outgoing",
     "OverrideDue",
     "Rebind",
+    "Release",
     "SetLr",
     "Step",
     "bye",
     "expire_override",
     "hello",
     "override",
+    "pin_notices",
     "rebind",
+    "release",
     "report",
     "step",
     "timeout",
@@ -109,7 +102,7 @@ class AggregateDue:
 
 @dataclass(frozen=True)
 class OverrideDue:
-    """A timed override's end (`set-lr --for DURATION`) came due."""
+    """A --for pin's end (`set-lr --for DURATION`) came due."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +117,13 @@ class SetLr:
 
 
 @dataclass(frozen=True)
+class Release:
+    """`lrpilot release`: the job's pin ends now."""
+
+    author: str
+
+
+@dataclass(frozen=True)
 class Rebind:
     """A reloaded policy file gave the job `rule` (applied at the job's next decision)."""
 
@@ -131,7 +131,7 @@ class Rebind:
 
 
 #: Everything a job reacts to; `step` dispatches on its type.
-JobEvent: TypeAlias = Hello | Report | Bye | AggregateDue | OverrideDue | SetLr | Rebind
+JobEvent: TypeAlias = Hello | Report | Bye | AggregateDue | OverrideDue | SetLr | Release | Rebind
 
 
 @dataclass
@@ -200,6 +200,8 @@ def step(job: JobState | None, event: JobEvent, env: Env) -> Step | None:
                 raise ProtocolError("unknown_job", "no such job")
             e = event
             return override(job, e.lr, e.reason, e.author, env, e.epochs, e.seconds)
+        case Release():
+            return None if job is None or job.override is None else release(job, event.author, env)
         case Rebind():
             return None if job is None else rebind(job, event.rule, env)
     raise TypeError(f"not a job event: {event!r}")  # pragma: no cover
@@ -267,10 +269,11 @@ def _push(
     apply_from: int,
     answered: Mapping[int, object] | None = None,
     action: str | None = None,
+    notices: tuple[tuple[str, str], ...] = (),
 ) -> Outgoing:
     """The decision to every live worker, but the ranks in `answered` (they got a reply)."""
     return [
-        (w.session, lr_message(job, reason, None, apply_from, action))
+        (w.session, lr_message(job, reason, None, apply_from, action, notices))
         for w in job.sessions.live(env.now, env.worker_timeout)
         if answered is None or w.rank not in answered
     ]
@@ -320,6 +323,7 @@ def hello(
                 pending={},
                 value=None,
                 sessions=job.sessions.new_run(),
+                override=None,  # a pin belongs to the run it was set in
             )
             reason = "initial"
             audit.append(audit_row(job, env, old, "initial", 0, source="hello"))
@@ -331,6 +335,7 @@ def hello(
         directions=directions,
         sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid),
         last_seen=env.now,
+        finished=False,
     )
     # A policy that starts with a range test: every rank keeps a copy of its weights first.
     action = job.policy.start_action(job.state)
@@ -348,7 +353,8 @@ def hello(
         if abandoned is not None:
             abandoned.audit[:0] = audit
             return abandoned
-    return Step(job, [(h.session, lr_message(job, reason, None, start, action))], audit)
+    answer = lr_message(job, reason, None, start, action, pin_notices(job))
+    return Step(job, [(h.session, answer)], audit)
 
 
 def _abandon_sweep(job: JobState, h: Hello, start: int, env: Env, joined: bool) -> Step | None:
@@ -550,7 +556,7 @@ def decide(
         notices.append(("monitor_missing", decision.warning))
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
-    old_lr = job.lr
+    old_lr, old_policy_lr, previous = job.lr, job.policy_lr, job.last_epoch
     # The LR trained is what the first rank says it used (a plan runs in the trainer), else
     # the LR in force.
     first = reports[min(reports)] if reports else None
@@ -563,37 +569,39 @@ def decide(
             (
                 "shadow",
                 f"the policy runs in shadow mode (apply: false): it decided lr "
-                f"{decision.lr:.6g}, the LR stays {old_lr:.6g}",
+                f"{decision.lr:.6g}, the LR stays {old_policy_lr:.6g}",
             )
         )
-        # Shadow mode: keep the policy's memory and its LR (shadow_lr), send the old LR.
-        job = job.with_(
-            shadow_lr=decision.lr, state=state.replace(lr=old_lr), last_epoch=t, value=value
-        )
+        # Shadow mode: keep the policy's memory and its LR (shadow_lr), send the LR in force
+        # (under a pin the policy's own LR stays underneath it).
+        job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_policy_lr))
         if decision.lr != before.lr:
             detail = f"shadow lr {decision.lr:.6g}"
             audit.append(
                 audit_row(job, env, old_lr, decision.reason, t + 1, source="shadow", detail=detail)
             )
-        decision = Decision(old_lr)
+        decision = Decision(old_policy_lr)
     else:
-        changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
-        version = job.version + 1 if changed else job.version
-        job = job.with_(state=state, version=version, shadow_lr=None, last_epoch=t, value=value)
-        if changed:
-            row = audit_row(job, env, old_lr, decision.reason, t + 1, detail=decision.detail)
-            audit.append(row)
-    o = job.override
-    if o is not None and (
-        (o.until_epoch is not None and t + 1 >= o.until_epoch)
-        or (o.until_wall is not None and env.wall >= o.until_wall)
-    ):
-        job, expired = _end_override(job, env, t)
-        if expired is not None:
-            audit.append(expired)
-            decision = Decision(job.lr, Event("override", old_lr, job.lr), decision.action)
-    changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
-    reason = decision.reason if changed else "unchanged"
+        job = job.with_(state=state, shadow_lr=None)
+    job = job.with_(last_epoch=t, value=value)
+    reason, pin_ended = decision.reason, False
+    if job.override is not None:
+        # A pin: the policy decided underneath (its state advanced), the pinned LR holds
+        # until the pin has run its course; then the policy's LR applies from t+1.
+        trained_at = [r.lr for r in reports.values()]
+        pin = job.override.observe(t, previous, trained_at).tick(env.now, env.wall)
+        pin_ended = pin.over(env.now)
+        job = job.with_(override=None if pin_ended else pin)
+        reason = "override" if pin_ended else "unchanged"
+    changed = job.lr != old_lr or decision.action in ("snapshot", "restore")
+    if changed:
+        job = job.with_(version=job.version + 1)
+    if pin_ended:
+        audit.append(audit_row(job, env, old_lr, "override", t + 1, "expiry", "expired"))
+    elif changed and job.override is None:
+        audit.append(audit_row(job, env, old_lr, reason, t + 1, detail=decision.detail))
+    reason = reason if changed else "unchanged"
+    notices += pin_notices(job)
     out: Outgoing = [
         (r.session, lr_message(job, reason, r.seq, t + 1, decision.action, tuple(notices)))
         for r in reports.values()
@@ -604,10 +612,13 @@ def decide(
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:
-    """A rank is done: it no longer counts as a worker (nothing to store)."""
+    """A rank is done: it no longer counts as a worker; the job is finished (stored) once
+    every rank that said hello said bye."""
     if job is None or job.sessions.worker(b.rank, b.session) is None:
         return None
-    return Step(job.with_(sessions=job.sessions.leave(b.rank, b.session)), persist=False)
+    sessions = job.sessions.leave(b.rank, b.session)
+    finished = sessions.finished()  # stored: `set-lr` on a finished job is refused
+    return Step(job.with_(sessions=sessions, finished=finished), persist=finished)
 
 
 # -- operator and reload -------------------------------------------------------------------
@@ -622,76 +633,80 @@ def override(
     epochs: int | None = None,
     seconds: float | None = None,
 ) -> Step:
-    """`lrpilot set-lr`: from the next epoch; a plateau keeps best/wait, a schedule rebases.
+    """`lrpilot set-lr`: the job's LR from its next epoch (step), pushed to every worker.
 
-    With `epochs` or `seconds` the override ends by itself: then the policy's own LR
-    comes back (audited as `override` with detail `expired`).
+    Without `epochs` or `seconds` it is a new base: a plateau keeps best/wait and reduces
+    from it, a schedule rebases. With one of them it is a pin (see `Override`): the LR
+    holds exactly, the policy keeps deciding underneath, and its LR takes over at the end
+    (audited as `override` with detail `expired`). A new set-lr replaces a pin.
     """
     old = job.lr
     t = job.last_epoch if job.last_epoch is not None else -1
-    timed = None
-    if epochs is not None or seconds is not None:
-        saved = (job.override.saved if job.override else None) or job.state.to_dict()
-        timed = Override(
+    detail = reason or None
+    if epochs is None and seconds is None:
+        state = job.policy.rebase(job.state, lr, t)
+        job = job.with_(state=state, version=job.version + 1, override=None)
+    else:
+        pin = Override(
             lr,
             author,
             reason,
-            until_epoch=None if epochs is None else t + 1 + epochs,
-            until_wall=None if seconds is None else env.wall + seconds,
-            saved=saved,
+            from_t=t + 1,
+            epochs=epochs,
+            remaining=seconds,
+            since=env.now,
+            since_wall=env.wall,
         )
-    job = job.with_(
-        state=job.policy.rebase(job.state, lr, t), version=job.version + 1, override=timed
-    )
-    detail = reason or None
-    if timed is not None:
+        job = job.with_(version=job.version + 1, override=pin)
         ends = f"{epochs} {job.unit}s" if epochs is not None else f"{seconds:g} s"
         detail = f"{reason}; for {ends}" if reason else f"for {ends}"
     row = audit_row(job, env, old, "override", t + 1, source=author or "operator", detail=detail)
-    step = Step(job, _push(job, env, "override", t + 1), [row])
+    notices = pin_notices(job)
+    step = Step(job, _push(job, env, "override", t + 1, notices=notices), [row])
     if seconds is not None:
         step.override_until = env.now + seconds
     return step
 
 
+def release(job: JobState, author: str, env: Env) -> Step:
+    """`lrpilot release`: the pin ends now; the policy's LR from the next epoch (step)."""
+    return _end_pin(job, env, author or "operator", "released")
+
+
 def expire_override(job: JobState, env: Env) -> Step | None:
-    """An expiring override ran out (by time): the policy's own LR from the next epoch."""
+    """A --for pin's time ran out: the policy's LR from the next epoch (step)."""
     o = job.override
-    if o is None or o.until_wall is None or env.wall < o.until_wall:
+    ends = None if o is None else o.ends
+    if ends is None or env.now < ends:
         return None
-    job, row = _end_override(job, env, job.next_t() - 1)
-    if row is None:
-        return Step(job)
-    return Step(job, _push(job, env, "override", job.next_t()), [row])
+    return _end_pin(job, env, "expiry", "expired")
 
 
-def _end_override(job: JobState, env: Env, t: int) -> tuple[JobState, AuditRow | None]:
-    """The job without its override, from t+1 on: the LR the policy would have now."""
-    o = job.override
-    assert o is not None
-    lr = _policy_lr(job.policy, job.policy.load_state(o.saved), job.state, t)
+def _end_pin(job: JobState, env: Env, source: str, detail: str) -> Step:
+    old, t = job.lr, job.next_t()
     job = job.with_(override=None)
-    if lr is None or lr == job.lr:
-        return job, None
-    old = job.lr
-    job = job.with_(state=job.policy.rebase(job.state, lr, t), version=job.version + 1)
-    return job, audit_row(job, env, old, "override", t + 1, source="expiry", detail="expired")
+    changed = job.lr != old
+    if changed:
+        job = job.with_(version=job.version + 1)
+    row = audit_row(job, env, old, "override", t, source=source, detail=detail)
+    return Step(job, _push(job, env, "override", t) if changed else [], [row])
 
 
-def _policy_lr(policy: Policy, saved: State, now: State, t: int) -> float | None:
-    """The LR `policy` would set for t+1 from its pre-override state `saved` (None: the
-    chain has moved to another phase since, which set its own LR)."""
-    if isinstance(policy, Phases):
-        assert isinstance(saved, PhasesState) and isinstance(now, PhasesState)
-        if saved.index != now.index:
-            return None
-        inner = policy.phases[now.index].policy
-        return _policy_lr(
-            inner, inner.load_state(saved.inner), inner.load_state(now.inner), t - now.start
-        )
-    if isinstance(policy, Schedule) and isinstance(saved, ScheduleState):
-        return policy.lr_at(saved, t + 1)
-    return saved.lr
+def pin_notices(job: JobState) -> tuple[tuple[str, str], ...]:
+    """Notice `override` for the trainer while a pin holds: its LR, who, and its end."""
+    o = job.override
+    if o is None:
+        return ()
+    if o.epochs is not None:
+        n = f"{o.epochs} {job.unit}{'s' if o.epochs != 1 else ''}"
+        end = f"for {n} trained at it, from {job.unit} {o.from_t} or later"
+    else:
+        until = rfc3339(round(o.since_wall + (o.remaining or 0.0)))
+        end = f"until {until[:19]}Z"
+    who = f" by {o.author}" if o.author else ""
+    why = f" ({o.reason})" if o.reason else ""
+    text = f"lr {o.lr:.6g} pinned{who}{why} {end}; then the policy's LR applies"
+    return (("override", text),)
 
 
 def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
