@@ -24,7 +24,7 @@ from .auth import Grant
 from .errors import Moved
 from .jobs import Batch, JobTable
 from .jobstate import JobState, status_row
-from .store import MetricStore, StateStore, StoreUnavailable, decode_metrics, rfc3339
+from .store import StateStore, StoreUnavailable, decode_metrics, rfc3339
 from .transitions import Outgoing
 from .units import check_seconds
 
@@ -285,6 +285,22 @@ class JobRequests:
             )
         raise Moved(job, owner[1])
 
+    def job(self, name: str) -> JobState | None:
+        """The job in memory, or (PostgreSQL store) as the database has it when another
+        controller owns it; None: no such job, or its row is unreadable now."""
+        job = self.table.jobs.get(name)
+        pg = self.pg
+        if job is not None or pg is None or pg.owns(name):
+            return job
+        try:
+            data = pg.load_job(name)
+            if data is None:
+                return None
+            rule = self.table.rule_for(name)
+            return JobState.from_stored(name, rule, data, self.clock(), wall=self.wall())
+        except (StoreUnavailable, ValueError, TypeError, KeyError, AttributeError):
+            return None  # its owner quarantines a row that does not fit
+
     def status(self, request: Status, grant: Grant | None) -> dict[str, Any]:
         now, timeout, wall = self.clock(), self.table.worker_timeout, self.wall()
         table = self.table
@@ -407,17 +423,22 @@ class JobRequests:
         with `after`, only the points after that t (`count` says how many the run holds)."""
         name = request.job
         self.allowed(name, grant)
-        store, job = self.store, self.table.jobs.get(name)
-        if not isinstance(store, MetricStore):
-            return error("unavailable", "this controller's store records no metrics (yet)")
-        runs = store.metric_runs(name)
+        store, job = self.store, self.job(name)
+        try:
+            runs = store.metric_runs(name)
+        except StoreUnavailable as exc:
+            return error("unavailable", str(exc))
         if not runs and job is None:
             return error("unknown_job", f"no job {name!r}")
         run = request.run
         if run is None:
             run = job.run if job is not None else runs[-1]
         after = request.after
-        rows = store.metric_rows(name, run, after)
+        try:
+            rows = store.metric_rows(name, run, after)
+            count = store.metric_count(name, run) if after >= 0 else len(rows)
+        except StoreUnavailable as exc:
+            return error("unavailable", str(exc))
         unit = job.unit if job is not None else None
         monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
         reply = {
@@ -428,7 +449,7 @@ class JobRequests:
             "unit": unit or ("step" if any(r[0] != r[1] for r in rows) else "epoch"),
             "monitor": monitor,
             "after": after,  # only points with a later t: the reader has those before
-            "count": store.metric_count(name, run) if after >= 0 else len(rows),
+            "count": count,
         }
         if request.raw:  # the web view decodes in its own thread, not the loop's
             reply["rows"] = rows

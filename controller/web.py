@@ -159,7 +159,7 @@ class WebBridge:
         reply = requests.metrics(ask, _WEB_GRANT)
         if reply["t"] == "error":
             return reply
-        job = self.server.table.jobs.get(name)
+        job = requests.job(name)  # with PostgreSQL, also a job another controller owns
         history = requests.history(History(name, run=reply["run"]), _WEB_GRANT)
         reply["t"] = "job"
         reply["status"] = (
