@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 
 from .errors import ProtocolError
+from .plans import PlanError, check_plan
 
 __all__ = [
     "ERROR_CODES",
@@ -227,6 +228,7 @@ class Hello:
     pid: int = 0
     directions: dict[str, str] = field(default_factory=dict)
     restore: bool = False  # the client can snapshot and restore its weights (range test)
+    plans: bool = False  # the client evaluates `lr.plan` itself (see lrpilot.client.plans)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -244,6 +246,7 @@ class Hello:
             "pid": self.pid,
             "directions": self.directions,
             "restore": self.restore,
+            "plans": self.plans,
         }
 
     @classmethod
@@ -274,6 +277,7 @@ class Hello:
             pid=int(_int(msg, "pid", 0, 1 << 32, optional=True) or 0),
             directions=dict(directions),
             restore=msg.get("restore") is True,
+            plans=msg.get("plans") is True,
         )
 
 
@@ -360,6 +364,9 @@ class LrMessage:
     apply_from_step: int | None = None
     action: str | None = None
     notices: tuple[tuple[str, str], ...] = ()  # (code, message) pairs
+    #: The schedule in force as a function of time (see `lrpilot.client.plans`), for clients
+    #: whose hello said `plans: true`; None otherwise.
+    plan: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         msg: dict[str, Any] = {
@@ -377,6 +384,8 @@ class LrMessage:
             msg["action"] = self.action
         if self.notices:
             msg["notices"] = [{"code": c, "message": m} for c, m in self.notices]
+        if self.plan is not None:
+            msg["plan"] = self.plan
         return msg
 
     @classmethod
@@ -400,6 +409,12 @@ class LrMessage:
                 raise ProtocolError("schema", "a notice is {code, message}")
             # An unknown code (a newer controller) is kept: clients log it like the others.
             parsed.append((n["code"][:64], _str(n, "message", 4096, optional=True)))
+        plan = msg.get("plan")
+        if plan is not None:
+            try:
+                plan = check_plan(plan)
+            except PlanError as exc:
+                raise ProtocolError("schema", str(exc)) from None
         return cls(
             job=check_name(_get(msg, "job"), "job"),
             lr=_lr(msg),
@@ -411,6 +426,7 @@ class LrMessage:
             apply_from_step=step,
             action=action,
             notices=tuple(parsed),
+            plan=plan,
         )
 
 

@@ -23,6 +23,7 @@ class Worker:
     host: str = ""
     pid: int = 0
     gone: bool = False
+    plans: bool = False  # its hello said `plans: true`: it gets `lr.plan`
 
     def live(self, now: float, timeout: float) -> bool:
         return not self.gone and now - self.last_seen <= timeout
@@ -40,14 +41,22 @@ class Sessions:
     seqs: Mapping[str, int] = field(default_factory=dict)
     reported: frozenset[int] = frozenset()
 
-    def join(self, rank: int, session: bytes, now: float, host: str = "", pid: int = 0) -> Sessions:
+    def join(
+        self,
+        rank: int,
+        session: bytes,
+        now: float,
+        host: str = "",
+        pid: int = 0,
+        plans: bool = False,
+    ) -> Sessions:
         """A rank said hello; a new session of a rank replaces (and forgets) its old one."""
         seqs = dict(self.seqs)
         old = self.workers.get(rank)
         if old is not None and old.session != session:
             seqs.pop(old.session.hex(), None)
         seqs.setdefault(session.hex(), -1)
-        workers = {**self.workers, rank: Worker(rank, session, now, host, pid)}
+        workers = {**self.workers, rank: Worker(rank, session, now, host, pid, plans=plans)}
         return Sessions(workers, seqs, self.reported)
 
     def worker(self, rank: int, session: bytes) -> Worker | None:
@@ -62,7 +71,7 @@ class Sessions:
     def record(self, rank: int, session: bytes, seq: int, now: float, *, counts: bool) -> Sessions:
         """Remember `seq` and that the rank was heard from; `counts`: it joins the run."""
         w = self.workers[rank]
-        workers = {**self.workers, rank: Worker(rank, session, now, w.host, w.pid, w.gone)}
+        workers = {**self.workers, rank: replace(w, last_seen=now)}
         seqs = {**self.seqs, session.hex(): max(seq, self.seqs.get(session.hex(), -1))}
         reported = self.reported | {rank} if counts and rank not in self.reported else self.reported
         return Sessions(workers, seqs, reported)

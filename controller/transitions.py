@@ -12,6 +12,7 @@ from epoch e+1; the `hello` reply carries the LR for the start epoch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from .policies import (
     fingerprint,
 )
 from .policyfile import JobRule
+from .sessions import Worker
 from .store import AuditRow, rfc3339
 
 __all__ = [
@@ -113,6 +115,7 @@ def lr_message(
     apply_from: int,
     action: str | None = None,
     notices: tuple[tuple[str, str], ...] = (),
+    plan: dict[str, Any] | None = None,
 ) -> LrMessage:
     step = job.unit == "step"
     return LrMessage(
@@ -126,7 +129,18 @@ def lr_message(
         apply_from_step=apply_from if step else None,
         action=action,
         notices=notices,
+        plan=plan,
     )
+
+
+def plan_of(job: JobState) -> dict[str, Any] | None:
+    """The plan in force (a schedule, or a chain's schedule phase), or None."""
+    return job.policy.plan(job.state)
+
+
+def plan_detail(plan: Mapping[str, Any]) -> str:
+    """A plan as the audit row's detail: `plan {json}`."""
+    return "plan " + json.dumps(plan, sort_keys=True, separators=(",", ":"))
 
 
 def audit_row(
@@ -166,9 +180,14 @@ def _push(
     answered: Mapping[int, object] | None = None,
     action: str | None = None,
 ) -> Outgoing:
-    """The decision to every live worker, but the ranks in `answered` (they got a reply)."""
+    """The decision to every live worker, but the ranks in `answered` (they got a reply);
+    workers whose hello said `plans: true` get the plan in force with it."""
+    plan = plan_of(job)
     return [
-        (w.session, lr_message(job, reason, None, apply_from, action))
+        (
+            w.session,
+            lr_message(job, reason, None, apply_from, action, plan=plan if w.plans else None),
+        )
         for w in job.sessions.live(env.now, env.worker_timeout)
         if answered is None or w.rank not in answered
     ]
@@ -197,7 +216,9 @@ def hello(
             framework=h.framework,
         )
         reason = "initial"
-        audit.append(audit_row(job, env, None, "initial", start, source="hello"))
+        plan = plan_of(job)
+        detail = None if plan is None else plan_detail(plan)
+        audit.append(audit_row(job, env, None, "initial", start, source="hello", detail=detail))
     else:
         start = h.start_step if job.unit == "step" else h.start_epoch
         if h.session.hex() in job.sessions.seqs:
@@ -219,14 +240,16 @@ def hello(
                 sessions=job.sessions.new_run(),
             )
             reason = "initial"
-            audit.append(audit_row(job, env, old, "initial", 0, source="hello"))
+            plan = plan_of(job)
+            detail = None if plan is None else plan_detail(plan)
+            audit.append(audit_row(job, env, old, "initial", 0, source="hello", detail=detail))
     directions = {**job.directions, **h.directions} if h.directions else job.directions
     if len(directions) > MAX_METRICS:  # bounded: many hellos never grow the stored row
         directions = dict(h.directions)
     job = job.with_(
         world=h.world,
         directions=directions,
-        sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid),
+        sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid, h.plans),
         last_seen=env.now,
     )
     # A policy that starts with a range test: every rank keeps a copy of its weights first.
@@ -245,7 +268,8 @@ def hello(
         if abandoned is not None:
             abandoned.audit[:0] = audit
             return abandoned
-    return Step(job, [(h.session, lr_message(job, reason, None, start, action))], audit)
+    plan = plan_of(job) if h.plans else None
+    return Step(job, [(h.session, lr_message(job, reason, None, start, action, plan=plan))], audit)
 
 
 def _abandon_sweep(job: JobState, h: Hello, start: int, env: Env, joined: bool) -> Step | None:
@@ -452,10 +476,15 @@ def decide(
         decision = Decision(old_lr)
     else:
         changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
+        plan_before = plan_of(job)
         job = job.with_(state=state, version=job.version + 1 if changed else job.version)
-        if changed:
-            row = audit_row(job, env, old_lr, decision.reason, t + 1, detail=decision.detail)
-            audit.append(row)
+        plan = plan_of(job)
+        if changed and not (plan is not None and plan == plan_before and not decision.action):
+            # A plan is audited (and logged) once, when it starts, not at each of its values.
+            why = decision.detail
+            if plan is not None and why is None:
+                why = plan_detail(plan)
+            audit.append(audit_row(job, env, old_lr, decision.reason, t + 1, detail=why))
     job = job.with_(last_epoch=t, value=value)
     o = job.override
     if o is not None and (
@@ -468,13 +497,30 @@ def decide(
             decision = Decision(job.lr, Event("override", old_lr, job.lr), decision.action)
     changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
     reason = decision.reason if changed else "unchanged"
+    plan = plan_of(job)
+    workers = job.sessions.workers
     out: Outgoing = [
-        (r.session, lr_message(job, reason, r.seq, t + 1, decision.action, tuple(notices)))
+        (
+            r.session,
+            lr_message(
+                job,
+                reason,
+                r.seq,
+                t + 1,
+                decision.action,
+                tuple(notices),
+                plan if plan is not None and _has_plans(workers.get(r.rank), r.session) else None,
+            ),
+        )
         for r in reports.values()
     ]
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings)
+
+
+def _has_plans(worker: Worker | None, session: bytes) -> bool:
+    return worker is not None and worker.session == session and worker.plans
 
 
 def _current_policy(policy: Policy, state: State) -> Policy:
