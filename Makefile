@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; an unpinned torch pulls several GB of CUDA.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus postgresql image-tools modules docs
+.PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus chromium postgresql image-tools modules docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ prometheus:
 		DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends prometheus >/dev/null && \
 		(systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true); \
 	else echo "prometheus is missing: run 'sudo apt-get install -y prometheus' and re-run make test"; exit 1; fi
+
+# Debian's chromium: the web view's test loads the page in it, headless.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium package"; \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq update >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends chromium >/dev/null; \
+	else echo "chromium is missing: run 'sudo apt-get install -y chromium' and re-run make test"; exit 1; fi
 
 # Debian's PostgreSQL server binaries for the scale-out tests, which initdb a cluster of their
 # own (as an unprivileged user, on a free port) and remove it; the packaged service is stopped.
@@ -63,7 +72,7 @@ lint: modules
 typecheck: modules
 	$(VENV)/bin/mypy -p lrpilot.controller -p lrpilot.client
 
-pytest: modules prometheus postgresql image-tools
+pytest: modules prometheus chromium postgresql image-tools
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck pytest
@@ -93,6 +102,7 @@ bench: modules
 	$(PY) bench/scale_out.py
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/adapters.py
+	$(PY) bench/web_view.py
 
 # docs/policy-reference.md is written from the policy classes' own parameter docs; a test fails
 # when the committed file differs from what this prints.

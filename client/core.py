@@ -51,6 +51,7 @@ from .protocol import (
     encode,
     parse_server_message,
 )
+from .vocabulary import LR_MESSAGE, lr_ok
 
 __all__ = ["MAX_KEPT", "Client", "check_adapter_args", "scalar_metrics", "to_scalar"]
 
@@ -131,8 +132,8 @@ def _position(value: Any, what: str) -> int:
 
 def _check_lr(value: Any, what: str) -> float:
     number = to_scalar(value)
-    if number is None or not 0 < number <= 10:
-        raise ValueError(f"{what} must be a finite number in (0, 10], got {value!r}")
+    if number is None or not lr_ok(number):
+        raise ValueError(f"{what} {LR_MESSAGE}, got {value!r}")
     return number
 
 

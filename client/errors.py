@@ -1,55 +1,19 @@
-"""Typed errors of lrpilot, one place for all of them.
+"""What a client sees go wrong, and the root of every lrpilot error.
 
-They live in the client package because the controller imports the client
-(the wire protocol lives here) and never the other way round.
+`LRPilotError` is the base of every error lrpilot raises on purpose, on both
+sides: the controller's (`lrpilot.controller.errors`) and the policy engine's
+(`lrpilot.controller.policies.errors`) derive from it, so `except LRPilotError`
+catches "an lrpilot error". This module imports nothing, so the engine can
+use the base class without the wire protocol.
 """
 
 from __future__ import annotations
 
-__all__ = ["ControllerUnavailable", "LRPilotError", "PolicyError", "ProtocolError", "SourceError"]
+__all__ = ["ControllerUnavailable", "LRPilotError", "ProtocolError"]
 
 
 class LRPilotError(Exception):
     """Base class of every error lrpilot raises on purpose."""
-
-
-class SourceError(LRPilotError):
-    """An error located in an input file: `file:line: message`.
-
-    Args:
-        message: what is wrong, quoting the bad value.
-        file: the file name as the user gave it, or None.
-        line: 1-based line number, or None.
-    """
-
-    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
-        self.message = message
-        self.file = file
-        self.line = line
-        super().__init__(self.located())
-
-    def located(self) -> str:
-        if self.file is None:
-            return self.message
-        if self.line is None:
-            return f"{self.file}: {self.message}"
-        return f"{self.file}:{self.line}: {self.message}"
-
-
-class PolicyError(SourceError):
-    """One or more errors in a policy file; `errors` holds every one found.
-
-    Args:
-        errors: the individual located errors, in file order.
-    """
-
-    def __init__(self, errors: list[SourceError]) -> None:
-        self.errors = errors
-        first = errors[0] if errors else SourceError("invalid policy")
-        super().__init__(first.message, first.file, first.line)
-
-    def __str__(self) -> str:
-        return "\n".join(e.located() for e in self.errors)
 
 
 class ProtocolError(LRPilotError):

@@ -7,12 +7,13 @@ A plan is what the controller sends in `lr.plan` for a schedule (`step`, `cosine
      "lr0": 0.1, "scale": 1.0}
 
 `lr_at(plan, t)` is its LR at boundary `t` (an epoch, or an optimizer step with unit
-"step"), for `from <= t < until`: `min(scale * value(kind, params, lr0, t - from), 10)`.
+"step"), for `from <= t < until`: `scale * value(kind, params, lr0, t - from)` kept in [1e-12, 10].
 `from` is where the schedule's local time is 0 (the start of its phase); `scale` is what an
 operator's override changed. The controller's schedule classes compute their own LRs with
 this very module (`value`), so a plan's LRs equal the controller's by construction.
 
-Pure functions of numbers, importing nothing beyond the standard library: the client can
+Pure functions of numbers, importing nothing beyond the standard library and the
+vocabulary: the client can
 evaluate a plan at every step without the controller (down, slow, or far away).
 
 Example:
@@ -30,10 +31,9 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["KINDS", "MAX_LR", "PlanError", "active", "check_plan", "lr_at", "momentum", "value"]
+from .vocabulary import clamp_lr
 
-#: The protocol's largest LR: a growing schedule stops there.
-MAX_LR = 10.0
+__all__ = ["KINDS", "PlanError", "active", "check_plan", "lr_at", "momentum", "value"]
 
 Params = Mapping[str, Any]
 
@@ -221,7 +221,7 @@ def value(kind: str, params: Params, lr0: float, t: int) -> float:
 def lr_at(plan: Mapping[str, Any], t: int) -> float:
     """The plan's LR at boundary `t` (absolute: an epoch, or a step with unit "step")."""
     raw = KINDS[plan["kind"]](plan["params"], plan["lr0"], t - plan["from"])
-    return min(float(plan.get("scale", 1.0)) * raw, MAX_LR)
+    return clamp_lr(float(plan.get("scale", 1.0)) * raw)
 
 
 def momentum(plan: Mapping[str, Any], t: int) -> float | None:

@@ -16,8 +16,6 @@ the limits below *before* any work is done with it; a violation is a
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +24,20 @@ import msgpack
 
 from .errors import ProtocolError
 from .plans import PlanError, check_plan
+from .vocabulary import (
+    ACTIONS,
+    ERROR_CODES,
+    MAX_LR,
+    MIN_LR,
+    NAME_RE,
+    NOTICE_CODES,
+    REASONS,
+    RETRYABLE_CODES,
+    lr_problem,
+)
 
 __all__ = [
+    "ACTIONS",
     "ERROR_CODES",
     "MAX_ENDPOINT",
     "MAX_INT",
@@ -36,6 +46,7 @@ __all__ = [
     "MAX_METRICS",
     "MAX_UNDECIDED",
     "MAX_WORLD",
+    "MIN_LR",
     "NAME_RE",
     "NOTICE_CODES",
     "PROTOCOL_VERSION",
@@ -64,52 +75,9 @@ MAX_SEQ = (1 << 63) - 1
 MAX_WORLD = 4096
 #: A job holds at most this many epochs (or steps) waiting for other ranks' reports.
 MAX_UNDECIDED = 64
-#: LRs on the wire are finite, at most this, and may be 0 (where cosine decay with alpha 0 ends).
-MAX_LR = 10.0
 SESSION_BYTES = 16
 #: The longest endpoint a `moved` error may name.
 MAX_ENDPOINT = 256
-#: Job and metric names, matched in full (`fullmatch`: no trailing newline slips through).
-NAME_RE = re.compile(r"[A-Za-z0-9._:/@-]{1,128}")
-
-#: Error codes in `error` replies, and reasons of `lrpilot_invalid_messages_total`.
-ERROR_CODES = (
-    "too_large",
-    "decode",
-    "schema",
-    "unknown_type",
-    "out_of_range",
-    "bad_version",
-    "unknown_session",
-    "max_jobs",
-    "mode_unresolved",
-    "moved",
-    "unavailable",
-    "forbidden",
-)
-
-#: Error codes a client may retry: the message was not processed and should be sent again.
-RETRYABLE_CODES = ("unavailable",)
-
-#: Why an LR is what it is: in `lr` messages, the audit log and metrics.
-REASONS = (
-    "initial",
-    "unchanged",
-    "plateau",
-    "schedule",
-    "phase",
-    "override",
-    "range_test",
-    "reload",
-    "divergence",
-    "resume",
-)
-
-ACTIONS = ("snapshot", "restore", "stop")
-
-#: What the controller tells the trainer about its job (in `lr.notices`); clients log each
-#: code once per run.
-NOTICE_CODES = ("monitor_missing", "mode_unresolved", "shadow", "clamped", "restore_unsupported")
 MAX_NOTICES = 16
 
 
@@ -171,15 +139,18 @@ def _int(msg: Mapping[str, Any], key: str, lo: int, hi: int, *, optional: bool =
 
 
 def _lr(msg: Mapping[str, Any], key: str = "lr", *, zero: bool = True) -> float:
-    """An LR: finite, at most 10, and > 0 unless `zero` (cosine decay may end at 0)."""
+    """An LR in the vocabulary's bounds; `zero` also lets 0 through (what a trainer reports
+    after a schedule of its own ended there, or an older controller sent for cosine alpha 0).
+    """
     value = _get(msg, key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ProtocolError("schema", f"{key} must be a number, got {type(value).__name__}")
     value = float(value)
-    low_ok = value >= 0 if zero else value > 0
-    if not (math.isfinite(value) and low_ok and value <= MAX_LR):
-        interval = "[0, 10]" if zero else "(0, 10]"
-        raise ProtocolError("out_of_range", f"{key} must be finite in {interval}, got {value!r}")
+    if zero and value == 0:
+        return value
+    problem = lr_problem(value)
+    if problem is not None:
+        raise ProtocolError("out_of_range", f"{key} {problem}, got {value!r}")
     return value
 
 

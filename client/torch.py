@@ -32,6 +32,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client, check_adapter_args, to_scalar
+from .vocabulary import lr_ok
 
 __all__ = [
     "LRPilotScheduler",
@@ -419,7 +420,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         in_progress = state_dict.get("epoch_in_progress")
         if isinstance(in_progress, int) and not isinstance(in_progress, bool):
             self.epoch_in_progress = in_progress
-        client = self._connect(lr if lr is not None and 0 < lr <= 10 else self._lr0())
+        client = self._connect(lr if lr is not None and lr_ok(lr) else self._lr0())
         self._set_lr(client.lr)
         self._settle()
 

@@ -218,3 +218,12 @@ class Admin:
     def range_test(self, job: str) -> dict[str, Any]:
         """The job's last LR range test: points, suggestions, why it stopped."""
         return self._ask({"t": "range_test", "job": job}, "range_test")
+
+    def metrics(self, job: str, run: int | None = None) -> dict[str, Any]:
+        """The job's recorded metrics (default: the current run) as columns: `x` (epoch, or
+        step for `unit: step`), `epoch`, `lr` (the LR trained), `time`, `metrics` {name:
+        values}, with `run`, `runs`, `unit` and `monitor`."""
+        message: dict[str, Any] = {"t": "metrics", "job": job}
+        if run is not None:
+            message["run"] = run
+        return self._ask(message, "metrics")

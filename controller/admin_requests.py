@@ -1,4 +1,4 @@
-"""The admin socket's requests about jobs: status, set-lr, history, range-test, forget.
+"""The admin socket's requests about jobs: status, set-lr, history, range-test, forget, metrics.
 
 One typed handler per request (`server.py` dispatches on the request's `t`); each
 returns the reply as a plain dict, or raises `ProtocolError` (answered as an `error`).
@@ -13,26 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
+from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
+from .errors import Moved
 from .jobstate import JobState, status_row
-from .store import StoreUnavailable, rfc3339
+from .store import MetricStore, StoreUnavailable, decode_metrics, rfc3339
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["JobRequests", "Moved", "error"]
+__all__ = ["JobRequests", "Moved", "error", "metric_columns"]
 
 
 def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "message": message}
-
-
-class Moved(ProtocolError):
-    """The job's shard is another controller's: the reply names its admin endpoint."""
-
-    def __init__(self, job: str, endpoint: str) -> None:
-        super().__init__("moved", f"job {job} is steered at the controller at {endpoint}")
-        self.endpoint = endpoint
 
 
 def _run_states(job: JobState | None, latest: int) -> Callable[[int], str | None]:
@@ -109,13 +103,9 @@ class JobRequests:
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
         self.owned(name)
-        lr = msg.get("lr")
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, int | float)
-            or not (math.isfinite(lr) and 0 < lr <= 10)
-        ):
-            return error("out_of_range", f"lr must be finite in (0, 10], got {lr!r}")
+        lr = as_lr(msg.get("lr"))
+        if lr is None:
+            return error("out_of_range", f"lr {LR_MESSAGE}, got {msg.get('lr')!r}")
         reason = str(msg.get("reason") or "")[:500]
         author = str(msg.get("author") or "operator")[:200]
         epochs, seconds = msg.get("epochs"), msg.get("seconds")
@@ -133,7 +123,7 @@ class JobRequests:
             return error("schema", "an override ends after epochs or after a duration, not both")
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
         try:
-            job = batch.override(name, float(lr), reason, author, epochs, seconds)
+            job = batch.override(name, lr, reason, author, epochs, seconds)
         except KeyError:
             return error("unknown_job", f"no job {name!r}")
         try:
@@ -193,3 +183,53 @@ class JobRequests:
         except Exception as exc:
             return error("unavailable", f"could not forget {name!r}: {exc}")
         return {"t": "ok", "job": name}
+
+    def metrics(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The job's recorded metrics of one run (default: the current one), as columns;
+        with `after`, only the points after that t (`count` says how many the run holds)."""
+        name = check_name(msg.get("job"), "job")
+        self.allowed(name)
+        store, job = self.server.store, self.server.table.jobs.get(name)
+        if not isinstance(store, MetricStore):
+            return error("unavailable", "this controller's store records no metrics (yet)")
+        runs = store.metric_runs(name)
+        if not runs and job is None:
+            return error("unknown_job", f"no job {name!r}")
+        run = msg.get("run")
+        if not isinstance(run, int) or isinstance(run, bool):
+            run = job.run if job is not None else runs[-1]
+        after = msg.get("after")
+        if not isinstance(after, int) or isinstance(after, bool):
+            after = -1
+        rows = store.metric_rows(name, run, after)
+        unit = job.unit if job is not None else None
+        monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
+        reply = {
+            "t": "metrics",
+            "job": name,
+            "run": run,
+            "runs": runs,
+            "unit": unit or ("step" if any(r[0] != r[1] for r in rows) else "epoch"),
+            "monitor": monitor,
+            "after": after,  # only points with a later t: the reader has those before
+            "count": store.metric_count(name, run) if after >= 0 else len(rows),
+        }
+        if msg.get("raw"):  # the web view decodes in its own thread, not the loop's
+            reply["rows"] = rows
+            return reply
+        return {**reply, **metric_columns(rows)}
+
+
+def metric_columns(rows: list[tuple[int, int, float, float, bytes]]) -> dict[str, Any]:
+    """Stored points (`Store.metric_rows`) as columns (what charts and CSV writers want): `x`
+    (epoch, or step for a step job), `epoch`, `lr` (trained), `time` (Unix), `metrics` {name:
+    values, None where a point lacks the metric}."""
+    decoded = [decode_metrics(r[4]) for r in rows]
+    names = sorted({k for m in decoded for k in m})
+    return {
+        "x": [r[0] for r in rows],
+        "epoch": [r[1] for r in rows],
+        "lr": [r[2] for r in rows],
+        "time": [r[3] for r in rows],
+        "metrics": {k: [m.get(k) for m in decoded] for k in names},
+    }

@@ -12,9 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lrpilot.client.errors import PolicyError, ProtocolError, SourceError
+from lrpilot.client.vocabulary import lr_problem
 
 from . import __version__
+from .errors import PolicyError, SourceError
 
 __all__ = ["main"]
 
@@ -46,8 +47,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 < value <= 10):
-        raise argparse.ArgumentTypeError(f"must be in (0, 10], got {text}")
+    if (problem := lr_problem(value)) is not None:
+        raise argparse.ArgumentTypeError(f"{problem}, got {text}")
     return value
 
 
@@ -69,30 +70,61 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
+def _matplotlib_missing() -> bool:
+    """Whether --plot cannot work here (checked before any work, so it fails fast)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return False
+    print("--plot needs matplotlib: pip install 'lrpilot[plot]'", file=sys.stderr)
+    return True
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from .policies.errors import EngineError
     from .policyfile import load_default, load_file
     from .simulate import (
         format_range_test,
         format_table,
+        format_what_if,
         initial_lr,
         monitor_of,
         monitors_of,
         plot,
         read_history,
+        recorded_history,
         run,
         to_json,
     )
 
+    if args.plot and _matplotlib_missing():
+        return 2
+    recorded: dict[str, Any] | None = None
+    if args.metrics is None:  # what-if on the job's recorded history, from the controller
+        status = _with_admin(args, lambda admin: _fetch_metrics(admin, args))
+        if status:
+            return status
+        recorded = args.recorded
+    source = args.metrics or f"job {args.job}'s recorded metrics"
     try:
         policy_set = load_file(args.policy) if args.policy else load_default()
         rule = policy_set.rule_for(args.job)
-        history = read_history(args.metrics)
+        if recorded is not None:
+            if not recorded["x"]:
+                print(f"lrpilot simulate: {source}: nothing recorded yet", file=sys.stderr)
+                return 1
+            history = recorded_history(recorded, source)
+        else:
+            history = read_history(args.metrics)
         columns = sorted({name for row in history.metrics for name in row})
         missing = [m for m in monitors_of(rule.policy) if m not in columns]
         if missing:
+            what = "metric" if recorded is not None else "column"
             print(
-                f"{args.metrics}: no column {missing[0]!r}, which the policy for job "
-                f"{args.job} monitors; the CSV has: epoch, {', '.join(columns) or '(nothing)'}",
+                f"{source}: no {what} {missing[0]!r}, which the policy for job "
+                f"{args.job} monitors; it has: epoch, {', '.join(columns) or '(nothing)'}",
                 file=sys.stderr,
             )
             return 2
@@ -105,11 +137,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except SourceError as exc:
         print(exc.located(), file=sys.stderr)
         return 2
-    except ProtocolError as exc:
-        print(f"{args.policy or 'policy'}: {exc.message}", file=sys.stderr)
+    except EngineError as exc:
+        print(f"{args.policy or 'policy'}: {exc}", file=sys.stderr)
         return 2
     monitor = monitor_of(rule.policy)
-    if args.json:
+    actual = None if recorded is None else list(zip(recorded["x"], recorded["lr"], strict=True))
+    if args.json and actual is not None:
+        trained = dict(actual)
+        print(
+            json.dumps(
+                [
+                    {**row, "actual_lr": trained.get(r.step if r.step is not None else r.epoch)}
+                    for row, r in zip(to_json(rows), rows, strict=True)
+                ]
+            )
+        )
+    elif args.json:
         print(json.dumps(to_json(rows)))
         if replay.range_test is not None:  # stdout keeps its documented shape
             print(format_range_test(replay.range_test), file=sys.stderr)
@@ -117,16 +160,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"job {args.job}: rule {rule.match!r} ({rule.policy.type}), initial lr {lr0:.6g}")
         if replay.start_action == "snapshot":
             print(f"start: lr {replay.start_lr:.6g}; snapshot the weights (a range test starts)")
-        print(format_table(rows, monitor))
+        if actual is not None:
+            print(format_what_if(rows, monitor, actual, replay.start_lr))
+        else:
+            print(format_table(rows, monitor))
         if replay.range_test is not None:
             print(format_range_test(replay.range_test))
     if args.plot:
-        try:
-            plot(rows, monitor, args.plot, replay.range_test)
-        except ImportError:
-            print("--plot needs matplotlib: pip install 'lrpilot[plot]'", file=sys.stderr)
-            return 2
+        plot(rows, monitor, args.plot, replay.range_test, replay.start_lr, actual)
+        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _fetch_metrics(admin: Any, args: argparse.Namespace) -> int:
+    args.recorded = admin.metrics(args.job, run=args.run)
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    def run(admin: Any) -> int:
+        from .simulate import metrics_csv, metrics_table
+
+        recorded = admin.metrics(args.job, run=args.run)
+        print(metrics_csv(recorded) if args.csv else metrics_table(recorded), end="")
+        return 0
+
+    return _with_admin(args, run)
 
 
 def _duration(text: str) -> float:
@@ -465,6 +524,9 @@ def _detail(job: str, row: dict[str, Any]) -> str:
 
 
 def cmd_range_test(args: argparse.Namespace) -> int:
+    if args.plot and _matplotlib_missing():
+        return 2
+
     def run(admin: Any) -> int:
         report = admin.range_test(args.job)
         if args.plot:
@@ -587,10 +649,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(handler=cmd_check)
 
-    p = sub.add_parser("simulate", help="replay a CSV metric history through a policy")
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument(
+        "--admin",
+        default=None,
+        metavar="ENDPOINT",
+        help="admin endpoint (default: $LRPILOT_ADMIN or tcp://127.0.0.1:5556)",
+    )
+
+    p = sub.add_parser(
+        "simulate",
+        parents=[admin],
+        help="replay a metric history (a CSV, or a job's recorded one) through a policy",
+        description="Replay a metric history through a policy, with the daemon's engine. "
+        "Without --metrics: what-if on the job's history recorded by the controller, beside "
+        "the LR the job trained with.",
+    )
     p.add_argument("--policy", metavar="FILE", help="policy file (default: the embedded default)")
     p.add_argument("--job", required=True, metavar="NAME", help="job name that picks the rule")
-    p.add_argument("--metrics", required=True, metavar="CSV", help="CSV with an epoch column")
+    p.add_argument(
+        "--metrics",
+        metavar="CSV",
+        help="CSV with an epoch column (default: the job's recorded metrics from the controller)",
+    )
+    p.add_argument("--run", type=int, metavar="RUN", help="with a recorded history: this run")
     p.add_argument("--initial-lr", type=_positive_float, metavar="X")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
@@ -662,14 +744,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_serve)
 
-    admin = argparse.ArgumentParser(add_help=False)
-    admin.add_argument(
-        "--admin",
-        default=None,
-        metavar="ENDPOINT",
-        help="admin endpoint (default: $LRPILOT_ADMIN or tcp://127.0.0.1:5556)",
-    )
-
     p = sub.add_parser("status", parents=[admin], help="live jobs")
     p.add_argument("--json", action="store_true", help="a list of objects, one per job")
     p.add_argument(
@@ -722,6 +796,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="points, suggestions, stop reason")
     p.add_argument("--plot", metavar="PNG", help="draw loss against LR (log axis) into a PNG")
     p.set_defaults(handler=cmd_range_test)
+
+    p = sub.add_parser(
+        "metrics", parents=[admin], help="a job's recorded metrics and the LR it trained with"
+    )
+    p.add_argument("job")
+    p.add_argument("--run", type=int, metavar="RUN", help="this run (default: the current)")
+    p.add_argument(
+        "--csv", action="store_true", help="CSV (epoch[, step], metrics, lr): simulate reads it"
+    )
+    p.set_defaults(handler=cmd_metrics)
 
     p = sub.add_parser("forget", parents=[admin], help="drop a job's state")
     p.add_argument("job")

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrpilot.client.errors import ProtocolError
-from lrpilot.client.protocol import REASONS, Bye, Hello, Report
+from lrpilot.client.protocol import Bye, Hello, Report
+from lrpilot.client.vocabulary import REASONS
 
 from . import transitions
 from .jobstate import JobState
@@ -332,4 +333,13 @@ class Batch:
                     w.old_runs.append((name, before.run))
         for step in self.steps:
             w.audit += step.audit
+            if step.point is not None:
+                w.metrics.append(step.point)
+            # A resume from an older checkpoint redoes the epochs from there: the recorded
+            # curve follows the run the job is on, not the one it abandoned.
+            w.metrics_from += [
+                (r.job, r.run, r.epoch)
+                for r in step.audit
+                if r.reason == "resume" and r.epoch is not None
+            ]
         return w

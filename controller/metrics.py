@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from lrpilot.client.protocol import ERROR_CODES, REASONS
+from lrpilot.client.vocabulary import ERROR_CODES, REASONS
 
 if TYPE_CHECKING:
     from .jobs import Counters, JobTable
@@ -50,6 +50,13 @@ DECISION_BUCKETS = (
     0.5,
     1.0,
     2.5,
+)
+
+
+#: The web view loads nothing from elsewhere (uPlot ships in the package) and is never framed.
+_PAGE_POLICY = (
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "frame-ancestors 'none'"
 )
 
 
@@ -119,12 +126,20 @@ class Metrics:
         return body if jobs is None else body + jobs.render()
 
     def serve(
-        self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        ready: Callable[[], bool] | None = None,
+        pages: Callable[[str], tuple[int, str, bytes]] | None = None,
     ) -> ThreadingHTTPServer:
         """Serve `/metrics` and `/ready` from a thread of its own; `shutdown()` and
         `server_close()` it. `/ready` answers 200 while `ready()` is true, else 503 (a
         controller on PostgreSQL that owns no shard: a readiness probe keeps it out of
-        the Service)."""
+        the Service).
+
+        Args:
+            pages: answers every other path (the web view): (status, content type, body).
+        """
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,13 +154,20 @@ class Metrics:
                     self.end_headers()
                     self.wfile.write(text)
                     return
-                if path not in ("/metrics", "/"):
+                if path == "/metrics" or (path == "/" and pages is None):
+                    status, kind, body = 200, CONTENT_TYPE_LATEST, metrics.render()
+                elif pages is not None:
+                    status, kind, body = pages(self.path)
+                else:
                     self.send_error(404, "only /metrics and /ready are here")
                     return
-                body = metrics.render()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                if kind != CONTENT_TYPE_LATEST:  # the web view: its own files only, no frames
+                    self.send_header("X-Content-Type-Options", "nosniff")
+                    self.send_header("Content-Security-Policy", _PAGE_POLICY)
                 self.end_headers()
                 self.wfile.write(body)
 

@@ -35,7 +35,8 @@ from typing import Any
 
 import psycopg
 
-from .store import AuditRow, StoreUnavailable, Writes, decode_row, rfc3339
+from .errors import NotOwner, StoreUnavailable
+from .store import AuditRow, Writes, decode_row, rfc3339
 
 __all__ = ["DEAD_AFTER", "DEFAULT_SHARDS", "HEARTBEAT", "NotOwner", "PgStore", "shard_of"]
 
@@ -112,10 +113,6 @@ def _columns(n: int, rows: Iterable[Iterable[Any]]) -> list[list[Any]]:
 def shard_of(job: str, shards: int) -> int:
     """The job's shard: stable across processes, machines and versions (not Python's hash)."""
     return zlib.crc32(job.encode()) % shards
-
-
-class NotOwner(StoreUnavailable):
-    """A commit touched a job whose shard this controller does not hold; nothing was written."""
 
 
 class PgStore:

@@ -39,14 +39,16 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
-from .admin_requests import JobRequests, Moved, error
+from .admin_requests import JobRequests, error
 from .auth import Authorizer, Grant
+from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
 from .reload import Loaded, PolicyLoader
-from .store import StateStore, Store, StoreUnavailable
+from .store import StateStore, Store
 from .transitions import Outgoing
+from .web import WebBridge, WebPages
 
 if TYPE_CHECKING:
     from .pgstore import PgStore
@@ -61,10 +63,6 @@ _DEFERRED: dict[str, Any] = {"t": "deferred"}  # an admin reply that comes later
 SWITCH_INTERVAL = 0.0005
 #: Admin requests are small; replies (status of 50k jobs, long histories) are not limited.
 ADMIN_MAX_REQUEST = 1 << 20
-
-
-class BindError(OSError):
-    """An endpoint or port the controller cannot bind; the message names it and the flag."""
 
 
 def _bind(sock: zmq.Socket[bytes], endpoint: str, flag: str) -> None:
@@ -161,13 +159,14 @@ class Server:
         )
         self._next_tick = 0.0
         self.metrics.watch(self.table, clock)
-        jobs = JobRequests(self)
+        jobs = self.jobs = JobRequests(self)
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": jobs.status,
             "set_lr": jobs.set_lr,
             "history": jobs.history,
             "forget": jobs.forget,
             "range_test": jobs.range_test,
+            "metrics": jobs.metrics,
             "reload": self._reload_request,
         }
         self.metrics.last_reload_timestamp.set(wall())
@@ -175,7 +174,7 @@ class Server:
         self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
         self._stopping = False
         self._reload_requested = False
-        self._admin_token = 0
+        self._reload_failing = False  # the last reload was rejected: a valid file says so
         self._admin_token = 0
         self._limiter = _LogLimiter()
         self.ctx = zmq.Context()
@@ -184,6 +183,7 @@ class Server:
         self.authorizer: Authorizer | None = None
         self.admin_grant: Grant | None = None  # of the admin request being handled
         self._http: Any = None
+        self.web: WebBridge | None = None
         try:
             self.sock = self._client_socket()
             self.admin = self.ctx.socket(zmq.ROUTER)
@@ -194,10 +194,13 @@ class Server:
             self._bind_admin(config.admin_bind)  # close() closes it if this fails
             self._wakeup = self.ctx.socket(zmq.PULL)
             self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
+            self.web = WebBridge(self)  # the web view's requests, answered in the loop
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self._http = self.metrics.serve(port, host, ready=self.ready)
+                    self._http = self.metrics.serve(
+                        port, host, ready=self.ready, pages=WebPages(self.web.ask)
+                    )
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -366,6 +369,8 @@ class Server:
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.admin, zmq.POLLIN)
         poller.register(self._wakeup, zmq.POLLIN)
+        assert self.web is not None
+        poller.register(self.web.sock, zmq.POLLIN)
         while not self._stopping:
             now = self.clock()
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
@@ -377,6 +382,8 @@ class Server:
                 self.tick_shards()
             if self.admin in events:
                 self._drain_admin()
+            if self.web.sock in events:
+                self.web.drain()
             if self._wakeup in events:
                 with contextlib.suppress(zmq.Again):
                     while self._wakeup.recv(zmq.NOBLOCK) is not None:
@@ -608,8 +615,15 @@ class Server:
             return self._reload_failed(loaded.errors)
         self.loader.accept(new.digest)
         self.metrics.last_reload_success.set(1)  # also when an edit reverts to the file in force
+        was_failing, self._reload_failing = self._reload_failing, False
         if new.digest == self.table.policies.digest:
-            if source != "watch":  # an operator asked: say it was heard
+            if was_failing:  # the gauge goes back to 1: the log says why
+                log.info(
+                    "policy file %s is valid again (%s); the policy in force is unchanged",
+                    self.config.policy,
+                    source,
+                )
+            elif source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
         batch = self.table.batch(self.clock(), self.wall())
@@ -634,6 +648,7 @@ class Server:
         return {"t": "reload", "ok": True, "changed": True, "errors": []}
 
     def _reload_failed(self, errors: list[str]) -> dict[str, Any]:
+        self._reload_failing = True
         self.metrics.reloads.labels("error").inc()
         self.metrics.last_reload_success.set(0)
         for line in errors:
@@ -655,6 +670,8 @@ class Server:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+        if self.web is not None:
+            self.web.close()
         self.ctx.term()
         self.store.close()
 
@@ -668,7 +685,6 @@ def parse_ready_line(line: str) -> dict[str, str] | None:
 
 def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     """Run a controller until SIGTERM/SIGINT; returns the process exit code."""
-    from .store import StateDirLocked, StoreCorrupt, StoreUnavailable
 
     policies = policies or load_default()
     # A scrape renders in the metrics thread; hand the GIL back to the loop often, so a
@@ -676,7 +692,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = Server(config, policies)
-    except (StateDirLocked, StoreCorrupt, StoreUnavailable) as exc:
+    except (StateDirError, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1
     except BindError as exc:
@@ -693,6 +709,8 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
         return 2
     server.install_signal_handlers()
     print(server.ready_line(), flush=True)
+    if "metrics" in (endpoints := server.endpoints()):
+        log.info("web view (read-only): %s", endpoints["metrics"].removesuffix("metrics"))
     try:
         server.run()
     finally:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrpilot.client.errors import SourceError
-
+from .errors import SourceError
 from .policies import Decision, Event, Phases, Policy
 from .policies.suggest import SKIP_END
 from .policyfile import JobRule
@@ -31,11 +30,15 @@ __all__ = [
     "Row",
     "format_range_test",
     "format_table",
+    "format_what_if",
     "initial_lr",
+    "metrics_csv",
+    "metrics_table",
     "monitor_of",
     "plot",
     "plot_range_test",
     "read_history",
+    "recorded_history",
     "replay",
     "run",
     "to_json",
@@ -167,6 +170,68 @@ def read_history(path: str | Path) -> History:
     return History(name, tuple(epochs), tuple(steps), tuple(rows), first_lr)
 
 
+def recorded_history(recorded: Mapping[str, Any], source: str) -> History:
+    """A job's recorded metrics (`Admin.metrics`, columns) as a History; its first LR is the
+    LR the job trained its first recorded epoch (or step) with."""
+    step = recorded.get("unit") == "step"
+    x, names = recorded["x"], list(recorded["metrics"])
+    rows = [
+        {k: float(v) for k in names if (v := recorded["metrics"][k][i]) is not None}
+        for i in range(len(x))
+    ]
+    lrs = recorded["lr"]
+    return History(
+        source,
+        tuple(recorded["epoch"]),
+        tuple(x) if step else (None,) * len(x),
+        tuple(rows),
+        float(lrs[0]) if lrs else None,
+    )
+
+
+def _columns(recorded: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The header and rows of `lrpilot metrics`: epoch[, step], every metric, the LR trained."""
+    names = list(recorded["metrics"])
+    lr_name = "lr" if "lr" not in names else "lr_trained"
+    step = recorded.get("unit") == "step"
+    header = ["epoch", *(["step"] if step else []), *names, lr_name]
+    rows = []
+    for i, x in enumerate(recorded["x"]):
+        where = [recorded["epoch"][i], *([x] if step else [])]
+        rows.append([*where, *(recorded["metrics"][k][i] for k in names), recorded["lr"][i]])
+    return header, rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def metrics_csv(recorded: Mapping[str, Any]) -> str:
+    """`lrpilot metrics JOB --csv`: `simulate --metrics` reads it back (missing values empty,
+    non-finite ones as nan/inf)."""
+    header, rows = _columns(recorded)
+    lines = [",".join(header)] + [",".join(_cell(v) for v in row) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(recorded: Mapping[str, Any]) -> str:
+    """`lrpilot metrics JOB`: a line on the run, then one aligned row per recorded point."""
+    header, rows = _columns(recorded)
+    runs = recorded.get("runs") or []
+    head = (
+        f"job {recorded['job']}: run {recorded['run']} ({len(runs)} recorded), "
+        f"{len(rows)} points, monitor {recorded.get('monitor') or '-'}"
+    )
+    widths = [max(8, len(h)) for h in header]
+    lines = [head, "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    for row in rows:
+        cells = ["-" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines) + "\n"
+
+
 def initial_lr(rule: JobRule, history: History, given: float | None) -> float:
     """--initial-lr, else the policy's initial_lr, else the CSV's first LR, else Keras' 0.001."""
     if given is not None:
@@ -201,7 +266,7 @@ def replay(
     """Feed every row to the rule's policy, as the daemon would for a single worker.
 
     Raises:
-        ProtocolError: `mode_unresolved` when `mode: auto` cannot tell a direction.
+        ModeUnresolved: when `mode: auto` cannot tell a direction.
         SourceError: a `unit: step` policy on a history without a step column.
     """
     return run(rule, history, lr0, directions, warn).rows
@@ -302,6 +367,28 @@ def format_table(rows: Sequence[Row], monitor: str | None) -> str:
     return "\n".join(lines)
 
 
+def format_what_if(
+    rows: Sequence[Row], monitor: str | None, actual: Sequence[tuple[int, float]], start_lr: float
+) -> str:
+    """The what-if table: per epoch (step), the value, the LR the job trained with and the LR
+    the replayed policy would have had in force then, and the replay's event."""
+    trained = dict(actual)
+    title = monitor or "value"
+    steps = any(r.step is not None for r in rows)
+    unit = "step" if steps else "epoch"
+    lines = [f"{unit:>7}  {title:>12}  {'trained lr':>12}  {'what-if lr':>12}  what-if event"]
+    in_force = start_lr
+    for r in rows:
+        x = r.step if r.step is not None else r.epoch
+        value = "-" if r.value is None else f"{r.value:.6g}"
+        had = trained.get(x)
+        had_text = "-" if had is None else f"{had:.6g}"
+        line = f"{x:>7}  {value:>12}  {had_text:>12}  {in_force:>12.6g}  {_event_text(r)}"
+        lines.append(line.rstrip())
+        in_force = r.lr
+    return "\n".join(lines)
+
+
 _STOPS = {
     "divergence": "stopped by divergence (smoothed loss above 4x its best, or not finite)",
     "end_lr": "stopped at end_lr",
@@ -330,12 +417,16 @@ def plot(
     monitor: str | None,
     path: str,
     range_test: Mapping[str, Any] | None = None,
+    start_lr: float | None = None,
+    actual: Sequence[tuple[int, float]] | None = None,
 ) -> None:
     """Draw the replay into a PNG (extra `plot`).
 
-    Without a range test: the monitored value and the LR (log axis) over epochs. With one:
-    its loss against the LR (log axis) with the three suggestions marked, and, when the
-    history goes on after the test, the epochs panel beside it.
+    Without a range test: the monitored value and the LR (log axis) over epochs, from the
+    first epoch's (`start_lr`) on; with `actual` ((epoch or step, LR trained) as recorded)
+    what happened beside the replay. With a range test: its loss against the LR (log axis)
+    with the three suggestions marked, and, when the history goes on after the test, the
+    epochs panel beside it.
     """
     import matplotlib
 
@@ -345,14 +436,14 @@ def plot(
     after = [r for r in rows if r.phase is not None and "range_test" not in str(r.phase)]
     if range_test is None:
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        _plot_timeline(ax, rows, monitor)
+        _plot_timeline(ax, rows, monitor, start_lr, actual)
     elif not after:
         fig, ax = plt.subplots(figsize=(9, 5.5))
         _plot_range_test(ax, range_test)
     else:
         fig, (ax_rt, ax) = plt.subplots(1, 2, figsize=(15, 5.5))
         _plot_range_test(ax_rt, range_test)
-        _plot_timeline(ax, rows, monitor)
+        _plot_timeline(ax, rows, monitor, start_lr, actual)
         ax.set_title("the whole replay")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -376,7 +467,13 @@ def plot_range_test(report: Mapping[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def _plot_timeline(ax_value: Any, rows: Sequence[Row], monitor: str | None) -> None:
+def _plot_timeline(
+    ax_value: Any,
+    rows: Sequence[Row],
+    monitor: str | None,
+    start_lr: float | None = None,
+    actual: Sequence[tuple[int, float]] | None = None,
+) -> None:
     steps = any(r.step is not None for r in rows)
     xs = [r.step if r.step is not None else r.epoch for r in rows]
     ax_value.plot(
@@ -389,11 +486,24 @@ def _plot_timeline(ax_value: Any, rows: Sequence[Row], monitor: str | None) -> N
     ax_value.set_xlabel("step" if steps else "epoch")
     ax_value.set_ylabel(monitor or "monitored value", color="tab:blue")
     ax_lr = ax_value.twinx()
-    ax_lr.step([x + 1 for x in xs], [r.lr for r in rows], where="post", color="tab:red")
+    # Each row's LR is in force from the next epoch; the first epoch trains with start_lr.
+    lr_x, lr_y = [x + 1 for x in xs], [r.lr for r in rows]
+    if start_lr is not None and xs:
+        lr_x, lr_y = [xs[0], *lr_x], [start_lr, *lr_y]
+    label = "what-if lr" if actual is not None else "lr"
+    ax_lr.step(lr_x, lr_y, where="post", color="tab:red", label=label)
+    if actual:
+        ax_lr.step(
+            [a[0] for a in actual],
+            [a[1] for a in actual],
+            where="post",
+            color="0.3",
+            ls="--",
+            label="lr trained (what happened)",
+        )
+        ax_lr.legend(loc="upper right", framealpha=0.9)
     ax_lr.set_yscale("log")
-    ax_lr.set_ylabel(
-        f"learning rate (from the next {'step' if steps else 'epoch'})", color="tab:red"
-    )
+    ax_lr.set_ylabel("learning rate", color="tab:red")
     for x, r in zip(xs, rows, strict=True):
         if r.event is not None and r.event.kind != "range_test":
             ax_lr.axvline(x + 1, color="tab:red", alpha=0.2, lw=1)

@@ -13,6 +13,7 @@ A database that fails SQLite's integrity check is refused, never loaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -23,18 +24,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, runtime_checkable
 
 import msgpack
 
+from .errors import DiskFull, StateDirError, StateDirLocked, StoreCorrupt, StoreUnavailable
+
 __all__ = [
+    "METRIC_POINTS_KEPT",
+    "METRIC_RUNS_KEPT",
     "AuditRow",
+    "MetricPoint",
+    "MetricStore",
     "StateDirLocked",
     "StateStore",
     "Store",
     "StoreCorrupt",
     "StoreUnavailable",
     "Writes",
+    "decode_metrics",
     "decode_row",
     "encode_row",
 ]
@@ -42,6 +50,10 @@ __all__ = [
 log = logging.getLogger("lrpilot.controller")
 
 SNAPSHOTS_KEPT = 200
+#: Recorded metrics: at most this many points per run (every k-th, k doubling as a run grows)
+METRIC_POINTS_KEPT = 10_000
+#: ... for the job's last this many runs.
+METRIC_RUNS_KEPT = 10
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (job TEXT PRIMARY KEY, data TEXT NOT NULL);
@@ -53,22 +65,13 @@ CREATE TABLE IF NOT EXISTS audit (
     old_lr REAL, new_lr REAL NOT NULL, reason TEXT NOT NULL, version INTEGER NOT NULL,
     epoch INTEGER, source TEXT NOT NULL, run INTEGER NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
+CREATE TABLE IF NOT EXISTS metrics (
+    job TEXT NOT NULL, run INTEGER NOT NULL, t INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    lr REAL NOT NULL, time REAL NOT NULL, stride INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (job, run, t)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BLOB, error TEXT NOT NULL, time TEXT NOT NULL);
 """
-
-
-class StateDirLocked(Exception):
-    """Another controller holds the state directory."""
-
-
-class StoreUnavailable(Exception):
-    """The state cannot be read or written now (a database down or out of reach); clients
-    are answered `unavailable` and resend."""
-
-
-class StoreCorrupt(Exception):
-    """The state database is damaged; it is not loaded."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,35 @@ class AuditRow:
     def values(self) -> tuple[Any, ...]:
         """The fields in column order (the audit table's, after its id)."""
         return tuple(self.__dict__.values())
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One decided epoch (or step) as the job trained it: the (aggregated) metrics reported
+    for `t` and the LR in force during it.
+
+    Args:
+        t: the epoch, or the step for a `unit: step` job.
+        epoch: the epoch the report named (equal to `t` for epoch jobs).
+        wall: Unix time of the decision.
+    """
+
+    job: str
+    run: int
+    t: int
+    epoch: int
+    lr: float
+    wall: float
+    metrics: dict[str, float]
+
+
+def decode_metrics(data: bytes) -> dict[str, float]:
+    """A recorded point's metrics; {} for a row that does not decode."""
+    try:
+        value = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises several types for corrupt input
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def rfc3339(ts: float) -> str:
@@ -146,7 +178,9 @@ class Writes:
         prune: (job, run, epoch): delete that run's snapshots up to epoch.
         old_runs: (job, run): delete every snapshot of a run that ended.
         audit: LR changes.
-        deleted: jobs forgotten (row and snapshots).
+        deleted: jobs forgotten (row, snapshots and recorded metrics).
+        metrics: recorded metric points (thinned as they are written).
+        metrics_from: (job, run, t): delete that run's points from t on (a resume redoes them).
     """
 
     jobs: dict[str, bytes] = field(default_factory=dict)
@@ -155,9 +189,50 @@ class Writes:
     old_runs: list[tuple[str, int]] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    metrics: list[MetricPoint] = field(default_factory=list)
+    metrics_from: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.snapshots or self.audit or self.deleted)
+        return bool(self.jobs or self.snapshots or self.audit or self.deleted or self.metrics)
+
+
+def _unusable(path: Path, exc: sqlite3.DatabaseError) -> StateDirError:
+    """What to tell the operator when `state.db` cannot be opened: only a database that is
+    damaged is called damaged (moving a healthy one aside on a full disk loses state)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    full = code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    if full or code is None or code & 0xFF == sqlite3.SQLITE_IOERR:
+        # SQLite reports a write refused for want of space as "disk I/O error" as often as
+        # "disk is full"; a write of our own tells which (its errno names the cause).
+        no_space = _write_refused(path.parent)
+        if full or no_space is not None:
+            why = no_space.strerror if no_space is not None else "database or disk is full"
+            return DiskFull(
+                f"cannot write {path}: the disk holding {path.parent} is full ({why}); "
+                "free space there (or raise the file size limit) and start again"
+            )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or code is None:
+        return StoreCorrupt(
+            f"{path} is damaged ({exc}); move it aside to start with an empty state"
+        )
+    return StateDirError(f"cannot use {path}: {exc}")
+
+
+def _write_refused(directory: Path, size: int = 1 << 16) -> OSError | None:
+    """The error of writing `size` bytes to a scratch file in `directory`, if it is a
+    want of space (ENOSPC, EDQUOT, EFBIG: the file size limit); else None."""
+    probe = directory / ".lrpilot-space-probe"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
 
 
 class StateStore(Protocol):
@@ -184,6 +259,21 @@ class StateStore(Protocol):
     def history(self, job: str, limit: int | None = None) -> list[AuditRow]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class MetricStore(Protocol):
+    """A store that records metrics (`Writes.metrics`, `Writes.metrics_from`, thinned to
+    METRIC_POINTS_KEPT points per run, the last METRIC_RUNS_KEPT runs) and reads them back:
+    what `lrpilot metrics`, `simulate --job` and the web view need. `Store` provides it."""
+
+    def metric_runs(self, job: str) -> list[int]: ...
+
+    def metric_rows(
+        self, job: str, run: int, after: int = -1
+    ) -> list[tuple[int, int, float, float, bytes]]: ...
+
+    def metric_count(self, job: str, run: int) -> int: ...
 
 
 class Store:
@@ -217,11 +307,12 @@ class Store:
             self.db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             self.close()
-            raise StoreCorrupt(
-                f"{path} is damaged ({exc}); move it aside to start with an empty state"
-            ) from None
+            raise _unusable(path, exc) from None
         #: Rows moved to the `quarantine` table because they did not decode.
         self.quarantined = 0
+        #: (job, run) -> [points stored, stride]: the thinning of recorded metrics, read from
+        #: the table on first use and changed only once a transaction committed.
+        self._thinning: dict[tuple[str, int], list[int]] = {}
         self._audit_path = self.dir / "audit.jsonl"
         self._sync_audit_mirror()
         self._audit = open(self._audit_path, "a", encoding="utf-8")  # noqa: SIM115
@@ -328,20 +419,125 @@ class Store:
                 " run, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [row.values() for row in w.audit],
             )
+            cur.executemany(
+                "DELETE FROM metrics WHERE job = ? AND run = ? AND t >= ?", w.metrics_from
+            )
+            thinning = self._record(cur, w.metrics, [job for job, _ in w.old_runs])
             for job in w.deleted:
                 cur.execute("DELETE FROM jobs WHERE job = ?", (job,))
                 cur.execute("DELETE FROM snapshots WHERE job = ?", (job,))
+                cur.execute("DELETE FROM metrics WHERE job = ?", (job,))
             cur.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             raise
+        self._thinning.update(thinning)
+        for key in w.old_runs:  # a run that ended gets no more points
+            self._thinning.pop(key, None)
+        for job in w.deleted:
+            for key in [k for k in self._thinning if k[0] == job]:
+                del self._thinning[key]
         if w.audit:
             try:
                 self._audit.write("".join(json.dumps(r.to_json()) + "\n" for r in w.audit))
                 self._audit.flush()
             except OSError as exc:  # committed already; the mirror is completed on the next start
                 log.error("cannot append to %s: %s", self._audit_path, exc)
+
+    # -- recorded metrics ---------------------------------------------------------------
+
+    def _thin_state(self, cur: sqlite3.Cursor, job: str, run: int) -> list[int]:
+        state = self._thinning.get((job, run))
+        if state is None:
+            count, stride = cur.execute(
+                "SELECT count(*), max(stride) FROM metrics WHERE job = ? AND run = ?", (job, run)
+            ).fetchone()
+            state = [int(count), int(stride or 1)]
+        return list(state)
+
+    def _record(
+        self, cur: sqlite3.Cursor, points: list[MetricPoint], new_runs: list[str]
+    ) -> dict[tuple[str, int], list[int]]:
+        """Write the turn's metric points, keeping every stride-th t of a run: when a run
+        passes METRIC_POINTS_KEPT points its stride doubles and the points off it go.
+        Returns the thinning states to keep once the transaction commits."""
+        changed: dict[tuple[str, int], list[int]] = {}
+        rows = []
+        for p in points:
+            key = (p.job, p.run)
+            state = changed.get(key)
+            if state is None:
+                state = changed[key] = self._thin_state(cur, p.job, p.run)
+            if p.t % state[1] == 0:
+                # An upper bound: a resumed run reports an epoch again and replaces its row.
+                state[0] += 1
+                rows.append(
+                    (p.job, p.run, p.t, p.epoch, p.lr, p.wall, state[1], encode_row(p.metrics))
+                )
+        cur.executemany(
+            "INSERT INTO metrics (job, run, t, epoch, lr, time, stride, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, run, t) DO UPDATE SET "
+            "epoch = excluded.epoch, lr = excluded.lr, time = excluded.time, data = excluded.data",
+            rows,
+        )
+        for key, state in changed.items():
+            if state[0] <= METRIC_POINTS_KEPT:
+                continue
+            state[0] = cur.execute(
+                "SELECT count(*) FROM metrics WHERE job = ? AND run = ?", key
+            ).fetchone()[0]
+            while state[0] > METRIC_POINTS_KEPT:
+                state[1] *= 2
+                cur.execute(
+                    "DELETE FROM metrics WHERE job = ? AND run = ? AND t % ? != 0",
+                    (*key, state[1]),
+                )
+                state[0] -= cur.rowcount
+                cur.execute(
+                    "UPDATE metrics SET stride = ? WHERE job = ? AND run = ?", (state[1], *key)
+                )
+        for job in set(new_runs):  # a job started a new run: it and the last runs before it
+            cur.execute(
+                "DELETE FROM metrics WHERE job = ? AND run NOT IN (SELECT DISTINCT run FROM "
+                "metrics WHERE job = ? ORDER BY run DESC LIMIT ?)",
+                (job, job, METRIC_RUNS_KEPT - 1),
+            )
+        return changed
+
+    def metric_runs(self, job: str) -> list[int]:
+        """The runs of `job` with recorded metrics, oldest first."""
+        rows = self.db.execute(
+            "SELECT DISTINCT run FROM metrics WHERE job = ? ORDER BY run", (job,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def metric_rows(
+        self, job: str, run: int, after: int = -1
+    ) -> list[tuple[int, int, float, float, bytes]]:
+        """The recorded points of one run (those with t > `after`) as stored, in order of t:
+        (t, epoch, lr, wall, msgpack of the metrics). Decoding is left to the reader
+        (`metric_columns`), so a reader in another thread does it off the loop."""
+        return self.db.execute(
+            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = ? AND run = ? AND t > ? "
+            "ORDER BY t",
+            (job, run, after),
+        ).fetchall()
+
+    def metric_count(self, job: str, run: int) -> int:
+        """How many points of the run are recorded."""
+        row = self.db.execute(
+            "SELECT count(*) FROM metrics WHERE job = ? AND run = ?", (job, run)
+        ).fetchone()
+        return int(row[0])
+
+    def metrics(self, job: str, run: int) -> list[MetricPoint]:
+        """The recorded points of one run of `job`, in order of t (a row that does not decode
+        keeps its LR, with no metrics)."""
+        return [
+            MetricPoint(job, run, t, epoch, lr, wall, decode_metrics(data))
+            for t, epoch, lr, wall, data in self.metric_rows(job, run)
+        ]
 
     def history(self, job: str, limit: int | None = None) -> list[AuditRow]:
         """The job's audit rows, oldest first (the last `limit` only, if given)."""

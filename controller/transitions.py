@@ -42,9 +42,10 @@ from .policies import (
     State,
     fingerprint,
 )
+from .policies.errors import EngineError, ModeUnresolved
 from .policyfile import JobRule
 from .sessions import Worker
-from .store import AuditRow, rfc3339
+from .store import AuditRow, MetricPoint, rfc3339
 
 __all__ = [
     "Env",
@@ -90,6 +91,7 @@ class Step:
         invalid: error codes to count in `lrpilot_invalid_messages_total`.
         warnings: lines for the controller's log.
         waiting: a new aggregation deadline (t, when) for the job.
+        point: the decided metrics and the LR trained, for the recorded metrics.
     """
 
     job: JobState
@@ -103,6 +105,7 @@ class Step:
     warnings: list[str] = field(default_factory=list)
     waiting: tuple[int, float] | None = None
     override_until: float | None = None  # monotonic time a timed override ends
+    point: MetricPoint | None = None
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -431,6 +434,11 @@ def timeout(job: JobState, t: int, env: Env) -> Step | None:
     return step
 
 
+def wire_code(exc: EngineError) -> str:
+    """The wire's error code for an engine error (`mode_unresolved`, else `schema`)."""
+    return "mode_unresolved" if isinstance(exc, ModeUnresolved) else "schema"
+
+
 def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
@@ -443,11 +451,12 @@ def decide(
             # LR while the controller was away): no point, the policy decides nothing, and
             # every rank is told the sweep's next untried LR again, from t+1.
             state, decision = job.state, Decision(job.state.lr)
-    except ProtocolError as exc:  # mode_unresolved: nothing changes, every rank is told
+    except EngineError as exc:  # nothing changes, every rank is told
+        code, message = wire_code(exc), str(exc)
         errors: Outgoing = [
-            (r.session, ErrorMessage(exc.code, exc.message, r.seq)) for r in reports.values()
+            (r.session, ErrorMessage(code, message, r.seq)) for r in reports.values()
         ]
-        return Step(job, errors, invalid=[exc.code], warnings=[exc.message])
+        return Step(job, errors, invalid=[code], warnings=[message])
     warnings = [decision.warning] if decision.warning else []
     monitor = getattr(_current_policy(job.policy, state), "monitor", None)
     value = metrics.get(monitor) if isinstance(monitor, str) else None
@@ -457,6 +466,12 @@ def decide(
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
     old_lr = job.lr
+    # The LR trained is what the first rank says it used (a plan runs in the trainer), else
+    # the LR in force.
+    first = reports[min(reports)] if reports else None
+    trained = first.lr if first is not None else old_lr
+    epoch = first.epoch if first is not None else t
+    point = MetricPoint(job.name, job.run, t, epoch, trained, env.wall, dict(metrics))
     audit: list[AuditRow] = []
     if not decision.apply:
         notices.append(
@@ -516,7 +531,7 @@ def decide(
     ]
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
-    return Step(job, out, audit, snapshot=t, warnings=warnings)
+    return Step(job, out, audit, snapshot=t, warnings=warnings, point=point)
 
 
 def _has_plans(worker: Worker | None, session: bytes) -> bool:

@@ -49,6 +49,7 @@ def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Fact
         refused = {
             "lr 0": _raw_hello(attacker, lr=0.0),
             "lr 11": _raw_hello(attacker, lr=11.0),
+            "lr 1e-300": _raw_hello(attacker, lr=1e-300),  # float32: 0.0, a job at LR 0
             "world 5000": _raw_hello(attacker, world=5000),
             "rank >= world": _raw_hello(attacker, rank=2, world=2),
             "name with newline": _raw_hello(attacker, job="victim\n"),
@@ -58,6 +59,7 @@ def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Fact
         assert codes == {
             "lr 0": "out_of_range",
             "lr 11": "out_of_range",
+            "lr 1e-300": "out_of_range",
             "world 5000": "out_of_range",
             "rank >= world": "out_of_range",
             "name with newline": "schema",
@@ -79,7 +81,7 @@ def test_hijack_attempts_are_refused_and_change_nothing(controller_factory: Fact
         after = _status(c)["victim"]
         for key in ("lr", "epoch", "best", "wait", "workers"):
             assert after[key] == before[key], key
-        assert c.metric("lrpilot_invalid_messages_total", reason="out_of_range") == 4
+        assert c.metric("lrpilot_invalid_messages_total", reason="out_of_range") == 5
         assert c.metric("lrpilot_invalid_messages_total", reason="schema") >= 4
         # The victim decides on as before: the second bad epoch reduces.
         assert victim.report(1, {"val_loss": 1.0}).lr == pytest.approx(0.05)
@@ -230,3 +232,56 @@ def test_a_huge_admin_request_is_dropped_and_the_controller_stays_small(
         ctx.term()
     assert run_cli("status", "--admin", c.admin).returncode == 0  # still serving
     assert rss() - before < 32 * 1024  # kB: the frame was never buffered whole
+
+
+@pytest.mark.parametrize("limit", [0, 4096, 40_000])
+def test_an_empty_state_dir_on_a_full_disk_says_the_disk_is_full(
+    tmp_path: Path, limit: int
+) -> None:
+    """RLIMIT_FSIZE makes every write past `limit` bytes fail as a full disk does (EFBIG;
+    SQLite: "database or disk is full"). Before: "state.db is damaged ... move it aside"."""
+    import resource
+    import subprocess
+
+    from conftest import LRPILOT
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    state = tmp_path / "state"
+    args = ["serve", "--bind", "tcp://127.0.0.1:0", "--admin-bind", "tcp://127.0.0.1:0"]
+    args += ["--metrics-port", "0", "--metrics-host", "127.0.0.1", "--state-dir", str(state)]
+    proc = subprocess.run(
+        [*LRPILOT, *args], capture_output=True, text=True, timeout=60, preexec_fn=full_disk
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "damaged" not in proc.stderr and "move it aside" not in proc.stderr, proc.stderr
+    # SQLite says "disk I/O error" or "database or disk is full"; the message says which disk.
+    assert f"the disk holding {state} is full (" in proc.stderr, proc.stderr
+
+
+def test_an_lr_below_1e_12_is_refused_by_the_cli_the_policy_file_and_the_admin_api(
+    controller_factory: Factory, write: Callable[[str, str], Path]
+) -> None:
+    # One bound, [1e-12, 10] after float32 rounding, wherever an LR enters.
+    out = run_cli("set-lr", "job", "1e-300", "--admin", "tcp://127.0.0.1:9")
+    assert (
+        out.returncode == 2 and "must be a finite number in [1e-12, 10], got 1e-300" in out.stderr
+    )
+    path = write("policy.yaml", "version: 1\ndefaults:\n  initial_lr: 1e-300\n")
+    out = run_cli("check", str(path))
+    assert out.returncode == 2
+    assert f"{path}:3: initial_lr must be a finite number in [1e-12, 10], got 1e-300" in out.stdout
+    c = controller_factory(PLATEAU)
+    w = Wire(c.bind, "job-a")
+    try:
+        w.hello(lr=0.1)
+        from lrpilot.controller.admin import Admin
+        from lrpilot.controller.errors import AdminError
+
+        with pytest.raises(AdminError, match=r"\[1e-12, 10\], got 1e-300") as info:
+            Admin(c.admin).set_lr("job-a", 1e-300)
+        assert info.value.code == "out_of_range"
+        assert _status(c)["job-a"]["lr"] == pytest.approx(0.1)
+    finally:
+        w.close()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import run_cli
 
-from lrpilot.client.errors import PolicyError
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.policies import Formula, Phases, Policy, float32
 from lrpilot.controller.policyfile import load_text
 
@@ -240,9 +240,40 @@ def test_a_failing_or_non_finite_value_keeps_the_lr(formula: str) -> None:
     assert all(math.isfinite(lr) and 0 < lr <= 10 for lr, _ in steps)
 
 
-def test_a_huge_power_is_refused_not_computed() -> None:
-    steps = run(Formula(lr="lr0 * 0 ** (10 ** 10 * t) + 1e-3"), 2)
-    assert steps[0][1].warning is not None and "gave no usable LR" in steps[0][1].warning
+def test_a_huge_power_is_computed_in_floating_point() -> None:
+    # Integer arithmetic would build numbers of millions of digits; floats overflow at once.
+    assert run(Formula(lr="lr0 * 0 ** (10 ** 10 * t) + 1e-3"), 2)[0][0] == 1e-3
+    (lr, decision), _ = run(Formula(lr="1e-3 if t < 1 else 4000000 ** 4000000"), 2)
+    assert decision.warning is not None and "gave no usable LR (OverflowError" in decision.warning
+    assert lr == 1e-3 and Formula(lr="floor(7.5) // 2").evaluate(0, 0.1, 0.1) == 3.0
+
+
+@pytest.mark.parametrize(
+    ("formula", "fragment"),
+    [
+        ("4000000**4000000", "gives no finite value for any t in 0..10000"),
+        ("max(9**4000000, 1)", "gives no finite value for any t in 0..10000"),
+        ("lr0 / 0", "gives no finite value"),
+        (
+            "max(" + ",".join(["max(" + ",".join(["sin(t)"] * 64) + ")"] * 64) + ")",
+            "a formula must evaluate within 1 ms",
+        ),
+    ],
+    ids=["power-bomb", "max-bomb", "never-finite", "slow"],
+)
+def test_check_rejects_formulas_that_would_stall_the_loop(
+    write: Callable[[str, str], Path], formula: str, fragment: str
+) -> None:
+    # The bombs of issue 15: accepted by check, they held every job's replies up to 52.8 s.
+    path = write(
+        "policy.yaml",
+        "version: 1\njobs:\n  - match: 'a-*'\n    policy:\n      type: formula\n"
+        f"      lr: {formula!r}\n  - match: '*'\n    policy: {{type: formula, lr: '1e-3'}}\n",
+    )
+    result = run_cli("check", str(path))
+    assert result.returncode == 2, result.stdout
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.startswith(f"{path}:")]
+    assert line.startswith(f"{path}:6: formula ") and fragment in line, line
 
 
 def test_an_override_keeps_the_formulas_shape() -> None:

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lrpilot.client.errors import PolicyError, ProtocolError
+from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import Bye, Hello, Report, parse_client_message, parse_server_message
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.jobs import JobTable
 from lrpilot.controller.policies import Plateau, PlateauState
 from lrpilot.controller.policyfile import load_text

@@ -31,6 +31,8 @@ def test_wheel_installs_and_lrpilot_runs(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "lrpilot/controller/py.typed" in names and "lrpilot/client/py.typed" in names
     assert "lrpilot/controller/policies/plateau.py" in names
+    for name in ("index.html", "app.js", "app.css", "uPlot.iife.min.js", "uPlot.LICENSE"):
+        assert f"lrpilot/controller/web/{name}" in names, name  # the web view, no CDN
     assert not any(n.startswith("lrpilot/__init__") for n in names)  # implicit namespace
     packaged = zipfile.ZipFile(wheel).read("lrpilot/controller/default_policy.yaml")
     assert packaged == (ROOT / "policies" / "default.yaml").read_bytes()

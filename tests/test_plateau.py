@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from lrpilot.client.errors import ProtocolError
+from lrpilot.client.errors import LRPilotError
 from lrpilot.controller.policies import Plateau, resolve_mode
+from lrpilot.controller.policies.errors import ModeUnresolved
 
 
 def run(
@@ -60,11 +61,11 @@ def test_auto_mode(monitor: str, directions: dict[str, str], expected: str | Non
     assert resolve_mode(monitor, "auto", directions) == expected
 
 
-def test_unresolved_auto_mode_is_a_protocol_error() -> None:
+def test_unresolved_auto_mode_is_an_engine_error_naming_the_metric() -> None:
     policy = Plateau(monitor="val_mae", patience=1)
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(ModeUnresolved, match=r"`val_mae`.*set mode: min or mode: max") as info:
         policy.step(policy.start(0.1, 0), 0, {"val_mae": 1.0}, {})
-    assert info.value.code == "mode_unresolved"
+    assert isinstance(info.value, LRPilotError) and info.value.monitor == "val_mae"
 
 
 def test_smoothing_is_an_ema_and_best_is_smoothed() -> None:

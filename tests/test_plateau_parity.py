@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from lrpilot.client.vocabulary import MIN_LR
 from lrpilot.controller.policies import Plateau
 
 N_SEQUENCES = 250
@@ -131,7 +132,7 @@ def keras_lrs(model: Any, case: Case) -> list[float]:
         patience=case.patience,
         min_delta=case.min_delta,
         cooldown=case.cooldown,
-        min_lr=case.min_lr,
+        min_lr=max(case.min_lr, MIN_LR),  # lrpilot never sends an LR below 1e-12
     )
     cb.set_model(model)
     cb.on_train_begin()
@@ -180,7 +181,7 @@ def torch_lrs(case: Case) -> list[float]:
         threshold=case.min_delta,
         threshold_mode=case.threshold_mode,
         cooldown=case.cooldown,
-        min_lr=case.min_lr,
+        min_lr=max(case.min_lr, MIN_LR),  # lrpilot never sends an LR below 1e-12
     )
     lrs = []
     with warnings.catch_warnings():

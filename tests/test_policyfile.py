@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from lrpilot.client.errors import PolicyError
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.policies import Phases, Plateau, StepDecay
 from lrpilot.controller.policyfile import load_default, load_file, load_text
 

@@ -19,9 +19,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from lrpilot.client.errors import PolicyError
 from lrpilot.client.protocol import Hello, Report
 from lrpilot.controller import transitions
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.policies import (
     POLICY_TYPES,
     Constant,

@@ -20,6 +20,7 @@ from lrpilot.controller.policies import (
     Policy,
     StepDecay,
     Warmup,
+    float32,
 )
 
 T = range(0, 120)
@@ -178,3 +179,30 @@ def test_state_round_trips_through_dict() -> None:
         state, _ = chain.step(state, t, {"val_loss": v}, {})
         again = chain.load_state(state.to_dict())
         assert again == state
+
+
+def test_a_schedule_that_ends_at_zero_stays_at_the_floor_and_says_so() -> None:
+    # Cosine with alpha 0 ends at 0 (Keras, torch): lrpilot sends 1e-12, never a job at LR 0.
+    policy = CosineDecay(decay_steps=5, alpha=0.0)
+    state = policy.start(0.1, 0)
+    decisions = []
+    for t in range(8):
+        state, decision = policy.step(state, t, {}, {})
+        decisions.append(decision)
+    assert [d.lr for d in decisions[4:]] == [1e-12] * 4
+    # Told once, when the LR reaches the floor (a unit: step job would log it every step).
+    assert [d.notice for d in decisions] == [None] * 4 + ["clamped"] + [None] * 3
+    assert "cosine computed lr 0, outside [1e-12, 10]; it is 1e-12" in str(decisions[4].warning)
+    assert all(1e-12 <= d.lr <= 10 for d in decisions)
+
+
+@pytest.mark.parametrize("compat", ["keras", "torch"])
+def test_a_plateau_with_min_lr_0_stops_reducing_at_the_floor(compat: str) -> None:
+    policy = Plateau(monitor="loss", factor=0.1, patience=1, min_lr=0.0, compat=compat, eps=0)
+    state = policy.start(0.1, 0)
+    lrs = []
+    for t in range(40):
+        state, decision = policy.step(state, t, {"loss": 1.0}, {})
+        lrs.append(decision.lr)
+    assert min(lrs) == lrs[-1] and float32(lrs[-1]) == float32(1e-12), lrs[-5:]
+    assert lrs[-3] == lrs[-2] == lrs[-1]

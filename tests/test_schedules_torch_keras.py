@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lrpilot.client.errors import PolicyError
+from lrpilot.controller.errors import PolicyError
 from lrpilot.controller.policies import (
     CosineRestarts,
     Cyclic,

@@ -12,16 +12,14 @@ import builtins
 import dataclasses
 import hashlib
 import json
-import math
-import struct
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
-from lrpilot.client.protocol import REASONS
+from lrpilot.client.vocabulary import REASONS, float32
 
-from .fields import between, one_of, param
+from .fields import an_lr, one_of, param
 
 __all__ = [
     "REASONS",
@@ -36,17 +34,6 @@ __all__ = [
 ]
 
 Unit = Literal["epoch", "step"]
-
-
-_F32 = struct.Struct("<f")
-
-
-def float32(x: float) -> float:
-    """Round `x` to the nearest float32, as TensorFlow stores an optimizer's LR and compares."""
-    try:
-        return float(_F32.unpack(_F32.pack(x))[0])
-    except OverflowError:
-        return math.copysign(math.inf, x)
 
 
 @dataclass(frozen=True)
@@ -83,7 +70,7 @@ class Decision:
         warning: something the user should hear about (a missing metric, say).
         apply: False in shadow mode: the decision is recorded but not sent.
         detail: a line for the audit row (a range test's curve and suggestions, as JSON).
-        notice: a notice code for the client (`"clamped"`: a formula left (0, 10]).
+        notice: a notice code for the client (`"clamped"`: the LR computed left [1e-12, 10]).
     """
 
     lr: float
@@ -141,9 +128,7 @@ class Policy(ABC):
     equivalents: ClassVar[tuple[str, ...]] = ()
 
     unit: Unit = param("epoch", one_of("epoch", "step"), "count t in epochs or in steps")
-    initial_lr: float | None = param(
-        None, between(0, 10, hi_open=False), "lr0 imposed on the client at hello"
-    )
+    initial_lr: float | None = param(None, an_lr, "lr0 imposed on the client at hello")
     apply: bool = param(True, doc="false: shadow mode, decisions recorded but not sent")
 
     def problems(self) -> list[tuple[str | None, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import between, param
+from .fields import an_lr, param
 from .schedule import Schedule
 
 __all__ = ["Constant"]
@@ -17,4 +17,4 @@ class Constant(Schedule):
     type = "constant"
     equivalents = ("the optimizer's own LR, with no scheduler",)
 
-    lr: float | None = param(None, between(0, 10, hi_open=False), "the LR (default lr0)")
+    lr: float | None = param(None, an_lr, "the LR (default lr0)")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from lrpilot.client import plans
 
-from .fields import between, one_of, param, positive, positive_int
+from .fields import an_lr, between, one_of, param, positive, positive_int
 from .schedule import Schedule
 
 __all__ = ["Cyclic"]
@@ -24,8 +24,8 @@ class Cyclic(Schedule):
     type = "cyclic"
     equivalents = ("torch `CyclicLR`",)
 
-    base_lr: float = param(check=between(0, 10, hi_open=False), doc="lower LR of the cycle")
-    max_lr: float = param(check=between(0, 10, hi_open=False), doc="upper LR of the cycle")
+    base_lr: float = param(check=an_lr, doc="lower LR of the cycle")
+    max_lr: float = param(check=an_lr, doc="upper LR of the cycle")
     step_size_up: int = param(2000, positive_int, "units from base_lr up to max_lr")
     step_size_down: int | None = param(None, positive_int, "units back down (default: up)")
     mode: str = param(

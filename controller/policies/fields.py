@@ -11,7 +11,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["at_least", "between", "one_of", "param", "positive", "positive_int"]
+from lrpilot.client.vocabulary import lr_problem
+
+__all__ = ["an_lr", "at_least", "between", "one_of", "param", "positive", "positive_int"]
 
 Check = Callable[[Any], "str | None"]
 
@@ -35,6 +37,11 @@ def between(lo: float, hi: float, *, lo_open: bool = True, hi_open: bool = True)
         return None
 
     return check
+
+
+def an_lr(v: Any) -> str | None:
+    """An LR: finite and in [1e-12, 10] (the vocabulary's bounds)."""
+    return lr_problem(v)
 
 
 def at_least(lo: float) -> Check:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lrpilot.client import plans
 from lrpilot.client.plans import anneal
 
-from .fields import between, one_of, param, positive
+from .fields import an_lr, between, one_of, param, positive
 from .schedule import Schedule
 
 __all__ = ["OneCycle", "anneal"]
@@ -30,9 +30,7 @@ class OneCycle(Schedule):
         "fastai `fit_one_cycle`",
     )
 
-    max_lr: float | None = param(
-        None, between(0, 10, hi_open=False), "peak LR (default: lr0, e.g. `lr: suggested`)"
-    )
+    max_lr: float | None = param(None, an_lr, "peak LR (default: lr0, e.g. `lr: suggested`)")
     total_steps: int = param(check=lambda v: None if v >= 2 else "must be >= 2", doc="cycle length")
     pct_start: float = param(0.3, between(0, 1), "share of the cycle spent rising")
     anneal: str = param("cos", one_of("cos", "linear"), "annealing shape (torch anneal_strategy)")

@@ -7,9 +7,10 @@ t = boundaries[i] + 1 (Keras compares `t > boundary`). LRs are absolute.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from lrpilot.client.vocabulary import LR_RANGE, lr_problem
 
 from .fields import param
 from .schedule import Schedule
@@ -26,8 +27,8 @@ def _increasing(v: list[int]) -> str | None:
 
 
 def _lrs(v: list[Any]) -> str | None:
-    if not v or any(not (math.isfinite(x) and 0 < x <= 10) for x in v):
-        return "must be a non-empty list of LRs in (0, 10]"
+    if not v or any(lr_problem(x) for x in v):
+        return f"must be a non-empty list of LRs in {LR_RANGE}"
     return None
 
 

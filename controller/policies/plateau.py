@@ -31,7 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lrpilot.client.vocabulary import MIN_LR
+
 from .base import Decision, Policy, State, float32
+from .errors import ModeUnresolved
 from .fields import at_least, between, one_of, param
 
 __all__ = ["TORCH_FRAMEWORKS", "Plateau", "PlateauState", "resolve_mode"]
@@ -111,7 +114,7 @@ class Plateau(Policy):
     cooldown: int = param(
         0, at_least(0), "evaluations after a reduction during which nothing is counted"
     )
-    min_lr: float = param(0.0, at_least(0), "lower bound on the LR")
+    min_lr: float = param(0.0, at_least(0), "lower bound on the LR (at least 1e-12)")
     eps: float = param(1e-8, at_least(0), "torch only: a reduction smaller than this is skipped")
     smoothing: float | None = param(
         None,
@@ -209,13 +212,7 @@ class Plateau(Policy):
             return state, Decision(state.lr, warning=warning, apply=self.apply)
         mode = resolve_mode(self.monitor, self.mode or "auto", directions)
         if mode is None:
-            from lrpilot.client.errors import ProtocolError
-
-            raise ProtocolError(
-                "mode_unresolved",
-                f"cannot tell whether `{self.monitor}` should be minimised or maximised; "
-                "set mode: min or mode: max in the policy",
-            )
+            raise ModeUnresolved(self.monitor)
         x = float(raw)
         smoothed = state.smoothed
         if math.isfinite(x):
@@ -240,8 +237,8 @@ class Plateau(Policy):
         wait += 1
         if wait < self.patience:
             return s.replace(wait=wait, cooldown_counter=cooldown), Decision(s.lr, apply=self.apply)
-        if s.lr > float32(self.min_lr):
-            new_lr = float32(max(s.lr * self.factor, self.min_lr))
+        if s.lr > float32(self.floor):
+            new_lr = float32(max(s.lr * self.factor, self.floor))
             decision = self.decision(s, new_lr, "plateau", wait=wait, patience=self.patience)
             after = s.replace(lr=new_lr, wait=0, cooldown_counter=self.cooldown, at_min_lr=False)
             return after, decision
@@ -261,12 +258,17 @@ class Plateau(Policy):
         if bad <= self.patience:
             state = s.replace(best=best, wait=bad, cooldown_counter=cooldown, at_min_lr=at_min_lr)
             return state, Decision(s.lr, apply=self.apply)
-        new_lr = max(s.lr * self.factor, self.min_lr)
+        new_lr = max(s.lr * self.factor, self.floor)
         after = s.replace(best=best, wait=0, cooldown_counter=self.cooldown)
         if s.lr - new_lr > self.eps:
             decision = self.decision(s, new_lr, "plateau", wait=bad, patience=self.patience)
             return after.replace(lr=new_lr, at_min_lr=False), decision
         return self._at_min_lr(after)
+
+    @property
+    def floor(self) -> float:
+        """`min_lr`, but never below the LR range (a `min_lr` of 0 stops at 1e-12)."""
+        return max(self.min_lr, MIN_LR)
 
     def _at_min_lr(self, s: PlateauState) -> tuple[State, Decision]:
         s = s.replace(at_min_lr=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lrpilot.client.vocabulary import MAX_LR
+
 from .fields import between, param, positive, positive_int
 from .schedule import Schedule
 
@@ -26,6 +28,6 @@ class PolynomialDecay(Schedule):
     )
 
     decay_steps: int = param(check=positive_int, doc="units to decay over")
-    end_lr: float = param(1e-4, between(0, 10, lo_open=False, hi_open=False), "LR at the end")
+    end_lr: float = param(1e-4, between(0, MAX_LR, lo_open=False, hi_open=False), "LR at the end")
     power: float = param(1.0, positive, "exponent of the decay (1: linear)")
     cycle: bool = param(False, doc="stretch decay_steps past its end (Keras cycle)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Decision, Event, Policy, State, Unit
-from .fields import between, one_of, param, positive
+from .fields import an_lr, between, one_of, param, positive
 from .suggest import METHODS, SKIP_END, suggest
 
 __all__ = ["BETA", "DIVERGENCE", "RangeTest", "RangeTestState"]
@@ -97,8 +97,8 @@ class RangeTest(Policy):
     state_class = RangeTestState
 
     unit: Unit = param("step", one_of("epoch", "step"), "count t in steps (default) or epochs")
-    start_lr: float = param(1e-8, between(0, 10, hi_open=False), "the first LR of the sweep")
-    end_lr: float = param(10.0, between(0, 10, hi_open=False), "the sweep stops before passing it")
+    start_lr: float = param(1e-8, an_lr, "the first LR of the sweep")
+    end_lr: float = param(10.0, an_lr, "the sweep stops before passing it")
     steps_per_decade: float = param(20.0, positive, "steps (epochs) for each tenfold LR increase")
     monitor: str = param("loss", doc="the training loss, as the client reports it")
     beta: float = param(

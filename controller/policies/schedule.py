@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lrpilot.client import plans
-from lrpilot.client.protocol import MAX_LR
+from lrpilot.client.vocabulary import LR_RANGE, clamp_lr
 
 from .base import Decision, Policy, State
 
@@ -75,8 +75,9 @@ class Schedule(Policy):
         }
 
     def lr_at(self, state: ScheduleState, t: int) -> float:
-        # A growing schedule (factor > 1) stops at the protocol's ceiling rather than overflow.
-        return min(state.scale * self.value(state.lr0, t), MAX_LR)
+        # A growing schedule (factor > 1) stops at the ceiling rather than overflow; one that
+        # ends at 0 (cosine with alpha 0) stays at the floor, 1e-12: no job runs at LR 0.
+        return clamp_lr(state.scale * self.value(state.lr0, t))
 
     def start(self, lr0: float, t: int) -> ScheduleState:
         base = self.initial_lr if self.initial_lr is not None else lr0
@@ -87,8 +88,13 @@ class Schedule(Policy):
         self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
     ) -> tuple[State, Decision]:
         assert isinstance(state, ScheduleState)
-        new_lr = self.lr_at(state, t + 1)
-        return state.replace(lr=new_lr), self.decision(state, new_lr, "schedule")
+        value = state.scale * self.value(state.lr0, t + 1)
+        new_lr = clamp_lr(value)
+        decision = self.decision(state, new_lr, "schedule")
+        if new_lr != value and new_lr != state.lr:  # said once, when the LR reaches the bound
+            warning = f"{self.type} computed lr {value:.6g}, outside {LR_RANGE}; it is {new_lr:g}"
+            decision = dataclasses.replace(decision, warning=warning, notice="clamped")
+        return state.replace(lr=new_lr), decision
 
     def rebase(self, state: State, lr: float, t: int) -> State:
         assert isinstance(state, ScheduleState)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .fields import between, param, positive_int
+from .fields import an_lr, param, positive_int
 from .schedule import Schedule
 
 __all__ = ["Warmup"]
@@ -27,6 +27,6 @@ class Warmup(Schedule):
         "the warmup of Keras `CosineDecay(warmup_target, warmup_steps)`",
     )
 
-    to_lr: float = param(check=between(0, 10, hi_open=False), doc="LR reached after `epochs`")
+    to_lr: float = param(check=an_lr, doc="LR reached after `epochs`")
     epochs: int = param(check=positive_int, doc="length of the ramp (steps with unit: step)")
-    from_lr: float | None = param(None, between(0, 10, hi_open=False), "start LR (default lr0)")
+    from_lr: float | None = param(None, an_lr, "start LR (default lr0)")
