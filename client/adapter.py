@@ -163,7 +163,7 @@ class AdapterCore:
     def begin(self, epoch: int | None = None, step: int | None = None) -> float:
         """An epoch (or step) is about to start: decisions due there apply."""
         assert self.client is not None, "connect() first"
-        return self.client.poll(epoch=epoch, step=step)
+        return self.client.lr_at(epoch=epoch, step=step)
 
     def epoch_end(
         self, epoch: int, metrics: Mapping[str, Any], trained_lr: float | None = None
@@ -203,7 +203,7 @@ class AdapterCore:
         if (done + 1) // every > before // every:
             waits = self.testing if wait is None else wait
             return client.report(epoch, metrics(), step=done, wait=waits, trained_lr=trained_lr)
-        return client.poll(step=done + 1)
+        return client.lr_at(step=done + 1)
 
     # -- range tests -----------------------------------------------------------------------
 

@@ -413,6 +413,33 @@ class Client:
         self._apply_due(everything=epoch is None and step is None)
         return self._decisions.lr
 
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """The plan in force (a schedule the client evaluates itself), or None."""
+        return self._decisions.plan
+
+    def lr_at(self, step: int | None = None, epoch: int | None = None) -> float:
+        """The LR for the step (or epoch) about to run, with no message and no wait.
+
+        With a plan in force (a schedule the controller sent as a function of time) the LR
+        is the plan's value there, computed here: it goes on exactly while the controller is
+        down. Replies and queued reports are looked at at most every 10 ms, not at every
+        call. Without a plan this is `poll(epoch=epoch, step=step)`.
+        """
+        decisions = self._decisions
+        if decisions.plan is None:
+            return self.poll(epoch=epoch, step=step)
+        if step is not None and (type(step) is not int or not 0 <= step <= MAX_INT):
+            step = _position(step, "step")
+        if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_INT):
+            epoch = _position(epoch, "epoch")
+        decisions.at(epoch=epoch, step=step)
+        if not self._closed:
+            self._turn(self._clock())
+        if decisions.pending:
+            self._apply_due()
+        return decisions.lr
+
     def flush(self, timeout: float | None = None) -> bool:
         """Sends what is queued and waits until every kept report is answered: at most
         `timeout` seconds (default: the client's `timeout`), also while offline (the
@@ -659,6 +686,7 @@ class Client:
             pid=os.getpid(),
             directions=self.directions,
             restore=self._restore_fn is not None,
+            plans=True,
         )
         if not self._send(encode(hello.to_wire())):
             return False

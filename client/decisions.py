@@ -13,12 +13,18 @@ Example:
     for decision in d.due():        # the shell runs snapshot / restore here, then
         d.settle(decision)          # the LR changes
     d.lr                            # 0.05
+
+Plans: a decision that carries a `plan` (a schedule as a function of time, see
+`lrpilot.client.plans`) puts it in force; from then on `at()` sets `lr` to the plan's value
+at every boundary in the plan's span, with no message. A decision without a plan ends it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from .plans import lr_at
 from .protocol import LrMessage
 
 __all__ = ["Decision", "Decisions"]
@@ -58,6 +64,8 @@ class Decisions:
         self.stop_requested = False
         #: The last `snapshot` / `restore` action applied.
         self.last_action: str | None = None
+        #: The plan in force (from the decision applied last), or None.
+        self.plan: dict[str, Any] | None = None
 
     def accept(self, message: LrMessage) -> bool:
         """Takes a decision that is newer than the last one (or of another run)."""
@@ -76,6 +84,15 @@ class Decisions:
             self.epoch = epoch
         if step is not None:
             self.step = step
+        if self.plan is not None:
+            self._follow(self.plan)
+
+    def _follow(self, plan: dict[str, Any]) -> None:
+        """The plan's LR at the current boundary, inside its span; outside, the last one."""
+        t = self.step if plan["unit"] == "step" else self.epoch
+        until = plan["until"]
+        if plan["from"] <= t and (until is None or t < until):
+            self.lr = lr_at(plan, t)
 
     def due(self, everything: bool = False) -> list[Decision]:
         """Takes the decisions due at the current boundary (all of them with `everything`)
@@ -93,6 +110,9 @@ class Decisions:
         e.g. a plateau step for epoch 5 after an override for epoch 3) and its action."""
         if decision.number > self.applied:
             self.lr, self.applied = decision.message.lr, decision.number
+            self.plan = decision.message.plan
+            if self.plan is not None:
+                self._follow(self.plan)
         if decision.action == "stop":
             self.stop_requested = True
         elif decision.action is not None:
