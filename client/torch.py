@@ -90,7 +90,10 @@ def scalars(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _group_lr(group: Mapping[str, Any]) -> float:
-    value = number(group["lr"])
+    value = group["lr"]
+    if type(value) is float:  # the common case, first: this runs at every step
+        return value
+    value = number(value)
     if value is None:
         raise ValueError(f"a param group's lr is not a number: {group['lr']!r}")
     return value
