@@ -61,7 +61,7 @@ def _slug(heading: str) -> str:
 def _anchors(page: Path) -> set[str]:
     text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
     headings = {_slug(m) for m in re.findall(r"^#+ (.+)$", text, re.M)}
-    return headings | set(re.findall(r'<a id="([^"]+)"></a>', text))  # explicit anchors, as GitHub
+    return headings | set(re.findall(r"""<a (?:id|name)=["']([^"']+)["']""", text))  # as GitHub
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
