@@ -101,6 +101,7 @@ bench: modules
 	$(PY) bench/scale.py
 	$(PY) bench/scale_out.py
 	$(PY) bench/client_hot_path.py
+	$(PY) bench/plans.py
 	$(PY) bench/adapters.py
 	$(PY) bench/web_view.py
 

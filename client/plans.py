@@ -31,15 +31,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .errors import ProtocolError
 from .vocabulary import clamp_lr
 
-__all__ = ["KINDS", "PlanError", "active", "check_plan", "lr_at", "momentum", "value"]
+__all__ = ["KINDS", "active", "check_plan", "lr_at", "momentum", "value"]
 
 Params = Mapping[str, Any]
-
-
-class PlanError(ValueError):
-    """A plan the client cannot evaluate (an unknown kind, a missing parameter)."""
 
 
 def _step(p: Params, lr0: float, t: int) -> float:
@@ -250,28 +247,28 @@ def check_plan(plan: Any) -> dict[str, Any]:
     its start that evaluates (so a plan that cannot is refused, not used).
 
     Raises:
-        PlanError: with what is wrong.
+        ProtocolError: `schema`, with what is wrong.
     """
     if not isinstance(plan, dict):
-        raise PlanError("plan must be a map")
+        raise ProtocolError("schema", "plan must be a map")
     kind, params = plan.get("kind"), plan.get("params")
     if kind not in KINDS:
-        raise PlanError(f"unknown plan kind {kind!r}")
+        raise ProtocolError("schema", f"unknown plan kind {kind!r}")
     if not isinstance(params, dict):
-        raise PlanError("plan params must be a map")
+        raise ProtocolError("schema", "plan params must be a map")
     if plan.get("unit") not in ("epoch", "step"):
-        raise PlanError("plan unit must be epoch or step")
+        raise ProtocolError("schema", "plan unit must be epoch or step")
     start, until = plan.get("from"), plan.get("until")
     if type(start) is not int or start < 0:
-        raise PlanError("plan from must be an integer >= 0")
+        raise ProtocolError("schema", "plan from must be an integer >= 0")
     if until is not None and (type(until) is not int or until <= start):
-        raise PlanError("plan until must be null or an integer > from")
+        raise ProtocolError("schema", "plan until must be null or an integer > from")
     for key in ("lr0", "scale"):
         number = plan.get(key, 1.0)
         if isinstance(number, bool) or not isinstance(number, int | float):
-            raise PlanError(f"plan {key} must be a number")
+            raise ProtocolError("schema", f"plan {key} must be a number")
         if not (math.isfinite(number) and number > 0):
-            raise PlanError(f"plan {key} must be finite and > 0")
+            raise ProtocolError("schema", f"plan {key} must be finite and > 0")
     checked = {
         "kind": kind,
         "params": params,
@@ -284,7 +281,9 @@ def check_plan(plan: Any) -> dict[str, Any]:
     try:
         first = lr_at(checked, start)
     except (KeyError, TypeError, ValueError, ArithmeticError, IndexError) as exc:
-        raise PlanError(f"plan {kind} cannot be evaluated: {type(exc).__name__}: {exc}") from None
+        raise ProtocolError(
+            "schema", f"plan {kind} cannot be evaluated: {type(exc).__name__}: {exc}"
+        ) from None
     if not (math.isfinite(first) and first > 0):
-        raise PlanError(f"plan {kind} gives LR {first!r} at its start")
+        raise ProtocolError("schema", f"plan {kind} gives LR {first!r} at its start")
     return checked

@@ -23,7 +23,7 @@ from typing import Any
 import msgpack
 
 from .errors import ProtocolError
-from .plans import PlanError, check_plan
+from .plans import check_plan
 from .vocabulary import (
     ACTIONS,
     ERROR_CODES,
@@ -382,10 +382,7 @@ class LrMessage:
             parsed.append((n["code"][:64], _str(n, "message", 4096, optional=True)))
         plan = msg.get("plan")
         if plan is not None:
-            try:
-                plan = check_plan(plan)
-            except PlanError as exc:
-                raise ProtocolError("schema", str(exc)) from None
+            plan = check_plan(plan)
         return cls(
             job=check_name(_get(msg, "job"), "job"),
             lr=_lr(msg),

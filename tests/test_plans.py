@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from lrpilot.client import plans
+from lrpilot.client.errors import ProtocolError
 from lrpilot.controller.policies import POLICY_TYPES, Phase, Phases, Policy, Schedule, State
 
 #: Every deterministic schedule type and a generator of its parameters.
@@ -157,7 +158,7 @@ def test_check_plan_refuses_what_it_cannot_evaluate() -> None:
         {**good, "from": -3},
         [],
     ):
-        with pytest.raises(plans.PlanError):
+        with pytest.raises(ProtocolError):
             plans.check_plan(bad)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lrpilot.client import plans
+import lrpilot.client.plans as plans
 
 from .fields import at_least, between, param
 from .schedule import Schedule

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lrpilot.client import plans
+import lrpilot.client.plans as plans
 
 from .fields import an_lr, between, one_of, param, positive, positive_int
 from .schedule import Schedule

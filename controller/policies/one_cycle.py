@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lrpilot.client import plans
+import lrpilot.client.plans as plans
 from lrpilot.client.plans import anneal
 
 from .fields import an_lr, between, one_of, param, positive

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lrpilot.client import plans
+import lrpilot.client.plans as plans
 from lrpilot.client.vocabulary import LR_RANGE, clamp_lr
 
 from .base import Decision, Policy, State
