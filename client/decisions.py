@@ -21,10 +21,11 @@ at every boundary in the plan's span, with no message. A decision without a plan
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .plans import lr_at
+from .plans import compiled
 from .protocol import LrMessage
 
 __all__ = ["Decision", "Decisions"]
@@ -66,6 +67,8 @@ class Decisions:
         self.last_action: str | None = None
         #: The plan in force (from the decision applied last), or None.
         self.plan: dict[str, Any] | None = None
+        self._plan_at: Callable[[int], float | None] | None = None
+        self._by_step = False
 
     def accept(self, message: LrMessage) -> bool:
         """Takes a decision that is newer than the last one (or of another run)."""
@@ -84,15 +87,14 @@ class Decisions:
             self.epoch = epoch
         if step is not None:
             self.step = step
-        if self.plan is not None:
-            self._follow(self.plan)
+        if self._plan_at is not None:
+            self._follow(self._plan_at)
 
-    def _follow(self, plan: dict[str, Any]) -> None:
+    def _follow(self, plan_at: Callable[[int], float | None]) -> None:
         """The plan's LR at the current boundary, inside its span; outside, the last one."""
-        t = self.step if plan["unit"] == "step" else self.epoch
-        until = plan["until"]
-        if plan["from"] <= t and (until is None or t < until):
-            self.lr = lr_at(plan, t)
+        lr = plan_at(self.step if self._by_step else self.epoch)
+        if lr is not None:
+            self.lr = lr
 
     def due(self, everything: bool = False) -> list[Decision]:
         """Takes the decisions due at the current boundary (all of them with `everything`)
@@ -110,9 +112,11 @@ class Decisions:
         e.g. a plateau step for epoch 5 after an override for epoch 3) and its action."""
         if decision.number > self.applied:
             self.lr, self.applied = decision.message.lr, decision.number
-            self.plan = decision.message.plan
-            if self.plan is not None:
-                self._follow(self.plan)
+            plan = self.plan = decision.message.plan
+            self._plan_at = None if plan is None else compiled(plan)
+            self._by_step = plan is not None and plan["unit"] == "step"
+            if self._plan_at is not None:
+                self._follow(self._plan_at)
         if decision.action == "stop":
             self.stop_requested = True
         elif decision.action is not None:

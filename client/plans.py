@@ -34,7 +34,7 @@ from typing import Any
 from .errors import ProtocolError
 from .vocabulary import clamp_lr
 
-__all__ = ["KINDS", "active", "check_plan", "lr_at", "momentum", "value"]
+__all__ = ["KINDS", "active", "check_plan", "compiled", "lr_at", "momentum", "value"]
 
 Params = Mapping[str, Any]
 
@@ -219,6 +219,21 @@ def lr_at(plan: Mapping[str, Any], t: int) -> float:
     """The plan's LR at boundary `t` (absolute: an epoch, or a step with unit "step")."""
     raw = KINDS[plan["kind"]](plan["params"], plan["lr0"], t - plan["from"])
     return clamp_lr(float(plan.get("scale", 1.0)) * raw)
+
+
+def compiled(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
+    """The plan as a function of boundary `t`: its LR inside [from, until), None outside.
+    The same arithmetic as `lr_at`, with the lookups done once (the per-step path)."""
+    fn, params, lr0 = KINDS[plan["kind"]], plan["params"], plan["lr0"]
+    origin, until, scale = plan["from"], plan["until"], float(plan.get("scale", 1.0))
+    end = math.inf if until is None else until
+
+    def at(t: int) -> float | None:
+        if origin <= t < end:
+            return clamp_lr(scale * fn(params, lr0, t - origin))
+        return None
+
+    return at
 
 
 def momentum(plan: Mapping[str, Any], t: int) -> float | None:

@@ -588,6 +588,12 @@ class LRPilotScheduler(ReduceLROnPlateau):
         return self._lr0() if self._client is None else None
 
     def _set_lr(self, lr: float) -> None:
+        groups = self.optimizer.param_groups
+        if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the per-step path, first
+            if groups[0]["lr"] != lr:
+                groups[0]["lr"] = lr
+                self._last_lr = [lr]
+            return
         if set_lr([self.optimizer], lr):
             lrs: list[float | torch.Tensor] = [*self.get_last_lr()]
             self._last_lr = lrs
