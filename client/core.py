@@ -427,6 +427,12 @@ class Client:
         """The plan in force (a schedule the client evaluates itself), or None."""
         return self._decisions.plan
 
+    @property
+    def momentum(self) -> float | None:
+        """The momentum a plan with `cycle_momentum` sets at the current boundary (torch
+        adapters write it to each group's `momentum`, or `betas[0]` for Adam), else None."""
+        return self._decisions.momentum
+
     def liveness_due(self) -> bool:
         """With a plan and nothing to report: whether a report is due anyway (none for
         `LIVENESS_EVERY` seconds), so the controller sees the job alive at the LR it trains."""

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .plans import compiled
+from .plans import compiled, compiled_momentum
 from .protocol import LrMessage
 
 __all__ = ["Decision", "Decisions"]
@@ -69,6 +69,10 @@ class Decisions:
         self.plan: dict[str, Any] | None = None
         self._plan_at: Callable[[int], float | None] | None = None
         self._by_step = False
+        #: The momentum a plan with `cycle_momentum` sets now (torch: momentum or betas[0]),
+        #: or None.
+        self.momentum: float | None = None
+        self._momentum_at: Callable[[int], float | None] | None = None
 
     def accept(self, message: LrMessage) -> bool:
         """Takes a decision that is newer than the last one (or of another run)."""
@@ -92,9 +96,14 @@ class Decisions:
 
     def _follow(self, plan_at: Callable[[int], float | None]) -> None:
         """The plan's LR at the current boundary, inside its span; outside, the last one."""
-        lr = plan_at(self.step if self._by_step else self.epoch)
+        t = self.step if self._by_step else self.epoch
+        lr = plan_at(t)
         if lr is not None:
             self.lr = lr
+        if self._momentum_at is not None:
+            momentum = self._momentum_at(t)
+            if momentum is not None:
+                self.momentum = momentum
 
     def due(self, everything: bool = False) -> list[Decision]:
         """Takes the decisions due at the current boundary (all of them with `everything`)
@@ -114,6 +123,9 @@ class Decisions:
             self.lr, self.applied = decision.message.lr, decision.number
             plan = self.plan = decision.message.plan
             self._plan_at = None if plan is None else compiled(plan)
+            self._momentum_at = None if plan is None else compiled_momentum(plan)
+            if self._momentum_at is None:
+                self.momentum = None
             self._by_step = plan is not None and plan["unit"] == "step"
             if self._plan_at is not None:
                 self._follow(self._plan_at)

@@ -34,7 +34,16 @@ from typing import Any
 from .errors import ProtocolError
 from .vocabulary import clamp_lr
 
-__all__ = ["KINDS", "active", "check_plan", "compiled", "lr_at", "momentum", "value"]
+__all__ = [
+    "KINDS",
+    "active",
+    "check_plan",
+    "compiled",
+    "compiled_momentum",
+    "lr_at",
+    "momentum",
+    "value",
+]
 
 Params = Mapping[str, Any]
 
@@ -232,6 +241,20 @@ def compiled(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
         if origin <= t < end:
             return clamp_lr(scale * fn(params, lr0, t - origin))
         return None
+
+    return at
+
+
+def compiled_momentum(plan: Mapping[str, Any]) -> Callable[[int], float | None] | None:
+    """The plan's momentum as a function of boundary `t` (None outside its span), or None
+    for a plan that sets no momentum (no `cycle_momentum`)."""
+    if not plan["params"].get("cycle_momentum") or plan["kind"] not in ("one_cycle", "cyclic"):
+        return None
+    origin, until = plan["from"], plan["until"]
+    end = math.inf if until is None else until
+
+    def at(t: int) -> float | None:
+        return momentum(plan, t) if origin <= t < end else None
 
     return at
 

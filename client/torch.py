@@ -159,6 +159,16 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
     return True
 
 
+def set_momentum(groups: Iterable[dict[str, Any]], momentum: float) -> None:
+    """A plan's `cycle_momentum` (one_cycle, cyclic): each group's `momentum`, or `betas[0]`
+    for Adam-like optimizers, as torch's OneCycleLR and CyclicLR set them."""
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = (momentum, *group["betas"][1:])
+        elif "momentum" in group:
+            group["momentum"] = momentum
+
+
 def restore_snapshot(snapshot: StateSnapshot | None, job: str) -> bool:
     """`action: restore` in a callback: load the copy back; without one (the callback joined
     after the test began) warn that training goes on from the weights as they are."""
@@ -589,6 +599,9 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _set_lr(self, lr: float) -> None:
         groups = self.optimizer.param_groups
+        client = self._core.client
+        if client is not None and client.momentum is not None:
+            set_momentum(groups, client.momentum)
         if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the per-step path, first
             if groups[0]["lr"] != lr:
                 groups[0]["lr"] = lr

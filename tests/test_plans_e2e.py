@@ -110,3 +110,54 @@ def test_a_peer_without_plans_gets_one_lr_per_report(controller_factory: Factory
             assert answer.lr == pytest.approx(0.1 * float(0.99 ** (t + 1)), rel=1e-15)
     finally:
         peer.close()
+
+
+ONE_CYCLE = """\
+version: 1
+defaults:
+  policy: {type: one_cycle, unit: step, max_lr: 0.1, total_steps: 120, pct_start: 0.25,
+           cycle_momentum: true, base_momentum: 0.8, max_momentum: 0.95}
+"""
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_cycle_momentum_equals_torch_one_cycle_lr(controller_factory: Factory, adam: bool) -> None:
+    torch = pytest.importorskip("torch")
+    from lrpilot.client.torch import LRPilotScheduler
+
+    c = controller_factory(ONE_CYCLE)
+
+    def optimizer() -> torch.optim.Optimizer:
+        params = [torch.zeros(3, requires_grad=True)]
+        if adam:
+            return torch.optim.Adam(params, lr=0.004, betas=(0.9, 0.99))
+        return torch.optim.SGD(params, lr=0.004, momentum=0.9)
+
+    ours, ref_opt = optimizer(), optimizer()
+    ref = torch.optim.lr_scheduler.OneCycleLR(
+        ref_opt, 0.1, total_steps=120, pct_start=0.25, base_momentum=0.8, max_momentum=0.95
+    )
+    sched = LRPilotScheduler(ours, job=f"plan-momentum-{adam}", endpoint=c.bind, unit="step")
+    key = "betas" if adam else "momentum"
+
+    def state(opt: torch.optim.Optimizer) -> tuple[float, float]:
+        group = opt.param_groups[0]
+        return group["lr"], group["betas"][0] if adam else group["momentum"]
+
+    try:
+        assert sched.client.plan is not None  # the hello's answer: the plan, from step 0
+        got, want = [], []
+        for _ in range(120):
+            got.append(state(ours))
+            want.append(state(ref_opt))
+            ours.step()
+            ref_opt.step()
+            sched.step()
+            ref.step()
+        if adam:
+            assert ours.param_groups[0]["betas"][1] == 0.99  # only beta1 cycles
+    finally:
+        sched.close()
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-12)
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-12), key
+    assert len({g[1] for g in got}) > 50  # it did cycle
