@@ -793,9 +793,10 @@ class Client:
             pass  # the hello and the replay go out at the next turn
 
     def _notice(self, message: LrMessage) -> None:
-        """Controller notices: each code logged once per run, in this training process."""
+        """Controller notices: each code logged once per run, in this training process
+        (`override` once per pin: each pin says its own LR and end)."""
         for code, text in message.notices:
-            key = (message.run, code)
+            key = (message.run, code if code != "override" else f"{code}:{text}")
             if key in self._noticed:
                 continue
             self._noticed.add(key)

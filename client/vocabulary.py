@@ -87,7 +87,14 @@ ACTIONS = ("snapshot", "restore", "stop")
 
 #: What the controller tells the trainer about its job (in `lr.notices`); clients log each
 #: code once per run.
-NOTICE_CODES = ("monitor_missing", "mode_unresolved", "shadow", "clamped", "restore_unsupported")
+NOTICE_CODES = (
+    "monitor_missing",
+    "mode_unresolved",
+    "shadow",
+    "clamped",
+    "restore_unsupported",
+    "override",
+)
 
 _F32 = struct.Struct("<f")
 _MIN_LR_F32 = _F32.unpack(_F32.pack(MIN_LR))[0]

@@ -1,5 +1,5 @@
-"""The controller's admin API: what `lrpilot status|set-lr|reload|history|forget|range-test`
-do, as plain Python calls returning plain dicts and lists.
+"""The controller's admin API: what `lrpilot status|set-lr|release|reload|history|forget|
+range-test` do, as plain Python calls returning plain dicts and lists.
 
 Example (a notebook next to a running controller):
 
@@ -114,7 +114,8 @@ def decode_reply(endpoint: str, frame: bytes) -> dict[str, Any]:
 
 
 def author() -> str:
-    """Who is asking, for the audit log: user@host."""
+    """Who the caller says it is (user@host). The controller records it only as
+    `claimed:user@host`, where it cannot authenticate the caller (see docs/security.md)."""
     try:
         user = getpass.getuser()
     except Exception:  # no user name (a container with an unnamed uid)
@@ -166,12 +167,25 @@ class Admin:
         reason: str | None = None,
         expires: str | float | None = None,
         epochs: int | None = None,
+        force: bool = False,
     ) -> dict[str, Any]:
-        """Override the job's LR from its next epoch (audited with user@host and `reason`).
+        """Set the job's LR from its next epoch (step); audited with `reason` and the
+        caller's identity as the controller authenticated it (see docs/security.md).
+
+        Without `expires`/`epochs` it is a new base the policy goes on from; with one of
+        them the LR is pinned: it holds exactly until the end, then the policy's LR applies.
 
         Args:
-            expires: a duration (`"2h"`, seconds) after which the policy's LR returns.
-            epochs: or a number of epochs (steps for `unit: step`) the override lasts.
+            expires: a duration (`"2h"`, seconds; at most 365 days) the pin holds.
+            epochs: or the number of epochs (steps for `unit: step`) trained at the pin.
+            force: set it even though the job has finished (every worker said bye).
+
+        Returns:
+            `{job, lr, version, apply_from, unit, override}`; `override` is the pin as
+            `status` shows it (None without one).
+
+        Raises:
+            ValueError: `expires` is not a duration of at most 365 days.
         """
         message: dict[str, Any] = {
             "t": "set_lr",
@@ -184,7 +198,17 @@ class Admin:
             message["seconds"] = parse_duration(expires)
         if epochs is not None:
             message["epochs"] = epochs
+        if force:
+            message["force"] = True
         return self._ask(message, "ok")
+
+    def release(self, job: str) -> dict[str, Any]:
+        """End the job's pin now: the policy's LR from its next epoch (step).
+
+        Raises:
+            AdminError: code `no_override` when no pin holds.
+        """
+        return self._ask({"t": "release", "job": job, "author": author()}, "ok")
 
     def history(
         self,

@@ -1,4 +1,5 @@
-"""The admin socket's requests about jobs: status, set-lr, history, range-test, forget, metrics.
+"""The admin socket's requests about jobs: status, set-lr, release, history, range-test,
+forget, metrics.
 
 One typed handler per request (`server.py` dispatches on the request's `t`); each
 returns the reply as a plain dict, or raises `ProtocolError` (answered as an `error`).
@@ -7,7 +8,6 @@ Changes go through a `Batch` and the server's commit, as client messages do.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +18,11 @@ from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 from .errors import Moved
 from .jobstate import JobState, status_row
 from .store import MetricStore, StoreUnavailable, decode_metrics, rfc3339
+from .units import check_seconds
 
 if TYPE_CHECKING:
+    from .jobs import Batch
+    from .jobstate import JobState
     from .server import Server
 
 __all__ = ["JobRequests", "Moved", "error", "metric_columns"]
@@ -78,9 +81,9 @@ class JobRequests:
     def status(self, msg: dict[str, Any]) -> dict[str, Any]:
         now, timeout = self.server.clock(), self.server.table.worker_timeout
         grant = self.server.admin_grant if self.server.authorizer is not None else None
-        table = self.server.table
+        table, wall = self.server.table, self.server.wall()
         jobs = [
-            status_row(j, now, timeout)
+            status_row(j, now, timeout, wall)
             for j in table.jobs.values()
             if grant is None or grant.allows(j.name)
         ]
@@ -93,10 +96,10 @@ class JobRequests:
                 if name in table.jobs or (grant is not None and not grant.allows(name)):
                     continue
                 try:
-                    job = JobState.from_stored(name, table.rule_for(name), data, now)
+                    job = JobState.from_stored(name, table.rule_for(name), data, now, wall)
                 except (ValueError, TypeError, KeyError, AttributeError):
                     continue  # its owner quarantines it
-                jobs.append(status_row(job, now, timeout))
+                jobs.append(status_row(job, now, timeout, wall))
         return {"t": "status", "jobs": jobs}
 
     def set_lr(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -107,34 +110,65 @@ class JobRequests:
         if lr is None:
             return error("out_of_range", f"lr {LR_MESSAGE}, got {msg.get('lr')!r}")
         reason = str(msg.get("reason") or "")[:500]
-        author = str(msg.get("author") or "operator")[:200]
+        author = self.server.admin_author(msg.get("author"))
         epochs, seconds = msg.get("epochs"), msg.get("seconds")
         if epochs is not None and (
             isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= 1 << 40
         ):
             return error("out_of_range", f"epochs must be an integer >= 1, got {epochs!r}")
-        if seconds is not None and (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (math.isfinite(seconds) and seconds > 0)
-        ):
-            return error("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
+        if seconds is not None:
+            try:
+                seconds = check_seconds(seconds, "the duration (--for)")
+            except ValueError as exc:
+                return error("out_of_range", str(exc))
+            if seconds <= 0:
+                return error("out_of_range", f"the duration must be > 0 seconds, got {seconds!r}")
         if epochs is not None and seconds is not None:
             return error("schema", "an override ends after epochs or after a duration, not both")
         batch = self.server.table.batch(self.server.clock(), self.server.wall())
+        known = batch.job(name)
+        if known is None:
+            return error("unknown_job", f"no job {name!r}")
+        if known.finished and not msg.get("force"):
+            return error(
+                "finished",
+                f"job {name} has finished (every worker said bye); nothing would train at "
+                "this LR. Pass --force to set it anyway (for a resume)",
+            )
+        job = batch.override(name, float(lr), reason, author, epochs, seconds)
+        return self._changed(batch, job, "the override")
+
+    def release(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """End the job's pin now: the policy's LR from the next epoch (step)."""
+        name = check_name(msg.get("job"), "job")
+        self.allowed(name)
+        self.owned(name)
+        batch = self.server.table.batch(self.server.clock(), self.server.wall())
         try:
-            job = batch.override(name, lr, reason, author, epochs, seconds)
+            job = batch.release(name, self.server.admin_author(msg.get("author")))
         except KeyError:
             return error("unknown_job", f"no job {name!r}")
+        if job is None:
+            return error("no_override", f"job {name} has no pinned LR to release")
+        return self._changed(batch, job, "the release")
+
+    def _changed(self, batch: Batch, job: JobState, what: str) -> dict[str, Any]:
+        """Commit an admin change, push it, and say what is in force now."""
         try:
             self.server.send(self.server.commit(batch))
         except Exception as exc:
-            return error("unavailable", f"could not store the override: {exc}")
-        reply = {"t": "ok", "job": name, "lr": job.lr, "version": job.version}
-        row = status_row(job, self.server.clock(), self.server.table.worker_timeout)
-        reply["override"] = row["override"]
-        reply["apply_from"] = job.next_t()
-        return reply
+            return error("unavailable", f"could not store {what}: {exc}")
+        now, wall = self.server.clock(), self.server.wall()
+        row = status_row(job, now, self.server.table.worker_timeout, wall)
+        return {
+            "t": "ok",
+            "job": job.name,
+            "lr": job.lr,
+            "version": job.version,
+            "override": row["override"],
+            "apply_from": job.next_t(),
+            "unit": job.unit,
+        }
 
     def history(self, msg: dict[str, Any]) -> dict[str, Any]:
         name = check_name(msg.get("job"), "job")
@@ -150,8 +184,11 @@ class JobRequests:
                 run = job.run if job is not None else (rows[-1].run if rows else None)
             rows = [r for r in rows if r.run == run]
         since = msg.get("since")
-        if isinstance(since, int | float) and not isinstance(since, bool):
-            start = rfc3339(self.server.wall() - float(since))
+        if since is not None:
+            try:
+                start = rfc3339(self.server.wall() - check_seconds(since, "since"))
+            except ValueError as exc:
+                return error("out_of_range", str(exc))
             rows = [r for r in rows if r.time >= start]
         tail = msg.get("tail")
         if isinstance(tail, int) and not isinstance(tail, bool) and tail >= 0:

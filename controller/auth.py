@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Authorizer", "Grant", "read_certificate", "write_jobs"]
+__all__ = ["Authorizer", "Grant", "audit_author", "peer_uid", "read_certificate", "write_jobs"]
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -113,3 +114,32 @@ def write_jobs(public_file: Path, globs: str) -> None:
     at = next(i for i, line in enumerate(lines) if line.strip() == "metadata") + 1
     lines.insert(at, f'    jobs = "{globs}"\n')
     public_file.write_text("".join(lines), encoding="utf-8")
+
+
+def peer_uid(peer_address: str | None) -> int | None:
+    """The uid of an `ipc://` peer from its ZeroMQ `Peer-Address` (`HOST:UID:GID:PID`, which
+    libzmq fills from SO_PEERCRED on Linux); None for TCP peers and other systems."""
+    if not peer_address:
+        return None
+    parts = peer_address.rsplit(":", 3)
+    if len(parts) != 4 or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def audit_author(grant: Grant | None, uid: int | None, claimed: object) -> str:
+    """Who made an admin change, for the audit log: the identity the controller checked.
+
+    The CURVE key's name when CURVE is on; else the peer's user on an `ipc://` socket
+    (`alice (uid 1000)`); else the name the caller sent, marked as merely claimed
+    (`claimed:alice@host`): over plain TCP nobody vouches for it.
+    """
+    if grant is not None:
+        return grant.name
+    if uid is not None:
+        try:
+            return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        except KeyError:  # a uid with no passwd entry (containers)
+            return f"uid {uid}"
+    name = "".join(ch for ch in str(claimed or "") if ch.isprintable())[:200]
+    return f"claimed:{name or 'unknown'}"

@@ -319,10 +319,38 @@ def _lr(value: object) -> str:
 
 
 def _override_note(o: dict[str, Any] | None) -> str:
+    """A pin as the NOTE column of `status` shows it: who, and its end."""
     if not o:
         return ""
-    until = f"epoch {o['until_epoch']}" if o.get("until_epoch") is not None else o.get("until")
-    return f"override by {o.get('author')} until {until}"
+    return f"pinned by {o.get('author')} {_pin_end(o)}"
+
+
+def _pin_end(o: dict[str, Any]) -> str:
+    """A pin's end: `until epoch 9 (2/4 trained at it)`, `for 4 epochs trained at it, from
+    epoch 5 or later`, `until 2026-12-05T08:10:00Z (9m58s left)`."""
+    unit = "step" if o.get("unit") == "step" else "epoch"
+    if o.get("epochs") is not None:
+        n = o["epochs"]
+        if o.get("until_epoch") is not None:
+            return f"until {unit} {o['until_epoch']} ({o.get('trained')}/{n} trained at it)"
+        plural = "s" if n != 1 else ""
+        return f"for {n} {unit}{plural} trained at it, from {unit} {o.get('from_epoch')} or later"
+    until = str(o.get("until") or "-")[:19] + "Z"
+    return f"until {until} ({_seconds(o.get('remaining_s'))} left)"
+
+
+def _seconds(value: object) -> str:
+    """A time left as people read it: 42s, 9m58s, 3h05m, 12d04h."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    s = int(value)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -443,12 +471,41 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
 def cmd_set_lr(args: argparse.Namespace) -> int:
     def run(admin: Any) -> int:
         reply = admin.set_lr(
-            args.job, args.lr, reason=args.reason, expires=args.for_, epochs=args.epochs
+            args.job,
+            args.lr,
+            reason=args.reason,
+            expires=args.for_,
+            epochs=args.epochs,
+            force=args.force,
         )
-        note = _override_note(reply.get("override"))
+        unit, start = reply.get("unit") or "epoch", reply.get("apply_from")
+        pin = reply.get("override")
+        if not pin:
+            print(
+                f"{args.job}: lr {_lr(reply.get('lr'))} from {unit} {start} "
+                f"(version {reply.get('version')}); the policy goes on from it"
+            )
+            return 0
+        # The trainer applies it at its next boundary at or after `start`; an --epochs pin
+        # counts what is reported as trained at it, so only `status` can name its last epoch.
         print(
-            f"{args.job}: lr {_fmt(reply.get('lr'))} from epoch {reply.get('apply_from')}"
-            f" (version {reply.get('version')})" + (f"; {note}" if note else "")
+            f"{args.job}: lr {_lr(pin.get('lr'))} pinned {_pin_end(pin)}"
+            + ("" if pin.get("epochs") is not None else f", from {unit} {start}")
+            + f" (version {reply.get('version')}); then the policy's LR, now"
+            f" {_lr(pin.get('policy_lr'))}; `lrpilot release {args.job}` ends it early"
+        )
+        return 0
+
+    return _with_admin(args, run)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    def run(admin: Any) -> int:
+        reply = admin.release(args.job)
+        unit = reply.get("unit") or "epoch"
+        print(
+            f"{args.job}: pin released; the policy's lr {_lr(reply.get('lr'))} from "
+            f"{unit} {reply.get('apply_from')} (version {reply.get('version')})"
         )
         return 0
 
@@ -760,21 +817,43 @@ def build_parser() -> argparse.ArgumentParser:
         "set-lr",
         parents=[admin],
         help="operator override of a job's LR",
-        description="Set the job's LR from its next epoch. The audit log names you (user@host) "
-        "and the reason. With --for or --epochs the override ends by itself and the policy's "
-        "LR takes over again.",
+        description="Set the job's LR from its next epoch: a new base the policy goes on "
+        "from. With --for or --epochs the LR is pinned instead: it holds exactly (no plateau, "
+        "schedule, phase or reload moves it) while the policy keeps observing, and at the end "
+        "the policy's LR applies. The audit log names you as the controller authenticated "
+        "you, and the reason.",
     )
     p.add_argument("job")
     p.add_argument("lr", type=_positive_float)
     p.add_argument("--reason", default="", metavar="TEXT", help="why, for the audit log")
     until = p.add_mutually_exclusive_group()
     until.add_argument(
-        "--for", dest="for_", type=_duration, metavar="DURATION", help="e.g. 30m, 2h"
+        "--for",
+        dest="for_",
+        type=_duration,
+        metavar="DURATION",
+        help="pin for this long on the controller's clock, e.g. 30m, 2h (at most 365d)",
     )
     until.add_argument(
-        "--epochs", type=_positive_int, metavar="N", help="epochs (steps with unit: step)"
+        "--epochs",
+        type=_positive_int,
+        metavar="N",
+        help="pin for N epochs trained at the LR (steps with unit: step)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="also for a finished job (every worker said bye)"
     )
     p.set_defaults(handler=cmd_set_lr)
+
+    p = sub.add_parser(
+        "release",
+        parents=[admin],
+        help="end a job's pinned LR now",
+        description="End the pin set by `set-lr --for/--epochs`: the policy's LR applies from "
+        "the job's next epoch.",
+    )
+    p.add_argument("job")
+    p.set_defaults(handler=cmd_release)
 
     p = sub.add_parser("reload", parents=[admin], help="re-read the policy file now")
     p.set_defaults(handler=cmd_reload)

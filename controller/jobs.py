@@ -130,22 +130,20 @@ class JobTable:
         recent.sort(key=lambda r: float(r[1].get("last_report_wall", 0.0) or 0.0), reverse=True)
         for name, data in recent[: self.max_jobs]:
             try:
-                job = JobState.from_stored(name, self.rule_for(name), data, now)
+                job = JobState.from_stored(name, self.rule_for(name), data, now, wall)
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 self.store.quarantine(name, f"{type(exc).__name__}: {exc}")
                 continue
-            self._add(job, wall)
+            self._add(job)
         return len(self.jobs)
 
-    def _add(self, job: JobState, wall: float | None = None) -> None:
+    def _add(self, job: JobState) -> None:
         if job.name not in self.counters:
             self.counters[job.name] = Counters()
             self.deadlines.push(job.last_seen + self.job_ttl, "ttl", job.name)
-            o = job.override
-            if wall is not None and o is not None and o.until_wall is not None:
-                self.deadlines.push(
-                    job.last_seen + max(o.until_wall - wall, 0.0), "override", job.name
-                )
+            ends = None if job.override is None else job.override.ends
+            if ends is not None:  # a --for pin loaded from the store
+                self.deadlines.push(ends, "override", job.name)
         self.jobs[job.name] = job
 
     def publish(self, batch: Batch) -> Outgoing:
@@ -229,7 +227,8 @@ class Batch:
             data = self.table.store.load_job(name)
             if data is not None and self._has_room():
                 try:
-                    job = JobState.from_stored(name, self.table.rule_for(name), data, self.env.now)
+                    rule = self.table.rule_for(name)
+                    job = JobState.from_stored(name, rule, data, self.env.now, self.env.wall)
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     self.table.store.quarantine(name, f"{type(exc).__name__}: {exc}")
                     return None
@@ -294,6 +293,16 @@ class Batch:
             raise KeyError(name)
         step = transitions.override(job, lr, reason, author, self.env, epochs, seconds)
         self._apply(step)
+        return self.touched[name]
+
+    def release(self, name: str, author: str) -> JobState | None:
+        """End the job's pin now; None when no pin holds. Raises KeyError for an unknown job."""
+        job = self.job(name)
+        if job is None:
+            raise KeyError(name)
+        if job.override is None:
+            return None
+        self._apply(transitions.release(job, author, self.env))
         return self.touched[name]
 
     def rebind_all(self, policies: PolicySet) -> None:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .aggregate import Pending
 from .policies import Policy, State, fingerprint
 from .policyfile import JobRule
 from .sessions import Sessions
+from .units import MAX_DURATION
 
-__all__ = ["STATUS_FIELDS", "JobState", "Override", "start_from", "status_row"]
+__all__ = ["STATUS_FIELDS", "JobState", "Override", "override_view", "start_from", "status_row"]
 
 #: The fields of `lrpilot status --json`, in order (DESIGN.md).
 STATUS_FIELDS = (
@@ -40,38 +41,132 @@ STATUS_FIELDS = (
 
 @dataclass(frozen=True)
 class Override:
-    """An operator's LR that ends by itself (`set-lr --epochs N` or `--for DURATION`).
+    """An operator's pin: `set-lr --epochs N` or `--for DURATION` holds `lr` exactly.
 
-    `saved` is the policy state from just before the override: at expiry the policy's own
-    LR comes back (a plateau's LR as it was, a schedule's curve without the override).
+    While it holds, the job's policy keeps deciding underneath (its state advances, its
+    own LR is `JobState.policy_lr`), but every rank is told `lr`; when it ends, the
+    policy's LR takes over. `--epochs N` counts the epochs (steps) trained at `lr`, from
+    the first report that says it trained at it (back to the report before it: a step
+    job reports every `report_every` steps), so N means N whether the pin came mid-epoch
+    or at a boundary.
+    `--for` runs on the controller's monotonic clock: `remaining` seconds as read at
+    monotonic `since` (Unix `since_wall`); a restart takes the downtime from the wall
+    clock, clamped to [0, remaining], so a clock step never ends a pin early or late.
     """
 
     lr: float
     author: str
     reason: str = ""
-    until_epoch: int | None = None  # first epoch (step) run without the override
-    until_wall: float | None = None  # Unix time it ends
-    saved: dict[str, Any] = field(default_factory=dict)
+    from_t: int = 0  # the first epoch (step) it applies from
+    epochs: int | None = None  # --epochs N
+    first_trained: int | None = None  # the first epoch (step) trained at `lr`
+    last_trained: int | None = None  # the last one reported so far
+    remaining: float | None = None  # --for: seconds left at `since`
+    since: float = 0.0  # monotonic seconds
+    since_wall: float = 0.0  # Unix seconds at `since`
+
+    @property
+    def ends(self) -> float | None:
+        """The monotonic time a --for pin ends (None: it ends by epochs)."""
+        return None if self.remaining is None else self.since + self.remaining
+
+    def until_epoch(self) -> int | None:
+        """The first epoch (step) at the policy's LR, once the first pinned one is known."""
+        if self.epochs is None or self.first_trained is None:
+            return None
+        return self.first_trained + self.epochs
+
+    @property
+    def trained(self) -> int:
+        """Epochs (steps) trained at the pin so far, as reported."""
+        if self.first_trained is None or self.last_trained is None:
+            return 0
+        return self.last_trained - self.first_trained + 1
+
+    def left(self, now: float) -> float | None:
+        """Seconds left of a --for pin at monotonic `now`."""
+        ends = self.ends
+        return None if ends is None else max(ends - now, 0.0)
+
+    def until_wall(self, now: float, wall: float) -> float | None:
+        """The Unix time a --for pin ends, as the wall clock reads now."""
+        left = self.left(now)
+        return None if left is None else wall + left
+
+    def tick(self, now: float, wall: float) -> Override:
+        """The same pin with its remaining time read now (what the store keeps)."""
+        left = self.left(now)
+        if left is None:
+            return self
+        return replace(self, remaining=left, since=now, since_wall=wall)
+
+    def observe(self, t: int, previous: int | None, trained_at: list[float]) -> Override:
+        """Epoch (step) t was decided, after `previous`; its reports trained at `trained_at`
+        (Keras reports float32 LRs: equal within 1e-6 counts)."""
+        if self.epochs is None or t < self.from_t or not trained_at:
+            return self
+        if not all(math.isclose(lr, self.lr, rel_tol=1e-6) for lr in trained_at):
+            return self
+        first = self.first_trained
+        if first is None:
+            first = min(max(self.from_t, t if previous is None else previous + 1), t)
+        last = t if self.last_trained is None else max(self.last_trained, t)
+        return replace(self, first_trained=first, last_trained=last)
+
+    def over(self, now: float) -> bool:
+        """Whether the pin has run its course (the LR from the next epoch is the policy's)."""
+        if self.epochs is not None:
+            return self.trained >= self.epochs
+        ends = self.ends
+        return ends is not None and now >= ends
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "lr": self.lr,
             "author": self.author,
             "reason": self.reason,
-            "until_epoch": self.until_epoch,
-            "until_wall": self.until_wall,
-            "saved": self.saved,
+            "from_t": self.from_t,
+            "epochs": self.epochs,
+            "first_trained": self.first_trained,
+            "last_trained": self.last_trained,
+            "remaining": self.remaining,
+            "since_wall": self.since_wall,
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Override:
+    def from_dict(cls, data: Mapping[str, Any], now: float, wall: float | None) -> Override:
+        """A stored pin; a --for pin's downtime is the wall time since it was stored,
+        clamped to [0, remaining]. Rows of lrpilot 0.2 (`until_epoch`, `until_wall`) load
+        as pins of what was left of them, a duration capped at 365 days."""
+        remaining = _opt_float(data.get("remaining"))
+        since_wall = float(data.get("since_wall") or 0.0)
+        if wall is None:  # no wall clock to measure the downtime by: none counted
+            wall = since_wall
+        epochs, from_t = _opt_int(data.get("epochs")), int(data.get("from_t", 0))
+        first = _opt_int(data.get("first_trained"))
+        if "remaining" not in data and "epochs" not in data:  # lrpilot 0.2
+            until_wall, until_epoch = data.get("until_wall"), data.get("until_epoch")
+            if until_wall is not None:
+                remaining, since_wall = float(until_wall) - wall, wall
+            if until_epoch is not None:  # its last epoch: one more trained at it
+                from_t = first = int(until_epoch) - 1
+                epochs = 1
+        if remaining is not None:
+            remaining = min(max(remaining, 0.0), MAX_DURATION)
+            if not math.isfinite(remaining):
+                remaining = 0.0
+            remaining -= min(max(wall - since_wall, 0.0), remaining)
         return cls(
             float(data["lr"]),
             str(data.get("author", "")),
             str(data.get("reason", "")),
-            _opt_int(data.get("until_epoch")),
-            _opt_float(data.get("until_wall")),
-            dict(data.get("saved") or {}),
+            from_t=from_t,
+            epochs=epochs,
+            first_trained=first,
+            last_trained=_opt_int(data.get("last_trained")),
+            remaining=remaining,
+            since=now,
+            since_wall=wall,
         )
 
 
@@ -100,7 +195,8 @@ class JobState:
     value: float | None = None
     shadow_lr: float | None = None
     framework: str = ""  # rank 0's, from its hello: binds `compat: auto`
-    override: Override | None = None  # an expiring operator override in force
+    override: Override | None = None  # an operator's pin in force
+    finished: bool = False  # every worker said bye (cleared by the next hello)
 
     @property
     def policy(self) -> Policy:
@@ -108,6 +204,12 @@ class JobState:
 
     @property
     def lr(self) -> float:
+        """The LR in force: a pin's while one holds, else the policy's."""
+        return self.state.lr if self.override is None else self.override.lr
+
+    @property
+    def policy_lr(self) -> float:
+        """The policy's own LR (under a pin, what it would set without the pin)."""
         return self.state.lr
 
     @property
@@ -144,12 +246,21 @@ class JobState:
             "shadow_lr": self.shadow_lr,
             "framework": self.framework,
             "override": None if self.override is None else self.override.to_dict(),
+            "finished": self.finished,
         }
 
     @classmethod
-    def from_stored(cls, name: str, rule: JobRule, data: Mapping[str, Any], now: float) -> JobState:
+    def from_stored(
+        cls,
+        name: str,
+        rule: JobRule,
+        data: Mapping[str, Any],
+        now: float,
+        wall: float | None = None,
+    ) -> JobState:
         """A job from its stored row under `rule` (not yet bound to the job's framework);
-        a changed policy restarts from the stored LR.
+        a changed policy restarts from the stored LR. `now`, `wall`: the monotonic and Unix
+        time of the load (a --for pin's downtime is measured with them; no `wall`: none).
 
         Raises:
             ValueError, TypeError, KeyError: a row that does not fit the schema.
@@ -174,7 +285,10 @@ class JobState:
             value=_opt_float(data.get("value")),
             shadow_lr=_opt_float(data.get("shadow_lr")),
             framework=framework,
-            override=Override.from_dict(data["override"]) if data.get("override") else None,
+            override=(
+                Override.from_dict(data["override"], now, wall) if data.get("override") else None
+            ),
+            finished=bool(data.get("finished", False)),
         )
 
 
@@ -199,9 +313,12 @@ def start_from(policy: Policy, lr: float, t: int) -> State:
     return policy.rebase(state, lr, t - 1) if state.lr != lr else state
 
 
-def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, Any]:
+def status_row(
+    job: JobState, now: float, worker_timeout: float, wall: float | None = None
+) -> dict[str, Any]:
     """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr, override,
-    suggested_lr, and what the table labels: unit, min_lr, finished)."""
+    suggested_lr, and what the table labels: unit, min_lr, finished); `wall`: the Unix time
+    now, for the end of a --for pin."""
     info = job.policy.describe(job.state)
     return {
         "job": job.name,
@@ -219,26 +336,38 @@ def status_row(job: JobState, now: float, worker_timeout: float) -> dict[str, An
         "run": job.run,
         "version": job.version,
         "shadow_lr": job.shadow_lr,
-        "override": _override_view(job.override),
+        "override": override_view(job, now, wall),
         "suggested_lr": finite(info.get("suggested_lr")),
         "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
         "min_lr": finite(info.get("min_lr")),
-        "finished": job.sessions.finished(),  # every worker said bye
+        "finished": job.finished,  # every worker said bye (stored: also after a restart)
     }
 
 
-def _override_view(o: Override | None) -> dict[str, Any] | None:
+def override_view(job: JobState, now: float, wall: float | None) -> dict[str, Any] | None:
+    """A pin as `status` and `set-lr` show it: its LR, who, why, and its end (`until`, an
+    RFC 3339 time, and `remaining_s`, for --for; `until_epoch`, once the first epoch
+    trained at it is known, else `epochs` from `from_epoch`, for --epochs); `policy_lr`:
+    the LR the policy would set now."""
+    o = job.override
     if o is None:
         return None
     from .store import rfc3339
 
-    until = None if o.until_wall is None else rfc3339(o.until_wall)
+    until = o.until_wall(now, wall) if wall is not None else None
+    left = o.left(now)
     return {
         "lr": o.lr,
         "author": o.author,
         "reason": o.reason,
-        "until_epoch": o.until_epoch,
-        "until": until,
+        "unit": job.unit,
+        "epochs": o.epochs,
+        "from_epoch": o.from_t,
+        "trained": o.trained if o.epochs is not None else None,
+        "until_epoch": o.until_epoch(),
+        "until": None if until is None else rfc3339(until),
+        "remaining_s": None if left is None else round(left, 3),
+        "policy_lr": job.policy_lr,
     }
 
 

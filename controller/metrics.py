@@ -209,6 +209,7 @@ _JOB_FAMILIES = (
     ("lrpilot_range_test_suggested_lr", "gauge", "LR suggested by a range test"),
     ("lrpilot_last_report_timestamp_seconds", "gauge", "Unix time of the job's last report"),
     ("lrpilot_job_finished", "gauge", "1 when every worker of the job said bye (a normal end)"),
+    ("lrpilot_override_active", "gauge", "1 while an operator's pin (set-lr --for/--epochs) holds"),
 )
 
 
@@ -302,6 +303,7 @@ def _job_lines(job: JobState, c: Counters | None, live: int) -> tuple[str, ...]:
         suggested,
         last,
         f"lrpilot_job_finished{j}{'1.0' if job.sessions.finished() else '0.0'}\n",
+        f"lrpilot_override_active{j}{'0.0' if job.override is None else '1.0'}\n",
     )
 
 

@@ -40,7 +40,7 @@ from lrpilot.client.protocol import (
 
 from . import __version__
 from .admin_requests import JobRequests, error
-from .auth import Authorizer, Grant
+from .auth import Authorizer, Grant, audit_author, peer_uid
 from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
@@ -163,6 +163,7 @@ class Server:
         self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": jobs.status,
             "set_lr": jobs.set_lr,
+            "release": jobs.release,
             "history": jobs.history,
             "forget": jobs.forget,
             "range_test": jobs.range_test,
@@ -182,6 +183,7 @@ class Server:
         #: The grants of the authorized keys when CURVE is on, else None.
         self.authorizer: Authorizer | None = None
         self.admin_grant: Grant | None = None  # of the admin request being handled
+        self.admin_uid: int | None = None  # its ipc:// peer's uid, where the OS tells
         self._http: Any = None
         self.web: WebBridge | None = None
         try:
@@ -543,9 +545,16 @@ class Server:
     def _drain_admin(self, budget: int = 100) -> None:
         for _ in range(budget):
             try:
-                frames, user = self._recv(self.admin)
+                parts = self.admin.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [p.bytes for p in parts]
+            user: str | None = None
+            self.admin_uid = None
+            with contextlib.suppress(zmq.ZMQError):
+                if self.authorizer is not None:
+                    user = str(parts[-1].get("User-Id"))
+                self.admin_uid = peer_uid(str(parts[-1].get("Peer-Address")))
             try:
                 if self.authorizer is not None:
                     self.admin_grant = self.authorizer.grant(user)
@@ -564,6 +573,11 @@ class Server:
                 continue
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
+
+    def admin_author(self, claimed: object) -> str:
+        """The audit author of the admin request being handled (see `auth.audit_author`)."""
+        grant = self.admin_grant if self.authorizer is not None else None
+        return audit_author(grant, self.admin_uid, claimed)
 
     def _admin(self, frame: bytes) -> dict[str, Any]:
         try:

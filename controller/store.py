@@ -126,7 +126,14 @@ def decode_metrics(data: bytes) -> dict[str, float]:
     return value if isinstance(value, dict) else {}
 
 
+#: The Unix times rfc3339 writes as they are (years 1970...9999); others are clamped.
+_FIRST, _LAST = 0.0, 253402300799.999
+
+
 def rfc3339(ts: float) -> str:
+    """`ts` (Unix seconds) in RFC 3339 UTC with milliseconds. Never raises: a time outside
+    the years 1970...9999 (or not finite) is written as the nearest end of that range."""
+    ts = min(max(ts, _FIRST), _LAST) if ts == ts else _FIRST
     return (
         datetime.fromtimestamp(ts, timezone.utc)
         .isoformat(timespec="milliseconds")

@@ -32,13 +32,10 @@ from .aggregate import Pending, combine
 from .jobstate import JobState, Override, start_from, state_for
 from .policies import (
     Decision,
-    Event,
     Phases,
     PhasesState,
     Plateau,
     Policy,
-    Schedule,
-    ScheduleState,
     State,
     fingerprint,
 )
@@ -55,7 +52,9 @@ __all__ = [
     "expire_override",
     "hello",
     "override",
+    "pin_notices",
     "rebind",
+    "release",
     "report",
     "timeout",
     "transfer_state",
@@ -137,7 +136,10 @@ def lr_message(
 
 
 def plan_of(job: JobState) -> dict[str, Any] | None:
-    """The plan in force (a schedule, or a chain's schedule phase), or None."""
+    """The plan in force (a schedule, or a chain's schedule phase), or None (also while an
+    operator's pin holds the LR)."""
+    if job.override is not None:
+        return None
     return job.policy.plan(job.state)
 
 
@@ -182,6 +184,7 @@ def _push(
     apply_from: int,
     answered: Mapping[int, object] | None = None,
     action: str | None = None,
+    notices: tuple[tuple[str, str], ...] = (),
 ) -> Outgoing:
     """The decision to every live worker, but the ranks in `answered` (they got a reply);
     workers whose hello said `plans: true` get the plan in force with it."""
@@ -189,7 +192,7 @@ def _push(
     return [
         (
             w.session,
-            lr_message(job, reason, None, apply_from, action, plan=plan if w.plans else None),
+            lr_message(job, reason, None, apply_from, action, notices, plan if w.plans else None),
         )
         for w in job.sessions.live(env.now, env.worker_timeout)
         if answered is None or w.rank not in answered
@@ -241,6 +244,7 @@ def hello(
                 pending={},
                 value=None,
                 sessions=job.sessions.new_run(),
+                override=None,  # a pin belongs to the run it was set in
             )
             reason = "initial"
             plan = plan_of(job)
@@ -254,6 +258,7 @@ def hello(
         directions=directions,
         sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid, h.plans),
         last_seen=env.now,
+        finished=False,
     )
     # A policy that starts with a range test: every rank keeps a copy of its weights first.
     action = job.policy.start_action(job.state)
@@ -272,7 +277,8 @@ def hello(
             abandoned.audit[:0] = audit
             return abandoned
     plan = plan_of(job) if h.plans else None
-    return Step(job, [(h.session, lr_message(job, reason, None, start, action, plan=plan))], audit)
+    answer = lr_message(job, reason, None, start, action, pin_notices(job), plan)
+    return Step(job, [(h.session, answer)], audit)
 
 
 def _abandon_sweep(job: JobState, h: Hello, start: int, env: Env, joined: bool) -> Step | None:
@@ -465,7 +471,7 @@ def decide(
         notices.append(("monitor_missing", decision.warning))
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
-    old_lr = job.lr
+    old_lr, old_policy_lr, previous = job.lr, job.policy_lr, job.last_epoch
     # The LR trained is what the first rank says it used (a plan runs in the trainer), else
     # the LR in force.
     first = reports[min(reports)] if reports else None
@@ -473,46 +479,53 @@ def decide(
     epoch = first.epoch if first is not None else t
     point = MetricPoint(job.name, job.run, t, epoch, trained, env.wall, dict(metrics))
     audit: list[AuditRow] = []
+    plan_before = plan_of(job)
     if not decision.apply:
         notices.append(
             (
                 "shadow",
                 f"the policy runs in shadow mode (apply: false): it decided lr "
-                f"{decision.lr:.6g}, the LR stays {old_lr:.6g}",
+                f"{decision.lr:.6g}, the LR stays {old_policy_lr:.6g}",
             )
         )
         # Shadow mode: keep the policy's memory and record the decision, send the old LR.
-        job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_lr))
-        if decision.lr != old_lr:
+        job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_policy_lr))
+        if decision.lr != old_policy_lr:
             detail = f"shadow lr {decision.lr:.6g}"
             audit.append(
                 audit_row(job, env, old_lr, decision.reason, t + 1, source="shadow", detail=detail)
             )
-        decision = Decision(old_lr)
+        decision = Decision(old_policy_lr)
     else:
-        changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
-        plan_before = plan_of(job)
-        job = job.with_(state=state, version=job.version + 1 if changed else job.version)
-        plan = plan_of(job)
-        if changed and not (plan is not None and plan == plan_before and not decision.action):
-            # A plan is audited (and logged) once, when it starts, not at each of its values.
-            why = decision.detail
-            if plan is not None and why is None:
-                why = plan_detail(plan)
-            audit.append(audit_row(job, env, old_lr, decision.reason, t + 1, detail=why))
+        job = job.with_(state=state)
     job = job.with_(last_epoch=t, value=value)
-    o = job.override
-    if o is not None and (
-        (o.until_epoch is not None and t + 1 >= o.until_epoch)
-        or (o.until_wall is not None and env.wall >= o.until_wall)
-    ):
-        job, expired = _end_override(job, env, t)
-        if expired is not None:
-            audit.append(expired)
-            decision = Decision(job.lr, Event("override", old_lr, job.lr), decision.action)
-    changed = decision.lr != old_lr or decision.action in ("snapshot", "restore")
-    reason = decision.reason if changed else "unchanged"
+    reason, pin_ended = decision.reason, False
+    if job.override is not None:
+        # A pin: the policy decided underneath (its state advanced), the pinned LR holds
+        # until the pin has run its course; then the policy's LR applies from t+1.
+        trained_at = [r.lr for r in reports.values()]
+        pin = job.override.observe(t, previous, trained_at).tick(env.now, env.wall)
+        pin_ended = pin.over(env.now)
+        job = job.with_(override=None if pin_ended else pin)
+        reason = "override" if pin_ended else "unchanged"
+    changed = job.lr != old_lr or decision.action in ("snapshot", "restore")
+    if changed:
+        job = job.with_(version=job.version + 1)
     plan = plan_of(job)
+    if pin_ended:
+        audit.append(audit_row(job, env, old_lr, "override", t + 1, "expiry", "expired"))
+    elif (
+        changed
+        and job.override is None
+        # A plan is audited (and logged) once, when it starts, not at each of its values.
+        and (plan is None or plan != plan_before or decision.action)
+    ):
+        why = decision.detail
+        if plan is not None and why is None:
+            why = plan_detail(plan)
+        audit.append(audit_row(job, env, old_lr, reason, t + 1, detail=why))
+    reason = reason if changed else "unchanged"
+    notices += pin_notices(job)
     workers = job.sessions.workers
     out: Outgoing = [
         (
@@ -546,10 +559,13 @@ def _current_policy(policy: Policy, state: State) -> Policy:
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:
-    """A rank is done: it no longer counts as a worker (nothing to store)."""
+    """A rank is done: it no longer counts as a worker; the job is finished (stored) once
+    every rank that said hello said bye."""
     if job is None or job.sessions.worker(b.rank, b.session) is None:
         return None
-    return Step(job.with_(sessions=job.sessions.leave(b.rank, b.session)), persist=False)
+    sessions = job.sessions.leave(b.rank, b.session)
+    finished = sessions.finished()  # stored: `set-lr` on a finished job is refused
+    return Step(job.with_(sessions=sessions, finished=finished), persist=finished)
 
 
 # -- operator and reload -------------------------------------------------------------------
@@ -564,76 +580,80 @@ def override(
     epochs: int | None = None,
     seconds: float | None = None,
 ) -> Step:
-    """`lrpilot set-lr`: from the next epoch; a plateau keeps best/wait, a schedule rebases.
+    """`lrpilot set-lr`: the job's LR from its next epoch (step), pushed to every worker.
 
-    With `epochs` or `seconds` the override ends by itself: then the policy's own LR
-    comes back (audited as `override` with detail `expired`).
+    Without `epochs` or `seconds` it is a new base: a plateau keeps best/wait and reduces
+    from it, a schedule rebases. With one of them it is a pin (see `Override`): the LR
+    holds exactly, the policy keeps deciding underneath, and its LR takes over at the end
+    (audited as `override` with detail `expired`). A new set-lr replaces a pin.
     """
     old = job.lr
     t = job.last_epoch if job.last_epoch is not None else -1
-    timed = None
-    if epochs is not None or seconds is not None:
-        saved = (job.override.saved if job.override else None) or job.state.to_dict()
-        timed = Override(
+    detail = reason or None
+    if epochs is None and seconds is None:
+        state = job.policy.rebase(job.state, lr, t)
+        job = job.with_(state=state, version=job.version + 1, override=None)
+    else:
+        pin = Override(
             lr,
             author,
             reason,
-            until_epoch=None if epochs is None else t + 1 + epochs,
-            until_wall=None if seconds is None else env.wall + seconds,
-            saved=saved,
+            from_t=t + 1,
+            epochs=epochs,
+            remaining=seconds,
+            since=env.now,
+            since_wall=env.wall,
         )
-    job = job.with_(
-        state=job.policy.rebase(job.state, lr, t), version=job.version + 1, override=timed
-    )
-    detail = reason or None
-    if timed is not None:
+        job = job.with_(version=job.version + 1, override=pin)
         ends = f"{epochs} {job.unit}s" if epochs is not None else f"{seconds:g} s"
         detail = f"{reason}; for {ends}" if reason else f"for {ends}"
     row = audit_row(job, env, old, "override", t + 1, source=author or "operator", detail=detail)
-    step = Step(job, _push(job, env, "override", t + 1), [row])
+    notices = pin_notices(job)
+    step = Step(job, _push(job, env, "override", t + 1, notices=notices), [row])
     if seconds is not None:
         step.override_until = env.now + seconds
     return step
 
 
+def release(job: JobState, author: str, env: Env) -> Step:
+    """`lrpilot release`: the pin ends now; the policy's LR from the next epoch (step)."""
+    return _end_pin(job, env, author or "operator", "released")
+
+
 def expire_override(job: JobState, env: Env) -> Step | None:
-    """An expiring override ran out (by time): the policy's own LR from the next epoch."""
+    """A --for pin's time ran out: the policy's LR from the next epoch (step)."""
     o = job.override
-    if o is None or o.until_wall is None or env.wall < o.until_wall:
+    ends = None if o is None else o.ends
+    if ends is None or env.now < ends:
         return None
-    job, row = _end_override(job, env, job.next_t() - 1)
-    if row is None:
-        return Step(job)
-    return Step(job, _push(job, env, "override", job.next_t()), [row])
+    return _end_pin(job, env, "expiry", "expired")
 
 
-def _end_override(job: JobState, env: Env, t: int) -> tuple[JobState, AuditRow | None]:
-    """The job without its override, from t+1 on: the LR the policy would have now."""
-    o = job.override
-    assert o is not None
-    lr = _policy_lr(job.policy, job.policy.load_state(o.saved), job.state, t)
+def _end_pin(job: JobState, env: Env, source: str, detail: str) -> Step:
+    old, t = job.lr, job.next_t()
     job = job.with_(override=None)
-    if lr is None or lr == job.lr:
-        return job, None
-    old = job.lr
-    job = job.with_(state=job.policy.rebase(job.state, lr, t), version=job.version + 1)
-    return job, audit_row(job, env, old, "override", t + 1, source="expiry", detail="expired")
+    changed = job.lr != old
+    if changed:
+        job = job.with_(version=job.version + 1)
+    row = audit_row(job, env, old, "override", t, source=source, detail=detail)
+    return Step(job, _push(job, env, "override", t) if changed else [], [row])
 
 
-def _policy_lr(policy: Policy, saved: State, now: State, t: int) -> float | None:
-    """The LR `policy` would set for t+1 from its pre-override state `saved` (None: the
-    chain has moved to another phase since, which set its own LR)."""
-    if isinstance(policy, Phases):
-        assert isinstance(saved, PhasesState) and isinstance(now, PhasesState)
-        if saved.index != now.index:
-            return None
-        inner = policy.phases[now.index].policy
-        return _policy_lr(
-            inner, inner.load_state(saved.inner), inner.load_state(now.inner), t - now.start
-        )
-    if isinstance(policy, Schedule) and isinstance(saved, ScheduleState):
-        return policy.lr_at(saved, t + 1)
-    return saved.lr
+def pin_notices(job: JobState) -> tuple[tuple[str, str], ...]:
+    """Notice `override` for the trainer while a pin holds: its LR, who, and its end."""
+    o = job.override
+    if o is None:
+        return ()
+    if o.epochs is not None:
+        n = f"{o.epochs} {job.unit}{'s' if o.epochs != 1 else ''}"
+        end = f"for {n} trained at it, from {job.unit} {o.from_t} or later"
+    else:
+        until = rfc3339(round(o.since_wall + (o.remaining or 0.0)))
+        end = f"until {until[:19]}Z"
+    who = f" by {o.author}" if o.author else ""
+    why = f" ({o.reason})" if o.reason else ""
+    text = f"lr {o.lr:.6g} pinned{who}{why} {end}; then the policy's LR applies"
+    return (("override", text),)
 
 
 def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:

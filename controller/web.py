@@ -122,9 +122,9 @@ class WebBridge:
         per_page = int(msg.get("per_page") or PER_PAGE)
         pages = max(1, math.ceil(len(names) / per_page))
         page = min(max(int(msg.get("page") or 1), 1), pages)
-        now, timeout = self.server.clock(), table.worker_timeout
+        now, timeout, wall = self.server.clock(), table.worker_timeout, self.server.wall()
         rows = [
-            status_row(table.jobs[n], now, timeout)
+            status_row(table.jobs[n], now, timeout, wall)
             for n in names[(page - 1) * per_page : page * per_page]
         ]
         return {
@@ -151,7 +151,9 @@ class WebBridge:
         reply["status"] = (
             None
             if job is None
-            else status_row(job, self.server.clock(), self.server.table.worker_timeout)
+            else status_row(
+                job, self.server.clock(), self.server.table.worker_timeout, self.server.wall()
+            )
         )
         reply["events"] = history.get("rows", [])
         reply["range_test"] = None if job is None else job.policy.range_test_report(job.state)

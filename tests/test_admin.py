@@ -31,29 +31,27 @@ def test_an_override_for_n_epochs_ends_and_the_schedule_takes_over(
     w = Wire(c.bind, "exp")
     try:
         w.hello(lr=0.8)
-        lrs = [w.report(e, {"loss": 1.0}).lr for e in range(2)]  # LR for epochs 1, 2
-        assert lrs == [0.8, 0.4]
+        lrs = [w.report(e, {"loss": 1.0}, lr=lr).lr for e, lr in ((0, 0.8), (1, 0.8))]
+        assert lrs == [0.8, 0.4]  # the LRs for epochs 1 and 2
         reply = admin.set_lr("exp", 0.05, reason="spike", epochs=2)
-        assert reply["apply_from"] == 2 and reply["override"]["until_epoch"] == 4
+        assert reply["apply_from"] == 2 and reply["override"]["epochs"] == 2
+        assert reply["override"]["until_epoch"] is None  # known once it is trained at
         push = w.recv()
         assert isinstance(push, LrMessage) and push.lr == 0.05 and push.apply_from_epoch == 2
-        row = next(j for j in admin.status() if j["job"] == "exp")
-        assert row["override"] == {
-            "lr": 0.05,
-            "author": AUTHOR,
-            "reason": "spike",
-            "until_epoch": 4,
-            "until": None,
-        }
+        assert push.notices[0][0] == "override" and "for 2 epochs" in push.notices[0][1]
         table = run_cli("status", "--admin", c.admin).stdout
-        assert f"override by {AUTHOR} until epoch 4" in table
-        # Epochs 2 and 3 run at the override; from epoch 4 the step schedule's own LR
-        # (0.8 * 0.5 ** (4 // 2) = 0.2), as if the override had never been.
-        after = [w.report(e, {"loss": 1.0}).lr for e in range(2, 6)]
-        assert after == [0.05, 0.2, 0.2, 0.1]
+        assert f"pinned by claimed:{AUTHOR} for 2 epochs trained at it, from epoch 2" in table
+        # Epochs 2 and 3 train at the pin; from epoch 4 the step schedule's own LR
+        # (0.8 * 0.5 ** (4 // 2) = 0.2), as if the pin had never been.
+        assert w.report(2, {"loss": 1.0}, lr=0.05).lr == 0.05
+        row = next(j for j in admin.status() if j["job"] == "exp")
+        assert row["override"]["until_epoch"] == 4 and row["override"]["trained"] == 1
+        assert "until epoch 4 (1/2 trained at it)" in run_cli("status", "--admin", c.admin).stdout
+        trained = ((3, 0.05), (4, 0.2), (5, 0.2))
+        assert [w.report(e, {"loss": 1.0}, lr=lr).lr for e, lr in trained] == [0.2, 0.2, 0.1]
         history = admin.history("exp")
         kinds = [(r["reason"], r["source"], r["detail"]) for r in history]
-        assert ("override", AUTHOR, "spike; for 2 epochs") in kinds
+        assert ("override", f"claimed:{AUTHOR}", "spike; for 2 epochs") in kinds
         assert ("override", "expiry", "expired") in kinds
         assert next(j for j in admin.status() if j["job"] == "exp")["override"] is None
     finally:

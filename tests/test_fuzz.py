@@ -1,6 +1,6 @@
 """Property tests (hypothesis): hostile input only ever raises the project's own errors, and
 the daemon core decides exactly as a pure replay of the engine through restarts, reloads,
-overrides and job ends. `make test` runs a short profile; `make fuzz` a long one
+overrides, pins and job ends. `make test` runs a short profile; `make fuzz` a long one
 (HYPOTHESIS_PROFILE=fuzz)."""
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ class DaemonCore(RuleBasedStateMachine):
         self._turn(lambda b: b.hello(Hello("job", 0, 1, self.session, 0.1, 0)))
         self.policy = self._policy()
         self.model: PlateauState = self.policy.start(0.1, 0)  # type: ignore[assignment]
+        self.pin: tuple[float, float] | None = None  # (lr, monotonic end) of a --for pin
 
     def _policy(self) -> Plateau:
         p = load_text(POLICIES[self.which], "p.yaml").defaults.policy
@@ -162,6 +163,8 @@ class DaemonCore(RuleBasedStateMachine):
         r = Report("job", 0, self.session, self.seq, self.epoch, {"val_loss": value}, 0.1)
         self._turn(lambda b: b.report(r))
         self.model, _ = self.policy.step(self.model, self.epoch, {"val_loss": value}, {})
+        if self.pin is not None and self.now >= self.pin[1]:
+            self.pin = None  # over: the policy's LR from the next epoch
         self.epoch += 1
         self.now += 1
 
@@ -177,6 +180,14 @@ class DaemonCore(RuleBasedStateMachine):
     def override(self, lr: float) -> None:
         self._turn(lambda b: b.override("job", lr, "fuzz", "tester"))
         self.model = self.policy.rebase(self.model, lr, self.epoch - 1)  # type: ignore[assignment]
+        self.pin = None
+
+    @precondition(lambda self: self.epoch > 0)
+    @rule(lr=st.sampled_from([0.05, 0.3]), seconds=st.sampled_from([1.0, 2.5, 4.0]))
+    def pin_for(self, lr: float, seconds: float) -> None:
+        """`set-lr --for`: the LR holds; the engine underneath goes on untouched."""
+        self._turn(lambda b: b.override("job", lr, "fuzz", "tester", seconds=seconds))
+        self.pin = (lr, self.now + seconds)
 
     @rule()
     def reload(self) -> None:
@@ -206,7 +217,8 @@ class DaemonCore(RuleBasedStateMachine):
     @invariant()
     def decides_as_the_engine(self) -> None:
         job = self.table.jobs["job"]
-        assert job.lr == self.model.lr
+        assert job.policy_lr == self.model.lr
+        assert job.lr == (self.model.lr if self.pin is None else self.pin[0])
         state = job.state
         assert isinstance(state, PlateauState)
         assert (state.best, state.wait, state.cooldown_counter) == (

@@ -360,7 +360,8 @@ def test_set_lr_pushes_to_workers_and_is_audited(controller_factory: Factory) ->
         import getpass
         import socket
 
-        author = f"{getpass.getuser()}@{socket.gethostname()}"  # who ran set-lr
+        # Who ran set-lr, as the caller says: a loopback TCP admin socket cannot vouch for it.
+        author = f"claimed:{getpass.getuser()}@{socket.gethostname()}"
         assert rows[1]["source"] == author and rows[1]["detail"] == "spike at epoch 0"
         lines = (c.state_dir / "audit.jsonl").read_text().splitlines()
         assert len(lines) == 3 and '"override"' in lines[1]
