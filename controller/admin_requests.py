@@ -17,7 +17,7 @@ from lrpilot.client.vocabulary import LR_MESSAGE, as_lr
 
 from .errors import Moved
 from .jobstate import JobState, status_row
-from .store import MetricStore, StoreUnavailable, decode_metrics, rfc3339
+from .store import StoreUnavailable, decode_metrics, rfc3339
 from .units import check_seconds
 
 if TYPE_CHECKING:
@@ -77,6 +77,22 @@ class JobRequests:
                 f"socket {owner[1]} is local to it: run the command there",
             )
         raise Moved(job, owner[1])
+
+    def job(self, name: str) -> JobState | None:
+        """The job in memory, or (PostgreSQL store) as the database has it when another
+        controller owns it; None: no such job, or its row is unreadable now."""
+        job = self.server.table.jobs.get(name)
+        pg = self.server.pg
+        if job is not None or pg is None or pg.owns(name):
+            return job
+        try:
+            data = pg.load_job(name)
+            if data is None:
+                return None
+            table = self.server.table
+            return JobState.from_stored(name, table.rule_for(name), data, self.server.clock())
+        except (StoreUnavailable, ValueError, TypeError, KeyError, AttributeError):
+            return None  # its owner quarantines a row that does not fit
 
     def status(self, msg: dict[str, Any]) -> dict[str, Any]:
         now, timeout = self.server.clock(), self.server.table.worker_timeout
@@ -226,10 +242,11 @@ class JobRequests:
         with `after`, only the points after that t (`count` says how many the run holds)."""
         name = check_name(msg.get("job"), "job")
         self.allowed(name)
-        store, job = self.server.store, self.server.table.jobs.get(name)
-        if not isinstance(store, MetricStore):
-            return error("unavailable", "this controller's store records no metrics (yet)")
-        runs = store.metric_runs(name)
+        store, job = self.server.store, self.job(name)
+        try:
+            runs = store.metric_runs(name)
+        except StoreUnavailable as exc:
+            return error("unavailable", str(exc))
         if not runs and job is None:
             return error("unknown_job", f"no job {name!r}")
         run = msg.get("run")
@@ -238,7 +255,11 @@ class JobRequests:
         after = msg.get("after")
         if not isinstance(after, int) or isinstance(after, bool):
             after = -1
-        rows = store.metric_rows(name, run, after)
+        try:
+            rows = store.metric_rows(name, run, after)
+            count = store.metric_count(name, run) if after >= 0 else len(rows)
+        except StoreUnavailable as exc:
+            return error("unavailable", str(exc))
         unit = job.unit if job is not None else None
         monitor = job.policy.describe(job.state).get("monitor") if job is not None else None
         reply = {
@@ -249,7 +270,7 @@ class JobRequests:
             "unit": unit or ("step" if any(r[0] != r[1] for r in rows) else "epoch"),
             "monitor": monitor,
             "after": after,  # only points with a later t: the reader has those before
-            "count": store.metric_count(name, run) if after >= 0 else len(rows),
+            "count": count,
         }
         if msg.get("raw"):  # the web view decodes in its own thread, not the loop's
             reply["rows"] = rows

@@ -36,7 +36,17 @@ from typing import Any
 import psycopg
 
 from .errors import NotOwner, StoreUnavailable
-from .store import AuditRow, Writes, decode_row, rfc3339
+from .store import (
+    METRIC_POINTS_KEPT,
+    METRIC_RUNS_KEPT,
+    AuditRow,
+    MetricPoint,
+    Writes,
+    decode_metrics,
+    decode_row,
+    encode_row,
+    rfc3339,
+)
 
 __all__ = ["DEAD_AFTER", "DEFAULT_SHARDS", "HEARTBEAT", "NotOwner", "PgStore", "shard_of"]
 
@@ -64,6 +74,12 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
 CREATE INDEX IF NOT EXISTS audit_job_run ON audit (job, run, id);
+CREATE TABLE IF NOT EXISTS metrics (
+    job TEXT NOT NULL, run BIGINT NOT NULL, t BIGINT NOT NULL, epoch BIGINT NOT NULL,
+    lr DOUBLE PRECISION NOT NULL, time DOUBLE PRECISION NOT NULL, data BYTEA NOT NULL,
+    PRIMARY KEY (job, run, t));
+CREATE TABLE IF NOT EXISTS metric_strides (
+    job TEXT NOT NULL, run BIGINT NOT NULL, stride BIGINT NOT NULL, PRIMARY KEY (job, run));
 CREATE TABLE IF NOT EXISTS quarantine (
     job TEXT NOT NULL, data BYTEA, error TEXT NOT NULL, time TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS controllers (
@@ -73,9 +89,57 @@ CREATE TABLE IF NOT EXISTS controllers (
 
 _AUDIT_COLUMNS = "time, job, old_lr, new_lr, reason, version, epoch, source, run, detail"
 
+#: Recorded metrics, as `Store._record` writes them, in CTEs of the commit statement (which
+#: all see the tables as they were before it: so the thinning counts the run's rows that
+#: survive the turn plus its new points, and no row is both deleted and written).
+_RECORD = f"""nm AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+    %s::float8[], %s::float8[], %s::bytea[]) AS nm(job, run, t, epoch, lr, time, data)),
+mf AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS mf(job, run, t)),
+thin AS (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS thin(job, run, stride)),
+kept AS (
+    SELECT m.job, m.run, m.t FROM metrics m JOIN thin USING (job, run)
+    WHERE NOT EXISTS (SELECT FROM mf WHERE mf.job = m.job AND mf.run = m.run AND m.t >= mf.t)
+    UNION SELECT job, run, t FROM nm JOIN thin USING (job, run)),
+strides AS (
+    SELECT DISTINCT ON (thin.job, thin.run) thin.job, thin.run, k,
+        thin.stride << k AS stride, count(kept.t) AS n
+    FROM thin CROSS JOIN generate_series(0, 40) AS k
+    LEFT JOIN kept ON kept.job = thin.job AND kept.run = thin.run
+        AND mod(kept.t, NULLIF(thin.stride << k, 0)) = 0
+    WHERE thin.stride << k > 0
+    GROUP BY thin.job, thin.run, thin.stride, k
+    HAVING count(kept.t) <= {METRIC_POINTS_KEPT}
+    ORDER BY thin.job, thin.run, k),
+newrun AS (SELECT DISTINCT unnest(%s::text[]) AS job),
+ranked AS (
+    SELECT job, run, row_number() OVER (PARTITION BY job ORDER BY run DESC) AS n
+    FROM (SELECT job, run FROM metrics WHERE job IN (SELECT job FROM newrun)
+        UNION SELECT job, run FROM nm WHERE job IN (SELECT job FROM newrun)) AS r),
+dropped AS (SELECT job, run FROM ranked WHERE n >= {METRIC_RUNS_KEPT}),
+dm AS (
+    DELETE FROM metrics m USING mf WHERE m.job = mf.job AND m.run = mf.run AND m.t >= mf.t
+    AND NOT EXISTS (SELECT FROM nm WHERE nm.job = m.job AND nm.run = m.run AND nm.t = m.t)),
+dt AS (
+    DELETE FROM metrics m USING strides s
+    WHERE m.job = s.job AND m.run = s.run AND mod(m.t, s.stride) <> 0),
+dr AS (DELETE FROM metrics m USING dropped d WHERE m.job = d.job AND m.run = d.run),
+drs AS (DELETE FROM metric_strides m USING dropped d WHERE m.job = d.job AND m.run = d.run),
+im AS (
+    INSERT INTO metrics (job, run, t, epoch, lr, time, data)
+    SELECT nm.job, nm.run, nm.t, nm.epoch, nm.lr, nm.time, nm.data
+    FROM nm LEFT JOIN strides s USING (job, run)
+    WHERE (s.stride IS NULL OR mod(nm.t, s.stride) = 0)
+    AND NOT EXISTS (SELECT FROM dropped d WHERE d.job = nm.job AND d.run = nm.run)
+    ON CONFLICT (job, run, t) DO UPDATE SET epoch = excluded.epoch, lr = excluded.lr,
+        time = excluded.time, data = excluded.data),
+ss AS (
+    INSERT INTO metric_strides (job, run, stride) SELECT job, run, stride FROM strides s
+    WHERE k > 0 AND NOT EXISTS (SELECT FROM dropped d WHERE d.job = s.job AND d.run = s.run)
+    ON CONFLICT (job, run) DO UPDATE SET stride = excluded.stride)"""
+
 
 #: A turn's commit as one statement of data-modifying CTEs over arrays, one per table.
-_COMMIT = f"""
+_COMMIT_ROWS = f"""
 WITH j AS (
     INSERT INTO jobs (job, shard, data)
     SELECT * FROM unnest(%s::text[], %s::int[], %s::bytea[])
@@ -96,9 +160,24 @@ a AS (
         %s::bigint[], %s::bigint[], %s::text[], %s::bigint[], %s::text[])),
 forgotten AS (SELECT unnest(%s::text[]) AS job),
 dj AS (DELETE FROM jobs USING forgotten WHERE jobs.job = forgotten.job),
-ds AS (DELETE FROM snapshots USING forgotten WHERE snapshots.job = forgotten.job)
-SELECT 1
+ds AS (DELETE FROM snapshots USING forgotten WHERE snapshots.job = forgotten.job),
+dfm AS (DELETE FROM metrics USING forgotten WHERE metrics.job = forgotten.job),
+dfs AS (DELETE FROM metric_strides USING forgotten WHERE metric_strides.job = forgotten.job),
 """
+#: ... most turns: each point a new row (no run to thin, no new run, no resume), a plan
+#: prepared once. The turns that need more take `_RECORD`'s (planned each time).
+_COMMIT = (
+    _COMMIT_ROWS
+    + """im AS (
+    INSERT INTO metrics (job, run, t, epoch, lr, time, data)
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+        %s::float8[], %s::float8[], %s::bytea[])
+    ON CONFLICT (job, run, t) DO UPDATE SET epoch = excluded.epoch, lr = excluded.lr,
+        time = excluded.time, data = excluded.data)
+SELECT NULL, NULL, NULL, NULL WHERE false
+"""
+)
+_COMMIT_THIN = _COMMIT_ROWS + _RECORD + "\nSELECT job, run, stride, n FROM strides\n"
 
 
 def _columns(n: int, rows: Iterable[Iterable[Any]]) -> list[list[Any]]:
@@ -149,6 +228,10 @@ class PgStore:
         self._owners: dict[int, tuple[str, str]] = {}  # shard -> (endpoint, admin) of another
         self._conn: psycopg.Connection[Any] | None = None
         self._next_connect = 0.0
+        #: (job, run) -> [points stored (an upper bound), stride]: the thinning of recorded
+        #: metrics (as `Store` keeps it), read on first use, changed once a commit succeeded,
+        #: dropped with the shard (its next owner writes the run on).
+        self._thinning: dict[tuple[str, int], list[int]] = {}
         try:
             conn = self._connect()
             with conn.transaction(), conn.cursor() as cur:
@@ -249,6 +332,10 @@ class PgStore:
             if self._conn is None or self._conn.broken or self._conn.closed:
                 self.owned = frozenset()  # else the session lives and keeps what it holds
         self._told = self.owned
+        if fresh:  # another controller may have written any run since
+            self._thinning = {}
+        elif self._thinning and before - self.owned:
+            self._thinning = {k: v for k, v in self._thinning.items() if self.owns(k[0])}
         if fresh:
             return self.owned, before
         return self.owned - before, before - self.owned
@@ -384,7 +471,14 @@ class PgStore:
         """
         if not w:
             return
-        names = {*w.jobs, *w.deleted, *(s[0] for s in w.snapshots), *(r.job for r in w.audit)}
+        names = {
+            *w.jobs,
+            *w.deleted,
+            *(s[0] for s in w.snapshots),
+            *(r.job for r in w.audit),
+            *(p.job for p in w.metrics),
+            *(m[0] for m in w.metrics_from),
+        }
         foreign = sorted(n for n in names if not self.owns(n))
         if foreign:
             raise NotOwner(f"job {foreign[0]!r} is not in a shard this controller holds")
@@ -392,6 +486,7 @@ class PgStore:
         jobs = list(w.jobs)
         snapshots = {(j, r, e): data for j, r, e, data in w.snapshots}  # the last one wins
         deleted = list(w.deleted)
+        points, thin, states = self._thin(w)
         params = (
             jobs,
             [shard_of(n, self.shards) for n in jobs],
@@ -401,14 +496,101 @@ class PgStore:
             *_columns(2, w.old_runs),
             *_columns(10, [row.values() for row in w.audit]),
             deleted,
+            *_columns(7, points),
         )
+        statement = _COMMIT
+        if thin or w.metrics_from or w.old_runs:
+            statement = _COMMIT_THIN
+            params += (*_columns(3, w.metrics_from), *_columns(3, thin), [j for j, _ in w.old_runs])
         try:
             # One statement, so one round trip and one implicit transaction: all or nothing.
-            conn.execute(_COMMIT, params)
+            thinned = conn.execute(statement, params).fetchall()
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
                 self.owned = frozenset()  # the locks ended with the session
             raise StoreUnavailable(f"cannot commit to {self.where()}: {_why(exc)}") from None
+        for job, run, stride, count in thinned:  # counted exactly: no longer an upper bound
+            states[(job, int(run))] = [int(count), int(stride)]
+        self._thinning.update(states)
+        for key in w.old_runs:  # a run that ended gets no more points
+            self._thinning.pop(key, None)
+        for job in w.deleted:
+            for key in [k for k in self._thinning if k[0] == job]:
+                del self._thinning[key]
+
+    # -- recorded metrics -------------------------------------------------------------------
+
+    def _thin(
+        self, w: Writes
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[str, int, int]], dict[tuple[str, int], list[int]]]:
+        """The turn's points to write (every stride-th t of its run, the last of a t in the
+        turn), the runs whose count may pass METRIC_POINTS_KEPT (job, run, stride: the
+        statement doubles the stride until it does not), and the thinning states to keep
+        once the commit succeeded: `Store._record`'s rule, decided here and in SQL."""
+        forgotten = set(w.deleted)  # `Store` deletes their points after writing them
+        keys = {(p.job, p.run) for p in w.metrics if p.job not in forgotten}
+        self._read_thinning([k for k in keys if k not in self._thinning])
+        states = {key: list(self._thinning[key]) for key in keys}
+        rows: dict[tuple[str, int, int], tuple[Any, ...]] = {}
+        for p in w.metrics:
+            state = states.get((p.job, p.run))
+            if state is not None and p.t % state[1] == 0:
+                # An upper bound: a resumed run reports an epoch again and replaces its row.
+                state[0] += 1
+                rows[(p.job, p.run, p.t)] = (
+                    p.job,
+                    p.run,
+                    p.t,
+                    p.epoch,
+                    p.lr,
+                    p.wall,
+                    encode_row(p.metrics),
+                )
+        thin = [(*key, s[1]) for key, s in states.items() if s[0] > METRIC_POINTS_KEPT]
+        return list(rows.values()), thin, states
+
+    def _read_thinning(self, keys: list[tuple[str, int]]) -> None:
+        """The thinning state of runs this store has not written yet, from the tables."""
+        if not keys:
+            return
+        rows = self._read(
+            "SELECT k.job, k.run, (SELECT count(*) FROM metrics m WHERE m.job = k.job "
+            "AND m.run = k.run), (SELECT s.stride FROM metric_strides s WHERE s.job = k.job "
+            "AND s.run = k.run) FROM unnest(%s::text[], %s::bigint[]) AS k(job, run)",
+            tuple(_columns(2, keys)),
+        )
+        for job, run, count, stride in rows:
+            self._thinning[(job, int(run))] = [int(count), int(stride or 1)]
+
+    def metric_runs(self, job: str) -> list[int]:
+        """The runs of `job` with recorded metrics, oldest first (whichever controller
+        recorded them)."""
+        rows = self._read("SELECT DISTINCT run FROM metrics WHERE job = %s ORDER BY run", (job,))
+        return [int(r[0]) for r in rows]
+
+    def metric_rows(
+        self, job: str, run: int, after: int = -1
+    ) -> list[tuple[int, int, float, float, bytes]]:
+        """The recorded points of one run (those with t > `after`) in order of t: (t, epoch,
+        lr, wall, msgpack of the metrics), as `Store.metric_rows`."""
+        rows = self._read(
+            "SELECT t, epoch, lr, time, data FROM metrics WHERE job = %s AND run = %s "
+            "AND t > %s ORDER BY t",
+            (job, run, after),
+        )
+        return [(int(t), int(e), lr, wall, bytes(data)) for t, e, lr, wall, data in rows]
+
+    def metric_count(self, job: str, run: int) -> int:
+        """How many points of the run are recorded."""
+        rows = self._read("SELECT count(*) FROM metrics WHERE job = %s AND run = %s", (job, run))
+        return int(rows[0][0])
+
+    def metrics(self, job: str, run: int) -> list[MetricPoint]:
+        """The recorded points of one run of `job`, in order of t."""
+        return [
+            MetricPoint(job, run, t, epoch, lr, wall, decode_metrics(data))
+            for t, epoch, lr, wall, data in self.metric_rows(job, run)
+        ]
 
     def history(
         self,

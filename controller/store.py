@@ -265,6 +265,15 @@ class StateStore(Protocol):
 
     def history(self, job: str, limit: int | None = None) -> list[AuditRow]: ...
 
+    # Recorded metrics (see `MetricStore`).
+    def metric_runs(self, job: str) -> list[int]: ...
+
+    def metric_rows(
+        self, job: str, run: int, after: int = -1
+    ) -> list[tuple[int, int, float, float, bytes]]: ...
+
+    def metric_count(self, job: str, run: int) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -272,7 +281,8 @@ class StateStore(Protocol):
 class MetricStore(Protocol):
     """A store that records metrics (`Writes.metrics`, `Writes.metrics_from`, thinned to
     METRIC_POINTS_KEPT points per run, the last METRIC_RUNS_KEPT runs) and reads them back:
-    what `lrpilot metrics`, `simulate --job` and the web view need. `Store` provides it."""
+    what `lrpilot metrics`, `simulate --job` and the web view need. `Store` and `PgStore`
+    (every controller's jobs) provide it."""
 
     def metric_runs(self, job: str) -> list[int]: ...
 

@@ -145,7 +145,7 @@ class WebBridge:
         reply = requests.metrics(ask)
         if reply["t"] == "error":
             return reply
-        job = self.server.table.jobs.get(name)
+        job = requests.job(name)  # with PostgreSQL, also a job another controller owns
         history = requests.history({"job": name, "run": reply["run"]})
         reply["t"] = "job"
         reply["status"] = (

@@ -573,3 +573,124 @@ def test_real_clients_given_both_endpoints_follow_moved_and_fail_over(
         expected = [lr for prev, lr in zip([lrs[0], *lrs], lrs, strict=False) if lr != prev]
         assert changes == pytest.approx(expected), job
     assert_one_sequence_per_run(dsn)
+
+
+def test_recorded_metrics_are_read_through_any_controller_and_the_web_view(
+    dsn: str, start: Callable[[str], Controller], ctx: zmq.Context[Any]
+) -> None:
+    import csv
+    import io
+    import urllib.parse
+    import urllib.request
+
+    a = start(dsn)
+    wait_for("the first controller to own every shard", lambda: shards_owned(a) == 64)
+    b = start(dsn)
+    split_evenly(a, b)
+    job = "team/recorded"
+    peer = Peer(ctx, job, [a.bind, b.bind])
+    values = metric_values(job, 8)
+    trained = []
+    for epoch, value in enumerate(values):
+        trained.append(peer.lr)  # the LR this epoch trained with, as the report says
+        peer.report(epoch, value)
+    owner, other = (a, b) if peer.answered_by[-1] == a.bind else (b, a)
+    assert shards_owned(other) == 32  # the job is not the other controller's
+
+    out = run_cli("metrics", job, "--csv", "--admin", other.admin)
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert list(rows[0]) == ["epoch", "val_loss", "lr"]
+    assert [int(r["epoch"]) for r in rows] == list(range(8))
+    assert [float(r["val_loss"]) for r in rows] == values
+    assert [float(r["lr"]) for r in rows] == pytest.approx(trained, rel=1e-9)
+    assert min(trained) < LR0  # the plateau reduced it: the column is not constant
+    table = run_cli("metrics", job, "--admin", owner.admin)
+    assert table.returncode == 0 and "8 points, monitor val_loss" in table.stdout, table.stderr
+
+    url = other.metrics.removesuffix("metrics") + f"api/jobs/{urllib.parse.quote(job, '')}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        page = json.loads(resp.read())
+    assert page["x"] == list(range(8)) and page["metrics"] == {"val_loss": values}
+    assert page["lr"] == pytest.approx(trained, rel=1e-9)
+    assert page["monitor"] == "val_loss" and page["status"]["job"] == job  # from the database
+    with urllib.request.urlopen(url + "?after=5", timeout=5) as resp:
+        tail = json.loads(resp.read())
+    assert tail["x"] == [6, 7] and tail["count"] == 8
+
+    assert run_cli("forget", job, "--admin", owner.admin).returncode == 0
+    gone = run_cli("metrics", job, "--admin", other.admin)
+    assert gone.returncode == 1 and f"no job {job!r}" in gone.stderr
+
+
+def test_postgres_records_and_thins_metrics_exactly_as_sqlite(dsn: str, tmp_path: Path) -> None:
+    """The same turns written to both stores leave the same points after every commit: a
+    long run thinned past 10,000 points (its stride read back after a restart), a step job
+    reporting even steps only, a t reported twice in a turn, a resume redoing epochs, a job
+    restarted 12 times (the last 10 runs kept), a job forgotten in a turn it reported in."""
+    from lrpilot.controller.pgstore import PgStore
+    from lrpilot.controller.store import METRIC_POINTS_KEPT, MetricPoint, Store, Writes
+
+    def points(job: str, run: int, ts: range | list[int], seed: float = 0) -> list[MetricPoint]:
+        return [
+            MetricPoint(job, run, t, t // 100, 0.1 / (1 + t), 1.7e9 + t, {"loss": t / 7 + seed})
+            for t in ts
+        ]
+
+    turns: list[Writes | str] = []
+    for start in range(0, 25_000, 1_000):
+        turns.append(
+            Writes(
+                metrics=points("long", 7, range(start, start + 1_000))
+                + points("even", 1, range(start, start + 1_000, 2))
+            )
+        )
+    turns.append("restart")  # the thinning state is read back from the tables
+    turns.append(Writes(metrics=points("long", 7, range(25_000, 40_005))))
+    turns.append(
+        Writes(metrics=points("long", 7, [40_008, 40_016]) + points("long", 7, [40_016], 1))
+    )
+    turns.append(  # a resume from t 39,000: the points from there are redone
+        Writes(
+            metrics_from=[("long", 7, 39_000)], metrics=points("long", 7, range(39_000, 39_100), 2)
+        )
+    )
+    for run in range(12):
+        turns.append(
+            Writes(
+                old_runs=[("runs", run - 1)] if run else [],
+                metrics=points("runs", run, range(run % 3 + 1)),
+            )
+        )
+    turns.append(Writes(deleted=["even"], metrics=points("even", 1, [25_000, 25_004])))
+
+    sqlite, pg = Store(tmp_path / "sqlite"), PgStore(dsn)
+    try:
+        pg.register("tcp://t:1", "tcp://t:2")
+        assert len(pg.tick()[0]) == 64
+        keys: set[tuple[str, int]] = set()
+        for w in turns:
+            if w == "restart":
+                sqlite.close()
+                pg.close()
+                sqlite, pg = Store(tmp_path / "sqlite"), PgStore(dsn)
+                pg.register("tcp://t:1", "tcp://t:2")
+                assert len(pg.tick()[0]) == 64
+                continue
+            assert isinstance(w, Writes)
+            sqlite.commit(w)
+            pg.commit(w)
+            keys |= {(p.job, p.run) for p in w.metrics}
+            for job in {k[0] for k in keys}:
+                assert pg.metric_runs(job) == sqlite.metric_runs(job), job
+            for job, run in keys:
+                assert pg.metric_rows(job, run) == sqlite.metric_rows(job, run), (job, run)
+                assert pg.metric_count(job, run) == sqlite.metric_count(job, run)
+        long = [row[0] for row in pg.metric_rows("long", 7)]
+        assert len(long) == 39_096 // 8 + 1 <= METRIC_POINTS_KEPT and long[:3] == [0, 8, 16]
+        assert long[-1] == 39_096  # the resume from 39,000 dropped 40,008 and 40,016
+        # As in `Store`: a run whose first points come in the turn that starts it leaves nine.
+        assert pg.metric_runs("runs") == list(range(3, 12)) and pg.metric_runs("even") == []
+    finally:
+        sqlite.close()
+        pg.close()
