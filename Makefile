@@ -99,6 +99,7 @@ fuzz: modules
 bench: modules
 	$(PY) bench/run.py
 	$(PY) bench/scale.py
+	$(PY) bench/report_cost.py
 	$(PY) bench/scale_out.py
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/plans.py

@@ -259,6 +259,11 @@ class Outbox:
         if retryable:
             self.hold(now)
             return HOLD
+        if code == "unknown_session" and not self.hello_answered:
+            # The controller answers in order: the hello first, then what followed it. So a
+            # refusal before the hello's answer refers to a send from before that hello, and
+            # the report has gone out again after it (its `gen` already says the new one).
+            return IGNORE
         if code == "unknown_session" and kept.seq > self.rehello_seq:
             # The controller forgot this session (it restarted): hello from the oldest kept
             # report, then everything kept again. A report kept at that hello and refused

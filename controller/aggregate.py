@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from lrpilot.client.protocol import Report
 
+from .pmap import PMap
+
 __all__ = ["Pending", "combine"]
 
 
@@ -22,10 +24,11 @@ class Pending:
 
     t: int
     first_seen: float
-    reports: Mapping[int, Report] = field(default_factory=dict)
+    reports: PMap[int, Report] = field(default_factory=PMap)
 
     def add(self, report: Report) -> Pending:
-        return Pending(self.t, self.first_seen, {**self.reports, report.rank: report})
+        """These reports and `report` (sharing the others: O(1) in the world size)."""
+        return Pending(self.t, self.first_seen, self.reports.set(report.rank, report))
 
     def complete(self, world: int) -> bool:
         return len(self.reports) >= world

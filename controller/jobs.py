@@ -14,6 +14,7 @@ sit in a heap, and per-job metrics are read from the table at scrape time.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -28,11 +29,14 @@ from . import transitions
 from .jobstate import JobState
 from .policyfile import JobRule, PolicySet
 from .store import SNAPSHOTS_KEPT, StateStore, Writes, encode_row
-from .transitions import Env, Outgoing, Step
+from .transitions import AggregateDue, Env, Outgoing, OverrideDue, Rebind, Release, SetLr, Step
 
 __all__ = ["Batch", "Counters", "JobTable"]
 
 log = logging.getLogger("lrpilot.controller")
+
+#: What a stored row that does not decode or fit the schema raises.
+_UNUSABLE = (ValueError, TypeError, KeyError, AttributeError)
 
 
 @dataclass
@@ -60,15 +64,21 @@ class Deadlines:
     def next(self) -> float | None:
         return self._heap[0][0] if self._heap else None
 
+    def due(self, now: float) -> list[tuple[float, str, str, int]]:
+        """The entries due at `now`, in order, left in the heap (`pop_due` once committed)."""
+        heap, found, stack = self._heap, [], [0]
+        while stack:  # the heap as a tree: a child is never due before its parent
+            i = stack.pop()
+            if i < len(heap) and heap[i][0] <= now:
+                found.append(heap[i])
+                stack += (2 * i + 1, 2 * i + 2)
+        return sorted(found)
+
     def pop_due(self, now: float) -> list[tuple[float, str, str, int]]:
         due = []
         while self._heap and self._heap[0][0] <= now:
             due.append(heapq.heappop(self._heap))
         return due
-
-    def restore(self, entries: list[tuple[float, str, str, int]]) -> None:
-        for entry in entries:
-            heapq.heappush(self._heap, entry)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -106,6 +116,10 @@ class JobTable:
         self.counters: dict[str, Counters] = {}
         self.deadlines = Deadlines()
         self._rules: dict[str, JobRule] = {}
+        #: Bumped by each reload; a job whose `generation` differs is rebound before it decides.
+        self.generation = 0
+        #: Jobs in memory at the last reload, to rebind a few per loop turn.
+        self.rebinding: list[str] = []
 
     def rule_for(self, name: str) -> JobRule:
         """The job's rule under the policy set in force (cached: globs are matched once)."""
@@ -117,24 +131,36 @@ class JobTable:
         return rule
 
     def batch(self, now: float, wall: float) -> Batch:
-        return Batch(self, Env(now, wall, self.worker_timeout))
+        env = Env(now, wall, self.worker_timeout, rules=self.rule_for, generation=self.generation)
+        return Batch(self, env)
 
-    def restore(self, rows: Iterator[tuple[str, dict[str, Any]]], now: float, wall: float) -> int:
+    def restore(
+        self, rows: Iterator[tuple[str, dict[str, Any] | ValueError]], now: float, wall: float
+    ) -> int:
         """Bring back stored jobs reported within --job-ttl, most recent first, up to
-        --max-jobs; a row that does not fit the schema is quarantined."""
-        recent = [
-            (name, data)
-            for name, data in rows
-            if wall - float(data.get("last_report_wall", 0.0) or 0.0) <= self.job_ttl
-        ]
+        --max-jobs; rows that do not decode or fit the schema are quarantined, in one commit."""
+        bad: list[tuple[str, str]] = []
+        recent: list[tuple[str, dict[str, Any]]] = []
+        for name, data in rows:
+            if isinstance(data, ValueError):
+                bad.append((name, str(data)))
+            elif wall - float(data.get("last_report_wall", 0.0) or 0.0) <= self.job_ttl:
+                recent.append((name, data))
         recent.sort(key=lambda r: float(r[1].get("last_report_wall", 0.0) or 0.0), reverse=True)
         for name, data in recent[: self.max_jobs]:
             try:
-                job = JobState.from_stored(name, self.rule_for(name), data, now, wall)
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                self.store.quarantine(name, f"{type(exc).__name__}: {exc}")
+                job = JobState.from_stored(
+                    name, self.rule_for(name), data, now, wall=wall, generation=self.generation
+                )
+            except _UNUSABLE as exc:
+                bad.append((name, f"{type(exc).__name__}: {exc}"))
                 continue
             self._add(job)
+        if bad:
+            try:
+                self.store.commit(Writes(quarantine=bad))
+            except Exception as exc:  # the rows stay; they are tried again on the next load
+                log.error("cannot quarantine %d unusable job rows: %s", len(bad), exc)
         return len(self.jobs)
 
     def _add(self, job: JobState) -> None:
@@ -148,11 +174,14 @@ class JobTable:
 
     def publish(self, batch: Batch) -> Outgoing:
         """The batch committed: make its states current; returns what to send."""
+        if batch.rebound:
+            del self.rebinding[-batch.rebound :]
         for job in batch.touched.values():
             self._add(job)
         for name in batch.forgotten:
             self.drop(name)
         for step in batch.steps:
+            assert step.job is not None  # Batch keeps only Steps with a job
             name = step.job.name
             counters = self.counters[name]
             counters.reports += step.reports
@@ -200,8 +229,12 @@ class JobTable:
             self.deadlines.push(max(later, now) + 1e-3, "ttl", name)
 
     def swap_policies(self, new: PolicySet) -> None:
+        """Put `new` in force: each job takes its new rule at its next decision (or within a
+        few loop turns, `Batch.rebind`), so a reload costs the loop no O(jobs) turn."""
         self.policies = new
         self._rules.clear()
+        self.generation += 1
+        self.rebinding = list(self.jobs)  # names only: a C-level copy, no decision
 
 
 class Batch:
@@ -209,9 +242,11 @@ class Batch:
 
     def __init__(self, table: JobTable, env: Env) -> None:
         self.table = table
-        self.env = env
+        self.env = dataclasses.replace(env, snapshots=self.snapshot)
         self.touched: dict[str, JobState] = {}
         self.forgotten: list[str] = []
+        self.quarantine: list[tuple[str, str]] = []
+        self.rebound = 0  # names taken from the end of table.rebinding
         self.steps: list[Step] = []
         self.out: Outgoing = []
         self._snapshots: list[tuple[JobState, int]] = []
@@ -224,23 +259,40 @@ class Batch:
             return None  # another controller's (a deadline left from before a hand-over)
         if job is None and name not in self._loaded and name not in self.forgotten:
             self._loaded.add(name)
-            data = self.table.store.load_job(name)
-            if data is not None and self._has_room():
-                try:
-                    rule = self.table.rule_for(name)
-                    job = JobState.from_stored(name, rule, data, self.env.now, self.env.wall)
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    self.table.store.quarantine(name, f"{type(exc).__name__}: {exc}")
+            table = self.table
+            try:
+                data = table.store.load_job(name)
+                if data is None or not self._has_room():
                     return None
-                self.touched[name] = job
+                job = JobState.from_stored(
+                    name,
+                    table.rule_for(name),
+                    data,
+                    self.env.now,
+                    wall=self.env.wall,
+                    generation=table.generation,
+                )
+            except _UNUSABLE as exc:  # moved aside in this turn's commit
+                self.quarantine.append((name, f"{type(exc).__name__}: {exc}"))
+                return None
+            self.touched[name] = job
+        elif job is not None and job.generation != self.table.generation:
+            # A reload since the job's last decision: its new rule applies from this one.
+            self._step(job, Rebind(self.table.rule_for(name)))
+            job = self.touched[name]
         return job
 
     def _has_room(self) -> bool:
         new = sum(1 for name in self.touched if name not in self.table.jobs)
         return len(self.table.jobs) + new < self.table.max_jobs
 
-    def _apply(self, step: Step | None) -> None:
+    def _step(self, job: JobState | None, event: transitions.JobEvent) -> None:
+        """Run the reducer on the job as this turn left it; keep the Step for the commit."""
+        step = transitions.step(job, event, self.env)
         if step is None:
+            return
+        if step.job is None:  # refused before the job existed: an answer, nothing to keep
+            self.out += step.out
             return
         self.touched[step.job.name] = step.job
         self.steps.append(step)
@@ -255,17 +307,13 @@ class Batch:
         if job is None and not self._has_room():
             limit = self.table.max_jobs
             raise ProtocolError("max_jobs", f"the controller holds --max-jobs {limit} jobs")
-        rule = job.rule if job is not None else self.table.rule_for(h.job)
-        if not h.restore and transitions.needs_restore(job, h, rule):
-            self.out += transitions.refuse_range_test(h)
-            return
-        self._apply(transitions.hello(job, h, rule, self.env, self.snapshot))
+        self._step(job, h)
 
     def report(self, r: Report) -> None:
-        self._apply(transitions.report(self.job(r.job), r, self.env))
+        self._step(self.job(r.job), r)
 
     def bye(self, b: Bye) -> None:
-        self._apply(transitions.bye(self.job(b.job), b, self.env))
+        self._step(self.job(b.job), b)
 
     def expire(self, due: list[tuple[float, str, str, int]]) -> None:
         """Decide multi-worker epochs whose aggregate_timeout passed."""
@@ -273,10 +321,7 @@ class Batch:
             job = self.job(name) if kind in ("aggregate", "override") else None
             if job is None:
                 continue
-            if kind == "aggregate":
-                self._apply(transitions.timeout(job, t, self.env))
-            else:
-                self._apply(transitions.expire_override(job, self.env))
+            self._step(job, AggregateDue(t) if kind == "aggregate" else OverrideDue())
 
     def override(
         self,
@@ -291,8 +336,7 @@ class Batch:
         job = self.job(name)
         if job is None:
             raise KeyError(name)
-        step = transitions.override(job, lr, reason, author, self.env, epochs, seconds)
-        self._apply(step)
+        self._step(job, SetLr(lr, reason, author, epochs, seconds))
         return self.touched[name]
 
     def release(self, name: str, author: str) -> JobState | None:
@@ -302,12 +346,17 @@ class Batch:
             raise KeyError(name)
         if job.override is None:
             return None
-        self._apply(transitions.release(job, author, self.env))
+        self._step(job, Release(author))
         return self.touched[name]
 
-    def rebind_all(self, policies: PolicySet) -> None:
-        for name, job in self.table.jobs.items():
-            self._apply(transitions.rebind(job, policies.rule_for(name), self.env))
+    def rebind(self, limit: int = 256) -> None:
+        """Rebind up to `limit` jobs still on the policy set before the last reload (those
+        that decide first are rebound at that decision, by `job`)."""
+        names = self.table.rebinding[-limit:] if limit > 0 else []
+        self.rebound = len(names)  # leave the queue with the commit (`publish`)
+        for name in names:
+            if name in self.table.jobs:
+                self.job(name)
 
     def forget(self, name: str) -> bool:
         known = self.job(name) is not None
@@ -327,13 +376,13 @@ class Batch:
 
     def writes(self) -> Writes:
         """The turn's transaction: each job's row encoded once, its snapshots, its audit."""
-        w = Writes(deleted=list(self.forgotten))
+        w = Writes(deleted=list(self.forgotten), quarantine=list(self.quarantine))
         encoded: dict[int, bytes] = {}
         for job, t in self._snapshots:
             row = encoded[id(job)] = encode_row(job.stored())
             w.snapshots.append((job.name, job.run, t, row))
             w.prune.append((job.name, job.run, t - SNAPSHOTS_KEPT))
-        persist = {s.job.name for s in self.steps if s.persist}
+        persist = {s.job.name for s in self.steps if s.persist and s.job is not None}
         for name, job in self.touched.items():
             if name in persist or name not in self.table.jobs:
                 w.jobs[name] = encoded.get(id(job)) or encode_row(job.stored())

@@ -197,6 +197,7 @@ class JobState:
     framework: str = ""  # rank 0's, from its hello: binds `compat: auto`
     override: Override | None = None  # an operator's pin in force
     finished: bool = False  # every worker said bye (cleared by the next hello)
+    generation: int = 0  # the policy reloads its rule has seen (memory only)
 
     @property
     def policy(self) -> Policy:
@@ -221,11 +222,11 @@ class JobState:
         return 0 if self.last_epoch is None else self.last_epoch + 1
 
     def with_(self, **changes: Any) -> JobState:
-        """A copy with `changes` (a shallow copy: every field is itself immutable)."""
-        new = object.__new__(JobState)
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(changes)
-        return new
+        """A copy with `changes` (`dataclasses.replace`: a misspelt field is a TypeError).
+
+        Shallow: every field is itself immutable.
+        """
+        return replace(self, **changes)
 
     # -- the stored schema (defined here only) ----------------------------------------
 
@@ -256,11 +257,14 @@ class JobState:
         rule: JobRule,
         data: Mapping[str, Any],
         now: float,
+        *,
         wall: float | None = None,
+        generation: int = 0,
     ) -> JobState:
         """A job from its stored row under `rule` (not yet bound to the job's framework);
         a changed policy restarts from the stored LR. `now`, `wall`: the monotonic and Unix
-        time of the load (a --for pin's downtime is measured with them; no `wall`: none).
+        time of the load (a --for pin's downtime is measured with them; no `wall`: none);
+        `generation`: the table's policy reloads so far (the job needs no rebind).
 
         Raises:
             ValueError, TypeError, KeyError: a row that does not fit the schema.
@@ -279,7 +283,7 @@ class JobState:
             last_epoch=_opt_int(data.get("last_epoch")),
             world=int(data.get("world", 1)),
             directions={str(k): str(v) for k, v in dict(data.get("directions", {})).items()},
-            sessions=Sessions({}, seqs, frozenset(int(r) for r in data.get("reported_ranks", []))),
+            sessions=Sessions.restored(seqs, (int(r) for r in data.get("reported_ranks", []))),
             last_seen=now,
             last_report_wall=float(data.get("last_report_wall", 0.0)),
             value=_opt_float(data.get("value")),
@@ -289,6 +293,7 @@ class JobState:
                 Override.from_dict(data["override"], now, wall) if data.get("override") else None
             ),
             finished=bool(data.get("finished", False)),
+            generation=generation,
         )
 
 
@@ -309,8 +314,7 @@ def state_for(rule: JobRule, data: Mapping[str, Any], next_t: int) -> State:
 
 def start_from(policy: Policy, lr: float, t: int) -> State:
     """Start `policy` at time t so that the LR in force is `lr` and its shape continues."""
-    state = policy.start(lr, t)
-    return policy.rebase(state, lr, t - 1) if state.lr != lr else state
+    return policy.start_from(lr, t)
 
 
 def status_row(

@@ -1,21 +1,25 @@
 """Prometheus metrics of the controller, on their own registry (names fixed by DESIGN.md).
 
-Controller-wide metrics are ordinary prometheus_client objects. Per-job
-series are rendered at scrape time by `JobSeries` from the job table (no
-per-report gauge updates), so a report costs nothing here and a scrape reads
-one consistent state per job. The per-job label is `training_job`:
-Prometheus owns `job` and `instance` as target labels and would rename ours
-to `exported_job`.
+Controller-wide metrics are ordinary prometheus_client objects. Per-job series
+come from `JobCollector`, a prometheus_client `Collector` registered on the same
+registry: it reads the job table at scrape time (no per-report gauge updates),
+so a report costs nothing here and a scrape reads one consistent state per job.
+`generate_latest(metrics.registry)` renders everything through prometheus_client;
+the /metrics endpoint renders the same samples faster, reusing each unchanged
+job's lines from the previous scrape (values formatted by `floatToGoString`).
+The per-job label is `training_job`: Prometheus owns `job` and `instance` as
+target labels and would rename ours to `exported_job`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,6 +29,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from lrpilot.client.vocabulary import ERROR_CODES, REASONS
 
@@ -32,7 +39,11 @@ if TYPE_CHECKING:
     from .jobs import Counters, JobTable
     from .jobstate import JobState
 
-__all__ = ["JobSeries", "Metrics"]
+__all__ = ["JobCollector", "Metrics"]
+
+#: prometheus_client's own sample formatting (Go's float text); most values (0.0, an LR, an
+#: epoch) repeat across jobs, so the text of the last few thousand is kept.
+_go = cast(Callable[[float], str], functools.lru_cache(maxsize=4096)(floatToGoString))
 
 # Decisions take from tens of microseconds (schedules) to a second (a slow disk's fsync).
 DECISION_BUCKETS = (
@@ -71,7 +82,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "0") -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        # The controller-wide metrics alone, for the /metrics fast path (see `render`).
+        self._core = CollectorRegistry(auto_describe=True)
+        r = self._core
         self.invalid = Counter(
             "lrpilot_invalid_messages", "Invalid messages by reason", ["reason"], registry=r
         )
@@ -105,25 +118,39 @@ class Metrics:
             "lrpilot_build_info", "lrpilot version (always 1)", ["version"], registry=r
         )
         self.build_info.labels(version).set(1)
+        for metric in (
+            self.invalid,
+            self.unroutable,
+            self.store_errors,
+            self.reloads,
+            self.last_reload_success,
+            self.last_reload_timestamp,
+            self.decision_seconds,
+            self.build_info,
+        ):
+            self.registry.register(metric)
+        self.jobs: JobCollector | None = None
 
     def watch_shards(self, owned: Callable[[], int]) -> None:
         """`lrpilot_shards_owned`, read at scrape time (PostgreSQL store only)."""
         gauge = Gauge(
             "lrpilot_shards_owned",
             "Shards this controller holds and decides for (PostgreSQL store)",
-            registry=self.registry,
+            registry=self._core,
         )
         gauge.set_function(lambda: float(owned()))
+        self.registry.register(gauge)
 
     def watch(self, table: JobTable, clock: Callable[[], float]) -> None:
-        """Render `table`'s jobs at every scrape."""
-        self._jobs = JobSeries(table, clock)
+        """Register the per-job series of `table`'s jobs (read at every scrape)."""
+        self.jobs = JobCollector(table, clock)
+        self.registry.register(self.jobs)
 
     def render(self) -> bytes:
-        """The whole exposition (Prometheus text format 0.0.4), as a scrape returns it."""
-        body = generate_latest(self.registry)
-        jobs = getattr(self, "_jobs", None)
-        return body if jobs is None else body + jobs.render()
+        """The whole exposition (Prometheus text format 0.0.4), as a scrape returns it:
+        the samples of `generate_latest(self.registry)`, each unchanged job's lines reused."""
+        body = generate_latest(self._core)
+        return body if self.jobs is None else body + self.jobs.exposition()
 
     def serve(
         self,
@@ -183,137 +210,175 @@ class Metrics:
         return httpd
 
 
-#: (name, type, help) of every per-job family, in the order they are rendered.
-_JOB_FAMILIES = (
-    ("lrpilot_learning_rate", "gauge", "LR in force for the job"),
-    ("lrpilot_monitor_value", "gauge", "Last aggregated raw value of the monitored metric"),
-    ("lrpilot_monitor_best", "gauge", "Best monitored value so far"),
-    ("lrpilot_plateau_wait", "gauge", "Evaluations without improvement"),
-    ("lrpilot_plateau_patience", "gauge", "Plateau patience"),
-    ("lrpilot_min_lr", "gauge", "Lower bound on the job's LR"),
+#: (name, type, help, extra labels) of every per-job family, in the order they are rendered.
+_JOB_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("lrpilot_learning_rate", "gauge", "LR in force for the job", ()),
+    ("lrpilot_monitor_value", "gauge", "Last aggregated raw value of the monitored metric", ()),
+    ("lrpilot_monitor_best", "gauge", "Best monitored value so far", ()),
+    ("lrpilot_plateau_wait", "gauge", "Evaluations without improvement", ()),
+    ("lrpilot_plateau_patience", "gauge", "Plateau patience", ()),
+    ("lrpilot_min_lr", "gauge", "Lower bound on the job's LR", ()),
     (
         "lrpilot_at_min_lr",
         "gauge",
         "1 while the LR is at min_lr and the monitor has not improved since (plateau)",
+        (),
     ),
-    ("lrpilot_policy_info", "gauge", "Policy and phase of the job (always 1)"),
-    ("lrpilot_epoch", "gauge", "Last decided epoch (step for unit: step)"),
-    ("lrpilot_workers", "gauge", "Ranks with a live session"),
-    ("lrpilot_lr_changes_total", "counter", "LR changes by reason"),
-    ("lrpilot_reports_total", "counter", "Reports received"),
+    ("lrpilot_policy_info", "gauge", "Policy and phase of the job (always 1)", ("policy", "phase")),
+    ("lrpilot_epoch", "gauge", "Last decided epoch (step for unit: step)", ()),
+    ("lrpilot_workers", "gauge", "Ranks with a live session", ()),
+    ("lrpilot_lr_changes_total", "counter", "LR changes by reason", ("reason",)),
+    ("lrpilot_reports_total", "counter", "Reports received", ()),
     (
         "lrpilot_late_decisions_total",
         "counter",
         "Epochs decided without every rank, or late reports",
+        (),
     ),
-    ("lrpilot_range_test_suggested_lr", "gauge", "LR suggested by a range test"),
-    ("lrpilot_last_report_timestamp_seconds", "gauge", "Unix time of the job's last report"),
-    ("lrpilot_job_finished", "gauge", "1 when every worker of the job said bye (a normal end)"),
-    ("lrpilot_override_active", "gauge", "1 while an operator's pin (set-lr --for/--epochs) holds"),
+    ("lrpilot_range_test_suggested_lr", "gauge", "LR suggested by a range test", ()),
+    ("lrpilot_last_report_timestamp_seconds", "gauge", "Unix time of the job's last report", ()),
+    (
+        "lrpilot_job_finished",
+        "gauge",
+        "1 when every worker of the job said bye (a normal end)",
+        (),
+    ),
+    (
+        "lrpilot_override_active",
+        "gauge",
+        "1 while an operator's pin (set-lr --for/--epochs) holds",
+        (),
+    ),
 )
 
+#: One job's samples, per family of _JOB_FAMILIES: (extra label values, value).
+Samples = tuple[list[tuple[tuple[str, ...], float]], ...]
 
-class JobSeries:
-    """The per-job series and `lrpilot_jobs`, rendered from the job table at scrape time.
+
+class JobCollector(Collector):
+    """The per-job series and `lrpilot_jobs`, read from the job table at scrape time.
 
     Runs in the metrics server's thread. It takes one reference to each job's immutable
-    state, so a scrape shows every job as of one decision, never half of one. Job names
-    are restricted to `[A-Za-z0-9._:/@-]`, so labels need no escaping and the text is
-    written directly: 10,000 jobs render in a fraction of a second.
+    state, so a scrape shows every job as of one decision, never half of one. `collect()`
+    yields prometheus_client families; `exposition()` writes the same samples as text,
+    reusing a job's lines while the job, its report count and its live workers are
+    unchanged (job names are restricted to `[A-Za-z0-9._:/@-]`, so they need no escaping):
+    10,000 jobs render in a fraction of a second.
     """
 
     def __init__(self, table: JobTable, clock: Callable[[], float]) -> None:
         self.table = table
         self.clock = clock
         # job name -> (the JobState rendered, its report count, its live workers, its lines
-        # per family, encoded): between two scrapes most jobs do not change, and their text
-        # is reused as it is.
+        # per family, encoded): between two scrapes most jobs do not change.
         self._cache: dict[str, tuple[JobState, int, int, tuple[bytes, ...]]] = {}
 
-    def render(self) -> bytes:
+    def _jobs(self) -> Iterable[tuple[JobState, Counters | None, int]]:
         jobs = list(self.table.jobs.values())
         counters = self.table.counters
         now, timeout = self.clock(), self.table.worker_timeout
+        for job in jobs:
+            yield job, counters.get(job.name), len(job.sessions.live(now, timeout))
+
+    def collect(self) -> Iterable[Metric]:
+        families: list[GaugeMetricFamily | CounterMetricFamily] = []
+        for name, kind, doc, labels in _JOB_FAMILIES:
+            if kind == "counter":
+                families.append(
+                    CounterMetricFamily(
+                        name.removesuffix("_total"), doc, labels=["training_job", *labels]
+                    )
+                )
+            else:
+                families.append(GaugeMetricFamily(name, doc, labels=["training_job", *labels]))
+        count = 0
+        for job, c, live in self._jobs():
+            count += 1
+            for family, samples in zip(families, _job_samples(job, c, live), strict=True):
+                for extra, value in samples:
+                    family.add_metric([job.name, *extra], value)
+        yield from families
+        yield GaugeMetricFamily("lrpilot_jobs", "Jobs in memory", value=float(count))
+
+    def exposition(self) -> bytes:
+        """The samples of `collect()` in the text format, unchanged jobs' lines reused."""
         out: list[list[bytes]] = [[] for _ in _JOB_FAMILIES]
         cache: dict[str, tuple[JobState, int, int, tuple[bytes, ...]]] = {}
-        for job in jobs:
-            c = counters.get(job.name)
+        for job, c, live in self._jobs():
             reports = -1 if c is None else c.reports
-            live = len(job.sessions.live(now, timeout))  # changes with time alone
             hit = self._cache.get(job.name)
             if hit is not None and hit[0] is job and hit[1] == reports and hit[2] == live:
                 lines = hit[3]
             else:
-                lines = tuple(text.encode() for text in _job_lines(job, c, live))
+                lines = _job_lines(job, _job_samples(job, c, live))
             cache[job.name] = (job, reports, live, lines)
             for family, text in zip(out, lines, strict=True):
                 if text:
                     family.append(text)
         self._cache = cache
         parts: list[bytes] = []
-        for (name, kind, doc), family in zip(_JOB_FAMILIES, out, strict=True):
+        for (name, kind, doc, _labels), family in zip(_JOB_FAMILIES, out, strict=True):
             base = name.removesuffix("_total") if kind == "counter" else name
             parts.append(f"# HELP {name} {doc}\n# TYPE {base} {kind}\n".encode())
             parts.extend(family)
         parts.append(
             f"# HELP lrpilot_jobs Jobs in memory\n# TYPE lrpilot_jobs gauge\n"
-            f"lrpilot_jobs {_go(float(len(jobs)))}\n".encode()
+            f"lrpilot_jobs {_go(len(cache))}\n".encode()
         )
         return b"".join(parts)
 
 
-def _job_lines(job: JobState, c: Counters | None, live: int) -> tuple[str, ...]:
-    """A job's lines per family of _JOB_FAMILIES ("" where it has none)."""
-    j = f'{{training_job="{job.name}"}} '
+def _job_lines(job: JobState, samples: Samples) -> tuple[bytes, ...]:
+    """A job's text lines per family of _JOB_FAMILIES (b"" where it has none)."""
+    j = f'{{training_job="{job.name}"'
+    lines = []
+    for (name, _kind, _doc, labels), family in zip(_JOB_FAMILIES, samples, strict=True):
+        if not family:
+            lines.append(b"")
+        elif not labels:
+            ((_, value),) = family
+            lines.append(f"{name}{j}}} {_go(value)}\n".encode())
+        else:
+            text = "".join(f"{name}{j}{_pairs(labels, x)}}} {_go(v)}\n" for x, v in family)
+            lines.append(text.encode())
+    return tuple(lines)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pairs(labels: tuple[str, ...], values: tuple[str, ...]) -> str:
+    """`,name="value"` for each extra label (values escaped as the text format wants)."""
+    return "".join(f',{k}="{_escape(v)}"' for k, v in zip(labels, values, strict=True))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _job_samples(job: JobState, c: Counters | None, live: int) -> Samples:
+    """A job's samples per family of _JOB_FAMILIES: what both renderings show."""
     described: dict[str, Any] = job.policy.describe(job.state)
-    phase = str(described.get("phase") or "").replace("\\", "\\\\").replace('"', '\\"')
-    info = (
-        f'lrpilot_policy_info{{training_job="{job.name}",policy="{job.policy.type}",'
-        f'phase="{phase}"}} 1.0\n'
-    )
-    suggested = ""
-    if isinstance(described.get("suggested_lr"), float):
-        suggested = f"lrpilot_range_test_suggested_lr{j}{_go(described['suggested_lr'])}\n"
-    last = ""
-    if job.last_report_wall:
-        last = f"lrpilot_last_report_timestamp_seconds{j}{_go(job.last_report_wall)}\n"
-    changes = reports = late = ""
-    if c is not None:
-        reports = f"lrpilot_reports_total{j}{_go(float(c.reports))}\n"
-        late = f"lrpilot_late_decisions_total{j}{_go(float(c.late))}\n"
-        changes = "".join(
-            f'lrpilot_lr_changes_total{{training_job="{job.name}",reason="{reason}"}} '
-            f"{_go(float(c.changes.get(reason, 0)))}\n"
-            for reason in REASONS
-        )
+    phase = str(described.get("phase") or "")
+    suggested = described.get("suggested_lr")
+    none: list[tuple[tuple[str, ...], float]] = []
     return (
-        f"lrpilot_learning_rate{j}{_go(job.lr)}\n",
-        f"lrpilot_monitor_value{j}{_go(_num(job.value))}\n",
-        f"lrpilot_monitor_best{j}{_go(_num(described.get('best')))}\n",
-        f"lrpilot_plateau_wait{j}{_go(_num(described.get('wait')))}\n",
-        f"lrpilot_plateau_patience{j}{_go(_num(described.get('patience')))}\n",
-        f"lrpilot_min_lr{j}{_go(_num(described.get('min_lr'), 0.0))}\n",
-        f"lrpilot_at_min_lr{j}{'1.0' if described.get('at_min_lr') else '0.0'}\n",
-        info,
-        f"lrpilot_epoch{j}{_go(_num(job.last_epoch))}\n",
-        f"lrpilot_workers{j}{_go(float(live))}\n",
-        changes,
-        reports,
-        late,
-        suggested,
-        last,
-        f"lrpilot_job_finished{j}{'1.0' if job.sessions.finished() else '0.0'}\n",
-        f"lrpilot_override_active{j}{'0.0' if job.override is None else '1.0'}\n",
+        [((), job.lr)],
+        [((), _num(job.value))],
+        [((), _num(described.get("best")))],
+        [((), _num(described.get("wait")))],
+        [((), _num(described.get("patience")))],
+        [((), _num(described.get("min_lr"), 0.0))],
+        [((), 1.0 if described.get("at_min_lr") else 0.0)],
+        [((job.policy.type, phase), 1.0)],
+        [((), _num(job.last_epoch))],
+        [((), float(live))],
+        none if c is None else [((r,), float(c.changes.get(r, 0))) for r in REASONS],
+        none if c is None else [((), float(c.reports))],
+        none if c is None else [((), float(c.late))],
+        [((), suggested)] if isinstance(suggested, float) else none,
+        [((), job.last_report_wall)] if job.last_report_wall else none,
+        [((), 1.0 if job.sessions.finished() else 0.0)],
+        [((), 0.0 if job.override is None else 1.0)],
     )
-
-
-def _go(x: float) -> str:
-    """A sample value as Prometheus writes it (Go's float formatting)."""
-    if x != x:
-        return "NaN"
-    if x in (math.inf, -math.inf):
-        return "+Inf" if x > 0 else "-Inf"
-    return repr(float(x))
 
 
 def _num(x: Any, default: float = math.nan) -> float:

@@ -394,15 +394,19 @@ class PgStore:
 
     # -- rows -----------------------------------------------------------------------------
 
-    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any] | ValueError]]:
         """Every stored job's row, of every shard (admin `status` across controllers)."""
         return self._load("SELECT job, data FROM jobs", ())
 
-    def load_shards(self, shards: Iterable[int]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def load_shards(
+        self, shards: Iterable[int]
+    ) -> Iterator[tuple[str, dict[str, Any] | ValueError]]:
         """The rows of the jobs in `shards` (those a tick gained)."""
         return self._load("SELECT job, data FROM jobs WHERE shard = ANY(%s)", (list(shards),))
 
-    def _load(self, query: str, args: tuple[Any, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _load(
+        self, query: str, args: tuple[Any, ...]
+    ) -> Iterator[tuple[str, dict[str, Any] | ValueError]]:
         rows = self._read(query, args)
         bad: list[tuple[str, Any, str]] = []
         for job, data in rows:
@@ -471,6 +475,8 @@ class PgStore:
         """
         if not w:
             return
+        for job, error in w.quarantine:  # rows that decode but do not fit (Batch.job)
+            self.quarantine(job, error)
         names = {
             *w.jobs,
             *w.deleted,

@@ -13,6 +13,7 @@ thread; per-job series are read from the job table at scrape time.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -39,7 +40,19 @@ from lrpilot.client.protocol import (
 )
 
 from . import __version__
-from .admin_requests import JobRequests, error
+from .admin_requests import (
+    Forget,
+    History,
+    JobRequests,
+    MetricsRequest,
+    RangeTestRequest,
+    Release,
+    Reload,
+    SetLr,
+    Status,
+    error,
+    parse_request,
+)
 from .auth import Authorizer, Grant, audit_author, peer_uid
 from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
@@ -53,7 +66,15 @@ from .web import WebBridge, WebPages
 if TYPE_CHECKING:
     from .pgstore import PgStore
 
-__all__ = ["BindError", "ServeConfig", "Server", "parse_ready_line", "serve"]
+__all__ = [
+    "BindError",
+    "ServeConfig",
+    "Server",
+    "Sockets",
+    "build_server",
+    "parse_ready_line",
+    "serve",
+]
 
 log = logging.getLogger("lrpilot.controller")
 
@@ -115,94 +136,53 @@ class _LogLimiter:
         return True
 
 
-class Server:
-    """A bound controller; `run()` serves until `stop()` (or SIGTERM/SIGINT).
+class Sockets:
+    """The bound sockets of one controller: clients, admin, the loop's wake-up, /metrics.
 
-    Args:
-        config: the validated settings.
-        policies: the policy set in force (from `--policy` or the embedded default).
-        clock, wall: monotonic and Unix time (injectable for tests).
-
-    Raises:
-        zmq.ZMQError: a socket cannot bind.
-        StateDirLocked, StoreCorrupt: the state dir cannot be used.
+    `Sockets.bind(config, metrics)` does the binding (and CURVE set-up); `close()` closes
+    every socket with linger 0 and stops the metrics server.
     """
 
-    def __init__(
-        self,
-        config: ServeConfig,
-        policies: PolicySet,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
-        self.config = config
-        self.clock = clock
-        self.wall = wall
-        self.metrics = Metrics(version=__version__)
-        #: The PostgreSQL store when state is shared (shards, `moved`), else None.
-        self.pg: PgStore | None = None
-        self.store: StateStore
-        if config.store:
-            from .pgstore import PgStore
-
-            self.store = self.pg = PgStore(config.store, clock=clock)
-            self.metrics.watch_shards(lambda: len(self.pg.owned) if self.pg else 0)
-        else:
-            self.store = Store(config.state_dir)
-        self.table = JobTable(
-            policies,
-            self.store,
-            max_jobs=config.max_jobs,
-            worker_timeout=config.worker_timeout,
-            job_ttl=config.job_ttl,
-            owns=self.pg.owns if self.pg is not None else None,
-        )
-        self._next_tick = 0.0
-        self.metrics.watch(self.table, clock)
-        jobs = self.jobs = JobRequests(self)
-        self._admin_handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "status": jobs.status,
-            "set_lr": jobs.set_lr,
-            "release": jobs.release,
-            "history": jobs.history,
-            "forget": jobs.forget,
-            "range_test": jobs.range_test,
-            "metrics": jobs.metrics,
-            "reload": self._reload_request,
-        }
-        self.metrics.last_reload_timestamp.set(wall())
-        self.loader: PolicyLoader | None = None
-        self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
-        self._stopping = False
-        self._reload_requested = False
-        self._reload_failing = False  # the last reload was rejected: a valid file says so
-        self._admin_token = 0
-        self._limiter = _LogLimiter()
-        self.ctx = zmq.Context()
-        self._auth: Any = None
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.clients: zmq.Socket[bytes] | None = None
+        self.admin: zmq.Socket[bytes] | None = None
+        self.wakeup: zmq.Socket[bytes] | None = None
+        self.wake_endpoint = f"inproc://lrpilot-wake-{id(self)}"
+        self.http: Any = None
+        self.auth: Any = None
         #: The grants of the authorized keys when CURVE is on, else None.
         self.authorizer: Authorizer | None = None
-        self.admin_grant: Grant | None = None  # of the admin request being handled
-        self.admin_uid: int | None = None  # its ipc:// peer's uid, where the OS tells
-        self._http: Any = None
-        self.web: WebBridge | None = None
+
+    @classmethod
+    def bind(
+        cls,
+        config: ServeConfig,
+        metrics: Metrics,
+        ready: Callable[[], bool] | None = None,
+        pages: WebPages | None = None,
+    ) -> Sockets:
+        """Bind every endpoint of `config`; on failure nothing stays open. `ready` answers
+        the metrics port's `/ready` (default: always ready); `pages` the web view's paths.
+
+        Raises:
+            BindError: an endpoint or port that cannot be bound, named with its flag.
+        """
+        self = cls()
         try:
-            self.sock = self._client_socket()
+            self.clients = self._client_socket(config)
             self.admin = self.ctx.socket(zmq.ROUTER)
             self.admin.setsockopt(zmq.LINGER, 0)
             if self.authorizer is not None:  # the admin socket needs an authorized key too
-                self._curve_server(self.admin)
+                _curve_server(self.admin, config)
             self.admin.setsockopt(zmq.MAXMSGSIZE, ADMIN_MAX_REQUEST)
-            self._bind_admin(config.admin_bind)  # close() closes it if this fails
-            self._wakeup = self.ctx.socket(zmq.PULL)
-            self._wakeup.bind(f"inproc://lrpilot-wake-{id(self)}")
-            self.web = WebBridge(self)  # the web view's requests, answered in the loop
+            self._bind_admin(config.admin_bind)
+            self.wakeup = self.ctx.socket(zmq.PULL)
+            self.wakeup.bind(self.wake_endpoint)
             if config.metrics_port is not None:
                 host, port = config.metrics_host, config.metrics_port
                 try:
-                    self._http = self.metrics.serve(
-                        port, host, ready=self.ready, pages=WebPages(self.web.ask)
-                    )
+                    self.http = metrics.serve(port, host, ready=ready, pages=pages)
                 except OSError as exc:
                     raise BindError(
                         f"cannot serve metrics on {host}:{port} (--metrics-port): "
@@ -211,31 +191,9 @@ class Server:
         except Exception:
             self.close()
             raise
-        if self.pg is not None:
-            self.pg.register(*self._advertised())
-            self.tick_shards()  # the jobs of the shards it takes are restored there
-        else:
-            self._restore_jobs(clock(), wall())
-        if config.policy:
-            self.loader = PolicyLoader(config.policy, policies.digest, clock, self._waker())
+        return self
 
-    def _waker(self) -> Callable[[], None]:
-        """Wakes the loop from the loader's thread (its socket is created in that thread)."""
-        local = threading.local()
-        endpoint = f"inproc://lrpilot-wake-{id(self)}"
-
-        def wake() -> None:
-            sock = getattr(local, "sock", None)
-            if sock is None:
-                sock = local.sock = self.ctx.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(endpoint)
-            with contextlib.suppress(zmq.ZMQError):
-                sock.send(b"", zmq.NOBLOCK)
-
-        return wake
-
-    def _client_socket(self) -> zmq.Socket[bytes]:
+    def _client_socket(self, config: ServeConfig) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -245,16 +203,16 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         sock.setsockopt(zmq.HEARTBEAT_TTL, 15000)
-        if self.config.curve_secret_key:
+        if config.curve_secret_key:
             from zmq.auth.thread import ThreadAuthenticator
 
-            self._auth = ThreadAuthenticator(self.ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
-            self.authorizer = Authorizer(self.config.curve_authorized_dir or ".")
-            self._curve_server(sock)
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain="*", location=config.curve_authorized_dir)
+            self.authorizer = Authorizer(config.curve_authorized_dir or ".")
+            _curve_server(sock, config)
         try:
-            _bind(sock, self.config.bind, "--bind")
+            _bind(sock, config.bind, "--bind")
         except BindError:
             sock.close(linger=0)
             raise
@@ -263,6 +221,7 @@ class Server:
     def _bind_admin(self, endpoint: str) -> None:
         """Bind the admin socket; an ipc:// socket file is created mode 0600 (only this user
         can steer jobs); loopback TCP is open to every local user, and the log says so."""
+        assert self.admin is not None
         if endpoint.startswith("ipc://"):
             old = os.umask(0o077)
             try:
@@ -279,26 +238,180 @@ class Server:
                 endpoint,
             )
 
-    def _curve_server(self, sock: zmq.Socket[bytes]) -> None:
-        from zmq.auth import load_certificate
+    def waker(self) -> Callable[[], None]:
+        """Wakes the loop from another thread (its socket is created in that thread)."""
+        local = threading.local()
+        ctx, endpoint = self.ctx, self.wake_endpoint
 
-        assert self.config.curve_secret_key is not None
-        public, secret = load_certificate(self.config.curve_secret_key)
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_server = True
+        def wake() -> None:
+            sock = getattr(local, "sock", None)
+            if sock is None:
+                sock = local.sock = ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(endpoint)
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send(b"", zmq.NOBLOCK)
+
+        return wake
+
+    def close(self) -> None:
+        for sock in (self.clients, self.admin, self.wakeup):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        if self.http is not None:
+            self.http.shutdown()
+            self.http.server_close()
+        self.ctx.term()
+
+
+def _curve_server(sock: zmq.Socket[bytes], config: ServeConfig) -> None:
+    from zmq.auth import load_certificate
+
+    assert config.curve_secret_key is not None
+    public, secret = load_certificate(config.curve_secret_key)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+
+
+def build_server(
+    config: ServeConfig,
+    policies: PolicySet | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall: Callable[[], float] = time.time,
+) -> Server:
+    """Assemble a controller: open the store, restore its jobs, bind the sockets, start
+    the policy file's loader; the `Server` it returns does no I/O until `run()`.
+
+    Args:
+        config: the validated settings.
+        policies: the policy set in force (default: the embedded default).
+        clock, wall: monotonic and Unix time (tests pass a clock they move).
+
+    Raises:
+        BindError: an endpoint or port cannot be bound.
+        StateDirLocked, StoreCorrupt: the state dir cannot be used.
+        StoreUnavailable: the --store database cannot be reached.
+        ImportError: --store without the `postgres` extra (psycopg).
+    """
+    policies = policies or load_default()
+    metrics = Metrics(version=__version__)
+    metrics.last_reload_timestamp.set(wall())
+    pg: PgStore | None = None
+    store: StateStore
+    if config.store:
+        from .pgstore import PgStore
+
+        store = pg = PgStore(config.store, clock=clock)
+        metrics.watch_shards(lambda: len(pg.owned) if pg is not None else 0)
+    else:
+        store = Store(config.state_dir)
+    try:
+        table = JobTable(
+            policies,
+            store,
+            max_jobs=config.max_jobs,
+            worker_timeout=config.worker_timeout,
+            job_ttl=config.job_ttl,
+            owns=pg.owns if pg is not None else None,
+        )
+        metrics.watch(table, clock)
+        ready = None if pg is None else (lambda: bool(pg.owned))
+        bridge: list[WebBridge] = []  # the web view's pages ask the loop, once it exists
+        pages = WebPages(lambda message: bridge[0].ask(message) if bridge else None)
+        sockets = Sockets.bind(config, metrics, ready, pages)
+    except BaseException:
+        store.close()
+        raise
+    if pg is None:
+        count = table.restore(store.load_jobs(), clock(), wall())
+        if count:
+            log.info("restored %d jobs from %s", count, config.state_dir)
+    loader = None
+    if config.policy:
+        loader = PolicyLoader(config.policy, policies.digest, clock, sockets.waker())
+    server = Server(config, store, table, metrics, sockets, clock, wall, loader, pg)
+    server.web = WebBridge(server)
+    bridge.append(server.web)
+    if pg is not None:  # the jobs of the shards it takes are restored by the tick
+        pg.register(*server.advertised())
+        server.tick_shards()
+    return server
+
+
+class Server:
+    """A bound controller; `run()` serves until `stop()` (or SIGTERM/SIGINT).
+
+    Built by `build_server(config)`; the constructor only wires what it is given.
+
+    Args:
+        config: the validated settings.
+        store: durable state; table: the jobs in memory; metrics: the registry's metrics.
+        sockets: the bound sockets.
+        clock, wall: monotonic and Unix time.
+        loader: the policy file's loader thread (None: no --policy, no reloads).
+        pg: the PostgreSQL store when state is shared (shards, `moved`), else None.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        store: StateStore,
+        table: JobTable,
+        metrics: Metrics,
+        sockets: Sockets,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        loader: PolicyLoader | None = None,
+        pg: PgStore | None = None,
+    ) -> None:
+        self.config = config
+        self.pg = pg
+        self._next_tick = 0.0
+        self.clock = clock
+        self.wall = wall
+        self.metrics = metrics
+        self.store = store
+        self.table = table
+        self.sockets = sockets
+        self.loader = loader
+        assert sockets.clients is not None and sockets.admin is not None
+        assert sockets.wakeup is not None
+        self.ctx = sockets.ctx
+        self.sock = sockets.clients
+        self.admin = sockets.admin
+        self._wakeup = sockets.wakeup
+        self.authorizer = sockets.authorizer
+        self.jobs = JobRequests(table, store, clock, wall, self.commit, self.send, pg)
+        self._waiting_admin: dict[int, list[bytes]] = {}  # reload requests awaiting the loader
+        self._stopping = False
+        self._reload_requested = False
+        self._admin_token = 0
+        self._limiter = _LogLimiter()
+        self._reload_failing = False  # the last reload was rejected: a valid file says so
+        #: The web view's requests, answered in the loop (`build_server` sets it).
+        self.web: WebBridge | None = None
 
     def reload_keys(self) -> None:
         """Re-read the authorized dir: for new handshakes (ZAP) and for every next message."""
-        if self.authorizer is not None and self._auth is not None:
-            self._auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
+        if self.authorizer is not None and self.sockets.auth is not None:
+            self.sockets.auth.configure_curve(domain="*", location=self.config.curve_authorized_dir)
             self.authorizer.reload()
 
-    def ready(self) -> bool:
-        """Ready to decide: always with SQLite; with PostgreSQL while it owns shards."""
-        return self.pg is None or bool(self.pg.owned)
+    # -- endpoints ----------------------------------------------------------------
 
-    def _advertised(self) -> tuple[str, str]:
+    def endpoints(self) -> dict[str, str]:
+        bind = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        admin = self.admin.getsockopt_string(zmq.LAST_ENDPOINT)
+        out = {"bind": bind, "admin": admin}
+        if self.sockets.http is not None:
+            host = self.config.metrics_host
+            out["metrics"] = f"http://{host}:{self.sockets.http.server_port}/metrics"
+        return out
+
+    def advertised(self) -> tuple[str, str]:
         """The client and admin endpoints that `moved` names: --advertise, else the bound
         ones with a wildcard address replaced by this host's name."""
         e = self.endpoints()
@@ -330,23 +443,6 @@ class Server:
                 count,
             )
 
-    def _restore_jobs(self, now: float, wall: float) -> None:
-        """Bring back every job reported within --job-ttl (most recent first, up to --max-jobs)."""
-        count = self.table.restore(self.store.load_jobs(), now, wall)
-        if count:
-            log.info("restored %d jobs from %s", count, self.config.state_dir)
-
-    # -- endpoints ----------------------------------------------------------------
-
-    def endpoints(self) -> dict[str, str]:
-        bind = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        admin = self.admin.getsockopt_string(zmq.LAST_ENDPOINT)
-        out = {"bind": bind, "admin": admin}
-        if self._http is not None:
-            host = self.config.metrics_host
-            out["metrics"] = f"http://{host}:{self._http.server_port}/metrics"
-        return out
-
     def ready_line(self) -> str:
         """`lrpilot ready bind=... admin=... metrics=...`: the one stdout line once bound."""
         e = self.endpoints()
@@ -376,6 +472,8 @@ class Server:
         while not self._stopping:
             now = self.clock()
             wake = min(now + IDLE_WAKE, self.table.deadlines.next() or math.inf)
+            if self.table.rebinding:  # jobs to rebind after a reload: a turn at once
+                wake = now
             if self.pg is not None:
                 wake = min(wake, self._next_tick)
             events = dict(poller.poll(max(0, math.ceil((wake - now) * 1000))))
@@ -410,18 +508,19 @@ class Server:
             except zmq.Again:
                 break
             self._feed(frames, batch, received, errors, user)
-        due = self.table.deadlines.pop_due(now)
+        due = self.table.deadlines.due(now)  # popped only once the turn is committed
         batch.expire(due)
-        if batch.steps or batch.touched:
+        batch.rebind()
+        if batch.steps or batch.touched or batch.quarantine:
             try:
                 self.store.commit(batch.writes())
             except Exception as exc:
-                self.table.deadlines.restore(due)
                 self._store_failed(exc)
                 text = "the controller cannot store its state now; resend later"
                 errors += [(i, ErrorMessage("unavailable", text, seq)) for i, seq in received]
                 self.send(errors)
                 return
+        self.table.deadlines.pop_due(now)
         out = self.table.publish(batch)
         self.table.expire_idle(due, now)
         for step in batch.steps:
@@ -550,17 +649,20 @@ class Server:
                 return
             frames = [p.bytes for p in parts]
             user: str | None = None
-            self.admin_uid = None
+            uid: int | None = None  # an ipc:// peer's uid, where the OS tells
             with contextlib.suppress(zmq.ZMQError):
                 if self.authorizer is not None:
                     user = str(parts[-1].get("User-Id"))
-                self.admin_uid = peer_uid(str(parts[-1].get("Peer-Address")))
+                uid = peer_uid(str(parts[-1].get("Peer-Address")))
             try:
+                grant = None
                 if self.authorizer is not None:
-                    self.admin_grant = self.authorizer.grant(user)
-                    if self.admin_grant is None:
+                    grant = self.authorizer.grant(user)
+                    if grant is None:
                         raise ProtocolError("forbidden", "this key is no longer authorized")
-                reply = self._admin(frames[-1])
+                reply = self._admin(frames[-1], grant, uid)
+            except Moved as exc:
+                reply = {**error(exc.code, exc.message), "endpoint": exc.endpoint}
             except ProtocolError as exc:
                 reply = error(exc.code, exc.message)
             except StoreUnavailable as exc:
@@ -574,27 +676,36 @@ class Server:
             with contextlib.suppress(zmq.ZMQError):
                 self.admin.send_multipart([*frames[:-1], encode(reply)], zmq.NOBLOCK)
 
-    def admin_author(self, claimed: object) -> str:
-        """The audit author of the admin request being handled (see `auth.audit_author`)."""
-        grant = self.admin_grant if self.authorizer is not None else None
-        return audit_author(grant, self.admin_uid, claimed)
-
-    def _admin(self, frame: bytes) -> dict[str, Any]:
-        try:
-            msg = decode(frame, limit=ADMIN_MAX_REQUEST)
-            handler = self._admin_handlers.get(msg["t"])
-            if handler is None:
-                return error("unknown_type", f"unknown request {msg['t'][:40]!r}")
-            return handler(msg)
-        except Moved as exc:
-            return {**error(exc.code, exc.message), "endpoint": exc.endpoint}
-        except ProtocolError as exc:
-            return error(exc.code, exc.message)
+    def _admin(self, frame: bytes, grant: Grant | None, uid: int | None) -> dict[str, Any]:
+        """One admin request: decoded, typed, handled as `(request, grant) -> reply`. A change
+        is audited under the identity the controller checked (`auth.audit_author`: the CURVE
+        key's name, an ipc:// peer's user (`uid`), else `claimed:` what the caller sent)."""
+        request = parse_request(decode(frame, limit=ADMIN_MAX_REQUEST))
+        if isinstance(request, SetLr | Release):
+            request = dataclasses.replace(request, author=audit_author(grant, uid, request.author))
+        jobs = self.jobs
+        match request:
+            case Status():
+                return jobs.status(request, grant)
+            case SetLr():
+                return jobs.set_lr(request, grant)
+            case Release():
+                return jobs.release(request, grant)
+            case History():
+                return jobs.history(request, grant)
+            case RangeTestRequest():
+                return jobs.range_test(request, grant)
+            case Forget():
+                return jobs.forget(request, grant)
+            case MetricsRequest():
+                return jobs.metrics(request, grant)
+            case Reload():
+                return self._reload_request(grant)
+        raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     # -- reload -----------------------------------------------------------------------
 
-    def _reload_request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        grant = self.admin_grant
+    def _reload_request(self, grant: Grant | None) -> dict[str, Any]:
         if self.authorizer is not None and (grant is None or not grant.unrestricted):
             raise ProtocolError("forbidden", "reload needs a key without a jobs restriction")
         self.reload_keys()
@@ -640,21 +751,16 @@ class Server:
             elif source != "watch":  # an operator asked: say it was heard
                 log.info("policy file %s unchanged (%s)", self.config.policy, source)
             return {"t": "reload", "ok": True, "changed": False, "errors": []}
-        batch = self.table.batch(self.clock(), self.wall())
-        batch.rebind_all(new)
-        try:
-            out = self.commit(batch)
-        except Exception as exc:
-            return self._reload_failed([f"{self.config.policy}: could not store the change: {exc}"])
+        # Each job takes its new rule at its next decision, or within a few loop turns
+        # (Batch.rebind): nothing here is O(jobs).
         self.table.swap_policies(new)
-        self.send(out)
         self.reload_keys()
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload_timestamp.set(self.wall())
         for warning in new.warnings:
             log.warning("%s", warning)
         log.info(
-            "policy reloaded from %s (%s); %d jobs re-evaluated",
+            "policy reloaded from %s (%s); %d jobs re-evaluated at their next decision",
             self.config.policy,
             source,
             len(self.table.jobs),
@@ -675,18 +781,9 @@ class Server:
         """Close sockets with linger 0, stop the metrics server, release the state dir."""
         if self.loader is not None:
             self.loader.close()
-        for name in ("sock", "admin", "_wakeup"):
-            sock = getattr(self, name, None)
-            if sock is not None:
-                sock.close(linger=0)
-        if self._auth is not None:
-            self._auth.stop()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
         if self.web is not None:
             self.web.close()
-        self.ctx.term()
+        self.sockets.close()
         self.store.close()
 
 
@@ -705,7 +802,7 @@ def serve(config: ServeConfig, policies: PolicySet | None = None) -> int:
     # scrape delays a decision by a fraction of a millisecond, not 5 ms per switch.
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        server = Server(config, policies)
+        server = build_server(config, policies)
     except (StateDirError, StoreUnavailable) as exc:
         log.error("lrpilot serve: %s", exc)
         return 1

@@ -1,4 +1,8 @@
-"""Offline replay: run a recorded metric history through the engine the daemon uses.
+"""Offline replay: a recorded metric history folded through the daemon's own reducer.
+
+`run` feeds a hello and then one report per row to `transitions.step`, exactly
+as the daemon does for a single worker, so shadow mode, phases, notices and
+range-test actions come out as the daemon would send them.
 
 The CSV has an `epoch` column (0-based, as Keras' CSVLogger writes it) and one
 column per metric; empty cells (and CSVLogger's `NA`) are missing values,
@@ -13,16 +17,21 @@ it ran. Its curve and suggestions come back in `Replay.range_test`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrpilot.client.protocol import SESSION_BYTES, ErrorMessage, Hello, LrMessage, Report
+
 from .errors import SourceError
-from .policies import Decision, Event, Phases, Policy
+from .policies import Event, Policy
+from .policies.errors import EngineError
 from .policies.suggest import SKIP_END
 from .policyfile import JobRule
+from .transitions import Env, step
 
 __all__ = [
     "History",
@@ -60,7 +69,11 @@ class History:
 
 @dataclass(frozen=True)
 class Row:
-    """One replayed report: `lr` is the LR in force from epoch + 1."""
+    """One replayed report: `lr` is the LR the daemon sends, in force from epoch + 1.
+
+    `event` is the policy's own decision (in shadow mode: what it decided but did not send,
+    then `shadow_lr` is the LR it runs on); `notices` are the (code, text) the client gets.
+    """
 
     epoch: int
     value: float | None
@@ -69,6 +82,8 @@ class Row:
     action: str | None = None
     phase: str | None = None
     step: int | None = None
+    shadow_lr: float | None = None
+    notices: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -242,18 +257,12 @@ def initial_lr(rule: JobRule, history: History, given: float | None) -> float:
 
 def monitors_of(policy: Policy) -> list[str]:
     """Every metric the policy (each phase of a chain) watches, in order."""
-    if isinstance(policy, Phases):
-        return [m for p in policy.phases for m in monitors_of(p.policy)]
-    monitor = getattr(policy, "monitor", None)
-    return [monitor] if isinstance(monitor, str) else []
+    return list(policy.monitors())
 
 
 def monitor_of(policy: Policy) -> str | None:
     """The metric a policy watches: its own, or the first watched in a chain of phases."""
-    if isinstance(policy, Phases):
-        return next((m for p in policy.phases if (m := monitor_of(p.policy))), None)
-    monitor = getattr(policy, "monitor", None)
-    return monitor if isinstance(monitor, str) else None
+    return next(iter(policy.monitors()), None)
 
 
 def replay(
@@ -278,42 +287,83 @@ def run(
     lr0: float,
     directions: Mapping[str, str] | None = None,
     warn: Any = None,
+    job: str = "simulate",
 ) -> Replay:
-    """`replay`, with the start (LR and action, as a hello reply) and the range test's report."""
-    policy = rule.policy
-    times: Sequence[int | None] = history.epochs
-    if policy.unit == "step":
-        times = history.steps
-        if any(t is None for t in times):
-            raise SourceError(
-                "a unit: step policy needs a step column with a value in every row "
-                "(or the policy says unit: epoch)",
-                history.path,
-                1,
-            )
-    first = times[0]
-    assert first is not None
-    state = policy.start(lr0, first)
-    start = Replay([], state.lr, policy.start_action(state))
+    """`replay`, with the start (LR and action, as a hello reply) and the range test's report.
+
+    A fold of `transitions.step`: one hello (rank 0 of 1, able to restore weights), then
+    one report per row, each decided as the daemon decides it.
+    """
+    unit = rule.policy.unit
+    if unit == "step" and any(t is None for t in history.steps):
+        raise SourceError(
+            "a unit: step policy needs a step column with a value in every row "
+            "(or the policy says unit: epoch)",
+            history.path,
+            1,
+        )
+    rule = dataclasses.replace(rule, initial_lr=lr0)  # lr0 was chosen by initial_lr()
+    env = Env(now=0.0, wall=0.0, rules=lambda _name: rule)
+    session = bytes(SESSION_BYTES)
+    first_step = history.steps[0] if unit == "step" else None
+    hello = Hello(
+        job,
+        0,
+        1,
+        session,
+        lr0,
+        history.epochs[0],
+        start_step=first_step or 0,
+        directions=dict(directions or {}),
+        restore=True,
+    )
+    start = step(None, hello, env)
+    assert start is not None and start.job is not None
+    state = start.job
+    answer = _answer(start.out, session)
     out: list[Row] = []
     seen: set[str] = set()
-    monitor = monitor_of(policy)
-    for epoch, t, metrics in zip(history.epochs, times, history.metrics, strict=True):
-        assert t is not None
-        value = metrics.get(monitor) if monitor is not None else None
-        state, decision = policy.step(state, t, metrics, directions or {})
-        if decision.warning and warn is not None and decision.warning not in seen:
-            seen.add(decision.warning)
-            warn(decision.warning)
-        step = t if policy.unit == "step" else None
-        out.append(_row(epoch, value, decision, policy.describe(state).get("phase"), step))
-    return Replay(out, start.start_lr, start.start_action, policy.range_test_report(state))
+    monitor = monitor_of(rule.policy)
+    for seq, (epoch, t_step, metrics) in enumerate(
+        zip(history.epochs, history.steps, history.metrics, strict=True), start=1
+    ):
+        t_step = t_step if unit == "step" else None
+        decided = step(state, Report(job, 0, session, seq, epoch, metrics, state.lr, t_step), env)
+        assert decided is not None and decided.job is not None
+        state = decided.job
+        reply = _answer(decided.out, session)
+        for warning in decided.warnings:
+            if warn is not None and warning not in seen:
+                seen.add(warning)
+                warn(warning)
+        event = decided.decision.event if decided.decision is not None else None
+        out.append(
+            Row(
+                epoch,
+                metrics.get(monitor) if monitor is not None else None,
+                reply.lr,
+                event,
+                reply.action,
+                state.policy.describe(state.state).get("phase"),
+                t_step,
+                state.shadow_lr,
+                reply.notices,
+            )
+        )
+    report = state.policy.range_test_report(state.state)
+    return Replay(out, answer.lr, answer.action, report)
 
 
-def _row(
-    epoch: int, value: float | None, decision: Decision, phase: Any, step: int | None = None
-) -> Row:
-    return Row(epoch, value, decision.lr, decision.event, decision.action, phase, step)
+def _answer(out: Sequence[tuple[bytes, LrMessage | ErrorMessage]], session: bytes) -> LrMessage:
+    """The reply to the replaying session; an error reply raises as the daemon's would.
+
+    Raises:
+        EngineError: e.g. `mode: auto` cannot tell a direction (`mode_unresolved`).
+    """
+    reply = next(m for ident, m in out if ident == session)
+    if isinstance(reply, ErrorMessage):
+        raise EngineError(reply.message)
+    return reply
 
 
 def _finite(x: float | None) -> float | None:
@@ -343,7 +393,8 @@ _ACTIONS = {
 def _event_text(row: Row) -> str:
     parts = []
     if row.event is not None:
-        parts.append(row.event.describe())
+        shadow = "shadow (not sent): " if row.shadow_lr is not None else ""
+        parts.append(shadow + row.event.describe())
     if row.action in _ACTIONS:
         parts.append(_ACTIONS[row.action])
     return "; ".join(parts)

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS audit (
     old_lr REAL, new_lr REAL NOT NULL, reason TEXT NOT NULL, version INTEGER NOT NULL,
     epoch INTEGER, source TEXT NOT NULL, run INTEGER NOT NULL, detail TEXT);
 CREATE INDEX IF NOT EXISTS audit_job ON audit (job, id);
+CREATE INDEX IF NOT EXISTS audit_job_run ON audit (job, run, id);
 CREATE TABLE IF NOT EXISTS metrics (
     job TEXT NOT NULL, run INTEGER NOT NULL, t INTEGER NOT NULL, epoch INTEGER NOT NULL,
     lr REAL NOT NULL, time REAL NOT NULL, stride INTEGER NOT NULL, data BLOB NOT NULL,
@@ -188,6 +189,9 @@ class Writes:
         deleted: jobs forgotten (row, snapshots and recorded metrics).
         metrics: recorded metric points (thinned as they are written).
         metrics_from: (job, run, t): delete that run's points from t on (a resume redoes them).
+        quarantine: (job, why): move the job's stored row to the quarantine table (it did
+            not decode or fit the schema); done first, so a job made anew in the same turn
+            is written after its old row moved aside.
     """
 
     jobs: dict[str, bytes] = field(default_factory=dict)
@@ -196,11 +200,19 @@ class Writes:
     old_runs: list[tuple[str, int]] = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    quarantine: list[tuple[str, str]] = field(default_factory=list)
     metrics: list[MetricPoint] = field(default_factory=list)
     metrics_from: list[tuple[str, int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.snapshots or self.audit or self.deleted or self.metrics)
+        return bool(
+            self.jobs
+            or self.snapshots
+            or self.audit
+            or self.deleted
+            or self.metrics
+            or self.quarantine
+        )
 
 
 def _unusable(path: Path, exc: sqlite3.DatabaseError) -> StateDirError:
@@ -246,24 +258,32 @@ class StateStore(Protocol):
     """What the controller needs from durable state; `Store` (SQLite, the embedded default)
     and `lrpilot.controller.pgstore.PgStore` (PostgreSQL, several controllers) provide it.
 
-    Every method runs on the controller's loop thread. `commit` writes one turn's rows in one
-    transaction, or nothing; it raises when the rows could not be stored.
+    Every method runs on the controller's loop thread. A read may yield (`load_jobs`) or
+    raise (`load_job`) the `ValueError` of a stored row that does not decode; the caller
+    moves it aside with `Writes.quarantine`. `commit` writes one turn's rows, quarantine
+    included, in one transaction, or nothing; it raises when the rows could not be stored.
     """
 
-    #: Rows moved to the `quarantine` table because they did not decode.
+    #: Rows moved to the `quarantine` table because they did not decode or fit.
     quarantined: int
 
-    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
+    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any] | ValueError]]: ...
 
     def load_job(self, job: str) -> dict[str, Any] | None: ...
-
-    def quarantine(self, job: str, error: str) -> None: ...
 
     def snapshot(self, job: str, run: int, epoch: int) -> dict[str, Any] | None: ...
 
     def commit(self, w: Writes) -> None: ...
 
-    def history(self, job: str, limit: int | None = None) -> list[AuditRow]: ...
+    def history(
+        self,
+        job: str,
+        limit: int | None = None,
+        run: int | None = None,
+        since: str | None = None,
+    ) -> list[AuditRow]: ...
+
+    def last_run(self, job: str) -> int | None: ...
 
     # Recorded metrics (see `MetricStore`).
     def metric_runs(self, job: str) -> list[int]: ...
@@ -356,45 +376,23 @@ class Store:
 
     # -- jobs -------------------------------------------------------------------
 
-    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every stored job's row; a row that does not decode is quarantined, not returned."""
-        bad: list[tuple[str, Any, str]] = []
+    def load_jobs(self) -> Iterator[tuple[str, dict[str, Any] | ValueError]]:
+        """Every stored job's row, or the ValueError of a row that does not decode (the
+        caller quarantines it through `Writes.quarantine`)."""
         for job, data in self.db.execute("SELECT job, data FROM jobs"):
             try:
                 yield job, decode_row(data)
             except ValueError as exc:
-                bad.append((job, data, str(exc)))
-        for job, data, error in bad:
-            self._quarantine(job, data, error)
+                yield job, exc
 
     def load_job(self, job: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT data FROM jobs WHERE job = ?", (job,)).fetchone()
-        if row is None:
-            return None
-        try:
-            return decode_row(row[0])
-        except ValueError as exc:
-            self._quarantine(job, row[0], str(exc))
-            return None
+        """The job's stored row, or None.
 
-    def quarantine(self, job: str, error: str) -> None:
-        """Move a job's row that cannot be used (it decodes but does not fit) aside."""
+        Raises:
+            ValueError: the row does not decode (quarantine it through `Writes.quarantine`).
+        """
         row = self.db.execute("SELECT data FROM jobs WHERE job = ?", (job,)).fetchone()
-        if row is not None:
-            self._quarantine(job, row[0], error)
-
-    def _quarantine(self, job: str, data: Any, error: str) -> None:
-        log.error("state of job %r is unusable (%s); moved to the quarantine table", job, error)
-        self.quarantined += 1
-        try:
-            with self.db:
-                self.db.execute(
-                    "INSERT INTO quarantine (job, data, error, time) VALUES (?, ?, ?, ?)",
-                    (job, data, error, rfc3339(time.time())),
-                )
-                self.db.execute("DELETE FROM jobs WHERE job = ?", (job,))
-        except sqlite3.Error as exc:
-            log.error("cannot quarantine job %r in %s: %s", job, self.dir / "state.db", exc)
+        return None if row is None else decode_row(row[0])
 
     def snapshot(self, job: str, run: int, epoch: int) -> dict[str, Any] | None:
         row = self.db.execute(
@@ -418,6 +416,13 @@ class Store:
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            now = rfc3339(time.time())
+            cur.executemany(
+                "INSERT INTO quarantine (job, data, error, time) "
+                "SELECT job, data, ?, ? FROM jobs WHERE job = ?",
+                [(error, now, job) for job, error in w.quarantine],
+            )
+            cur.executemany("DELETE FROM jobs WHERE job = ?", [(job,) for job, _ in w.quarantine])
             cur.executemany(
                 "INSERT INTO jobs (job, data) VALUES (?, ?) "
                 "ON CONFLICT(job) DO UPDATE SET data = excluded.data",
@@ -449,6 +454,9 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             raise
+        for job, error in w.quarantine:
+            self.quarantined += 1
+            log.error("state of job %r is unusable (%s); moved to the quarantine table", job, error)
         self._thinning.update(thinning)
         for key in w.old_runs:  # a run that ended gets no more points
             self._thinning.pop(key, None)
@@ -556,14 +564,40 @@ class Store:
             for t, epoch, lr, wall, data in self.metric_rows(job, run)
         ]
 
-    def history(self, job: str, limit: int | None = None) -> list[AuditRow]:
-        """The job's audit rows, oldest first (the last `limit` only, if given)."""
+    def history(
+        self,
+        job: str,
+        limit: int | None = None,
+        run: int | None = None,
+        since: str | None = None,
+    ) -> list[AuditRow]:
+        """The job's audit rows, oldest first, filtered in SQL.
+
+        Args:
+            limit: only the last `limit` rows.
+            run: only this run's rows.
+            since: only rows at or after this RFC 3339 time.
+        """
+        where, args = "job = ?", [job]  # type: tuple[str, list[Any]]
+        if run is not None:
+            where += " AND run = ?"
+            args.append(run)
+        if since is not None:
+            where += " AND time >= ?"
+            args.append(since)
         rows = self.db.execute(
             "SELECT time, job, old_lr, new_lr, reason, version, epoch, source, run, detail "
-            "FROM audit WHERE job = ? ORDER BY id DESC LIMIT ?",
-            (job, -1 if limit is None else limit),
+            f"FROM audit WHERE {where} ORDER BY id DESC LIMIT ?",
+            (*args, -1 if limit is None else limit),
         ).fetchall()
         return [AuditRow(*r) for r in reversed(rows)]
+
+    def last_run(self, job: str) -> int | None:
+        """The run of the job's latest audit row (None: the job has none)."""
+        row = self.db.execute(
+            "SELECT run FROM audit WHERE job = ? ORDER BY id DESC LIMIT 1", (job,)
+        ).fetchone()
+        return None if row is None else int(row[0])
 
     def _sync_audit_mirror(self) -> None:
         """Append to audit.jsonl the committed rows it misses (a crash between commit and write)."""

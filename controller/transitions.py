@@ -1,9 +1,12 @@
-"""How a job reacts to each message: pure functions of (job, message, env) -> Step.
+"""How a job reacts to each event: one pure reducer, `step(job, event, env) -> Step`.
 
-A transition never mutates anything and touches no socket, clock, file or
-metric: it returns the job's new state, the audit rows to commit and the
-messages to send, in a `Step`. The daemon (jobs.Batch) commits every Step of
-a loop turn in one transaction, then assigns the new states, then sends; if
+`step` is the one entry of every decision: the daemon (jobs.Batch) feeds it each
+message and deadline of a loop turn, `lrpilot simulate` folds it over a
+recorded history, so shadow mode, phases, notices and overrides are decided by
+the same code in both. A transition never mutates anything and touches no
+socket, clock, file or metric: it returns the job's new state, the audit rows
+to commit and the messages to send, in a `Step`. The daemon commits every Step
+of a loop turn in one transaction, then assigns the new states, then sends; if
 the commit fails it simply drops the Steps, so nothing needs undoing.
 
 Timing matches the frameworks: the decision on the report of epoch e applies
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import (
@@ -29,24 +32,22 @@ from lrpilot.client.protocol import (
 )
 
 from .aggregate import Pending, combine
-from .jobstate import JobState, Override, start_from, state_for
-from .policies import (
-    Decision,
-    Phases,
-    PhasesState,
-    Plateau,
-    Policy,
-    State,
-    fingerprint,
-)
+from .jobstate import JobState, Override, state_for
+from .policies import Decision, fingerprint
 from .policies.errors import EngineError, ModeUnresolved
 from .policyfile import JobRule
 from .sessions import Worker
 from .store import AuditRow, MetricPoint, rfc3339
 
 __all__ = [
+    "AggregateDue",
     "Env",
+    "JobEvent",
     "Outgoing",
+    "OverrideDue",
+    "Rebind",
+    "Release",
+    "SetLr",
     "Step",
     "bye",
     "expire_override",
@@ -56,8 +57,8 @@ __all__ = [
     "rebind",
     "release",
     "report",
+    "step",
     "timeout",
-    "transfer_state",
 ]
 
 #: (routing id, message) pairs to send once the Step is committed.
@@ -67,13 +68,72 @@ Outgoing = list[tuple[bytes, LrMessage | ErrorMessage]]
 SnapshotReader = Callable[[str, int, int], Mapping[str, Any] | None]
 
 
+def _no_snapshots(job: str, run: int, t: int) -> Mapping[str, Any] | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Env:
-    """What a transition may know besides the job: the time and the daemon's settings."""
+    """What a transition may know besides the job: the time and the daemon's settings.
 
-    now: float  # monotonic seconds
-    wall: float  # Unix seconds
+    Args:
+        now: monotonic seconds; wall: Unix seconds.
+        worker_timeout: a rank not heard from for this long is no longer a worker.
+        rules: the rule of a job not seen yet (its hello starts it); None: no new jobs.
+        snapshots: reads the stored end-of-t state of (job, run, t) for a resume.
+        generation: the reloads so far; a job bound to `rules` carries it.
+    """
+
+    now: float
+    wall: float
     worker_timeout: float = 600.0
+    rules: Callable[[str], JobRule] | None = None
+    snapshots: SnapshotReader = _no_snapshots
+    generation: int = 0
+
+
+# -- the events a job reacts to (besides the protocol's Hello, Report and Bye) -------------
+
+
+@dataclass(frozen=True)
+class AggregateDue:
+    """Epoch (or step) t's aggregate_timeout ran out: decide on the reports that came."""
+
+    t: int
+
+
+@dataclass(frozen=True)
+class OverrideDue:
+    """A --for pin's end (`set-lr --for DURATION`) came due."""
+
+
+@dataclass(frozen=True)
+class SetLr:
+    """`lrpilot set-lr`: an operator's LR from the next epoch, for good or for a while."""
+
+    lr: float
+    reason: str
+    author: str
+    epochs: int | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """`lrpilot release`: the job's pin ends now."""
+
+    author: str
+
+
+@dataclass(frozen=True)
+class Rebind:
+    """A reloaded policy file gave the job `rule` (applied at the job's next decision)."""
+
+    rule: JobRule
+
+
+#: Everything a job reacts to; `step` dispatches on its type.
+JobEvent: TypeAlias = Hello | Report | Bye | AggregateDue | OverrideDue | SetLr | Release | Rebind
 
 
 @dataclass
@@ -81,7 +141,7 @@ class Step:
     """The effects of one transition, applied only once committed.
 
     Args:
-        job: the job's new state.
+        job: the job's new state (None: a hello refused before the job existed).
         out: messages to send.
         audit: LR changes to record.
         snapshot: t whose end-of-epoch state `job` is (stored for resumes), or None.
@@ -90,10 +150,12 @@ class Step:
         invalid: error codes to count in `lrpilot_invalid_messages_total`.
         warnings: lines for the controller's log.
         waiting: a new aggregation deadline (t, when) for the job.
+        override_until: the monotonic time a timed override ends.
+        decision: the policy's own decision, when the policy decided (shadow mode included).
         point: the decided metrics and the LR trained, for the recorded metrics.
     """
 
-    job: JobState
+    job: JobState | None
     out: Outgoing = field(default_factory=list)
     audit: list[AuditRow] = field(default_factory=list)
     snapshot: int | None = None
@@ -103,8 +165,48 @@ class Step:
     invalid: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     waiting: tuple[int, float] | None = None
-    override_until: float | None = None  # monotonic time a timed override ends
+    override_until: float | None = None
+    decision: Decision | None = None
     point: MetricPoint | None = None
+
+
+def step(job: JobState | None, event: JobEvent, env: Env) -> Step | None:
+    """The job's reaction to `event`: its new state, what to store and what to send.
+
+    None when the event changes nothing (a stale deadline, a bye of an unknown rank).
+
+    Raises:
+        ProtocolError: a message that cannot be decided (`unknown_session`, `schema`, ...).
+    """
+    match event:
+        case Report():
+            return report(job, event, env)
+        case Hello():
+            if job is not None:
+                rule = job.rule
+            elif env.rules is not None:
+                rule = env.rules(event.job)
+            else:
+                raise ProtocolError("unknown_job", f"no job {event.job!r}")
+            if not event.restore and needs_restore(job, event, rule):
+                return Step(job, refuse_range_test(event), persist=False)
+            return hello(job, event, rule, env, env.snapshots)
+        case Bye():
+            return bye(job, event, env)
+        case AggregateDue():
+            return None if job is None else timeout(job, event.t, env)
+        case OverrideDue():
+            return None if job is None else expire_override(job, env)
+        case SetLr():
+            if job is None:
+                raise ProtocolError("unknown_job", "no such job")
+            e = event
+            return override(job, e.lr, e.reason, e.author, env, e.epochs, e.seconds)
+        case Release():
+            return None if job is None or job.override is None else release(job, event.author, env)
+        case Rebind():
+            return None if job is None else rebind(job, event.rule, env)
+    raise TypeError(f"not a job event: {event!r}")  # pragma: no cover
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -220,6 +322,7 @@ def hello(
             run=new_run_id(0, env.wall),
             last_epoch=start - 1 if start > 0 else None,
             framework=h.framework,
+            generation=env.generation,
         )
         reason = "initial"
         plan = plan_of(job)
@@ -368,6 +471,7 @@ def _resume(
         version=job.version + 1,
         last_epoch=start - 1,
         value=snap.get("value"),
+        shadow_lr=snap.get("shadow_lr"),
         pending={t: p for t, p in job.pending.items() if t < start},
     )
     return job, "resume", [audit_row(job, env, old, "resume", start, source="hello")]
@@ -402,11 +506,16 @@ def report(job: JobState | None, r: Report, env: Env) -> Step:
         # Answer with the decision in force, change nothing else.
         job = job.with_(sessions=sessions, last_seen=env.now)
         return Step(job, [(r.session, lr_message(job, "unchanged", r.seq, t + 1))], late=int(late))
-    job = job.with_(
-        sessions=sessions, last_seen=env.now, last_report=env.now, last_report_wall=env.wall
-    )
+    # One copy of the job per report (what a report changes, whatever the world size).
+    heard = {
+        "sessions": sessions,
+        "last_seen": env.now,
+        "last_report": env.now,
+        "last_report_wall": env.wall,
+    }
     aggregate = job.rule.aggregate
     if job.world <= 1 or aggregate == "chief":
+        job = job.with_(**heard)
         if aggregate == "chief" and r.rank != 0:
             return Step(job, [(r.session, lr_message(job, "unchanged", r.seq, t + 1))], reports=1)
         step = decide(job, t, r.metrics, {r.rank: r}, env)
@@ -420,10 +529,10 @@ def report(job: JobState | None, r: Report, env: Env) -> Step:
             )
         pending = (waiting or Pending(t, env.now)).add(r)
         if not pending.complete(job.world):
-            job = job.with_(pending={**job.pending, t: pending})
+            job = job.with_(**heard, pending={**job.pending, t: pending})
             deadline = None if waiting else (t, env.now + job.rule.aggregate_timeout)
             return Step(job, reports=1, waiting=deadline)
-        job = job.with_(pending={k: v for k, v in job.pending.items() if k != t})
+        job = job.with_(**heard, pending={k: v for k, v in job.pending.items() if k != t})
         step = decide(job, t, combine(pending.reports, aggregate), pending.reports, env)
     step.reports = 1
     return step
@@ -449,9 +558,11 @@ def decide(
     job: JobState, t: int, metrics: Mapping[str, float], reports: Mapping[int, Report], env: Env
 ) -> Step:
     """The policy decides on the (aggregated) metrics of time t; every rank gets the LR."""
+    # In shadow mode the policy runs on its own LR (shadow_lr), the job keeps the one it sent.
+    before = job.state if job.shadow_lr is None else job.state.replace(lr=job.shadow_lr)
     try:
         if all(job.policy.counts(job.state, r.lr) for r in reports.values()):
-            state, decision = job.policy.step(job.state, t, metrics, job.directions)
+            state, decision = job.policy.step(before, t, metrics, job.directions)
         else:
             # Trained at an LR the range test did not set (the trainer went on at its last
             # LR while the controller was away): no point, the policy decides nothing, and
@@ -463,11 +574,12 @@ def decide(
             (r.session, ErrorMessage(code, message, r.seq)) for r in reports.values()
         ]
         return Step(job, errors, invalid=[code], warnings=[message])
+    decided = decision
     warnings = [decision.warning] if decision.warning else []
-    monitor = getattr(_current_policy(job.policy, state), "monitor", None)
-    value = metrics.get(monitor) if isinstance(monitor, str) else None
+    monitor = next(iter(job.policy.current(state).monitors()), None)
+    value = metrics.get(monitor) if monitor is not None else None
     notices: list[tuple[str, str]] = []
-    if isinstance(monitor, str) and monitor not in metrics and decision.warning:
+    if monitor is not None and monitor not in metrics and decision.warning:
         notices.append(("monitor_missing", decision.warning))
     if decision.notice is not None:
         notices.append((decision.notice, decision.warning or decision.notice))
@@ -488,16 +600,17 @@ def decide(
                 f"{decision.lr:.6g}, the LR stays {old_policy_lr:.6g}",
             )
         )
-        # Shadow mode: keep the policy's memory and record the decision, send the old LR.
+        # Shadow mode: keep the policy's memory and its LR (shadow_lr), send the LR in force
+        # (under a pin the policy's own LR stays underneath it).
         job = job.with_(shadow_lr=decision.lr, state=state.replace(lr=old_policy_lr))
-        if decision.lr != old_policy_lr:
+        if decision.lr != before.lr:
             detail = f"shadow lr {decision.lr:.6g}"
             audit.append(
                 audit_row(job, env, old_lr, decision.reason, t + 1, source="shadow", detail=detail)
             )
         decision = Decision(old_policy_lr)
     else:
-        job = job.with_(state=state)
+        job = job.with_(state=state, shadow_lr=None)
     job = job.with_(last_epoch=t, value=value)
     reason, pin_ended = decision.reason, False
     if job.override is not None:
@@ -544,18 +657,11 @@ def decide(
     ]
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
-    return Step(job, out, audit, snapshot=t, warnings=warnings, point=point)
+    return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided, point=point)
 
 
 def _has_plans(worker: Worker | None, session: bytes) -> bool:
     return worker is not None and worker.session == session and worker.plans
-
-
-def _current_policy(policy: Policy, state: State) -> Policy:
-    """The policy deciding now: the current phase's, for a chain."""
-    if isinstance(policy, Phases) and isinstance(state, PhasesState):
-        return policy.phases[state.index].policy
-    return policy
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:
@@ -660,54 +766,18 @@ def rebind(job: JobState, rule: JobRule, env: Env) -> Step | None:
     """A reloaded policy file gave the job `rule`: carry its state over (None: no change)."""
     rule = rule.for_framework(job.framework)
     if rule.policy == job.policy and rule.match == job.rule.match:
-        return Step(job.with_(rule=rule), persist=False)
+        return Step(job.with_(rule=rule, generation=env.generation), persist=False)
     t = job.next_t()
     old_lr = job.lr
     job = job.with_(
+        generation=env.generation,
         rule=rule,
-        state=transfer_state(job.policy, job.state, rule.policy, t),
+        state=job.policy.transfer(job.state, rule.policy, t),
         fingerprint=fingerprint(rule.policy),
+        shadow_lr=None,  # the new policy starts from the LR in force
     )
     if job.lr == old_lr:
         return Step(job)
     job = job.with_(version=job.version + 1)
     row = audit_row(job, env, old_lr, "reload", t, source="reload")
     return Step(job, _push(job, env, "reload", t), [row])
-
-
-def _plateau_compatible(a: Policy, b: Policy) -> bool:
-    return (
-        isinstance(a, Plateau)
-        and isinstance(b, Plateau)
-        and (a.monitor, a.mode, a.compat) == (b.monitor, b.mode, b.compat)
-    )
-
-
-def transfer_state(old: Policy, state: State, new: Policy, t: int) -> State:
-    """The state a job continues with after a reload changed its policy.
-
-    A plateau keeps best/wait/cooldown when monitor, mode and compat are
-    unchanged (its LR clamped to a new min_lr); a chain stays in the phase of
-    the same index and type, else enters the phase containing `t`; any other
-    change starts the new policy from the job's current LR.
-    """
-    lr = state.lr
-    if _plateau_compatible(old, new):
-        assert isinstance(new, Plateau)
-        return state.replace(lr=max(lr, new.min_lr))
-    if isinstance(old, Phases) and isinstance(new, Phases):
-        assert isinstance(state, PhasesState)
-        i = state.index
-        if (
-            i < len(new.phases)
-            and i < len(old.phases)
-            and type(new.phases[i].policy) is type(old.phases[i].policy)
-        ):
-            inner = transfer_state(
-                old.phases[i].policy,
-                old.phases[i].policy.load_state(state.inner),
-                new.phases[i].policy,
-                t - state.start,
-            )
-            return state.replace(lr=inner.lr, inner=inner.to_dict())
-    return start_from(new, lr, t)

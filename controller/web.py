@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Callable
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgpack
@@ -26,12 +26,23 @@ import zmq
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import check_name
 
-from .admin_requests import metric_columns
+from .admin_requests import History, JobRequests, MetricsRequest, metric_columns
 from .auth import Grant
+from .jobs import JobTable
 from .jobstate import status_row
 
-if TYPE_CHECKING:
-    from .server import Server
+
+class Loop(Protocol):
+    """What the web view needs of the controller (a `Server`), without importing it."""
+
+    table: JobTable
+    jobs: JobRequests
+    ctx: zmq.Context[zmq.Socket[bytes]]
+
+    def clock(self) -> float: ...
+
+    def wall(self) -> float: ...
+
 
 __all__ = ["PER_PAGE", "WebBridge", "WebPages", "to_json"]
 
@@ -78,7 +89,7 @@ class WebBridge:
         server: the controller whose table and store answer the requests.
     """
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Loop) -> None:
         self.server = server
         self.endpoint = f"inproc://lrpilot-web-{id(server)}"
         self.sock: zmq.Socket[bytes] = server.ctx.socket(zmq.ROUTER)
@@ -100,7 +111,6 @@ class WebBridge:
                 return
             except ValueError:  # not two frames: not from ask()
                 continue
-            grant, self.server.admin_grant = self.server.admin_grant, _WEB_GRANT
             try:
                 msg = msgpack.unpackb(body, raw=False)
                 reply = self._handlers[msg["t"]](msg)
@@ -109,8 +119,6 @@ class WebBridge:
             except Exception as exc:  # a bug answers 500, never stops the controller
                 log.exception("web view request failed")
                 reply = {"t": "error", "code": "internal", "message": str(exc)}
-            finally:
-                self.server.admin_grant = grant
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([ident, msgpack.packb(reply)], zmq.NOBLOCK)
 
@@ -141,12 +149,18 @@ class WebBridge:
         """One job: its status row, recorded metrics, LR changes and range test, of one run."""
         name = check_name(msg.get("job"), "job")
         requests = self.server.jobs
-        ask = {"job": name, "run": msg.get("run"), "after": msg.get("after"), "raw": True}
-        reply = requests.metrics(ask)
+        run, after = msg.get("run"), msg.get("after")
+        ask = MetricsRequest(
+            name,
+            run if isinstance(run, int) and not isinstance(run, bool) else None,
+            after if isinstance(after, int) and not isinstance(after, bool) else -1,
+            raw=True,
+        )
+        reply = requests.metrics(ask, _WEB_GRANT)
         if reply["t"] == "error":
             return reply
         job = requests.job(name)  # with PostgreSQL, also a job another controller owns
-        history = requests.history({"job": name, "run": reply["run"]})
+        history = requests.history(History(name, run=reply["run"]), _WEB_GRANT)
         reply["t"] = "job"
         reply["status"] = (
             None

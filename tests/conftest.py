@@ -187,15 +187,23 @@ class Clock:
 
 
 class Wire:
-    """A raw protocol peer (a DEALER speaking msgpack) for exact, deterministic tests."""
+    """A raw protocol peer (a DEALER speaking msgpack) for exact, deterministic tests.
 
-    def __init__(self, endpoint: str, job: str, rank: int = 0, world: int = 1) -> None:
+    With `ctx` (an in-process `Server`'s context and its inproc:// endpoint) a message is in
+    the controller's queue once `send` returns, and a reply in this peer's once `turn()`
+    returns: a test can then check that nothing came without waiting for it.
+    """
+
+    def __init__(
+        self, endpoint: str, job: str, rank: int = 0, world: int = 1, ctx: Any = None
+    ) -> None:
         import zmq
 
         from lrpilot.client.protocol import SESSION_BYTES
 
         self.zmq = zmq
-        self.ctx = zmq.Context()
+        self._own_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
         self.job, self.rank, self.world = job, rank, world
         self.session = os.urandom(SESSION_BYTES)
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -241,7 +249,8 @@ class Wire:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
 
 def turn_until(server: Any, *peers: Wire, tries: int = 200) -> list[Any]:
@@ -263,7 +272,7 @@ def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]
     """clocked_server(policy_text, **ServeConfig fields) -> (a Server on random loopback ports
     with no metrics port, its Clock); the loop runs only when a test calls `turn()`."""
     from lrpilot.controller.policyfile import load_text
-    from lrpilot.controller.server import ServeConfig, Server
+    from lrpilot.controller.server import ServeConfig, build_server
 
     started: list[Any] = []
 
@@ -276,7 +285,7 @@ def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]
             "state_dir": str(tmp_path / f"state-{len(started)}"),
             **config,
         }
-        server = Server(
+        server = build_server(
             ServeConfig(**settings), load_text(policy_text, "p.yaml"), clock=clock, wall=clock.wall
         )
         started.append(server)

@@ -193,8 +193,8 @@ class DaemonCore(RuleBasedStateMachine):
     def reload(self) -> None:
         self.which = 1 - self.which
         new = load_text(POLICIES[self.which], "p.yaml")
-        self._turn(lambda b: b.rebind_all(new))
         self.table.swap_policies(new)
+        self._turn(lambda b: b.rebind())
         self.policy = self._policy()
         self.model = self.model.replace(lr=max(self.model.lr, self.policy.min_lr))
 

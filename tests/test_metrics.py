@@ -6,8 +6,12 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Controller, Wire, run_cli
+from conftest import Clock, Controller, Wire, turn_until
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from lrpilot.client.protocol import Bye, Hello, Report, encode
+from lrpilot.controller.server import Server
 
 Factory = Callable[..., Controller]
 POLICY = """\
@@ -68,67 +72,146 @@ def test_metrics_match_a_scripted_run(controller_factory: Factory) -> None:
         w.close()
 
 
-def test_job_ttl_removes_every_series_of_a_silent_job(controller_factory: Factory) -> None:
-    c = controller_factory(POLICY, "--job-ttl", "1s", "--worker-timeout", "1s")
-    w = Wire(c.bind, "job-ttl")
-    run = w.hello().run
-    w.report(0, {"val_loss": 1.0})
-    w.close()
-    assert any(s.get("training_job") == "job-ttl" for s in series(c, "lrpilot_learning_rate"))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "job-ttl" in c.scrape():
-        time.sleep(0.2)
-    assert "job-ttl" not in c.scrape()
-    assert c.metric("lrpilot_jobs") == 0
-    status = run_cli("status", "--json", "--admin", c.admin)
-    assert status.stdout.strip() == "[]"
-    # Its state is kept on disk: a resume picks it up again.
-    w = Wire(c.bind, "job-ttl")
-    assert w.hello(start_epoch=1).run == run
-    w.close()
+@pytest.fixture
+def clocked(
+    clocked_server: Callable[..., tuple[Server, Clock]],
+) -> Callable[..., tuple[Server, Clock]]:
+    return lambda **config: clocked_server(POLICY, **config)
+
+
+def _scrape(s: Server) -> str:
+    return s.metrics.render().decode()
+
+
+def _metric(s: Server, name: str, **labels: str) -> float:
+    """One sample's value from the controller's exposition; a missing series fails."""
+    for family in text_string_to_metric_families(_scrape(s)):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no series {name}{labels} in the scrape")
+
+
+def _say(s: Server, w: Wire, *frames: bytes) -> list[object]:
+    for frame in frames:
+        w.sock.send(frame)
+    return [turn_until(s, w)[0] for _ in frames]
+
+
+def _turn_while(s: Server, waiting: Callable[[], bool], tries: int = 200) -> None:
+    """Turn the loop until the controller shows what the test waits for (bounded)."""
+    for _ in range(tries):
+        if not waiting():
+            return
+        s.sock.poll(10)
+        s.turn()
+    raise AssertionError("the controller never got there")
+
+
+def _hello(w: Wire, start_epoch: int = 0) -> bytes:
+    return encode(Hello(w.job, w.rank, w.world, w.session, 0.1, start_epoch).to_wire())
+
+
+def _report(w: Wire, epoch: int) -> bytes:
+    w.seq += 1
+    return encode(Report(w.job, w.rank, w.session, w.seq, epoch, {"val_loss": 1.0}, 0.1).to_wire())
+
+
+def _bye(w: Wire) -> bytes:
+    return encode(Bye(w.job, w.rank, w.session).to_wire())
+
+
+def test_the_registered_collector_and_the_scrape_show_the_same_samples(
+    clocked: Callable[..., tuple[Server, Clock]],
+) -> None:
+    s, _clock = clocked()
+    peers = [Wire(s.endpoints()["bind"], f"job-{i}") for i in range(3)]
+    try:
+        for p in peers:
+            _say(s, p, _hello(p), *(_report(p, e) for e in range(4)))
+        peers[0].sock.send(_bye(peers[0]))
+        _turn_while(s, lambda: not s.table.jobs["job-0"].sessions.finished())
+        via_collector = generate_latest(s.metrics.registry).decode()
+        for text in (_scrape(s), _scrape(s)):  # the second scrape reuses the cached lines
+            assert _samples(text) == _samples(via_collector)
+        assert _metric(s, "lrpilot_job_finished", training_job="job-0") == 1
+        assert _metric(s, "lrpilot_lr_changes_total", training_job="job-1", reason="plateau") == 1
+    finally:
+        for p in peers:
+            p.close()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], str]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): repr(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.name.startswith("lrpilot_decision_seconds")  # observed by turns
+    }
+
+
+def test_job_ttl_removes_every_series_of_a_silent_job(
+    clocked: Callable[..., tuple[Server, Clock]],
+) -> None:
+    s, clock = clocked(job_ttl=60.0, worker_timeout=60.0)
+    w = Wire(s.endpoints()["bind"], "job-ttl")
+    try:
+        (hello,) = _say(s, w, _hello(w))
+        run = hello.run  # type: ignore[attr-defined]
+        _say(s, w, _report(w, 0))
+        assert _metric(s, "lrpilot_learning_rate", training_job="job-ttl") == pytest.approx(0.1)
+        clock.t += 59
+        s.turn()
+        assert "job-ttl" in _scrape(s)  # not yet
+        clock.t += 62  # past the TTL and the worker timeout
+        s.turn()
+        s.turn()
+        assert "job-ttl" not in _scrape(s)
+        assert _metric(s, "lrpilot_jobs") == 0
+        # Its state is kept on disk: a resume picks it up again.
+        (again,) = _say(s, w, _hello(w, start_epoch=1))
+        assert again.run == run  # type: ignore[attr-defined]
+    finally:
+        w.close()
 
 
 def test_a_thousand_short_jobs_leave_a_bounded_number_of_series(
-    controller_factory: Factory,
+    clocked: Callable[..., tuple[Server, Clock]],
 ) -> None:
-    c = controller_factory(POLICY, "--job-ttl", "1s", "--max-jobs", "200")
+    s, clock = clocked(job_ttl=1.0, max_jobs=200)
     refused = 0
-    for i in range(1000):
-        w = Wire(c.bind, f"short-{i}")
-        reply = w.hello()
-        if getattr(reply, "code", None) == "max_jobs":
-            refused += 1
-        else:
-            w.report(0, {"val_loss": 1.0})
-            w.sock.send(
-                __import__("msgpack").packb(
-                    {"t": "bye", "job": w.job, "rank": 0, "session": w.session}, use_bin_type=True
-                )
-            )
-        w.close()
-        if i % 250 == 249:
-            time.sleep(1.3)  # let the TTL sweep drop finished jobs
-    lines = [ln for ln in c.scrape().splitlines() if ln.startswith("lrpilot_learning_rate{")]
-    assert len(lines) <= 200
-    assert c.metric("lrpilot_jobs") <= 200
-    assert c.metric("lrpilot_invalid_messages_total", reason="max_jobs") == refused
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and c.metric("lrpilot_jobs") > 0:
-        time.sleep(0.2)
-    assert c.metric("lrpilot_jobs") == 0
-    assert "short-" not in c.scrape()
-
-
-def test_workers_gauge_follows_worker_timeout(controller_factory: Factory) -> None:
-    c = controller_factory(POLICY, "--worker-timeout", "1s")
-    w = Wire(c.bind, "job-wk")
+    w = Wire(s.endpoints()["bind"], "short")
     try:
-        w.hello()
-        w.report(0, {"val_loss": 1.0})
-        assert c.metric("lrpilot_workers", training_job="job-wk") == 1
-        deadline = time.monotonic() + 10
-        while c.metric("lrpilot_workers", training_job="job-wk") != 0:
-            assert time.monotonic() < deadline, "a silent rank must stop counting as a worker"
-            time.sleep(0.2)
+        for i in range(1000):
+            w.job = f"short-{i}"
+            (reply,) = _say(s, w, _hello(w))
+            if getattr(reply, "code", None) == "max_jobs":
+                refused += 1
+            else:
+                _say(s, w, _report(w, 0))
+                w.sock.send(_bye(w))
+                _turn_while(s, lambda j=w.job: not s.table.jobs[j].sessions.finished())  # type: ignore[misc]
+            if i % 250 == 249:
+                clock.t += 1.3  # the TTL sweep drops finished jobs
+                s.turn()
+        lines = [ln for ln in _scrape(s).splitlines() if ln.startswith("lrpilot_learning_rate{")]
+        assert len(lines) <= 200 and _metric(s, "lrpilot_jobs") <= 200
+        assert _metric(s, "lrpilot_invalid_messages_total", reason="max_jobs") == refused > 0
+        clock.t += 2
+        s.turn()
+        s.turn()
+        assert _metric(s, "lrpilot_jobs") == 0 and "short-" not in _scrape(s)
+    finally:
+        w.close()
+
+
+def test_workers_gauge_follows_worker_timeout(clocked: Callable[..., tuple[Server, Clock]]) -> None:
+    s, clock = clocked(worker_timeout=1.0)
+    w = Wire(s.endpoints()["bind"], "job-wk")
+    try:
+        _say(s, w, _hello(w), _report(w, 0))
+        assert _metric(s, "lrpilot_workers", training_job="job-wk") == 1
+        clock.t += 1.01  # a silent rank stops counting as a worker
+        assert _metric(s, "lrpilot_workers", training_job="job-wk") == 0
     finally:
         w.close()

@@ -30,7 +30,7 @@ from lrpilot.controller.admin import Admin, request
 from lrpilot.controller.errors import AdminError
 from lrpilot.controller.jobstate import Override
 from lrpilot.controller.policyfile import load_file
-from lrpilot.controller.server import ServeConfig, Server
+from lrpilot.controller.server import ServeConfig, build_server
 
 #: A plateau that halves the LR every 2 epochs of a flat loss (Keras: wait >= patience).
 PLATEAU = """version: 1
@@ -99,7 +99,7 @@ class Live:
         self.policy.write_text(policy_text)
         self.state_dir = state_dir or tmp_path / "state"
         self.clock = clock or Clocks()
-        self.server = Server(
+        self.server = build_server(
             ServeConfig(
                 policy=str(self.policy),
                 bind="tcp://127.0.0.1:0",

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import resource
 import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from lrpilot.controller.jobstate import JobState
 from lrpilot.controller.policies import Plateau, fingerprint, float32
 from lrpilot.controller.policyfile import load_text
 from lrpilot.controller.server import Server
-from lrpilot.controller.store import decode_row
+from lrpilot.controller.store import Writes, decode_row
 from lrpilot.controller.transitions import Env
 
 PLATEAU = """\
@@ -136,9 +135,20 @@ def server(clocked_server: Callable[..., tuple[Server, Clock]]) -> tuple[Server,
     return clocked_server(PLATEAU, job_ttl=3600.0, worker_timeout=600.0)
 
 
-def test_one_commit_per_turn_answers_every_message(server: tuple[Server, Clock]) -> None:
-    s, _clock = server
-    peers = [Wire(s.endpoints()["bind"], f"job-{i}") for i in range(8)]
+@pytest.fixture
+def inproc(clocked_server: Callable[..., tuple[Server, Clock]]) -> tuple[Server, Clock]:
+    """A server whose clients are in this process (inproc://): a sent message is queued at
+    once, so a test knows what one turn will see and what a turn did not send."""
+    return clocked_server(PLATEAU, bind=f"inproc://lrpilot-test-{os.getpid()}-{id(object())}")
+
+
+def _peer(s: Server, job: str, rank: int = 0, world: int = 1) -> Wire:
+    return Wire(s.endpoints()["bind"], job, rank, world, ctx=s.ctx)
+
+
+def test_one_commit_per_turn_answers_every_message(inproc: tuple[Server, Clock]) -> None:
+    s, _clock = inproc
+    peers = [_peer(s, f"job-{i}") for i in range(8)]
     try:
         for p in peers:
             p.sock.send(_hello(p))
@@ -146,17 +156,8 @@ def test_one_commit_per_turn_answers_every_message(server: tuple[Server, Clock])
         commits = _commit_counter(s)
         for p in peers:
             p.report(0, {"val_loss": 1.0}, wait=False)
-        # ZeroMQ cannot say how many messages wait; a moment lets all eight arrive. Whatever
-        # the split, every turn that decided something committed exactly once.
-        time.sleep(0.2)
-        per_turn = []
-        while sum(per_turn) < 8 and len(per_turn) < 100:
-            s.sock.poll(100)
-            before = len(s.table.jobs) and sum(c.reports for c in s.table.counters.values())
-            s.turn()
-            per_turn.append(sum(c.reports for c in s.table.counters.values()) - before)
-        decided = [n for n in per_turn if n]
-        assert sum(decided) == 8 and commits() == len(decided) and max(decided) > 1
+        s.turn()  # all eight are queued (inproc): one turn decides them, with one commit
+        assert sum(c.reports for c in s.table.counters.values()) == 8 and commits() == 1
         answers = [p.recv(timeout=1) for p in peers]
         assert all(isinstance(a, LrMessage) and a.seq == 1 for a in answers)
     finally:
@@ -192,22 +193,22 @@ def test_a_failed_commit_answers_unavailable_and_puts_every_job_back(
 
 
 def test_an_aggregation_deadline_fires_at_its_time_and_not_before(
-    server: tuple[Server, Clock],
+    inproc: tuple[Server, Clock],
 ) -> None:
-    s, clock = server
-    r0, r1 = Wire(s.endpoints()["bind"], "ddp", 0, 2), Wire(s.endpoints()["bind"], "ddp", 1, 2)
+    s, clock = inproc
+    r0, r1 = _peer(s, "ddp", 0, 2), _peer(s, "ddp", 1, 2)
     try:
         for p in (r0, r1):
             p.sock.send(_hello(p))
         turn_until(s, r0, r1)
         r0.report(0, {"val_loss": 1.0}, wait=False)
-        for _ in range(20):
-            s.sock.poll(10)
-            s.turn()
-        assert not r0.sock.poll(50)  # waiting for rank 1
+        s.turn()
+        # The turn took the report (the positive signal) and, inproc, any reply would be
+        # queued at r0 already: none is, it waits for rank 1.
+        assert s.table.counters["ddp"].reports == 1 and not r0.sock.poll(0)
         clock.t += 4.99
         s.turn()
-        assert not r0.sock.poll(50) and s.table.jobs["ddp"].last_epoch is None
+        assert not r0.sock.poll(0) and s.table.jobs["ddp"].last_epoch is None
         clock.t += 0.02  # aggregate_timeout (5 s) has passed
         s.turn()
         late = r0.recv(timeout=1)
@@ -354,3 +355,112 @@ def test_rows_written_by_0_1_as_json_still_decode() -> None:
     row = decode_row(legacy)
     assert row["run"] == 3 and row["state"]["wait"] == 2
     assert row["state"]["best"] != row["state"]["best"]  # NaN, as 0.1 stored it
+
+
+# -- the sealed commit: quarantine, deadlines, reload, history ---------------------------------
+
+
+def test_an_unusable_row_is_quarantined_in_the_turns_commit_or_not_at_all(
+    server: tuple[Server, Clock],
+) -> None:
+    s, _clock = server
+    s.store.commit(Writes(jobs={"broken": b"\xc1 not msgpack"}))
+    w = Wire(s.endpoints()["bind"], "broken")
+    try:
+        with disk_full(Path(s.config.state_dir) / "state.db-wal"):
+            w.sock.send(_hello(w))
+            (refused,) = turn_until(s, w)
+        assert isinstance(refused, ErrorMessage) and refused.code == "unavailable"
+        assert s.store.quarantined == 0  # the commit failed: the row has not moved
+        w.sock.send(_hello(w))
+        (answer,) = turn_until(s, w)  # the same turn moves the old row aside and starts anew
+        assert isinstance(answer, LrMessage) and answer.reason == "initial"
+        assert s.store.quarantined == 1
+    finally:
+        w.close()
+    db = s.store.db  # the controller's own connection (the store holds an exclusive lock)
+    assert db.execute("SELECT job, data FROM quarantine").fetchall() == [
+        ("broken", b"\xc1 not msgpack")
+    ]
+    assert decode_row(db.execute("SELECT data FROM jobs WHERE job='broken'").fetchone()[0])
+
+
+def test_deadlines_leave_the_heap_only_with_a_committed_turn(server: tuple[Server, Clock]) -> None:
+    s, clock = server
+    r0, r1 = Wire(s.endpoints()["bind"], "ddp2", 0, 2), Wire(s.endpoints()["bind"], "ddp2", 1, 2)
+    try:
+        for p in (r0, r1):
+            p.sock.send(_hello(p))
+        turn_until(s, r0, r1)
+        r0.report(0, {"val_loss": 1.0}, wait=False)
+        for _ in range(200):  # until the controller counted the report (a positive signal)
+            s.sock.poll(10)
+            s.turn()
+            if s.table.counters["ddp2"].reports == 1:
+                break
+        held = sorted(s.table.deadlines._heap)
+        clock.t += 6  # past aggregate_timeout
+        assert [d[1] for d in s.table.deadlines.due(clock.t)] == ["aggregate"]
+        with disk_full(Path(s.config.state_dir) / "state.db-wal"):
+            s.turn()
+        assert sorted(s.table.deadlines._heap) == held  # still there, never popped
+        assert s.table.jobs["ddp2"].last_epoch is None
+        s.turn()
+        late = r0.recv(timeout=5)
+        assert isinstance(late, LrMessage) and late.apply_from_epoch == 1
+        assert s.table.jobs["ddp2"].last_epoch == 0
+        assert [d[1] for d in s.table.deadlines.due(clock.t)] == []
+    finally:
+        r0.close(), r1.close()
+
+
+def test_a_reload_rebinds_each_job_at_its_next_decision_not_all_at_once(
+    server: tuple[Server, Clock],
+) -> None:
+    s, _clock = server
+    peers = [Wire(s.endpoints()["bind"], f"rb-{i}") for i in range(3)]
+    try:
+        for p in peers:
+            p.sock.send(_hello(p))
+        turn_until(s, *peers)
+        new = load_text(PLATEAU.replace("patience: 1", "patience: 1, min_lr: 0.2"), "p.yaml")
+        s.table.swap_policies(new)  # what a reload does: O(1), no job touched yet
+        assert all(j.rule.policy.min_lr == 0.0 for j in s.table.jobs.values())  # type: ignore[attr-defined]
+        peers[0].report(0, {"val_loss": 1.0}, wait=False)
+        batch = s.table.batch(s.clock(), s.wall())
+        s._feed(*_received(s), batch, [], [])  # one message, its job rebound at its decision
+        assert [st.job.name for st in batch.steps if st.job] == ["rb-0", "rb-0"]
+        s.store.commit(batch.writes())
+        s.table.deadlines.pop_due(s.clock())
+        s.send(s.table.publish(batch))
+        (reply,) = [peers[0].recv()]
+        assert reply.lr == pytest.approx(0.2) and reply.reason == "reload"
+        s.turn()  # the others within a few loop turns, pushed to their workers
+        pushed = [p.recv() for p in peers[1:]]
+        assert all(m.reason == "reload" and m.lr == pytest.approx(0.2) for m in pushed)
+        assert not s.table.rebinding
+    finally:
+        for p in peers:
+            p.close()
+
+
+def _received(s: Server) -> tuple[list[bytes]]:
+    for _ in range(200):
+        if s.sock.poll(10):
+            return (s.sock.recv_multipart(),)
+    raise AssertionError("no message reached the controller")
+
+
+def test_history_is_filtered_by_the_store(server: tuple[Server, Clock]) -> None:
+    from lrpilot.controller.store import AuditRow
+
+    s, _clock = server
+    rows = [
+        AuditRow(f"2026-01-0{d}T00:00:00.000Z", "h", 0.1, 0.1 / d, "plateau", d, d, "policy", run)
+        for d, run in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 2))
+    ]
+    s.store.commit(Writes(audit=rows))
+    assert [r.version for r in s.store.history("h", run=2)] == [3, 4, 5]
+    assert [r.version for r in s.store.history("h", run=2, limit=2)] == [4, 5]
+    assert [r.version for r in s.store.history("h", since="2026-01-02")] == [2, 3, 4, 5]
+    assert s.store.last_run("h") == 2 and s.store.last_run("nobody") is None

@@ -156,6 +156,27 @@ class Policy(ABC):
     def load_state(self, data: Mapping[str, Any]) -> State:
         return self.state_class.from_dict(data)
 
+    def monitors(self) -> tuple[str, ...]:
+        """Every metric this policy watches (each phase's, for a chain), in order."""
+        return ()
+
+    def current(self, state: State) -> Policy:
+        """The policy deciding now in `state`: itself, or the phase in force for a chain."""
+        return self
+
+    def start_from(self, lr: float, t: int) -> State:
+        """Start at time t so that the LR in force is `lr` and the policy's shape continues."""
+        state = self.start(lr, t)
+        return self.rebase(state, lr, t - 1) if state.lr != lr else state
+
+    def transfer(self, state: State, new: Policy, t: int) -> State:
+        """The state `new` continues with when a reload replaces this policy at time t.
+
+        By default the new policy starts from the job's current LR; a plateau keeps its
+        memory under a compatible plateau, a chain the phase of the same index and type.
+        """
+        return new.start_from(state.lr, t)
+
     def describe(self, state: State) -> dict[str, Any]:
         """What `status` shows about this policy's state: monitor, value, best, wait, patience."""
         return {"policy": self.type, "phase": None}

@@ -81,6 +81,31 @@ class Phases(Policy):
     def inner_state(self, state: PhasesState) -> State:
         return self.phases[state.index].policy.load_state(state.inner)
 
+    def monitors(self) -> tuple[str, ...]:
+        return tuple(m for p in self.phases for m in p.policy.monitors())
+
+    def current(self, state: State) -> Policy:
+        assert isinstance(state, PhasesState)
+        return self.phases[state.index].policy.current(self.inner_state(state))
+
+    def transfer(self, state: State, new: Policy, t: int) -> State:
+        """A chain stays in the phase of the same index and type (that phase's state carried
+        over as its policy says); otherwise `new` starts from the current LR."""
+        assert isinstance(state, PhasesState)
+        i = state.index
+        if (
+            isinstance(new, Phases)
+            and i < len(new.phases)
+            and i < len(self.phases)
+            and type(new.phases[i].policy) is type(self.phases[i].policy)
+        ):
+            old_inner = self.phases[i].policy
+            inner = old_inner.transfer(
+                old_inner.load_state(state.inner), new.phases[i].policy, t - state.start
+            )
+            return state.replace(lr=inner.lr, inner=inner.to_dict())
+        return super().transfer(state, new, t)
+
     def step(
         self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
     ) -> tuple[State, Decision]:

@@ -276,6 +276,20 @@ class Plateau(Policy):
             return s.replace(stop_sent=True), Decision(s.lr, action="stop", apply=self.apply)
         return s, Decision(s.lr, apply=self.apply)
 
+    def monitors(self) -> tuple[str, ...]:
+        return (self.monitor,)
+
+    def transfer(self, state: State, new: Policy, t: int) -> State:
+        """Best, wait and cooldown carry over to a plateau with the same monitor, mode and
+        compat (the LR clamped to its min_lr); any other policy starts from the current LR."""
+        if isinstance(new, Plateau) and (self.monitor, self.mode, self.compat) == (
+            new.monitor,
+            new.mode,
+            new.compat,
+        ):
+            return state.replace(lr=max(state.lr, new.min_lr))
+        return super().transfer(state, new, t)
+
     def describe(self, state: State) -> dict[str, Any]:
         assert isinstance(state, PlateauState)
         return {

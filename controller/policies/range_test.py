@@ -284,6 +284,9 @@ class RangeTest(Policy):
             "done": state.done,
         }
 
+    def monitors(self) -> tuple[str, ...]:
+        return (self.monitor,)
+
     def describe(self, state: State) -> dict[str, Any]:
         assert isinstance(state, RangeTestState)
         info: dict[str, Any] = {
