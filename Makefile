@@ -102,6 +102,7 @@ bench: modules
 	$(PY) bench/report_cost.py
 	$(PY) bench/scale_out.py
 	$(PY) bench/client_hot_path.py
+	$(PY) bench/plans.py
 	$(PY) bench/adapters.py
 	$(PY) bench/web_view.py
 

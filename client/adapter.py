@@ -82,6 +82,8 @@ class AdapterCore:
         self.report_every = report_every
         self.framework = framework
         self.snapshot_fn, self.restore_fn = snapshot_fn, restore_fn
+        #: Ask for schedules as plans (see `lrpilot.client.plans`); False: one LR per report.
+        self.plans = True
         #: The client of the running fit; None outside of one.
         self.client: Client | None = None
         #: A range test runs: from its snapshot to its restore (step reports then wait).
@@ -138,6 +140,7 @@ class AdapterCore:
             strict=self.strict,
             snapshot_fn=self._snapshot if restorable else None,
             restore_fn=self._restore if restorable else None,
+            plans=self.plans,
         )
         return self.client
 
@@ -163,7 +166,7 @@ class AdapterCore:
     def begin(self, epoch: int | None = None, step: int | None = None) -> float:
         """An epoch (or step) is about to start: decisions due there apply."""
         assert self.client is not None, "connect() first"
-        return self.client.poll(epoch=epoch, step=step)
+        return self.client.lr_at(epoch=epoch, step=step)
 
     def epoch_end(
         self, epoch: int, metrics: Mapping[str, Any], trained_lr: float | None = None
@@ -201,9 +204,11 @@ class AdapterCore:
         assert client is not None, "connect() first"
         every = self.report_every
         if (done + 1) // every > before // every:
-            waits = self.testing if wait is None else wait
-            return client.report(epoch, metrics(), step=done, wait=waits, trained_lr=trained_lr)
-        return client.poll(step=done + 1)
+            report = metrics()
+            if report or client.plan is None or self.testing or client.liveness_due():
+                waits = self.testing if wait is None else wait
+                return client.report(epoch, report, step=done, wait=waits, trained_lr=trained_lr)
+        return client.lr_at(step=done + 1)
 
     # -- range tests -----------------------------------------------------------------------
 

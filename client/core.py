@@ -67,6 +67,9 @@ _FLUSH_BATCH = 1000
 # bursts, one wake each; a report waits at most this long, and a slower loop sends each one at
 # once.
 _TURN_EVERY = 10e-3
+# With a plan in force and no metrics, a step sends nothing; at most this often (seconds) it
+# sends a liveness report with the LR trained, so `status` shows the job alive and its LR.
+LIVENESS_EVERY = 5.0
 # `moved` replies followed in a row without an answer before the client backs off as after
 # `unavailable` (controllers handing shards over point at each other for a moment).
 _MAX_MOVES = 8
@@ -183,6 +186,8 @@ class Client:
         clock: seconds of a monotonic clock (default `time.monotonic`) for every timer of
             the client: backoff, silence, failover, the waits' deadlines. Tests pass their
             own and advance it; the waits on the socket still take real time.
+        plans: True (the default) asks for schedules as plans (`lr.plan`), evaluated here at
+            every boundary; False asks for one `lr` per report, as clients before plans.
 
     Raises:
         ValueError: for bad arguments, with what to change (at construction only).
@@ -215,6 +220,7 @@ class Client:
         snapshot_fn: Callable[[], None] | None = None,
         restore_fn: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        plans: bool = True,
     ) -> None:
         #: The controllers to try, in order (a `moved` reply may add one).
         self.endpoints = endpoint_list(endpoint)
@@ -239,6 +245,8 @@ class Client:
                 raise ValueError(f"directions: {exc.message}") from None
         self._keys = curve_keys()
         self._clock = clock
+        self._plans = bool(plans)
+        self._reported_at = -math.inf  # clock time of the last report
 
         #: 16 random bytes naming this client object; also its socket's ROUTING_ID.
         self.session = os.urandom(SESSION_BYTES)
@@ -374,6 +382,7 @@ class Client:
         if self._closed:
             return decisions.lr
         self._seq = seq = self._seq + 1
+        self._reported_at = self._clock()
         start = decisions.step if step is None else step
         lr = decisions.lr if trained_lr is None else _check_lr(trained_lr, "trained_lr")
         box = self._box
@@ -412,6 +421,44 @@ class Client:
             self._turn(self._clock(), force=True)
         self._apply_due(everything=epoch is None and step is None)
         return self._decisions.lr
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """The plan in force (a schedule the client evaluates itself), or None."""
+        return self._decisions.plan
+
+    @property
+    def momentum(self) -> float | None:
+        """The momentum a plan with `cycle_momentum` sets at the current boundary (torch
+        adapters write it to each group's `momentum`, or `betas[0]` for Adam), else None."""
+        return self._decisions.momentum
+
+    def liveness_due(self) -> bool:
+        """With a plan and nothing to report: whether a report is due anyway (none for
+        `LIVENESS_EVERY` seconds), so the controller sees the job alive at the LR it trains."""
+        return self._clock() - self._reported_at >= LIVENESS_EVERY
+
+    def lr_at(self, step: int | None = None, epoch: int | None = None) -> float:
+        """The LR for the step (or epoch) about to run, with no message and no wait.
+
+        With a plan in force (a schedule the controller sent as a function of time) the LR
+        is the plan's value there, computed here: it goes on exactly while the controller is
+        down. Replies and queued reports are looked at at most every 10 ms, not at every
+        call. Without a plan this is `poll(epoch=epoch, step=step)`.
+        """
+        decisions = self._decisions
+        if decisions.plan is None:
+            return self.poll(epoch=epoch, step=step)
+        if step is not None and (type(step) is not int or not 0 <= step <= MAX_INT):
+            step = _position(step, "step")
+        if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_INT):
+            epoch = _position(epoch, "epoch")
+        decisions.at(epoch=epoch, step=step)
+        if not self._closed:
+            self._turn(self._clock())
+        if decisions.pending:
+            self._apply_due()
+        return decisions.lr
 
     def flush(self, timeout: float | None = None) -> bool:
         """Sends what is queued and waits until every kept report is answered: at most
@@ -659,6 +706,7 @@ class Client:
             pid=os.getpid(),
             directions=self.directions,
             restore=self._restore_fn is not None,
+            plans=self._plans,
         )
         if not self._send(encode(hello.to_wire())):
             return False

@@ -13,12 +13,19 @@ Example:
     for decision in d.due():        # the shell runs snapshot / restore here, then
         d.settle(decision)          # the LR changes
     d.lr                            # 0.05
+
+Plans: a decision that carries a `plan` (a schedule as a function of time, see
+`lrpilot.client.plans`) puts it in force; from then on `at()` sets `lr` to the plan's value
+at every boundary in the plan's span, with no message. A decision without a plan ends it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from .plans import compiled, compiled_momentum
 from .protocol import LrMessage
 
 __all__ = ["Decision", "Decisions"]
@@ -58,6 +65,14 @@ class Decisions:
         self.stop_requested = False
         #: The last `snapshot` / `restore` action applied.
         self.last_action: str | None = None
+        #: The plan in force (from the decision applied last), or None.
+        self.plan: dict[str, Any] | None = None
+        self._plan_at: Callable[[int], float | None] | None = None
+        self._by_step = False
+        #: The momentum a plan with `cycle_momentum` sets now (torch: momentum or betas[0]),
+        #: or None.
+        self.momentum: float | None = None
+        self._momentum_at: Callable[[int], float | None] | None = None
 
     def accept(self, message: LrMessage) -> bool:
         """Takes a decision that is newer than the last one (or of another run)."""
@@ -76,6 +91,19 @@ class Decisions:
             self.epoch = epoch
         if step is not None:
             self.step = step
+        if self._plan_at is not None:
+            self._follow(self._plan_at)
+
+    def _follow(self, plan_at: Callable[[int], float | None]) -> None:
+        """The plan's LR at the current boundary, inside its span; outside, the last one."""
+        t = self.step if self._by_step else self.epoch
+        lr = plan_at(t)
+        if lr is not None:
+            self.lr = lr
+        if self._momentum_at is not None:
+            momentum = self._momentum_at(t)
+            if momentum is not None:
+                self.momentum = momentum
 
     def due(self, everything: bool = False) -> list[Decision]:
         """Takes the decisions due at the current boundary (all of them with `everything`)
@@ -93,6 +121,14 @@ class Decisions:
         e.g. a plateau step for epoch 5 after an override for epoch 3) and its action."""
         if decision.number > self.applied:
             self.lr, self.applied = decision.message.lr, decision.number
+            plan = self.plan = decision.message.plan
+            self._plan_at = None if plan is None else compiled(plan)
+            self._momentum_at = None if plan is None else compiled_momentum(plan)
+            if self._momentum_at is None:
+                self.momentum = None
+            self._by_step = plan is not None and plan["unit"] == "step"
+            if self._plan_at is not None:
+                self._follow(self._plan_at)
         if decision.action == "stop":
             self.stop_requested = True
         elif decision.action is not None:

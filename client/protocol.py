@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 
 from .errors import ProtocolError
+from .plans import check_plan
 from .vocabulary import (
     ACTIONS,
     ERROR_CODES,
@@ -198,6 +199,7 @@ class Hello:
     pid: int = 0
     directions: dict[str, str] = field(default_factory=dict)
     restore: bool = False  # the client can snapshot and restore its weights (range test)
+    plans: bool = False  # the client evaluates `lr.plan` itself (see lrpilot.client.plans)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -215,6 +217,7 @@ class Hello:
             "pid": self.pid,
             "directions": self.directions,
             "restore": self.restore,
+            "plans": self.plans,
         }
 
     @classmethod
@@ -245,6 +248,7 @@ class Hello:
             pid=int(_int(msg, "pid", 0, 1 << 32, optional=True) or 0),
             directions=dict(directions),
             restore=msg.get("restore") is True,
+            plans=msg.get("plans") is True,
         )
 
 
@@ -331,6 +335,9 @@ class LrMessage:
     apply_from_step: int | None = None
     action: str | None = None
     notices: tuple[tuple[str, str], ...] = ()  # (code, message) pairs
+    #: The schedule in force as a function of time (see `lrpilot.client.plans`), for clients
+    #: whose hello said `plans: true`; None otherwise.
+    plan: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         msg: dict[str, Any] = {
@@ -348,6 +355,8 @@ class LrMessage:
             msg["action"] = self.action
         if self.notices:
             msg["notices"] = [{"code": c, "message": m} for c, m in self.notices]
+        if self.plan is not None:
+            msg["plan"] = self.plan
         return msg
 
     @classmethod
@@ -371,6 +380,9 @@ class LrMessage:
                 raise ProtocolError("schema", "a notice is {code, message}")
             # An unknown code (a newer controller) is kept: clients log it like the others.
             parsed.append((n["code"][:64], _str(n, "message", 4096, optional=True)))
+        plan = msg.get("plan")
+        if plan is not None:
+            plan = check_plan(plan)
         return cls(
             job=check_name(_get(msg, "job"), "job"),
             lr=_lr(msg),
@@ -382,6 +394,7 @@ class LrMessage:
             apply_from_step=step,
             action=action,
             notices=tuple(parsed),
+            plan=plan,
         )
 
 

@@ -90,7 +90,10 @@ def scalars(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _group_lr(group: Mapping[str, Any]) -> float:
-    value = number(group["lr"])
+    value = group["lr"]
+    if type(value) is float:  # the common case, first: this runs at every step
+        return value
+    value = number(value)
     if value is None:
         raise ValueError(f"a param group's lr is not a number: {group['lr']!r}")
     return value
@@ -154,6 +157,16 @@ def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
         else:
             group["lr"] = new
     return True
+
+
+def set_momentum(groups: Iterable[dict[str, Any]], momentum: float) -> None:
+    """A plan's `cycle_momentum` (one_cycle, cyclic): each group's `momentum`, or `betas[0]`
+    for Adam-like optimizers, as torch's OneCycleLR and CyclicLR set them."""
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = (momentum, *group["betas"][1:])
+        elif "momentum" in group:
+            group["momentum"] = momentum
 
 
 def restore_snapshot(snapshot: StateSnapshot | None, job: str) -> bool:
@@ -585,6 +598,15 @@ class LRPilotScheduler(ReduceLROnPlateau):
         return self._lr0() if self._client is None else None
 
     def _set_lr(self, lr: float) -> None:
+        groups = self.optimizer.param_groups
+        client = self._core.client
+        if client is not None and client.momentum is not None:
+            set_momentum(groups, client.momentum)
+        if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the per-step path, first
+            if groups[0]["lr"] != lr:
+                groups[0]["lr"] = lr
+                self._last_lr = [lr]
+            return
         if set_lr([self.optimizer], lr):
             lrs: list[float | torch.Tensor] = [*self.get_last_lr()]
             self._last_lr = lrs

@@ -27,6 +27,7 @@ class Worker:
     host: str = ""
     pid: int = 0
     gone: bool = False
+    plans: bool = False  # its hello said `plans: true`: it gets `lr.plan`
 
     def live(self, now: float, timeout: float) -> bool:
         return not self.gone and now - self.last_seen <= timeout
@@ -49,7 +50,15 @@ class Sessions:
         """The stored part of a job's sessions (workers are in memory only)."""
         return cls(PMap(), PMap(seqs), PMap((rank, True) for rank in reported))
 
-    def join(self, rank: int, session: bytes, now: float, host: str = "", pid: int = 0) -> Sessions:
+    def join(
+        self,
+        rank: int,
+        session: bytes,
+        now: float,
+        host: str = "",
+        pid: int = 0,
+        plans: bool = False,
+    ) -> Sessions:
         """A rank said hello; a new session of a rank replaces (and forgets) its old one."""
         seqs = self.seqs
         old = self.workers.get(rank)
@@ -57,7 +66,7 @@ class Sessions:
             seqs = seqs.delete(old.session.hex())
         if session.hex() not in seqs:
             seqs = seqs.set(session.hex(), -1)
-        workers = self.workers.set(rank, Worker(rank, session, now, host, pid))
+        workers = self.workers.set(rank, Worker(rank, session, now, host, pid, plans=plans))
         return Sessions(workers, seqs, self.reported)
 
     def worker(self, rank: int, session: bytes) -> Worker | None:
@@ -73,7 +82,7 @@ class Sessions:
     def record(self, rank: int, session: bytes, seq: int, now: float, *, counts: bool) -> Sessions:
         """Remember `seq` and that the rank was heard from; `counts`: it joins the run."""
         w = self.workers[rank]
-        workers = self.workers.set(rank, Worker(rank, session, now, w.host, w.pid, w.gone))
+        workers = self.workers.set(rank, Worker(rank, session, now, w.host, w.pid, w.gone, w.plans))
         key = session.hex()
         seqs = self.seqs.set(key, max(seq, self.seqs.get(key, -1)))
         reported = self.reported

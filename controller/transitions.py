@@ -15,6 +15,7 @@ from epoch e+1; the `hello` reply carries the LR for the start epoch.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -35,6 +36,7 @@ from .jobstate import JobState, Override, state_for
 from .policies import Decision, fingerprint
 from .policies.errors import EngineError, ModeUnresolved
 from .policyfile import JobRule
+from .sessions import Worker
 from .store import AuditRow, MetricPoint, rfc3339
 
 __all__ = [
@@ -217,6 +219,7 @@ def lr_message(
     apply_from: int,
     action: str | None = None,
     notices: tuple[tuple[str, str], ...] = (),
+    plan: dict[str, Any] | None = None,
 ) -> LrMessage:
     step = job.unit == "step"
     return LrMessage(
@@ -230,7 +233,21 @@ def lr_message(
         apply_from_step=apply_from if step else None,
         action=action,
         notices=notices,
+        plan=plan,
     )
+
+
+def plan_of(job: JobState) -> dict[str, Any] | None:
+    """The plan in force (a schedule, or a chain's schedule phase), or None (also while an
+    operator's pin holds the LR)."""
+    if job.override is not None:
+        return None
+    return job.policy.plan(job.state)
+
+
+def plan_detail(plan: Mapping[str, Any]) -> str:
+    """A plan as the audit row's detail: `plan {json}`."""
+    return "plan " + json.dumps(plan, sort_keys=True, separators=(",", ":"))
 
 
 def audit_row(
@@ -271,9 +288,14 @@ def _push(
     action: str | None = None,
     notices: tuple[tuple[str, str], ...] = (),
 ) -> Outgoing:
-    """The decision to every live worker, but the ranks in `answered` (they got a reply)."""
+    """The decision to every live worker, but the ranks in `answered` (they got a reply);
+    workers whose hello said `plans: true` get the plan in force with it."""
+    plan = plan_of(job)
     return [
-        (w.session, lr_message(job, reason, None, apply_from, action, notices))
+        (
+            w.session,
+            lr_message(job, reason, None, apply_from, action, notices, plan if w.plans else None),
+        )
         for w in job.sessions.live(env.now, env.worker_timeout)
         if answered is None or w.rank not in answered
     ]
@@ -303,7 +325,9 @@ def hello(
             generation=env.generation,
         )
         reason = "initial"
-        audit.append(audit_row(job, env, None, "initial", start, source="hello"))
+        plan = plan_of(job)
+        detail = None if plan is None else plan_detail(plan)
+        audit.append(audit_row(job, env, None, "initial", start, source="hello", detail=detail))
     else:
         start = h.start_step if job.unit == "step" else h.start_epoch
         if h.session.hex() in job.sessions.seqs:
@@ -326,14 +350,16 @@ def hello(
                 override=None,  # a pin belongs to the run it was set in
             )
             reason = "initial"
-            audit.append(audit_row(job, env, old, "initial", 0, source="hello"))
+            plan = plan_of(job)
+            detail = None if plan is None else plan_detail(plan)
+            audit.append(audit_row(job, env, old, "initial", 0, source="hello", detail=detail))
     directions = {**job.directions, **h.directions} if h.directions else job.directions
     if len(directions) > MAX_METRICS:  # bounded: many hellos never grow the stored row
         directions = dict(h.directions)
     job = job.with_(
         world=h.world,
         directions=directions,
-        sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid),
+        sessions=job.sessions.join(h.rank, h.session, env.now, h.host, h.pid, h.plans),
         last_seen=env.now,
         finished=False,
     )
@@ -353,7 +379,8 @@ def hello(
         if abandoned is not None:
             abandoned.audit[:0] = audit
             return abandoned
-    answer = lr_message(job, reason, None, start, action, pin_notices(job))
+    plan = plan_of(job) if h.plans else None
+    answer = lr_message(job, reason, None, start, action, pin_notices(job), plan)
     return Step(job, [(h.session, answer)], audit)
 
 
@@ -564,6 +591,7 @@ def decide(
     epoch = first.epoch if first is not None else t
     point = MetricPoint(job.name, job.run, t, epoch, trained, env.wall, dict(metrics))
     audit: list[AuditRow] = []
+    plan_before = plan_of(job)
     if not decision.apply:
         notices.append(
             (
@@ -596,19 +624,44 @@ def decide(
     changed = job.lr != old_lr or decision.action in ("snapshot", "restore")
     if changed:
         job = job.with_(version=job.version + 1)
+    plan = plan_of(job)
     if pin_ended:
         audit.append(audit_row(job, env, old_lr, "override", t + 1, "expiry", "expired"))
-    elif changed and job.override is None:
-        audit.append(audit_row(job, env, old_lr, reason, t + 1, detail=decision.detail))
+    elif (
+        changed
+        and job.override is None
+        # A plan is audited (and logged) once, when it starts, not at each of its values.
+        and (plan is None or plan != plan_before or decision.action)
+    ):
+        why = decision.detail
+        if plan is not None and why is None:
+            why = plan_detail(plan)
+        audit.append(audit_row(job, env, old_lr, reason, t + 1, detail=why))
     reason = reason if changed else "unchanged"
     notices += pin_notices(job)
+    workers = job.sessions.workers
     out: Outgoing = [
-        (r.session, lr_message(job, reason, r.seq, t + 1, decision.action, tuple(notices)))
+        (
+            r.session,
+            lr_message(
+                job,
+                reason,
+                r.seq,
+                t + 1,
+                decision.action,
+                tuple(notices),
+                plan if plan is not None and _has_plans(workers.get(r.rank), r.session) else None,
+            ),
+        )
         for r in reports.values()
     ]
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided, point=point)
+
+
+def _has_plans(worker: Worker | None, session: bytes) -> bool:
+    return worker is not None and worker.session == session and worker.plans
 
 
 def bye(job: JobState | None, b: Bye, env: Env) -> Step | None:

@@ -219,10 +219,12 @@ def test_unit_step_against_a_real_controller_decides_every_step(
     assert c.metric("lrpilot_reports_total", training_job="steps") == 9
     out = run_cli("history", "steps", "--json", "--admin", c.admin)
     assert out.returncode == 0, out.stderr
-    changes = [
-        (r["epoch"], r["new_lr"]) for r in json.loads(out.stdout) if r["reason"] != "initial"
-    ]
-    assert changes == [(4, pytest.approx(0.125)), (8, pytest.approx(0.0625))]  # from steps 4, 8
+    rows = json.loads(out.stdout)
+    # The schedule is a plan: audited once, when it starts, and evaluated by the callback at
+    # every step (0.25 for steps 0-3, 0.125 for 4-7, 0.0625 from step 8).
+    assert [r["reason"] for r in rows] == ["initial"]
+    assert rows[0]["detail"].startswith("plan ") and '"kind":"step"' in rows[0]["detail"]
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0625)
     assert callback.client is None
 
 

@@ -1,7 +1,9 @@
 """The house's layers: the engine is read and tested apart from the daemon and the wire.
 
 The policy engine (`controller/policies/`) imports, from the rest of lrpilot, only the
-shared vocabulary (`client/vocabulary.py`) and the root of the error tree; the client never
+shared vocabulary (`client/vocabulary.py`), the plan evaluator (`client/plans.py`, which
+computes every schedule's values for the controller and the client alike) and the root of
+the error tree; the client never
 imports the controller; every error lrpilot raises on purpose is an `LRPilotError`.
 """
 
@@ -24,7 +26,7 @@ CLIENT = Path(lrpilot.client.__file__).parent
 CONTROLLER = Path(lrpilot.controller.__file__).parent
 ENGINE = CONTROLLER / "policies"
 #: What the engine may import from lrpilot outside itself.
-ENGINE_MAY_USE = {"lrpilot.client.vocabulary", "lrpilot.client.errors"}
+ENGINE_MAY_USE = {"lrpilot.client.vocabulary", "lrpilot.client.errors", "lrpilot.client.plans"}
 #: Modules the daemon and the wire are made of; none may load with the engine.
 DAEMON_AND_WIRE = [
     "lrpilot.client.protocol",
@@ -98,6 +100,30 @@ def test_the_vocabulary_depends_on_the_standard_library_only() -> None:
         for a in node.names
     }
     assert imported <= {"__future__", "math", "re", "struct"}, imported
+
+
+def test_the_plan_evaluator_depends_on_the_standard_library_and_the_vocabulary_only() -> None:
+    path = CLIENT / "plans.py"
+    tree = ast.parse(path.read_text())
+    imported = {
+        (a.name if isinstance(node, ast.Import) else node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for a in node.names
+    }
+    assert imported <= {
+        "__future__",
+        "bisect",
+        "math",
+        "collections",
+        "typing",
+        "vocabulary",
+        "errors",
+    }
+    assert _lrpilot_imports(path, "lrpilot.client") <= {
+        "lrpilot.client.vocabulary",
+        "lrpilot.client.errors",
+    }
 
 
 def test_the_client_never_imports_the_controller() -> None:

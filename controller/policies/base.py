@@ -183,6 +183,13 @@ class Policy(ABC):
 
     # -- hooks for policies that end by themselves (the range test); no-ops for the rest --
 
+    def plan(
+        self, state: State, origin: int = 0, until: int | None = None
+    ) -> dict[str, Any] | None:
+        """This policy in `state` as a plan (see `lrpilot.client.plans`), local time 0 at
+        boundary `origin`; None when its LRs depend on reports (plateau, range test)."""
+        return None
+
     def finished(self, state: State) -> bool:
         """Whether this policy has done its work; a finished phase ends even without `until`."""
         return False

@@ -18,6 +18,3 @@ class Constant(Schedule):
     equivalents = ("the optimizer's own LR, with no scheduler",)
 
     lr: float | None = param(None, an_lr, "the LR (default lr0)")
-
-    def value(self, lr0: float, t: int) -> float:
-        return self.lr if self.lr is not None else lr0

@@ -5,7 +5,6 @@ lr = lr0 · ((1 − alpha) · ½(1 + cos(π · min(t, decay_steps) / decay_steps
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .fields import between, param, positive_int
@@ -26,8 +25,3 @@ class CosineDecay(Schedule):
 
     decay_steps: int = param(check=positive_int, doc="epochs (or steps) to decay over")
     alpha: float = param(0.0, between(0, 1, lo_open=False, hi_open=False), "final LR / lr0")
-
-    def value(self, lr0: float, t: int) -> float:
-        done = min(t, self.decay_steps) / self.decay_steps
-        cosine = 0.5 * (1.0 + math.cos(math.pi * done))
-        return lr0 * ((1.0 - self.alpha) * cosine + self.alpha)

@@ -9,8 +9,9 @@ eta_min = alpha · lr0). Computed in float64 (Keras: float32).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import lrpilot.client.plans as plans
 
 from .fields import at_least, between, param
 from .schedule import Schedule
@@ -40,24 +41,4 @@ class CosineRestarts(Schedule):
 
     def cycle(self, t: int) -> tuple[int, float]:
         """(index of the cycle `t` falls in, fraction of that cycle done)."""
-        done = t / self.first_decay_steps
-        if self.t_mul == 1.0:
-            i = math.floor(done)
-            return i, done - i
-        i = math.floor(math.log(1.0 - done * (1.0 - self.t_mul)) / math.log(self.t_mul))
-
-        def fraction(i: int) -> float:
-            before = (1.0 - self.t_mul**i) / (1.0 - self.t_mul)
-            return (done - before) / self.t_mul**i
-
-        # The logarithm can land one cycle off at an exact restart: settle it exactly.
-        while i > 0 and fraction(i) < 0:
-            i -= 1
-        while fraction(i) >= 1:
-            i += 1
-        return i, fraction(i)
-
-    def value(self, lr0: float, t: int) -> float:
-        i, frac = self.cycle(t)
-        cosine = 0.5 * self.m_mul**i * (1.0 + math.cos(math.pi * frac))
-        return lr0 * ((1.0 - self.alpha) * cosine + self.alpha)
+        return plans.restarts_cycle(self.plan_params(), t)

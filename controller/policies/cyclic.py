@@ -7,8 +7,9 @@ down. `triangular` keeps the amplitude, `triangular2` halves it every cycle,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import lrpilot.client.plans as plans
 
 from .fields import an_lr, between, one_of, param, positive, positive_int
 from .schedule import Schedule
@@ -42,30 +43,7 @@ class Cyclic(Schedule):
             return [("base_momentum", "base_momentum must be <= max_momentum")]
         return []
 
-    def _scale(self, t: int) -> tuple[float, float]:
-        """(height of the triangle in [0, 1], amplitude factor) at `t`, as torch computes them."""
-        up = float(self.step_size_up)
-        down = float(self.step_size_down) if self.step_size_down is not None else up
-        total = up + down
-        ratio = up / total
-        cycle = math.floor(1 + t / total)
-        x = 1.0 + t / total - cycle
-        height = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
-        if self.mode == "triangular":
-            amplitude = 1.0
-        elif self.mode == "triangular2":
-            amplitude = 1 / (2.0 ** (cycle - 1))
-        else:
-            amplitude = self.gamma**t
-        return height, amplitude
-
-    def value(self, lr0: float, t: int) -> float:
-        height, amplitude = self._scale(t)
-        return self.base_lr + (self.max_lr - self.base_lr) * height * amplitude
-
     def momentum(self, lr0: float, t: int) -> float | None:
         """The momentum at `t` when `cycle_momentum` is on, else None."""
-        if not self.cycle_momentum:
-            return None
-        height, amplitude = self._scale(t)
-        return self.max_momentum - (self.max_momentum - self.base_momentum) * height * amplitude
+        plan = {"kind": self.type, "params": self.plan_params(), "from": 0, "lr0": lr0}
+        return plans.momentum(plan, t)

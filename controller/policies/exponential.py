@@ -7,7 +7,6 @@ lr0 · decay_rate^(t / decay_steps) (floor of the exponent with staircase);
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .fields import at_least, param, positive, positive_int
@@ -40,12 +39,3 @@ class ExponentialDecay(Schedule):
         if self.k is not None and self.staircase:
             return [("staircase", "staircase applies to the decay_rate/decay_steps form")]
         return []
-
-    def value(self, lr0: float, t: int) -> float:
-        if self.k is not None:
-            return lr0 * math.exp(-self.k * t)
-        assert self.decay_rate is not None and self.decay_steps is not None
-        p = t / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return lr0 * float(self.decay_rate**p)

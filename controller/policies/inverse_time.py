@@ -6,7 +6,6 @@ time-based decay lr0 / (1 + k·t).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .fields import at_least, param, positive_int
@@ -25,9 +24,3 @@ class InverseTimeDecay(Schedule):
     decay_rate: float = param(check=at_least(0), doc="k in lr0 / (1 + k * t / decay_steps)")
     decay_steps: int = param(1, positive_int, "period of t")
     staircase: bool = param(False, doc="use floor(t / decay_steps)")
-
-    def value(self, lr0: float, t: int) -> float:
-        p = t / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return lr0 / (1.0 + self.decay_rate * p)

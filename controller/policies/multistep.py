@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from dataclasses import dataclass
 
@@ -29,6 +28,3 @@ class MultiStep(Schedule):
 
     milestones: list[int] = param(check=_ascending, doc="epochs (or steps) where the LR drops")
     factor: float = param(0.1, positive, "multiplier at each milestone (torch: gamma)")
-
-    def value(self, lr0: float, t: int) -> float:
-        return lr0 * self.factor ** bisect.bisect_right(self.milestones, t)

@@ -9,20 +9,15 @@ max_lr. Unlike torch, which raises past total_steps, the last LR is held.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+import lrpilot.client.plans as plans
+from lrpilot.client.plans import anneal
 
 from .fields import an_lr, between, one_of, param, positive
 from .schedule import Schedule
 
 __all__ = ["OneCycle", "anneal"]
-
-
-def anneal(kind: str, start: float, end: float, pct: float) -> float:
-    """torch's `_annealing_cos` / `_annealing_linear` from `start` to `end` at `pct` in [0, 1]."""
-    if kind == "cos":
-        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-    return (end - start) * pct + start
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,36 +53,7 @@ class OneCycle(Schedule):
             return [("base_momentum", "base_momentum must be <= max_momentum")]
         return []
 
-    def _phases(self, peak: float) -> list[tuple[float, float, float, float, float]]:
-        """(end_step, start_lr, end_lr, start_momentum, end_momentum) per phase, as torch."""
-        initial = peak / self.div_factor
-        final = initial / self.final_div_factor
-        rise = float(self.pct_start * self.total_steps) - 1
-        hi, lo = self.max_momentum, self.base_momentum
-        last = float(self.total_steps - 1)
-        if self.three_phase:
-            return [
-                (rise, initial, peak, hi, lo),
-                (float(2 * self.pct_start * self.total_steps) - 2, peak, initial, lo, hi),
-                (last, initial, final, hi, hi),
-            ]
-        return [(rise, initial, peak, hi, lo), (last, peak, final, lo, hi)]
-
-    def _at(self, lr0: float, t: int) -> tuple[float, float]:
-        peak = self.max_lr if self.max_lr is not None else lr0
-        step = min(t, self.total_steps - 1)
-        phases = self._phases(peak)
-        begin = 0.0
-        for i, (end, lr_a, lr_b, m_a, m_b) in enumerate(phases):
-            if step <= end or i == len(phases) - 1:
-                pct = (step - begin) / (end - begin)
-                return anneal(self.anneal, lr_a, lr_b, pct), anneal(self.anneal, m_a, m_b, pct)
-            begin = end
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def value(self, lr0: float, t: int) -> float:
-        return self._at(lr0, t)[0]
-
     def momentum(self, lr0: float, t: int) -> float | None:
         """The momentum at `t` when `cycle_momentum` is on, else None."""
-        return self._at(lr0, t)[1] if self.cycle_momentum else None
+        plan = {"kind": self.type, "params": self.plan_params(), "from": 0, "lr0": lr0}
+        return plans.momentum(plan, t)

@@ -176,6 +176,17 @@ class Phases(Policy):
             info.setdefault("suggested_lr", state.suggested)
         return info
 
+    def plan(
+        self, state: State, origin: int = 0, until: int | None = None
+    ) -> dict[str, Any] | None:
+        """The plan of the phase in force, from its start to its end (the next phase's
+        plan comes with the decision that enters it)."""
+        assert isinstance(state, PhasesState)
+        phase = self.phases[state.index]
+        last = state.index == len(self.phases) - 1
+        end = None if last or phase.until is None else origin + state.start + phase.until
+        return phase.policy.plan(self.inner_state(state), origin + state.start, end)
+
     # The hooks ask the phase in force; a finished range test's report outlives its phase.
 
     def finished(self, state: State) -> bool:

@@ -6,7 +6,6 @@ t = boundaries[i] + 1 (Keras compares `t > boundary`). LRs are absolute.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,3 @@ class Piecewise(Schedule):
                 ("values", f"values needs {n} entries (boundaries + 1), got {len(self.values)}")
             ]
         return []
-
-    def value(self, lr0: float, t: int) -> float:
-        return self.values[bisect.bisect_left(self.boundaries, t)]

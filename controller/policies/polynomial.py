@@ -7,7 +7,6 @@ itself past t (Keras' behaviour, not a restart). torch's PolynomialLR is end_lr 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from lrpilot.client.vocabulary import MAX_LR
@@ -32,12 +31,3 @@ class PolynomialDecay(Schedule):
     end_lr: float = param(1e-4, between(0, MAX_LR, lo_open=False, hi_open=False), "LR at the end")
     power: float = param(1.0, positive, "exponent of the decay (1: linear)")
     cycle: bool = param(False, doc="stretch decay_steps past its end (Keras cycle)")
-
-    def value(self, lr0: float, t: int) -> float:
-        steps = float(self.decay_steps)
-        if self.cycle:
-            steps *= 1.0 if t == 0 else math.ceil(t / self.decay_steps)
-            done = t / steps
-        else:
-            done = min(t, self.decay_steps) / steps
-        return float((lr0 - self.end_lr) * (1.0 - done) ** self.power + self.end_lr)

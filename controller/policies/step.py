@@ -22,6 +22,3 @@ class StepDecay(Schedule):
 
     factor: float = param(0.5, positive, "multiplier applied every step_size (torch: gamma)")
     step_size: int = param(10, positive_int, "epochs (or steps) between drops")
-
-    def value(self, lr0: float, t: int) -> float:
-        return lr0 * self.factor ** (t // self.step_size)

@@ -30,8 +30,3 @@ class Warmup(Schedule):
     to_lr: float = param(check=an_lr, doc="LR reached after `epochs`")
     epochs: int = param(check=positive_int, doc="length of the ramp (steps with unit: step)")
     from_lr: float | None = param(None, an_lr, "start LR (default lr0)")
-
-    def value(self, lr0: float, t: int) -> float:
-        start = self.from_lr if self.from_lr is not None else lr0
-        done = min(t, self.epochs) / self.epochs
-        return start + (self.to_lr - start) * done
