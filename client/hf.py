@@ -27,7 +27,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client
-from .torch import StateSnapshot, number, scalars, set_lr
+from .torch import StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotTrainerCallback"]
 
@@ -260,6 +260,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
                 # get_last_lr() (the trainer's logged learning_rate) tells the truth.
                 scheduler.base_lrs = list(lrs)
                 scheduler._last_lr = list(lrs)
+        follow_momentum([optimizer], self._core.client)
         self._lr = lr
         if self._core.stop_requested:
             control.should_training_stop = True

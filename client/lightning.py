@@ -28,7 +28,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client
-from .torch import StateSnapshot, number, scalars, set_lr
+from .torch import StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -229,5 +229,6 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
 
     def _apply(self, trainer: Any, lr: float) -> None:
         set_lr(trainer.optimizers, lr)
+        follow_momentum(trainer.optimizers, self._core.client)
         if self._core.stop_requested:
             trainer.should_stop = True
