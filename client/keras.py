@@ -67,6 +67,17 @@ def _momentum_name(optimizer: Any) -> str | None:
     return None
 
 
+class _MomentumVariable(keras.Variable):  # type: ignore[misc]
+    """The variable behind a plan's momentum. SGD asks `momentum != 0` (are its momentum
+    slots in use) while it is traced; the answer stays yes, as it was when it was built
+    with a momentum > 0 (a momentum of 0 through the slots is plain SGD anyway)."""
+
+    def __ne__(self, other: object) -> Any:
+        if isinstance(other, int | float) and other == 0:
+            return True
+        return super().__ne__(other)
+
+
 class _Momentum:
     """A plan's momentum (`cycle_momentum`) on a Keras optimizer, for one `fit`.
 
@@ -87,7 +98,7 @@ class _Momentum:
             value = float(keras.ops.convert_to_numpy(value))
         #: The value last set (read without a device round trip).
         self.last = float(value)
-        self.variable = keras.Variable(self.last, trainable=False, name=name)
+        self.variable = _MomentumVariable(self.last, trainable=False, name=name)
         # Untracked: `optimizer.variables` (checkpoints, the range test's copy) unchanged.
         object.__setattr__(optimizer, name, self.variable)
         config = type(optimizer).get_config

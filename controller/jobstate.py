@@ -14,13 +14,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lrpilot.client.plans import compiled_momentum
+
 from .aggregate import Pending
 from .policies import Policy, State, fingerprint
 from .policyfile import JobRule
 from .sessions import Sessions
 from .units import MAX_DURATION
 
-__all__ = ["STATUS_FIELDS", "JobState", "Override", "override_view", "start_from", "status_row"]
+__all__ = [
+    "STATUS_FIELDS",
+    "JobState",
+    "Override",
+    "momentum",
+    "override_view",
+    "start_from",
+    "status_row",
+]
 
 #: The fields of `lrpilot status --json`, in order (DESIGN.md).
 STATUS_FIELDS = (
@@ -36,6 +46,7 @@ STATUS_FIELDS = (
     "policy",
     "phase",
     "last_report_age_s",
+    "momentum",
 )
 
 
@@ -337,6 +348,7 @@ def status_row(
         "policy": job.policy.type,
         "phase": info.get("phase"),
         "last_report_age_s": round(now - job.last_report, 3) if job.last_report else None,
+        "momentum": momentum(job),
         "run": job.run,
         "version": job.version,
         "shadow_lr": job.shadow_lr,
@@ -346,6 +358,17 @@ def status_row(
         "min_lr": finite(info.get("min_lr")),
         "finished": job.finished,  # every worker said bye (stored: also after a restart)
     }
+
+
+def momentum(job: JobState) -> float | None:
+    """The momentum the job's trainers set for the next epoch (step): the plan's in force
+    when it cycles momentum (`cycle_momentum` of one_cycle, cyclic), else None (the
+    optimizer's own; also while a pin holds the LR, as the trainers get no plan then)."""
+    if job.override is not None or not getattr(job.policy.current(job.state), "cycle_momentum", 0):
+        return None
+    plan = job.policy.plan(job.state)
+    at = None if plan is None else compiled_momentum(plan)
+    return None if at is None else at(job.next_t())
 
 
 def override_view(job: JobState, now: float, wall: float | None) -> dict[str, Any] | None:
