@@ -65,9 +65,7 @@ def test_torch_run_is_bit_for_bit_torch_one_cycle_lr(
 
     def train(make: Callable[[Any], Any]) -> tuple[list[Any], list[tuple[float, float]]]:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
-        )
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         if adam:
             opt: Any = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.99))
         else:
