@@ -63,7 +63,9 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
     training step on; each evaluation is one epoch for the controller (with
     `eval_strategy="epoch"`, exactly the trainer's epochs). With `unit="step"` (policies
     with `unit: step`) it reports the training loss at every log, i.e. every
-    `logging_steps` optimizer steps, and the LR decided applies from the next step.
+    `logging_steps` optimizer steps, and the LR decided applies from the next step. A plan
+    with `cycle_momentum` (one_cycle, cyclic) also sets each param group's `betas[0]`
+    (`momentum` for SGD-like optimizers), as torch's `OneCycleLR` does.
 
     The Trainer's own scheduler would overwrite the LR at every step: training needs
     `lr_scheduler_type="constant"` (warm-up and decay belong in the lrpilot policy), and

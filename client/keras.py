@@ -218,8 +218,11 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
     run) with the optimizer's LR and the direction of each compiled metric, reports every
     scalar log at the end of each epoch, and sets the decided LR so that it applies from the
     next epoch, as Keras' `ReduceLROnPlateau` does. Pushed changes (e.g. `lrpilot set-lr`)
-    apply at the next epoch begin. Writes `logs["learning_rate"]`. The controller being
-    absent or slow never stops training: the LR then stays as it is.
+    apply at the next epoch begin. Writes `logs["learning_rate"]`. A plan with
+    `cycle_momentum` (one_cycle, cyclic) also sets the optimizer's `beta_1` (Adam family)
+    or `momentum` (SGD with a momentum > 0, RMSprop) at every step; during the `fit` the
+    attribute is a variable that the compiled train step reads, a float again after it.
+    The controller being absent or slow never stops training: the LR then stays as it is.
 
     LR range tests (`type: range_test` in the policy): when the test starts (`action:
     snapshot`) the callback copies `model.get_weights()` and the values of every optimizer
