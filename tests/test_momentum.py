@@ -408,3 +408,29 @@ def test_status_and_gauge_show_the_momentum_of_the_plan(controller_factory: Fact
     finally:
         cycled.close()
         plain.close()
+
+
+def test_simulate_json_rows_carry_the_momentum_of_torch_one_cycle_lr(
+    write: Callable[[str, str], Path],
+) -> None:
+    torch = pytest.importorskip("torch")
+    policy = write("p.yaml", one_cycle(40))
+    history = write("h.csv", "epoch,step,loss\n" + "".join(f"0,{t},1.0\n" for t in range(39)))
+    result = run_cli("simulate", "--policy", str(policy), "--job", "j", "--metrics", str(history),
+                     "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01, momentum=0.9)
+    ref = torch_cycle(opt, 40)
+    want = []
+    for _ in rows:  # a row's lr and momentum are those of the next step
+        opt.step()
+        ref.step()
+        want.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+    assert [(r["lr"], r["momentum"]) for r in rows] == want
+
+    plain = write("plain.yaml", "version: 1\ndefaults:\n  policy: {type: step, unit: step, "
+                  "factor: 0.5, step_size: 10}\n")  # fmt: skip
+    result = run_cli("simulate", "--policy", str(plain), "--job", "j", "--metrics", str(history),
+                     "--initial-lr", "0.1", "--json")  # fmt: skip
+    assert all("momentum" not in r for r in json.loads(result.stdout))
