@@ -46,7 +46,6 @@ STATUS_FIELDS = (
     "policy",
     "phase",
     "last_report_age_s",
-    "momentum",
 )
 
 
@@ -332,8 +331,8 @@ def status_row(
     job: JobState, now: float, worker_timeout: float, wall: float | None = None
 ) -> dict[str, Any]:
     """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr, override,
-    suggested_lr, and what the table labels: unit, min_lr, finished); `wall`: the Unix time
-    now, for the end of a --for pin."""
+    suggested_lr, and what the table shows or labels: momentum, unit, min_lr, finished);
+    `wall`: the Unix time now, for the end of a --for pin."""
     info = job.policy.describe(job.state)
     return {
         "job": job.name,
@@ -348,12 +347,12 @@ def status_row(
         "policy": job.policy.type,
         "phase": info.get("phase"),
         "last_report_age_s": round(now - job.last_report, 3) if job.last_report else None,
-        "momentum": momentum(job),
         "run": job.run,
         "version": job.version,
         "shadow_lr": job.shadow_lr,
         "override": override_view(job, now, wall),
         "suggested_lr": finite(info.get("suggested_lr")),
+        "momentum": momentum(job),  # a cycle_momentum plan's, for the next epoch (step)
         "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
         "min_lr": finite(info.get("min_lr")),
         "finished": job.finished,  # every worker said bye (stored: also after a restart)

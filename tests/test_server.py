@@ -88,7 +88,6 @@ def test_several_jobs_with_different_policies(controller_factory: Factory) -> No
             "policy",
             "phase",
             "last_report_age_s",
-            "momentum",
         }
     finally:
         for p in peers.values():
