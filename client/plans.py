@@ -16,7 +16,8 @@ controller is down. The controller's schedule classes compute their own LRs with
 this very module (`value`), so a plan's LRs equal the controller's by construction.
 
 Pure functions of numbers, importing nothing beyond the standard library and the
-vocabulary: the client can
+vocabulary (a `formula` plan loads `lrpilot.client.expression`, simpleeval, when it comes):
+the client can
 evaluate a plan at every step without the controller (down, slow, or far away).
 
 Example:
@@ -208,6 +209,28 @@ def _piecewise(p: Params, lr0: float, t: int) -> float:
     return float(p["values"][bisect.bisect_left(p["boundaries"], t)])
 
 
+def _formula_evaluator(p: Params) -> Callable[[int, float, float], float]:
+    """A new evaluator of a `formula` plan's text (one per compiled plan: not thread-safe)."""
+    # simpleeval: loaded only by a client that gets a formula plan
+    from .expression import EVAL_ERRORS, evaluator
+
+    evaluate = evaluator(p["lr"], p["unit"])
+
+    def value(t: int, lr0: float, lr: float) -> float:
+        try:
+            return evaluate(t, lr0, lr)
+        except EVAL_ERRORS:
+            return math.nan
+
+    return value
+
+
+def _formula(p: Params, lr0: float, t: int) -> float:
+    """A `formula` that does not read `lr` (params `{lr: text, unit}`): its value at `t`,
+    NaN where it gives none (an error such as log(0)): the LR in force then stays."""
+    return _formula_evaluator(p)(t, lr0, lr0)
+
+
 #: The evaluator of each plan kind: (params, lr0, local t) -> LR before scale and ceiling.
 KINDS: dict[str, Callable[[Params, float, int], float]] = {
     "step": _step,
@@ -222,6 +245,7 @@ KINDS: dict[str, Callable[[Params, float, int], float]] = {
     "cosine_restarts": _cosine_restarts,
     "polynomial": _polynomial,
     "piecewise": _piecewise,
+    "formula": _formula,
 }
 
 
@@ -263,6 +287,16 @@ def _compiled_span(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
     fn, params, lr0 = KINDS[plan["kind"]], plan["params"], plan["lr0"]
     origin, until, scale = plan["from"], plan["until"], float(plan.get("scale", 1.0))
     end = math.inf if until is None else until
+    if fn is _formula:  # a value that is no finite number keeps the LR in force (None)
+        evaluate = _formula_evaluator(params)
+
+        def formula_at(t: int) -> float | None:
+            if origin <= t < end:
+                value = scale * evaluate(t - origin, lr0, lr0)
+                return clamp_lr(value) if math.isfinite(value) else None
+            return None
+
+        return formula_at
 
     def at(t: int) -> float | None:
         if origin <= t < end:
@@ -365,6 +399,17 @@ def check_plan(plan: Any, depth: int = 0) -> dict[str, Any]:
             raise ProtocolError("schema", f"plan {key} must be a number")
         if not (math.isfinite(number) and number > 0):
             raise ProtocolError("schema", f"plan {key} must be finite and > 0")
+    if kind == "formula":
+        from .expression import ExpressionError, compile_formula, uses_lr
+
+        text = params.get("lr")
+        if not isinstance(text, str) or params.get("unit") != plan["unit"]:
+            raise ProtocolError("schema", "a formula plan's params are {lr: text, unit}")
+        try:
+            if uses_lr(compile_formula(text, plan["unit"])):
+                raise ProtocolError("schema", "a formula plan may not read lr")
+        except ExpressionError as exc:
+            raise ProtocolError("schema", f"plan formula {text!r}: {exc}") from None
     checked = {
         "kind": kind,
         "params": params,
