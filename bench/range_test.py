@@ -141,8 +141,8 @@ def main() -> int:
     a, b = statistics.median(ours), statistics.median(base)
     rows = [
         [
-            "range test, wall per sweep step (`LRPilotScheduler(model=, unit='step')`, "
-            "`step(loss)`)",
+            "range test, wall per sweep step (`LRPilotScheduler(model=, unit='step', "
+            "monitor='loss')`, `step(loss)`)",
             f"{a * 1e3:.3f} ms ({statistics.median(lengths):.0f} sweep steps)",
             f"{b * 1e3:.3f} ms (the same loop and sweep without lrpilot)",
             f"{a / b:.2f}",
