@@ -167,3 +167,15 @@ def test_a_peer_without_plans_gets_the_formula_per_report(controller_factory: Fa
         assert answer.plan is None and answer.apply_from_step == 1
     finally:
         peer.close()
+
+
+def test_no_phase_is_sent_ahead_of_a_formula_that_gives_no_lr_at_its_end() -> None:
+    chain = Phases(
+        phases=(
+            Phase(Formula(unit="step", lr="lr0 / (20 - step)"), until=20),  # 1/0 at step 20
+            Phase(Warmup(unit="step", to_lr=0.1, epochs=10), until=10),
+            Phase(Formula(unit="step", lr="lr0")),
+        )
+    )
+    plan = chain.plan(chain.start(0.01, 0))
+    assert plan is not None and plan["kind"] == "formula" and "next" not in plan

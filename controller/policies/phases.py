@@ -15,11 +15,13 @@ with (`snapshot` when entering a range test).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import lrpilot.client.plans as plans
+from lrpilot.client.vocabulary import clamp_lr
 
 from .base import Decision, Event, Policy, State
 
@@ -212,8 +214,13 @@ class Phases(Policy):
         begin = before["until"]
         if begin is None:
             return None
+        left = before["scale"] * plans.value(
+            before["kind"], before["params"], before["lr0"], begin - before["from"]
+        )
+        if not math.isfinite(left):
+            return None  # a formula that gives no LR there: the controller keeps the one in force
         phase = self.phases[index]
-        inner = phase.policy.start(self._phase_lr(phase, plans.lr_at(before, begin), suggested), 0)
+        inner = phase.policy.start(self._phase_lr(phase, clamp_lr(left), suggested), 0)
         if phase.policy.start_action(inner) is not None:
             return None
         last = index == len(self.phases) - 1
