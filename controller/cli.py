@@ -444,6 +444,9 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
     for j in jobs:
         age = "-" if j.get("last_report_age_s") is None else f"{j['last_report_age_s']:.0f}s"
         notes = ["finished" if j.get("finished") else "", _override_note(j.get("override"))]
+        if j.get("policy") == "range_test" or j.get("suggested_lr") is not None:
+            suggested = j.get("suggested_lr")
+            notes.append("suggested -" if suggested is None else f"suggested {suggested:.3g}")
         rows.append(
             (
                 j["job"],

@@ -327,6 +327,10 @@ def start_from(policy: Policy, lr: float, t: int) -> State:
     return policy.start_from(lr, t)
 
 
+#: Finite points a sweep under way needs before `status` shows what its curve suggests.
+SUGGEST_AFTER = 20
+
+
 def status_row(
     job: JobState, now: float, worker_timeout: float, wall: float | None = None
 ) -> dict[str, Any]:
@@ -334,13 +338,23 @@ def status_row(
     suggested_lr, and what the table shows or labels: momentum, unit, min_lr, finished);
     `wall`: the Unix time now, for the end of a --for pin."""
     info = job.policy.describe(job.state)
+    value, suggested = job.value, info.get("suggested_lr")
+    if info.get("policy") == "range_test":
+        # A range test shows its curve's smoothed loss, not the last (perhaps diverged) one,
+        # and its suggestion during the sweep too: what the curve so far suggests.
+        value = info.get("value")
+        report = job.policy.range_test_report(job.state)
+        if report is not None:
+            points = sum(1 for p in report["points"] if p[2] is not None)
+            known = report["done"] or points >= SUGGEST_AFTER
+            suggested = report["suggested_lr"] if known else None
     return {
         "job": job.name,
         "workers": len(job.sessions.live(now, worker_timeout)),
         "epoch": job.last_epoch,
         "lr": job.lr,
         "monitor": info.get("monitor"),
-        "value": finite(job.value),
+        "value": finite(value),
         "best": finite(info.get("best")),
         "wait": info.get("wait"),
         "patience": info.get("patience"),
@@ -351,7 +365,7 @@ def status_row(
         "version": job.version,
         "shadow_lr": job.shadow_lr,
         "override": override_view(job, now, wall),
-        "suggested_lr": finite(info.get("suggested_lr")),
+        "suggested_lr": finite(suggested),
         "momentum": momentum(job),  # a cycle_momentum plan's, for the next epoch (step)
         "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
         "min_lr": finite(info.get("min_lr")),
