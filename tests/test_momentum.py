@@ -295,7 +295,8 @@ def test_keras_sets_beta_1_or_momentum_from_the_plan_at_every_step(
     for epochs in (1, 2):
         model.fit(x, y, batch_size=16, initial_epoch=epochs - 1, epochs=epochs, shuffle=False,
                   verbose=0, callbacks=[ours, seen])  # fmt: skip
-    plan = {"kind": "one_cycle", "params": {**CYCLE, "cycle_momentum": True}, "from": 0}
+    plan = {"kind": "one_cycle", "params": {**CYCLE, "cycle_momentum": True}, "from": 0,
+            "until": None}  # fmt: skip
     want = [
         (float(np.float32(plans.value("one_cycle", plan["params"], 0.01, t))),
          float(np.float32(plans.momentum({**plan, "lr0": 0.01}, t))))
