@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,27 @@ def run_cli(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.Com
     return subprocess.run(
         [*LRPILOT, *args], capture_output=True, text=True, timeout=timeout, check=False, **kwargs
     )
+
+
+def wait_for(
+    ready: Callable[[], object], what: str, timeout: float = 10.0, interval: float = 0.05
+) -> None:
+    """Poll a separate process (a controller's log or metrics, a worker's output file) until
+    `ready()` is true; fails naming `what` after `timeout` seconds or `timeout / interval`
+    polls, whichever comes first.
+
+    Only for what another process does on its own time: that process has no clock a test can
+    step and sends no signal a test could block on, so the pause between polls is the one
+    sleep such a wait needs. Logic in this process is driven by an injected `Clock` instead.
+    """
+    deadline = time.monotonic() + timeout
+    for _ in range(max(1, round(timeout / interval))):
+        if ready():
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    assert ready(), f"{what}: not seen within {timeout} s"
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Clock, Controller, Wire, run_cli, turn_until
+from conftest import Clock, Controller, Wire, run_cli, turn_until, wait_for
 
 from lrpilot.client.protocol import Bye, Hello, LrMessage, encode
 from lrpilot.controller.admin import Admin
@@ -83,12 +83,15 @@ def test_an_override_for_a_duration_ends_at_its_time(server: tuple[Server, Clock
         assert _turn_until_answer(s, w).lr == 0.01  # type: ignore[attr-defined]
         clock.t += 7199
         s.turn()
-        assert not w.sock.poll(50) and s.table.jobs["timed"].lr == 0.01
+        assert s.table.jobs["timed"].lr == 0.01  # and nothing pushed: `back` is the next frame
         clock.t += 2  # the two hours are over: the schedule's LR is pushed for the next epoch
         s.turn()
         back = _turn_until_answer(s, w)
         assert isinstance(back, LrMessage) and back.lr == 0.8 and back.apply_from_epoch == 1
         assert back.reason == "override" and s.table.jobs["timed"].override is None
+        w.report(1, {"loss": 1.0}, wait=False)  # one push only: this report's answer is next
+        nxt = _turn_until_answer(s, w)
+        assert isinstance(nxt, LrMessage) and nxt.seq == w.seq
         rows = s.store.history("timed")
         assert (rows[-1].reason, rows[-1].source, rows[-1].detail) == (
             "override",
@@ -332,7 +335,6 @@ def test_status_watch_into_a_file_writes_plain_tables(
     import signal
     import subprocess
     import sys
-    import time
 
     c = controller_factory(STEP)
     w = Wire(c.bind, "watched")
@@ -345,10 +347,12 @@ def test_status_watch_into_a_file_writes_plain_tables(
             stdout=sink, stderr=subprocess.PIPE,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while out.read_text().count("lrpilot status at") < 2 and time.monotonic() < deadline:
+
+        def two_tables() -> bool:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.1)  # the file is polled: nothing to wait on
+            return out.read_text().count("lrpilot status at") >= 2
+
+        wait_for(two_tables, "two status tables in the file", timeout=30, interval=0.1)
         text = out.read_text()
         assert text.count("lrpilot status at") >= 2, text  # one table after another
         assert "\x1b" not in text and "watched" in text  # plain text, no escape codes

@@ -77,11 +77,15 @@ class Trainer:
     def receive(self, epoch: int) -> None:
         """Wait (bounded) until a pushed decision has arrived, before epoch's boundary."""
         seen = self.client.stats["replies"]
-        for _ in range(500):
+        readable = self.client._link.looked_at  # the reply socket and its monitor
+        deadline = time.monotonic() + 5
+        for _ in range(500):  # at most 500 waits of 10 ms: 5 s
             self.client.poll(epoch=epoch)
             if self.client.stats["replies"] > seen:
                 return
-            time.sleep(0.01)
+            if time.monotonic() > deadline:
+                break
+            zmq.zmq_poll(readable, 10)  # returns as soon as a frame arrives
         raise AssertionError(f"no push reached job {self.client.job}")
 
 
@@ -320,10 +324,12 @@ def test_set_lr_on_a_finished_job_is_refused_unless_forced(live: Callable[..., L
     done = lv.trainer("done")
     _lockstep([done], range(3), lv.clock)
     done.client.close()
-    for _ in range(500):  # the bye is handled by the controller's loop
-        if lv.status("done")["workers"] == 0:
+    # The bye and the status request reach the controller's loop on two sockets: ask until
+    # the bye has been handled (each answer is a turn of that loop; no pause needed).
+    deadline = time.monotonic() + 5
+    for _ in range(500):
+        if lv.status("done")["workers"] == 0 or time.monotonic() > deadline:
             break
-        time.sleep(0.01)
     out = lv.cli("set-lr", "done", "0.01")
     assert out.returncode == 1 and "has finished" in out.stderr and "--force" in out.stderr
     assert [r["reason"] for r in Admin(lv.admin).history("done")][-1] != "override"

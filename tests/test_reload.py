@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Controller, Wire, run_cli
+from conftest import Controller, Wire, run_cli, wait_for
 
 from lrpilot.client.protocol import LrMessage
 from lrpilot.controller.policyfile import load_text
@@ -34,6 +34,12 @@ def wait_push(w: Wire, timeout: float = 3.0) -> tuple[LrMessage, float]:
     msg = w.recv(timeout=timeout)
     assert isinstance(msg, LrMessage), msg
     return msg, time.monotonic() - t0
+
+
+def _wait_metric(
+    c: Controller, name: str, value: float, timeout: float = 10.0, **labels: str
+) -> None:
+    wait_for(lambda: c.metric(name, **labels) == value, f"{name}{labels} == {value}", timeout)
 
 
 def in_place(path: Path, text: str) -> None:
@@ -117,11 +123,12 @@ def test_kubernetes_configmap_symlink_swap(running, tmp_path: Path) -> None:  # 
     assert msg.reason == "reload" and msg.lr == pytest.approx(0.3)
 
 
-def _keep_touching(path: Path, text: str, stop: threading.Event) -> None:
+def _keep_touching(path: Path, text: str, written: threading.Event, stop: threading.Event) -> None:
     # Rewrite the file every 50 ms so the watcher never sees it settle: only the
     # explicit trigger under test can reload it.
     while not stop.is_set():
         in_place(path, text)
+        written.set()
         stop.wait(0.05)
 
 
@@ -129,11 +136,13 @@ def _keep_touching(path: Path, text: str, stop: threading.Event) -> None:
 def test_sighup_and_lrpilot_reload(running, tmp_path: Path, trigger: str) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "policy.yaml"
     c, w = running(path, plateau())
-    stop = threading.Event()
-    toucher = threading.Thread(target=_keep_touching, args=(path, plateau(min_lr=0.2), stop))
+    written, stop = threading.Event(), threading.Event()
+    toucher = threading.Thread(
+        target=_keep_touching, args=(path, plateau(min_lr=0.2), written, stop)
+    )
     toucher.start()
     try:
-        time.sleep(0.1)
+        assert written.wait(5), "the edit was never written"  # the trigger reloads the edit
         if trigger == "sighup":
             assert c.proc is not None
             c.proc.send_signal(signal.SIGHUP)
@@ -147,20 +156,14 @@ def test_sighup_and_lrpilot_reload(running, tmp_path: Path, trigger: str) -> Non
         toucher.join(5)
     # The watcher may apply the edit first; the signal or request is then logged as heard.
     expected = "(signal)" if trigger == "sighup" else "(admin)"
-    deadline = time.monotonic() + 5
-    while expected not in c.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert expected in c.log()
+    wait_for(lambda: expected in c.log(), f"{expected} in the log", timeout=5)
 
 
 def test_an_invalid_edit_changes_nothing_and_says_so(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "policy.yaml"
     c, w = running(path, plateau(patience=2))
     in_place(path, "version: 1\ndefaults:\n  policy: {type: plateau, factor: 1.5}\n")
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_last_reload_success") != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert c.metric("lrpilot_policy_last_reload_success") == 0
+    _wait_metric(c, "lrpilot_policy_last_reload_success", 0, timeout=5)
     assert c.metric("lrpilot_policy_reloads_total", result="error") == 1
     assert "policy.yaml:3: factor must be in (0, 1), got 1.5" in c.log()
     # The old policy (patience 2, factor 0.5) decides on: epoch 2 is the second bad epoch.
@@ -169,18 +172,16 @@ def test_an_invalid_edit_changes_nothing_and_says_so(running, tmp_path: Path) ->
     assert out.returncode == 2 and "factor must be in (0, 1)" in out.stdout
     # A file no check foresaw (a list where a name goes) is rejected too, never a crash.
     in_place(path, "version: 1\ndefaults:\n  policy: {type: [plateau]}\n")
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_reloads_total", result="error") < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: c.metric("lrpilot_policy_reloads_total", result="error") >= 2,
+        "a second rejected reload",
+        timeout=5,
+    )
     assert c.proc is not None and c.proc.poll() is None
     # Reverting to the file in force is a successful reload: the alert clears, and the log
     # says why (it said the file was rejected; it says the file is valid again).
     in_place(path, plateau(patience=2))
-    deadline = time.monotonic() + 5
-    while c.metric("lrpilot_policy_last_reload_success") != 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_metric(c, "lrpilot_policy_last_reload_success", 1, timeout=5)
     log = c.log()
     rejected = log.rindex("policy reload rejected, old policy kept")
     valid_again = log.index(f"policy file {path} is valid again (watch)")
@@ -199,6 +200,8 @@ def test_a_hundred_edits_in_a_second_end_in_the_final_state(running, tmp_path: P
     for i in range(100):
         writer = in_place if i % 2 else rename_into_place
         writer(path, plateau(min_lr=round(0.11 + i * 0.001, 6)))
+        # Kept on purpose: the burst must span several polls (0.2 s apart) of the watcher in
+        # the controller process, whose clock no test can step; edits 9 ms apart do that.
         time.sleep(max(0.0, t0 + (i + 1) * 0.009 - time.monotonic()))
     assert time.monotonic() - t0 < 1.2
     final = 0.11 + 99 * 0.001
@@ -240,15 +243,6 @@ def test_resume_after_a_policy_change_restarts_from_that_epochs_lr(running, tmp_
         assert nxt.lr > 0 and c.proc is not None and c.proc.poll() is None
     finally:
         w2.close()
-
-
-def _wait_metric(
-    c: Controller, name: str, value: float, timeout: float = 10.0, **labels: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while c.metric(name, **labels) != value:
-        assert time.monotonic() < deadline, f"{name}{labels} never became {value}"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("breakage", ["deleted", "directory", "symlink-loop"])

@@ -195,6 +195,8 @@ def test_kill_9_at_random_points_loses_no_decision(
                 break
             epoch += 1
         w.report(epoch, {"val_loss": 1.0}, wait=False)  # in flight when the kill lands
+        # Kept on purpose: the kill lands at a random moment of the real process's handling
+        # (before, during or after the commit); no clock of a separate process can be stepped.
         time.sleep(rng.uniform(0, 0.01))
         c.kill()
         survived += 1
