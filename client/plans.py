@@ -367,7 +367,7 @@ def momentum(plan: Mapping[str, Any], t: int) -> float | None:
 
 def active(plan: Mapping[str, Any], t: int) -> bool:
     """Whether boundary `t` lies in the plan's span [from, until)."""
-    until = plan["until"]
+    until = plan.get("until")
     return bool(plan["from"] <= t and (until is None or t < until))
 
 
