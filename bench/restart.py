@@ -90,7 +90,9 @@ def start_to_ready(state: Path, policy: Path, pythonpath: Path | None) -> tuple[
     """Seconds from starting `lrpilot serve` to its ready line, and the jobs it restored."""
     env = dict(os.environ)
     if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(pythonpath), *filter(None, [env.get("PYTHONPATH")])]
+        )
     log = state.parent / f"serve-{os.getpid()}.log"
     args = [sys.executable, "-m", "lrpilot.controller.cli", "serve", "--bind", "tcp://127.0.0.1:0"]
     args += ["--admin-bind", "tcp://127.0.0.1:0", "--metrics-host", "127.0.0.1"]
@@ -152,7 +154,9 @@ def main() -> int:
             for name, path in variants.items():
                 seconds, counts[name] = start_to_ready(full, policy, path)
                 times[name].append(seconds)
-                print(f"  {name}: ready in {fmt(seconds)}, {counts[name]} jobs restored", flush=True)
+                print(
+                    f"  {name}: ready in {fmt(seconds)}, {counts[name]} jobs restored", flush=True
+                )
         seconds = time.monotonic() - t_start
     base = statistics.median(empties)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
