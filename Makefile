@@ -12,7 +12,7 @@ TORCH_PIN := torch==2.13.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,dev]" --config-settings editable_mode=strict
+	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,fast,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install links each module: relink when the set of modules changes.
