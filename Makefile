@@ -92,7 +92,7 @@ demo: $(DEMO_STAMP)
 
 # Long property-based runs (the short profile runs inside make test).
 fuzz: modules
-	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py tests/test_protocol_codec.py
 
 # Each prints its figures beside a baseline measured in the same run and appends them to
 # bench/RESULTS.md (about 15 minutes in all on 2 cores).

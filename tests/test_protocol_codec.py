@@ -35,8 +35,8 @@ from lrpilot.client.protocol import (
     read_report,
 )
 
-settings.register_profile("ci", max_examples=300, deadline=None)
-settings.register_profile("fuzz", max_examples=20000, deadline=None)
+settings.register_profile("ci", max_examples=200, deadline=None)
+settings.register_profile("fuzz", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 names = st.from_regex(r"[A-Za-z0-9._:/@-]{1,128}", fullmatch=True)
