@@ -232,7 +232,7 @@ class JobState:
         if not _FIELDS.issuperset(changes):
             unknown = sorted(set(changes) - _FIELDS)
             raise TypeError(f"JobState has no field {', '.join(unknown)}")
-        new = object.__new__(JobState)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
         return new
