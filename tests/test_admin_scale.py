@@ -80,7 +80,8 @@ def test_status_lists_5000_jobs(controller_factory: Factory) -> None:
 
 
 def test_history_returns_every_change_of_a_long_run(controller_factory: Factory) -> None:
-    policy = "version: 1\ndefaults:\n  policy: {type: exponential, k: 0.0001}\n"
+    # A formula of `lr` is decided per report (a schedule would be one plan, one audit row).
+    policy = "version: 1\ndefaults:\n  policy: {type: formula, lr: 'lr * 0.9999'}\n"
     c = controller_factory(policy)
     s = os.urandom(16)
     n = 3000  # every epoch changes the LR: 3000 audit rows, three times 0.1's cap of 1000
