@@ -21,7 +21,7 @@ COPY client/ client/
 COPY policies/ policies/
 
 RUN python -m venv /opt/lrpilot \
-    && /opt/lrpilot/bin/pip install --no-cache-dir ".[postgres]"
+    && /opt/lrpilot/bin/pip install --no-cache-dir ".[postgres,fast]"
 
 
 FROM python:3.11-slim

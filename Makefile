@@ -12,7 +12,7 @@ TORCH_PIN := torch==2.13.0
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,dev]" --config-settings editable_mode=strict
+	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,fast,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install links each module: relink when the set of modules changes.
@@ -92,7 +92,7 @@ demo: $(DEMO_STAMP)
 
 # Long property-based runs (the short profile runs inside make test).
 fuzz: modules
-	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py tests/test_protocol_codec.py
 
 # Each prints its figures beside a baseline measured in the same run and appends them to
 # bench/RESULTS.md (about 15 minutes in all on 2 cores).

@@ -140,9 +140,15 @@ class JobRule:
     line: int = 0
 
     def for_framework(self, framework: str) -> JobRule:
-        """This rule for a job whose rank 0 runs `framework` (`compat: auto` resolved)."""
-        policy = self.policy.for_framework(framework)
-        return self if policy is self.policy else dataclasses.replace(self, policy=policy)
+        """This rule for a job whose rank 0 runs `framework` (`compat: auto` resolved);
+        one object per framework (a restart asks once per job)."""
+        made: dict[str, JobRule] = self.__dict__.setdefault("_for_framework", {})
+        rule = made.get(framework)
+        if rule is None:
+            policy = self.policy.for_framework(framework)
+            rule = self if policy is self.policy else dataclasses.replace(self, policy=policy)
+            made[framework] = rule
+        return rule
 
     def lr0(self, client_lr: float) -> float:
         """lr0 is the rule's (or policy's) `initial_lr`, else the LR the client said hello with."""

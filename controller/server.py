@@ -31,12 +31,14 @@ import zmq
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import (
     SOCKET_MAX_MSG_SIZE,
+    ClientMessage,
     ErrorMessage,
     Hello,
     Report,
     decode,
     encode,
     parse_client_dict,
+    read_report,
 )
 
 from . import __version__
@@ -560,10 +562,15 @@ class Server:
                 raise ProtocolError(
                     "schema", f"expected one frame after the routing id, got {len(frames) - 1}"
                 )
-            raw = decode(frames[1])
-            if isinstance(raw.get("seq"), int) and not isinstance(raw.get("seq"), bool):
-                seq = raw["seq"] if 0 <= raw["seq"] < 1 << 63 else None  # echoed in an error
-            message = parse_client_dict(raw)
+            message: ClientMessage
+            report = read_report(frames[1])  # the common case, compiled (msgspec)
+            if report is not None:
+                message, seq = report, report.seq
+            else:  # anything else, and every bad frame, is read and answered the long way
+                raw = decode(frames[1])
+                if isinstance(raw.get("seq"), int) and not isinstance(raw.get("seq"), bool):
+                    seq = raw["seq"] if 0 <= raw["seq"] < 1 << 63 else None  # echoed in an error
+                message = parse_client_dict(raw)
             if message.session != ident:
                 raise ProtocolError("schema", "session must equal the socket's routing id")
             if self.authorizer is not None:

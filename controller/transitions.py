@@ -609,9 +609,9 @@ def decide(
                 audit_row(job, env, old_lr, decision.reason, t + 1, source="shadow", detail=detail)
             )
         decision = Decision(old_policy_lr)
+        job = job.with_(last_epoch=t, value=value)
     else:
-        job = job.with_(state=state, shadow_lr=None)
-    job = job.with_(last_epoch=t, value=value)
+        job = job.with_(state=state, shadow_lr=None, last_epoch=t, value=value)
     reason, pin_ended = decision.reason, False
     if job.override is not None:
         # A pin: the policy decided underneath (its state advanced), the pinned LR holds

@@ -187,7 +187,9 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 shutil.copyfile(path, target)
     run = only(build, "RUN")
     spec = run.rstrip().split()[-1].strip("'\"")
-    assert "pip install" in run and spec in (".", ".[postgres]"), f"unexpected install: {run}"
+    assert "pip install" in run and spec in (".", ".[postgres]", ".[postgres,fast]"), (
+        f"unexpected install: {run}"
+    )
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     done = subprocess.run(

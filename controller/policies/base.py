@@ -36,6 +36,10 @@ __all__ = [
 Unit = Literal["epoch", "step"]
 
 
+#: Each State class's field names (`State.from_dict`).
+_STATE_FIELDS: dict[type, frozenset[str]] = {}
+
+
 @dataclass(frozen=True)
 class Event:
     """A change worth telling the user about: `reduce 0.1 -> 0.05 (plateau, wait 3/3)`."""
@@ -103,7 +107,10 @@ class State:
 
     @classmethod
     def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        names = _STATE_FIELDS.get(cls)
+        if names is None:  # once per class: a restart loads a state per job
+            names = frozenset(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+            _STATE_FIELDS[cls] = names
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def replace(self: S, **changes: Any) -> S:
@@ -265,6 +272,13 @@ def parameters(policy: Policy) -> dict[str, Any]:
 
 
 def fingerprint(policy: Policy) -> str:
-    """A stable id of a policy's parameters: stored state is reused only by the same policy."""
-    text = json.dumps(parameters(policy), sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    """A stable id of a policy's parameters: stored state is reused only by the same policy.
+
+    Computed once per policy object (policies are frozen): a restart reads it per job.
+    """
+    cached: str | None = policy.__dict__.get("_fingerprint")
+    if cached is None:
+        text = json.dumps(parameters(policy), sort_keys=True, separators=(",", ":"), default=repr)
+        cached = hashlib.sha256(text.encode()).hexdigest()[:24]
+        object.__setattr__(policy, "_fingerprint", cached)
+    return cached

@@ -1,0 +1,171 @@
+"""CPU per report inside the controller's loop turn (issue 18 item 7), apart from the driver.
+
+    .venv/bin/python bench/turn_cost.py --ref main     # this tree vs `git archive main`,
+                                                       # alternating; appends to RESULTS.md
+    .venv/bin/python bench/turn_cost.py --no-results
+
+bench/scale.py's reports/s on 2 shared cores mixes the controller with its driver and with the
+disk's fsync per turn; this isolates the loop's own work. A controller built by
+`build_server` (SQLite state in a temp dir, its real commit) and N DEALER sockets live in one
+process: each round every socket sends one report (single-worker plateau jobs), then
+`Server.turn()` runs until every reply is out. Figure: CPU time of the loop's thread
+(`time.thread_time`, so the fsync wait is not counted) per report, median over `--repeats`
+processes per variant, at N = 8 / 64 / 256 reports per turn. Baseline (same run): the
+controller of `--ref`, when given; otherwise the figures stand alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measured import context
+from restart import overlay
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+POLICY = (
+    "version: 1\ndefaults:\n  policy: {type: plateau, factor: 0.5, patience: 3, min_lr: 1.0e-6}\n"
+)
+SIZES = (8, 64, 256)
+
+
+def child(n: int, rounds: int) -> float:
+    """µs of loop-thread CPU per report, N reports per turn, in this process."""
+    import zmq
+
+    from lrpilot.client.protocol import Hello, Report, encode
+    from lrpilot.controller.policyfile import load_text
+    from lrpilot.controller.server import ServeConfig, build_server
+
+    logging.disable(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="lrpilot-turn-") as tmp:
+        config = ServeConfig(
+            bind="tcp://127.0.0.1:0",
+            admin_bind="tcp://127.0.0.1:0",
+            metrics_port=None,
+            state_dir=tmp,
+        )
+        server = build_server(config, load_text(POLICY, "bench.yaml"))
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            endpoint = server.endpoints()["bind"]
+            peers = []
+            for i in range(n):
+                sock = ctx.socket(zmq.DEALER)
+                session = os.urandom(16)
+                sock.setsockopt(zmq.ROUTING_ID, session)
+                sock.connect(endpoint)
+                peers.append((sock, session, f"job-{i}"))
+            for sock, session, job in peers:
+                sock.send(encode(Hello(job, 0, 1, session, 0.1, 0).to_wire()))
+
+            def until_answered(counted: list[float]) -> None:
+                got, deadline = 0, time.monotonic() + 30
+                while got < n and time.monotonic() < deadline:
+                    t0 = time.thread_time()
+                    server.turn()
+                    counted[0] += time.thread_time() - t0
+                    for sock, _, _ in peers:
+                        while sock.poll(0):
+                            sock.recv()
+                            got += 1
+                    if got < n:
+                        time.sleep(0.0005)
+                if got < n:
+                    raise SystemExit(f"{n - got} of {n} replies missing after 30 s")
+
+            until_answered([0.0])
+            spent = [0.0]
+            for epoch in range(rounds):
+                loss = 1.0 / (1 + epoch % 7)
+                for sock, session, job in peers:
+                    report = Report(job, 0, session, epoch + 1, epoch, {"val_loss": loss}, 0.1)
+                    sock.send(encode(report.to_wire()))
+                until_answered(spent)
+            return spent[0] / (n * rounds) * 1e6
+        finally:
+            server.close()
+            ctx.destroy(linger=0)
+
+
+def run_child(n: int, rounds: int, pythonpath: Path | None) -> float:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(pythonpath), *filter(None, [env.get("PYTHONPATH")])]
+        )
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(n), str(rounds)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return float(out.stdout.split()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ref", help="also measure the controller of this commit, alternating")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per variant and size")
+    parser.add_argument("--reports", type=int, default=12_000, help="reports per process")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--no-results", action="store_true")
+    parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(f"{child(*args.child):.3f}")
+        return 0
+    load = "/".join(Path("/proc/loadavg").read_text().split()[:3])
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lrpilot-turn-cost-") as tmp:
+        variants: dict[str, Path | None] = {"this tree": None}
+        if args.ref:
+            commit, top = overlay(args.ref, Path(tmp))
+            variants[f"{args.ref} ({commit[:12]})"] = top
+        figures: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.repeats):
+            for n in SIZES:
+                for name, path in variants.items():
+                    us = run_child(n, max(args.reports // n, 5), path)
+                    figures.setdefault((name, n), []).append(us)
+                    print(f"  {name}, {n} per turn: {us:.1f} µs", flush=True)
+    seconds = time.monotonic() - t_start
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"## {stamp} — CPU per report in a loop turn (bench/turn_cost.py)"
+    if args.label:
+        title += f": {args.label}"
+    lines = [title, ""]
+    lines += [f"- {line}" for line in context(load, ["pyzmq", "msgpack", "msgspec"], "nothing")]
+    lines += [f"- run: `bench/turn_cost.py {' '.join(sys.argv[1:])}`, {seconds:.0f} s", ""]
+    names = list(variants)
+    lines += ["| reports per turn | " + " | ".join(names) + " | ratio |"]
+    lines += ["|---" * (len(names) + 2) + "|"]
+    for n in SIZES:
+        medians = [statistics.median(figures[(name, n)]) for name in names]
+        ratio = f"{medians[0] / medians[1]:.2f}" if len(medians) > 1 else "-"
+        cells = " | ".join(f"{m:.1f} µs" for m in medians)
+        lines.append(f"| {n} | {cells} | {ratio} |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if not args.no_results:
+        with open(RESULTS, "a", encoding="utf-8") as f:
+            f.write("\n" + section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
