@@ -32,6 +32,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client, check_adapter_args, to_scalar
+from .step_means import StepMeans
 from .vocabulary import lr_ok
 
 __all__ = [
@@ -59,6 +60,7 @@ _NOT_SAVED = frozenset(
         "snapshot_fn",
         "restore_fn",
         "_kept",
+        "_means",
         *_SNAPSHOT,
     }
 )
@@ -260,7 +262,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
     Args:
         optimizer: a torch optimizer; group 0's LR is the job's LR.
         job: the job name; default `LRPILOT_JOB`.
-        monitor: the metric name a number passed to `step()` is reported under.
+        monitor: the metric name a number passed to `step()` is reported under; default
+            `val_loss`, and `loss` with `unit="step"` (the training loss of each step).
         endpoint: the controller, or several comma-separated (the client follows `moved`
             and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, a `step()` waits for the controller.
@@ -291,7 +294,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self,
         optimizer: torch.optim.Optimizer,
         job: str | None = None,
-        monitor: str = "val_loss",
+        monitor: str | None = None,
         endpoint: str | None = None,
         timeout: float = 1.0,
         *,
@@ -324,7 +327,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
             framework="torch",
         )
         self.job = self._core.job
-        self.monitor = monitor
+        self.monitor = monitor if monitor is not None else "loss" if unit == "step" else "val_loss"
         self.endpoint = endpoint
         self.timeout = timeout
         self.strict = bool(strict)
@@ -342,6 +345,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self._kept = False  # a copy is held (in memory, or made by snapshot_fn)
         self._first_step: _BeforeFirstStep | None = None
         self._first_step_hook: Any = None  # its handle
+        #: unit="step": each step's metrics summed on their device, read once per report.
+        self._means = StepMeans()
         if self._can_restore():
             self._first_step = _BeforeFirstStep(self)
             self._first_step_hook = optimizer.register_step_pre_hook(self._first_step)
@@ -379,10 +384,10 @@ class LRPilotScheduler(ReduceLROnPlateau):
                 argument, read as `for epoch in range(n)` code means it); default: the
                 number of earlier `step()` calls. With `unit="step"`, the epoch in progress.
         """
-        report = self._metrics(metrics)
         if self.unit == "step":
-            self._step_end(report, epoch)
+            self._step_end(metrics, epoch)
             return
+        report = self._metrics(metrics)
         if epoch is not None:
             if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
                 raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
@@ -438,7 +443,18 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self._settle()
 
     def close(self) -> None:
-        """Says bye to the controller and closes the socket; safe to call twice."""
+        """Reports the per-step window still waiting to be read (`unit="step"`), says bye
+        to the controller and closes the socket; safe to call twice."""
+        window = self._means.drain()
+        client = self._core.client
+        if window is not None and window.metrics and client is not None:
+            client.report(
+                window.epoch,
+                window.metrics,
+                step=window.step,
+                wait=False,
+                trained_lr=window.trained_lr,
+            )
         self._core.close()
         if not self._testing:
             self._release()
@@ -452,7 +468,11 @@ class LRPilotScheduler(ReduceLROnPlateau):
     def __getstate__(self) -> dict[str, Any]:
         # A socket does not pickle: `torch.save(scheduler)` keeps everything else but the
         # range test's in-memory copy (a second model in every checkpoint).
-        state = {k: v for k, v in self.__dict__.items() if k != "_core" and k not in _SNAPSHOT}
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_core", "_means") and k not in _SNAPSHOT
+        }
         state["_testing"] = self._core.testing
         if state.get("snapshot_fn") is None:
             state["_kept"] = False
@@ -480,28 +500,58 @@ class LRPilotScheduler(ReduceLROnPlateau):
             self._core.snapshot = _PutBack(self)
         self._snapshot = None
         self._first_step = self._first_step_hook = None
+        self._means = StepMeans()
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _step_end(self, report: dict[str, float], epoch: int | None) -> None:
-        """unit="step": `step()` after optimizer step `last_epoch` (0-based)."""
+    def _step_end(self, metrics: Any, epoch: int | None) -> None:
+        """unit="step": `step()` after optimizer step `last_epoch` (0-based). The metrics
+        are summed where they live and read at reports only (see `StepMeans`)."""
         if epoch is not None:
             self.epoch_in_progress = epoch
-        trained = self._trained_lr()
-        self.client  # noqa: B018 - says hello if needed
+        core = self._core
+        trained = None
+        if core.client is None:
+            trained = self._lr0()  # the step trained at the optimizer's LR, before the hello
+            self.client  # noqa: B018 - says hello
         done = self.last_epoch
         self.last_epoch = done + 1
-        lr = self._core.step_end(
-            self.epoch_in_progress, done, done, lambda: report, trained_lr=trained
-        )
+        means = self._means
+        if metrics is not None:
+            means.add(self._step_metrics(metrics))
+        if means.empty:
+            lr = core.step_end(self.epoch_in_progress, done, done, None, trained_lr=trained)
+        else:
+            in_progress = self.epoch_in_progress
+
+            def window() -> Any:
+                client = core.client
+                lr = trained if trained is not None or client is None else client.lr
+                return means.close(in_progress, done, lr, now=core.testing)
+
+            lr = core.step_end(in_progress, done, done, window, trained_lr=trained)
         self._set_lr(lr)
-        self._settle()
+        if self._first_step is not None or self._kept:
+            self._settle()
+
+    def _step_metrics(self, metrics: Any) -> dict[str, Any]:
+        """unit="step": the metrics of one step, tensors kept as they are (summed on their
+        device, never read here), other values as numbers."""
+        if isinstance(metrics, Mapping):
+            return {k: v if isinstance(v, torch.Tensor) else number(v) for k, v in metrics.items()}
+        if isinstance(metrics, torch.Tensor) and metrics.numel() == 1:
+            return {self.monitor: metrics}
+        value = number(metrics)
+        if value is None:
+            raise ValueError(
+                "step() takes a number or a mapping of metrics (a 0-d or one-element tensor "
+                f"is a number), got {type(metrics).__name__}"
+            )
+        return {self.monitor: value}
 
     def _metrics(self, metrics: Any) -> dict[str, float]:
         if isinstance(metrics, Mapping):
             return scalars(metrics)
-        if metrics is None and self.unit == "step":
-            return {}
         value = number(metrics)
         if value is None:
             raise ValueError(
