@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .core import Client, check_adapter_args
 from .env import resolve_job
 
-__all__ = ["AdapterCore", "Restorable", "Window"]
+__all__ = ["AdapterCore", "Restorable"]
 
 logger = logging.getLogger("lrpilot.client")
 
@@ -40,18 +39,6 @@ class Restorable(Protocol):
     """An in-memory copy of a model's and optimizer's state, taken when a range test starts."""
 
     def restore(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Window:
-    """A report of optimizer steps up to `step` (in `epoch`): the mean of each metric over
-    them, trained at `trained_lr` (None: the client's LR in force). Adapters that read the
-    loss one report late (`lrpilot.client.step_means`) hand it to `AdapterCore.step_end`."""
-
-    epoch: int
-    step: int
-    metrics: Mapping[str, float]
-    trained_lr: float | None = None
 
 
 class AdapterCore:
@@ -194,7 +181,7 @@ class AdapterCore:
         epoch: int,
         done: int,
         before: int,
-        metrics: Callable[[], Mapping[str, Any] | Window | None] | None,
+        metrics: Callable[[], Mapping[str, Any] | None] | None,
         wait: bool | None = None,
         trained_lr: float | None = None,
     ) -> float:
@@ -208,9 +195,9 @@ class AdapterCore:
             done: the last optimizer step that ran.
             before: the first step of this call (the step count at the previous call);
                 several at once when a framework runs steps per execution.
-            metrics: returns the metrics to report, or a `Window` of earlier steps (their
-                means read one report late, see `lrpilot.client.step_means`), or None
-                when nothing is ready; None: nothing to report.
+            metrics: returns the metrics to report (None or empty: none ready; per-step
+                adapters hand the means of the previous report's steps, read one report
+                late, see `lrpilot.client.step_means`); None: nothing to report.
             wait: whether the report waits for its answer; default only during a range test.
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
@@ -219,22 +206,12 @@ class AdapterCore:
         assert client is not None, "connect() first"
         every = self.report_every
         if (done + 1) // every > before // every:
-            found = None if metrics is None else metrics()
-            if isinstance(found, Window):
-                window = found
-            else:
-                window = Window(epoch, done, found or {}, trained_lr)
-            if window.metrics or client.plan is None or self.testing or client.liveness_due():
+            report = None if metrics is None else metrics()
+            if report or client.plan is None or self.testing or client.liveness_due():
                 waits = self.testing if wait is None else wait
-                lr = client.report(
-                    window.epoch,
-                    window.metrics,
-                    step=window.step,
-                    wait=waits,
-                    trained_lr=window.trained_lr,
+                return client.report(
+                    epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr
                 )
-                if window.step == done:
-                    return lr
         return client.lr_at(step=done + 1)
 
     # -- range tests -----------------------------------------------------------------------

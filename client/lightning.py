@@ -26,7 +26,7 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "lightning", __name__) from exc
 
-from .adapter import AdapterCore, Window
+from .adapter import AdapterCore
 from .core import Client
 from .step_means import StepMeans
 from .torch import StateSnapshot, number, scalars, set_lr
@@ -170,10 +170,6 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         self._apply(trainer, client.lr)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        window, client = self._means.drain(), self.client
-        if window is not None and window.metrics and client is not None:
-            # The last report's loss, read one report late: it goes out before the bye.
-            client.report(window.epoch, window.metrics, step=window.step, wait=False)
         self._core.close()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -231,13 +227,13 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         if trainer.global_step == self._step:
             return  # a batch that only accumulated gradients
         before, self._step = self._step, trainer.global_step
-        done, epoch, core, means = self._step - 1, trainer.current_epoch, self._core, self._means
-        client = self.client
-
-        def window() -> Window | None:
-            return means.close(epoch, done, client.lr, now=core.testing)
-
-        lr = core.step_end(epoch, done, before, None if means.empty else window)
+        core, means = self._core, self._means
+        lr = core.step_end(
+            trainer.current_epoch,
+            self._step - 1,
+            before,
+            None if means.empty else lambda: means.close(now=core.testing),
+        )
         self._apply(trainer, lr)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -5,14 +5,12 @@ tensor on an accelerator. Converting it to a Python number there (`loss.item()`,
 `float(loss)`) makes the host wait for the device at every step. `StepMeans` instead adds
 each step's value to a running sum on the value's own device (an in-place add, queued like
 the training step's own kernels), and at each report boundary starts a non-blocking copy of
-the sums to the host. The copy is read one report later, when the device has long finished
-it: one host read per report, none between reports, and the training step never waits for
-the read. What is reported is the mean over the steps since the previous report.
-
-Python numbers (and numpy scalars) take no device, so a window holding only those is
-reported at once; a window holding a tensor is reported at the next boundary, with its own
-step, epoch and LR. During a range test the report waits for the controller anyway, so the
-window is read at once (`now=True`).
+the sums to the host. The copy is read at the next boundary, when the device has long
+finished it: one host read per report, none between reports, and the training step never
+waits for the read. A report thus carries the mean over the `report_every` steps before the
+previous report (one report late); numbers (Python, numpy) take no device and are reported
+at their own boundary. During a range test the report waits for the controller anyway, so
+its window is read at once (`now=True`): the sweep's losses belong to their own LRs.
 
 Example:
 
@@ -21,9 +19,7 @@ Example:
         loss = train_step()
         means.add({"loss": loss})                 # no host read
         if (step + 1) % 10 == 0:
-            window = means.close(epoch=0, step=step, trained_lr=lr)
-            if window is not None:
-                report(window.step, window.metrics)  # the previous 10 steps' mean
+            report(step, means.close() or {})     # the mean of the 10 steps before
 """
 
 from __future__ import annotations
@@ -34,25 +30,19 @@ from typing import Any
 
 import torch
 
-from .adapter import Window
 from .core import to_scalar
 
-__all__ = ["StepMeans", "Window"]
+__all__ = ["StepMeans"]
 
 
-class _Pending:
-    """A closed window whose tensor sums are on their way to the host."""
+class _Window:
+    """The sums of one report's steps, the tensors' on their way to the host."""
 
-    __slots__ = ("counts", "event", "floats", "host", "names", "window")
+    __slots__ = ("counts", "event", "floats", "host", "names")
 
     def __init__(
-        self,
-        window: Window,
-        floats: dict[str, float],
-        counts: dict[str, int],
-        sums: dict[str, torch.Tensor],
+        self, floats: dict[str, float], counts: dict[str, int], sums: dict[str, torch.Tensor]
     ) -> None:
-        self.window = window
         self.floats = floats
         self.counts = counts
         self.names = list(sums)
@@ -61,10 +51,7 @@ class _Pending:
         if not sums:
             return
         parts = list(sums.values())
-        if len(parts) == 1:
-            flat = parts[0].reshape(1)
-        else:
-            flat = torch.stack([p.to(torch.float32) for p in parts])
+        flat = parts[0].reshape(1) if len(parts) == 1 else torch.stack(parts)
         if flat.device.type == "cuda":
             # Pinned memory: the copy is truly asynchronous; the event says when it landed.
             self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
@@ -73,36 +60,35 @@ class _Pending:
             self.event.record(torch.cuda.current_stream(flat.device))
         else:
             # On the CPU the sum is final already (nothing adds to it any more); on another
-            # accelerator it is read one report late, when its work has long finished.
+            # accelerator it is read a report later, when its work has long finished.
             self.host = flat
 
-    def read(self) -> Window:
-        """The window with its means: the one host read of its tensors."""
-        metrics = {name: total / self.counts[name] for name, total in self.floats.items()}
+    def read(self) -> dict[str, float]:
+        """The means: the one host read of the window's tensors."""
+        means = {name: total / self.counts[name] for name, total in self.floats.items()}
         if self.host is not None:
             if self.event is not None and not self.event.query():
                 self.event.synchronize()  # the device is a whole report behind: wait for it
             for name, total in zip(self.names, self.host.tolist(), strict=True):
                 mean = total / self.counts[name]
                 if math.isfinite(mean):
-                    metrics[name] = mean
-        w = self.window
-        return Window(w.epoch, w.step, metrics, w.trained_lr)
+                    means[name] = mean
+        return means
 
 
 class StepMeans:
-    """Running sums of per-step metrics, on the device of each, and the window waiting to be
+    """Running sums of per-step metrics, each on its device, and the window waiting to be
     read (see the module's docstring). Not thread-safe: call it from the training loop."""
 
     def __init__(self) -> None:
         self._floats: dict[str, float] = {}
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
-        self._pending: _Pending | None = None
+        self._pending: _Window | None = None
 
     @property
     def empty(self) -> bool:
-        """Nothing added since the last window and no window waiting to be read."""
+        """Nothing added since the last report and no window waiting to be read."""
         return not self._counts and self._pending is None
 
     def add(self, metrics: Mapping[str, Any]) -> None:
@@ -127,36 +113,22 @@ class StepMeans:
             value = value.reshape(())
         total = self._sums.get(name)
         if total is None or total.device != value.device:
-            # float32 (float64 stays float64) whatever the loss's dtype: a bf16 sum of
-            # hundreds of steps would lose the mean's digits.
-            dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-            total = self._sums[name] = torch.zeros_like(value, dtype=dtype)
+            # float32 whatever the loss's dtype: a bf16 sum of hundreds of steps would lose
+            # the mean's digits. The same dtype for every metric, so that a report's sums
+            # travel to the host as one tensor.
+            total = self._sums[name] = torch.zeros_like(value, dtype=torch.float32)
         total.add_(value)
 
-    def close(
-        self, epoch: int, step: int, trained_lr: float | None, now: bool = False
-    ) -> Window | None:
-        """A report boundary after optimizer step `step`: ends the window and returns the one
-        to report now (the previous window, read now; or this one if it holds no tensors, or
-        with `now`), or None when nothing is ready yet."""
-        closed = _Pending(
-            Window(epoch, step, {}, trained_lr), self._floats, self._counts, self._sums
-        )
+    def close(self, now: bool = False) -> dict[str, float] | None:
+        """A report boundary: ends this report's window and returns the means to report now,
+        or None when none are ready. Those are the previous window's (read now, one report
+        late), or this one's when it holds numbers only or with `now` (a range test)."""
+        closed = _Window(self._floats, self._counts, self._sums)
         self._floats, self._counts, self._sums = {}, {}, {}
         ready, self._pending = self._pending, None
-        if not closed.counts:
-            return None if ready is None else ready.read()
-        if ready is not None:
-            if now:  # both at once: the older goes without, the newer is what matters
-                return closed.read()
-            self._pending = closed
-            return ready.read()
         if now or closed.host is None:
-            return closed.read()
+            # Numbers only (or a range test): this window now; an older one still waiting
+            # is left out, its steps are history once a newer mean is known.
+            return closed.read() if closed.counts else None if ready is None else ready.read()
         self._pending = closed
-        return None
-
-    def drain(self) -> Window | None:
-        """The window still waiting (at the end of training), read now; None if none."""
-        ready, self._pending = self._pending, None
         return None if ready is None else ready.read()

@@ -443,18 +443,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self._settle()
 
     def close(self) -> None:
-        """Reports the per-step window still waiting to be read (`unit="step"`), says bye
-        to the controller and closes the socket; safe to call twice."""
-        window = self._means.drain()
-        client = self._core.client
-        if window is not None and window.metrics and client is not None:
-            client.report(
-                window.epoch,
-                window.metrics,
-                step=window.step,
-                wait=False,
-                trained_lr=window.trained_lr,
-            )
+        """Says bye to the controller and closes the socket; safe to call twice."""
         self._core.close()
         if not self._testing:
             self._release()
@@ -522,14 +511,13 @@ class LRPilotScheduler(ReduceLROnPlateau):
         if means.empty:
             lr = core.step_end(self.epoch_in_progress, done, done, None, trained_lr=trained)
         else:
-            in_progress = self.epoch_in_progress
-
-            def window() -> Any:
-                client = core.client
-                lr = trained if trained is not None or client is None else client.lr
-                return means.close(in_progress, done, lr, now=core.testing)
-
-            lr = core.step_end(in_progress, done, done, window, trained_lr=trained)
+            lr = core.step_end(
+                self.epoch_in_progress,
+                done,
+                done,
+                lambda: means.close(now=core.testing),
+                trained_lr=trained,
+            )
         self._set_lr(lr)
         if self._first_step is not None or self._kept:
             self._settle()
