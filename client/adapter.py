@@ -207,7 +207,7 @@ class AdapterCore:
         every = self.report_every
         if (done + 1) // every > before // every:
             report = None if metrics is None else metrics()
-            if report or client.plan is None or self.testing or client.liveness_due():
+            if report or self.testing or client.plan is None or client.liveness_due():
                 waits = self.testing if wait is None else wait
                 return client.report(
                     epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr

@@ -232,7 +232,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             trainer.current_epoch,
             self._step - 1,
             before,
-            None if means.empty else lambda: means.close(now=core.testing),
+            None if means.idle else lambda: means.close(now=core.testing),
         )
         self._apply(trainer, lr)
 

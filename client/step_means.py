@@ -85,15 +85,13 @@ class StepMeans:
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
         self._pending: _Window | None = None
-
-    @property
-    def empty(self) -> bool:
-        """Nothing added since the last report and no window waiting to be read."""
-        return not self._counts and self._pending is None
+        #: Nothing added since the last report and no window waiting to be read.
+        self.idle = True
 
     def add(self, metrics: Mapping[str, Any]) -> None:
         """Adds one step's metrics: numbers to host sums, one-element tensors to sums on
         their device (no host read); other values are left out."""
+        self.idle = False
         for name, value in metrics.items():
             if not isinstance(name, str):
                 continue
@@ -126,6 +124,7 @@ class StepMeans:
         closed = _Window(self._floats, self._counts, self._sums)
         self._floats, self._counts, self._sums = {}, {}, {}
         ready, self._pending = self._pending, None
+        self.idle = closed.host is None or now
         if now or closed.host is None:
             # Numbers only (or a range test): this window now; an older one still waiting
             # is left out, its steps are history once a newer mean is known.

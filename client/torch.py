@@ -495,7 +495,9 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _step_end(self, metrics: Any, epoch: int | None) -> None:
         """unit="step": `step()` after optimizer step `last_epoch` (0-based). The metrics
-        are summed where they live and read at reports only (see `StepMeans`)."""
+        are summed where they live and read at reports only (see `StepMeans`). The path
+        of a step with a plan and nothing to report runs at every optimizer step: it looks
+        nothing up twice and writes the param group only when the LR changes."""
         if epoch is not None:
             self.epoch_in_progress = epoch
         core = self._core
@@ -508,7 +510,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         means = self._means
         if metrics is not None:
             means.add(self._step_metrics(metrics))
-        if means.empty:
+        if means.idle:  # nothing added, nothing waiting: the per-step path
             lr = core.step_end(self.epoch_in_progress, done, done, None, trained_lr=trained)
         else:
             lr = core.step_end(
@@ -640,11 +642,14 @@ class LRPilotScheduler(ReduceLROnPlateau):
         client = self._core.client
         if client is not None and client.momentum is not None:
             set_momentum(groups, client.momentum)
-        if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the per-step path, first
-            if groups[0]["lr"] != lr:
-                groups[0]["lr"] = lr
+        first = groups[0]
+        if type(first["lr"]) is float:  # the per-step path, first
+            if first["lr"] == lr:
+                return  # in force already: most steps of a stepwise schedule
+            if len(groups) == 1:
+                first["lr"] = lr
                 self._last_lr = [lr]
-            return
+                return
         if set_lr([self.optimizer], lr):
             lrs: list[float | torch.Tensor] = [*self.get_last_lr()]
             self._last_lr = lrs

@@ -147,8 +147,8 @@ def test_step_means_numbers_only_are_reported_at_their_own_boundary() -> None:
     means.add({"loss": 1.0, "acc": 0.5})
     means.add({"loss": 3.0, "bad": "x", "vector": torch.ones(3)})
     assert means.close() == {"loss": 2.0, "acc": 0.5}
-    assert means.empty
+    assert means.idle
     means.add({"loss": torch.tensor(4.0, dtype=torch.bfloat16)})
-    assert means.close() is None and not means.empty  # read at the next boundary
+    assert means.close() is None and not means.idle  # read at the next boundary
     means.add({"loss": torch.tensor(1.0)})
     assert means.close(now=True) == {"loss": 1.0}  # a range test: read at once
