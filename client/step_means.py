@@ -96,26 +96,29 @@ class StepMeans:
             if not isinstance(name, str):
                 continue
             if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    continue
-                self._add_tensor(name, value.detach())
-            else:
-                found = to_scalar(value)
-                if found is None:
-                    continue
+                if value.numel() == 1:
+                    self.add_tensor(name, value)
+                continue
+            found = to_scalar(value)
+            if found is not None:
                 self._floats[name] = self._floats.get(name, 0.0) + found
-            self._counts[name] = self._counts.get(name, 0) + 1
+                self._counts[name] = self._counts.get(name, 0) + 1
 
-    def _add_tensor(self, name: str, value: torch.Tensor) -> None:
+    def add_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Adds one step's one-element tensor `name` to its sum on its device (the per-step
+        path of a training loop that hands over its loss: no host read, no dict built)."""
+        self.idle = False
+        value = value.detach()
         if value.dim():
             value = value.reshape(())
         total = self._sums.get(name)
-        if total is None or total.device != value.device:
+        if total is None or total.get_device() != value.get_device():
             # float32 whatever the loss's dtype: a bf16 sum of hundreds of steps would lose
             # the mean's digits. The same dtype for every metric, so that a report's sums
             # travel to the host as one tensor.
             total = self._sums[name] = torch.zeros_like(value, dtype=torch.float32)
         total.add_(value)
+        self._counts[name] = self._counts.get(name, 0) + 1
 
     def close(self, now: bool = False) -> dict[str, float] | None:
         """A report boundary: ends this report's window and returns the means to report now,

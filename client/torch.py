@@ -508,7 +508,9 @@ class LRPilotScheduler(ReduceLROnPlateau):
         done = self.last_epoch
         self.last_epoch = done + 1
         means = self._means
-        if metrics is not None:
+        if type(metrics) is torch.Tensor and metrics.numel() == 1:
+            means.add_tensor(self.monitor, metrics)  # the loss itself: the per-step path
+        elif metrics is not None:
             means.add(self._step_metrics(metrics))
         if means.idle:  # nothing added, nothing waiting: the per-step path
             lr = core.step_end(self.epoch_in_progress, done, done, None, trained_lr=trained)
