@@ -228,7 +228,10 @@ class LRPilotScheduler(ReduceLROnPlateau):
     ratio new_lr / old_lr of group 0, so groups keep their relative LRs. With
     `unit="step"`, `step()` is called after every optimizer step (like `OneCycleLR`),
     reports every `report_every` steps without waiting, and sets each decision at the first
-    `step()` after it has arrived (the decision on step s usually from step s+2). The hello
+    `step()` after it has arrived (the decision on step s usually from step s+2). Give it
+    the loss tensor itself: it is summed on its device and its mean over the
+    `report_every` steps read to the host once per report, one report late, with a
+    non-blocking copy (`lrpilot.client.step_means`), so no step waits for the device. The hello
     waits for the first `step()`, `load_state_dict()` or use of `client` (so that a resume
     says hello from its checkpoint); touch `client` to get a policy's `initial_lr` before
     the first epoch. The controller being absent or slow never stops training: the LR then
@@ -379,7 +382,9 @@ class LRPilotScheduler(ReduceLROnPlateau):
         Args:
             metrics: the monitored value (a number, numpy scalar, 0-d or one-element
                 tensor), reported under `monitor`, or a mapping of metric names to values.
-                Optional with `unit="step"` (a schedule needs none).
+                Optional with `unit="step"` (a schedule needs none); there, tensors are
+                summed on their device and reported as the mean over a report's steps,
+                one report late (never read at the step they are given).
             epoch: with `unit="epoch"`, the 0-based epoch just finished (torch's deprecated
                 argument, read as `for epoch in range(n)` code means it); default: the
                 number of earlier `step()` calls. With `unit="step"`, the epoch in progress.
