@@ -65,7 +65,8 @@ def run(kind: str, endpoint: str, steps: int, round_no: int) -> tuple[float, flo
             call(loss)
             inside.append(clock() - t0)
             torch.cuda.set_sync_debug_mode("default")
-        syncs += sum("synchroniz" in str(w.message) for w in seen)
+        # "called a synchronizing CUDA operation"; not the mode's own "prototype" notice
+        syncs += sum("called a synchronizing" in str(w.message) for w in seen)
     torch.cuda.synchronize()
     elapsed = clock() - start
     if isinstance(sched, LRPilotScheduler):
