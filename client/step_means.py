@@ -76,13 +76,30 @@ class _Window:
         return means
 
 
+#: The most values of one metric kept before they are summed on their device.
+FOLD = 256
+
+
+def _total(kept: list[torch.Tensor]) -> torch.Tensor:
+    """The float32 sum of one-element tensors, on their device (one stack and one sum:
+    no host read). float32 whatever their dtype: a bf16 sum of hundreds of steps would
+    lose the mean's digits; the same dtype for every metric, so that a report's sums travel
+    to the host as one tensor."""
+    first = kept[0]
+    try:
+        stacked = torch.stack([t.reshape(()) if t.dim() else t for t in kept])
+    except RuntimeError:  # a value on another device (the model moved): sum where the first is
+        stacked = torch.stack([t.reshape(()).to(first.device) for t in kept])
+    return stacked.sum(dtype=torch.float32)
+
+
 class StepMeans:
     """Running sums of per-step metrics, each on its device, and the window waiting to be
     read (see the module's docstring). Not thread-safe: call it from the training loop."""
 
     def __init__(self) -> None:
         self._floats: dict[str, float] = {}
-        self._sums: dict[str, torch.Tensor] = {}
+        self._kept: dict[str, list[torch.Tensor]] = {}  # this window's values, detached
         self._counts: dict[str, int] = {}
         self._pending: _Window | None = None
         #: Nothing added since the last report and no window waiting to be read.
@@ -105,27 +122,25 @@ class StepMeans:
                 self._counts[name] = self._counts.get(name, 0) + 1
 
     def add_tensor(self, name: str, value: torch.Tensor) -> None:
-        """Adds one step's one-element tensor `name` to its sum on its device (the per-step
-        path of a training loop that hands over its loss: no host read, no dict built)."""
+        """Adds one step's one-element tensor `name` (the per-step path of a training loop
+        that hands over its loss: no host read, no kernel, no dict built). The values are
+        kept, detached, and summed on their device at the report (or every `FOLD` steps)."""
         self.idle = False
-        value = value.detach()
-        if value.dim():
-            value = value.reshape(())
-        total = self._sums.get(name)
-        if total is None or total.get_device() != value.get_device():
-            # float32 whatever the loss's dtype: a bf16 sum of hundreds of steps would lose
-            # the mean's digits. The same dtype for every metric, so that a report's sums
-            # travel to the host as one tensor.
-            total = self._sums[name] = torch.zeros_like(value, dtype=torch.float32)
-        total.add_(value)
+        kept = self._kept.get(name)
+        if kept is None:
+            kept = self._kept[name] = []
+        kept.append(value.detach())
+        if len(kept) >= FOLD:  # one sum on the device per FOLD steps bounds what is kept
+            kept[:] = [_total(kept)]
         self._counts[name] = self._counts.get(name, 0) + 1
 
     def close(self, now: bool = False) -> dict[str, float] | None:
         """A report boundary: ends this report's window and returns the means to report now,
         or None when none are ready. Those are the previous window's (read now, one report
         late), or this one's when it holds numbers only or with `now` (a range test)."""
-        closed = _Window(self._floats, self._counts, self._sums)
-        self._floats, self._counts, self._sums = {}, {}, {}
+        sums = {name: _total(kept) for name, kept in self._kept.items()}
+        closed = _Window(self._floats, self._counts, sums)
+        self._floats, self._counts, self._kept = {}, {}, {}
         ready, self._pending = self._pending, None
         self.idle = closed.host is None or now
         if now or closed.host is None:
