@@ -152,3 +152,15 @@ def test_step_means_numbers_only_are_reported_at_their_own_boundary() -> None:
     assert means.close() is None and not means.idle  # read at the next boundary
     means.add({"loss": torch.tensor(1.0)})
     assert means.close(now=True) == {"loss": 1.0}  # a range test: read at once
+
+
+def test_step_means_of_many_steps_are_folded_on_the_device_and_exact() -> None:
+    from lrpilot.client.step_means import FOLD
+
+    means = StepMeans()
+    values = [float(i % 7) for i in range(2 * FOLD + 37)]
+    for i, v in enumerate(values):
+        dtype = torch.bfloat16 if i % 2 else torch.float32  # small integers: exact in bf16
+        means.add_tensor("loss", torch.tensor([v], dtype=dtype))
+    assert len(means._kept["loss"]) <= FOLD  # kept values are bounded
+    assert means.close(now=True) == {"loss": pytest.approx(sum(values) / len(values))}
