@@ -87,8 +87,8 @@ def _total(kept: list[torch.Tensor]) -> torch.Tensor:
     to the host as one tensor."""
     first = kept[0]
     try:
-        stacked = torch.stack([t.reshape(()) if t.dim() else t for t in kept])
-    except RuntimeError:  # a value on another device (the model moved): sum where the first is
+        return torch.stack(kept).sum(dtype=torch.float32)  # all alike: the common case
+    except RuntimeError:  # shapes () and (1,) mixed, or a value on another device
         stacked = torch.stack([t.reshape(()).to(first.device) for t in kept])
     return stacked.sum(dtype=torch.float32)
 
