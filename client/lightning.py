@@ -29,7 +29,7 @@ except ModuleNotFoundError as exc:
 from .adapter import AdapterCore
 from .core import Client
 from .step_means import StepMeans
-from .torch import StateSnapshot, number, scalars, set_lr
+from .torch import StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -68,7 +68,9 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
     optimizer steps without waiting and sets each decision at the first step end after it
     has arrived (as the Keras callback does): the loss is summed on its device and its mean
     over the `report_every` steps read to the host once per report, one report late, so the
-    training step never waits for the device (see `lrpilot.client.step_means`). The
+    training step never waits for the device (see `lrpilot.client.step_means`). A plan
+    with `cycle_momentum` (one_cycle, cyclic) also sets each param group's `momentum`
+    (`betas[0]` for Adam-like optimizers), as torch's `OneCycleLR` does. The
     controller being absent or slow never stops training: the LR then stays as it is.
 
     LR range tests (`type: range_test`): the hello comes before the first step; when the
@@ -240,5 +242,6 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
 
     def _apply(self, trainer: Any, lr: float) -> None:
         set_lr(trainer.optimizers, lr)
+        follow_momentum(trainer.optimizers, self._core.client)
         if self._core.stop_requested:
             trainer.should_stop = True

@@ -14,13 +14,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lrpilot.client.plans import compiled_momentum
+
 from .aggregate import Pending
 from .policies import Policy, State, fingerprint
 from .policyfile import JobRule
 from .sessions import Sessions
 from .units import MAX_DURATION
 
-__all__ = ["STATUS_FIELDS", "JobState", "Override", "override_view", "start_from", "status_row"]
+__all__ = [
+    "STATUS_FIELDS",
+    "JobState",
+    "Override",
+    "momentum",
+    "override_view",
+    "start_from",
+    "status_row",
+]
 
 #: The fields of `lrpilot status --json`, in order (DESIGN.md).
 STATUS_FIELDS = (
@@ -321,8 +331,8 @@ def status_row(
     job: JobState, now: float, worker_timeout: float, wall: float | None = None
 ) -> dict[str, Any]:
     """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr, override,
-    suggested_lr, and what the table labels: unit, min_lr, finished); `wall`: the Unix time
-    now, for the end of a --for pin."""
+    suggested_lr, and what the table shows or labels: momentum, unit, min_lr, finished);
+    `wall`: the Unix time now, for the end of a --for pin."""
     info = job.policy.describe(job.state)
     return {
         "job": job.name,
@@ -342,10 +352,22 @@ def status_row(
         "shadow_lr": job.shadow_lr,
         "override": override_view(job, now, wall),
         "suggested_lr": finite(info.get("suggested_lr")),
+        "momentum": momentum(job),  # a cycle_momentum plan's, for the next epoch (step)
         "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
         "min_lr": finite(info.get("min_lr")),
         "finished": job.finished,  # every worker said bye (stored: also after a restart)
     }
+
+
+def momentum(job: JobState) -> float | None:
+    """The momentum the job's trainers set for the next epoch (step): the plan's in force
+    when it cycles momentum (`cycle_momentum` of one_cycle, cyclic), else None (the
+    optimizer's own; also while a pin holds the LR, as the trainers get no plan then)."""
+    if job.override is not None or not getattr(job.policy.current(job.state), "cycle_momentum", 0):
+        return None
+    plan = job.policy.plan(job.state)
+    at = None if plan is None else compiled_momentum(plan)
+    return None if at is None else at(job.next_t())
 
 
 def override_view(job: JobState, now: float, wall: float | None) -> dict[str, Any] | None:
