@@ -181,7 +181,7 @@ class AdapterCore:
         epoch: int,
         done: int,
         before: int,
-        metrics: Callable[[], Mapping[str, Any]],
+        metrics: Callable[[], Mapping[str, Any] | None] | None,
         wait: bool | None = None,
         trained_lr: float | None = None,
     ) -> float:
@@ -195,7 +195,9 @@ class AdapterCore:
             done: the last optimizer step that ran.
             before: the first step of this call (the step count at the previous call);
                 several at once when a framework runs steps per execution.
-            metrics: returns the metrics to report.
+            metrics: returns the metrics to report (None or empty: none ready; per-step
+                adapters hand the means of the previous report's steps, read one report
+                late, see `lrpilot.client.step_means`); None: nothing to report.
             wait: whether the report waits for its answer; default only during a range test.
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
@@ -204,10 +206,12 @@ class AdapterCore:
         assert client is not None, "connect() first"
         every = self.report_every
         if (done + 1) // every > before // every:
-            report = metrics()
-            if report or client.plan is None or self.testing or client.liveness_due():
+            report = None if metrics is None else metrics()
+            if report or self.testing or client.plan is None or client.liveness_due():
                 waits = self.testing if wait is None else wait
-                return client.report(epoch, report, step=done, wait=waits, trained_lr=trained_lr)
+                return client.report(
+                    epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr
+                )
         return client.lr_at(step=done + 1)
 
     # -- range tests -----------------------------------------------------------------------

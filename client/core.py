@@ -454,8 +454,9 @@ class Client:
         if epoch is not None and (type(epoch) is not int or not 0 <= epoch <= MAX_INT):
             epoch = _position(epoch, "epoch")
         decisions.at(epoch=epoch, step=step)
-        if not self._closed:
-            self._turn(self._clock())
+        now = self._clock()
+        if now >= self._next_turn and not self._closed:  # _turn's own check, inlined
+            self._turn(now)
         if decisions.pending:
             self._apply_due()
         return decisions.lr

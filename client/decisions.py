@@ -121,9 +121,11 @@ class Decisions:
         e.g. a plateau step for epoch 5 after an override for epoch 3) and its action."""
         if decision.number > self.applied:
             self.lr, self.applied = decision.message.lr, decision.number
-            plan = self.plan = decision.message.plan
-            self._plan_at = None if plan is None else compiled(plan)
-            self._momentum_at = None if plan is None else compiled_momentum(plan)
+            plan = decision.message.plan
+            if plan is None or plan != self.plan:  # every reply repeats the plan in force
+                self._plan_at = None if plan is None else compiled(plan)
+                self._momentum_at = None if plan is None else compiled_momentum(plan)
+            self.plan = plan
             if self._momentum_at is None:
                 self.momentum = None
             self._by_step = plan is not None and plan["unit"] == "step"

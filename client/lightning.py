@@ -22,12 +22,13 @@ from typing import Any
 from .extras import missing_extra
 
 try:
-    import torch  # noqa: F401 (the lightning extra brings it; the torch helpers below need it)
+    import torch  # the lightning extra brings it
 except ModuleNotFoundError as exc:
     raise missing_extra(exc, "lightning", __name__) from exc
 
 from .adapter import AdapterCore
 from .core import Client
+from .step_means import StepMeans
 from .torch import StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
@@ -65,9 +66,11 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
     epoch for the controller. Pushed changes (`lrpilot set-lr`) apply at the next training
     epoch start. With `unit="step"` it reports the training loss every `report_every`
     optimizer steps without waiting and sets each decision at the first step end after it
-    has arrived (as the Keras callback does). A plan with `cycle_momentum` (one_cycle,
-    cyclic) also sets each param group's `momentum` (`betas[0]` for Adam-like
-    optimizers), as torch's `OneCycleLR` does. The
+    has arrived (as the Keras callback does): the loss is summed on its device and its mean
+    over the `report_every` steps read to the host once per report, one report late, so the
+    training step never waits for the device (see `lrpilot.client.step_means`). A plan
+    with `cycle_momentum` (one_cycle, cyclic) also sets each param group's `momentum`
+    (`betas[0]` for Adam-like optimizers), as torch's `OneCycleLR` does. The
     controller being absent or slow never stops training: the LR then stays as it is.
 
     LR range tests (`type: range_test`): the hello comes before the first step; when the
@@ -130,6 +133,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         self._restored: int | None = None  # from a checkpoint, for the next fit
         self._step = 0  # the trainer's global step last seen (unit="step")
         self._warned_monitor = False
+        self._means = StepMeans()  # unit="step": the training loss, summed on its device
 
     @property
     def client(self) -> Client | None:
@@ -153,6 +157,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         self._evaluations = start
         self._step = trainer.global_step
         self._warned_monitor = False
+        self._means = StepMeans()
         lr = number(trainer.optimizers[0].param_groups[0]["lr"])
         if lr is None:
             raise ValueError("LRPilotCallback: the first optimizer's LR is not a number")
@@ -216,15 +221,21 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         """unit="step": after each optimizer step, report every `report_every` steps
         without waiting (else only look for decisions), and set the LR decided for the next
         step if one has arrived, as the Keras callback does."""
-        if self.client is None or self.unit != "step" or trainer.global_step == self._step:
-            return  # epoch mode, or a batch that only accumulated gradients
+        if self.client is None or self.unit != "step":
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) or number(loss) is not None:
+            self._means.add({"loss": loss})  # summed on its device: no host read here
+        if trainer.global_step == self._step:
+            return  # a batch that only accumulated gradients
         before, self._step = self._step, trainer.global_step
-
-        def loss() -> dict[str, float]:
-            value = number(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
-            return {} if value is None else {"loss": value}
-
-        lr = self._core.step_end(trainer.current_epoch, self._step - 1, before, loss)
+        core, means = self._core, self._means
+        lr = core.step_end(
+            trainer.current_epoch,
+            self._step - 1,
+            before,
+            None if means.idle else lambda: means.close(now=core.testing),
+        )
         self._apply(trainer, lr)
 
     # -- helpers ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client, check_adapter_args, to_scalar
+from .step_means import StepMeans
 from .vocabulary import lr_ok
 
 __all__ = [
@@ -61,6 +62,7 @@ _NOT_SAVED = frozenset(
         "snapshot_fn",
         "restore_fn",
         "_kept",
+        "_means",
         *_SNAPSHOT,
     }
 )
@@ -236,7 +238,10 @@ class LRPilotScheduler(ReduceLROnPlateau):
     ratio new_lr / old_lr of group 0, so groups keep their relative LRs. With
     `unit="step"`, `step()` is called after every optimizer step (like `OneCycleLR`),
     reports every `report_every` steps without waiting, and sets each decision at the first
-    `step()` after it has arrived (the decision on step s usually from step s+2). The hello
+    `step()` after it has arrived (the decision on step s usually from step s+2). Give it
+    the loss tensor itself: it is summed on its device and its mean over the
+    `report_every` steps read to the host once per report, one report late, with a
+    non-blocking copy (`lrpilot.client.step_means`), so no step waits for the device. The hello
     waits for the first `step()`, `load_state_dict()` or use of `client` (so that a resume
     says hello from its checkpoint); touch `client` to get a policy's `initial_lr` before
     the first epoch. The controller being absent or slow never stops training: the LR then
@@ -270,7 +275,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
     Args:
         optimizer: a torch optimizer; group 0's LR is the job's LR.
         job: the job name; default `LRPILOT_JOB`.
-        monitor: the metric name a number passed to `step()` is reported under.
+        monitor: the metric name a number passed to `step()` is reported under; default
+            `val_loss`, and `loss` with `unit="step"` (the training loss of each step).
         endpoint: the controller, or several comma-separated (the client follows `moved`
             and fails over); default `LRPILOT_ENDPOINT`, else `tcp://127.0.0.1:5555`.
         timeout: the longest, in seconds, a `step()` waits for the controller.
@@ -301,7 +307,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self,
         optimizer: torch.optim.Optimizer,
         job: str | None = None,
-        monitor: str = "val_loss",
+        monitor: str | None = None,
         endpoint: str | None = None,
         timeout: float = 1.0,
         *,
@@ -334,7 +340,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
             framework="torch",
         )
         self.job = self._core.job
-        self.monitor = monitor
+        self.monitor = monitor if monitor is not None else "loss" if unit == "step" else "val_loss"
         self.endpoint = endpoint
         self.timeout = timeout
         self.strict = bool(strict)
@@ -352,6 +358,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
         self._kept = False  # a copy is held (in memory, or made by snapshot_fn)
         self._first_step: _BeforeFirstStep | None = None
         self._first_step_hook: Any = None  # its handle
+        #: unit="step": each step's metrics summed on their device, read once per report.
+        self._means = StepMeans()
         if self._can_restore():
             self._first_step = _BeforeFirstStep(self)
             self._first_step_hook = optimizer.register_step_pre_hook(self._first_step)
@@ -384,15 +392,17 @@ class LRPilotScheduler(ReduceLROnPlateau):
         Args:
             metrics: the monitored value (a number, numpy scalar, 0-d or one-element
                 tensor), reported under `monitor`, or a mapping of metric names to values.
-                Optional with `unit="step"` (a schedule needs none).
+                Optional with `unit="step"` (a schedule needs none); there, tensors are
+                summed on their device and reported as the mean over a report's steps,
+                one report late (never read at the step they are given).
             epoch: with `unit="epoch"`, the 0-based epoch just finished (torch's deprecated
                 argument, read as `for epoch in range(n)` code means it); default: the
                 number of earlier `step()` calls. With `unit="step"`, the epoch in progress.
         """
-        report = self._metrics(metrics)
         if self.unit == "step":
-            self._step_end(report, epoch)
+            self._step_end(metrics, epoch)
             return
+        report = self._metrics(metrics)
         if epoch is not None:
             if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
                 raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
@@ -462,7 +472,11 @@ class LRPilotScheduler(ReduceLROnPlateau):
     def __getstate__(self) -> dict[str, Any]:
         # A socket does not pickle: `torch.save(scheduler)` keeps everything else but the
         # range test's in-memory copy (a second model in every checkpoint).
-        state = {k: v for k, v in self.__dict__.items() if k != "_core" and k not in _SNAPSHOT}
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_core", "_means") and k not in _SNAPSHOT
+        }
         state["_testing"] = self._core.testing
         if state.get("snapshot_fn") is None:
             state["_kept"] = False
@@ -490,28 +504,61 @@ class LRPilotScheduler(ReduceLROnPlateau):
             self._core.snapshot = _PutBack(self)
         self._snapshot = None
         self._first_step = self._first_step_hook = None
+        self._means = StepMeans()
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _step_end(self, report: dict[str, float], epoch: int | None) -> None:
-        """unit="step": `step()` after optimizer step `last_epoch` (0-based)."""
+    def _step_end(self, metrics: Any, epoch: int | None) -> None:
+        """unit="step": `step()` after optimizer step `last_epoch` (0-based). The metrics
+        are summed where they live and read at reports only (see `StepMeans`). The path
+        of a step with a plan and nothing to report runs at every optimizer step: it looks
+        nothing up twice and writes the param group only when the LR changes."""
         if epoch is not None:
             self.epoch_in_progress = epoch
-        trained = self._trained_lr()
-        self.client  # noqa: B018 - says hello if needed
+        core = self._core
+        trained = None
+        if core.client is None:
+            trained = self._lr0()  # the step trained at the optimizer's LR, before the hello
+            self.client  # noqa: B018 - says hello
         done = self.last_epoch
         self.last_epoch = done + 1
-        lr = self._core.step_end(
-            self.epoch_in_progress, done, done, lambda: report, trained_lr=trained
-        )
+        means = self._means
+        if type(metrics) is torch.Tensor and metrics.numel() == 1:
+            means.add_tensor(self.monitor, metrics)  # the loss itself: the per-step path
+        elif metrics is not None:
+            means.add(self._step_metrics(metrics))
+        if means.idle:  # nothing added, nothing waiting: the per-step path
+            lr = core.step_end(self.epoch_in_progress, done, done, None, trained_lr=trained)
+        else:
+            lr = core.step_end(
+                self.epoch_in_progress,
+                done,
+                done,
+                lambda: means.close(now=core.testing),
+                trained_lr=trained,
+            )
         self._set_lr(lr)
-        self._settle()
+        if self._first_step is not None or self._kept:
+            self._settle()
+
+    def _step_metrics(self, metrics: Any) -> dict[str, Any]:
+        """unit="step": the metrics of one step, tensors kept as they are (summed on their
+        device, never read here), other values as numbers."""
+        if isinstance(metrics, Mapping):
+            return {k: v if isinstance(v, torch.Tensor) else number(v) for k, v in metrics.items()}
+        if isinstance(metrics, torch.Tensor) and metrics.numel() == 1:
+            return {self.monitor: metrics}
+        value = number(metrics)
+        if value is None:
+            raise ValueError(
+                "step() takes a number or a mapping of metrics (a 0-d or one-element tensor "
+                f"is a number), got {type(metrics).__name__}"
+            )
+        return {self.monitor: value}
 
     def _metrics(self, metrics: Any) -> dict[str, float]:
         if isinstance(metrics, Mapping):
             return scalars(metrics)
-        if metrics is None and self.unit == "step":
-            return {}
         value = number(metrics)
         if value is None:
             raise ValueError(
@@ -612,11 +659,14 @@ class LRPilotScheduler(ReduceLROnPlateau):
         client = self._core.client
         if client is not None and client.momentum is not None:
             set_momentum(groups, client.momentum)
-        if len(groups) == 1 and type(groups[0]["lr"]) is float:  # the per-step path, first
-            if groups[0]["lr"] != lr:
-                groups[0]["lr"] = lr
+        first = groups[0]
+        if type(first["lr"]) is float:  # the per-step path, first
+            if first["lr"] == lr:
+                return  # in force already: most steps of a stepwise schedule
+            if len(groups) == 1:
+                first["lr"] = lr
                 self._last_lr = [lr]
-            return
+                return
         if set_lr([self.optimizer], lr):
             lrs: list[float | torch.Tensor] = [*self.get_last_lr()]
             self._last_lr = lrs

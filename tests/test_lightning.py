@@ -203,3 +203,55 @@ def test_fit_from_a_checkpoint_resumes_the_run(controller_factory: Factory, tmp_
     assert [r["reason"] for r in history].count("initial") == 1  # one run throughout
     (status,) = json.loads(run_cli("status", "--json", "--admin", c.admin).stdout)
     assert status["epoch"] == 4
+
+
+class LossKeeper(Regressor):
+    """Keeps each training step's loss (a plain copy, read after the fit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[Any] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach().clone())
+        return loss
+
+
+def test_unit_step_reports_the_mean_loss_of_the_report_before() -> None:
+    """unit="step": the training loss is summed on its device and read once per report, one
+    report late: each report carries the mean loss of the `report_every` steps before the
+    previous report."""
+    from test_client import ScriptedPeer
+
+    from lrpilot.client.protocol import Report
+
+    peer = ScriptedPeer(lr=0.3)
+    try:
+        pl.seed_everything(0, verbose=False)
+        model = LossKeeper()
+        train, _ = _loaders()
+        callback = LRPilotCallback(
+            job="job-a", endpoint=peer.endpoint, unit="step", report_every=4, monitor=None
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(
+                max_epochs=2,
+                accelerator="cpu",
+                devices=1,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                callbacks=[callback],
+            ).fit(model, train)
+        reports = peer.of_type(Report)
+    finally:
+        peer.close()
+    losses = [float(t) for t in model.losses]
+    assert len(losses) == 16
+    assert [r.step for r in reports] == [3, 7, 11, 15]
+    assert reports[0].metrics == {}
+    for i, report in enumerate(reports[1:]):
+        assert report.metrics == {"loss": pytest.approx(sum(losses[4 * i : 4 * i + 4]) / 4)}
