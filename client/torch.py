@@ -35,6 +35,7 @@ from .core import Client, check_adapter_args, to_scalar
 from .vocabulary import lr_ok
 
 __all__ = [
+    "GuardCopy",
     "LRPilotScheduler",
     "StateSnapshot",
     "cpu_copy",
@@ -133,6 +134,65 @@ class StateSnapshot:
         self.model.load_state_dict(self.model_state)
         for optimizer, state in zip(self.optimizers, self.optimizer_states, strict=True):
             optimizer.load_state_dict(state)
+
+
+def host_copy(value: Any, pinned: bool) -> Any:
+    """A deep copy of a state dict in host memory: a CUDA tensor goes to pinned memory with a
+    non-blocking copy (queued on its stream: the step is not held up, and the next step's
+    writes come after it), a CPU tensor is cloned."""
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda and pinned:
+            out = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+            out.copy_(value.detach(), non_blocking=True)
+            return out
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return type(value)((k, host_copy(v, pinned)) for k, v in value.items())  # type: ignore[call-arg]
+    if isinstance(value, list | tuple):
+        return type(value)(host_copy(v, pinned) for v in value)
+    return copy.deepcopy(value)
+
+
+class GuardCopy:
+    """A guard's snapshot: the model's and optimizers' state in host memory, taken by the
+    trainer at every multiple of `snapshot_every`, restorable more than once.
+
+    Where CUDA holds the tensors the copies go to pinned memory without blocking (an event
+    marks their end; a restore waits for it), so taking a snapshot does not wait for the
+    device. `pinned=False` copies synchronously (the baseline in bench/guard.py).
+
+    Args:
+        model: a `torch.nn.Module` (a DDP wrapper is fine).
+        optimizers: the optimizers training it.
+        pinned: pinned memory and non-blocking copies for CUDA tensors.
+    """
+
+    __slots__ = ("done", "model", "model_state", "optimizer_states", "optimizers")
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: Iterable[torch.optim.Optimizer],
+        pinned: bool = True,
+    ) -> None:
+        self.model = model
+        self.optimizers = list(optimizers)
+        pinned = pinned and torch.cuda.is_available()
+        self.model_state = host_copy(model.state_dict(), pinned)
+        self.optimizer_states = [host_copy(o.state_dict(), pinned) for o in self.optimizers]
+        self.done: Any = None
+        if pinned:
+            self.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.done.record()
+
+    def restore(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+        self.model.load_state_dict(self.model_state)
+        for optimizer, state in zip(self.optimizers, self.optimizer_states, strict=True):
+            # A copy: an optimizer may keep the tensors it is given as its own state, and
+            # this snapshot may be restored again.
+            optimizer.load_state_dict(cpu_copy(state))
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
@@ -517,7 +577,13 @@ class LRPilotScheduler(ReduceLROnPlateau):
             start_epoch=self.epoch_in_progress if step_unit else self.last_epoch,
             start_step=self.last_epoch if step_unit else 0,
             copy=self._keep if self._can_restore() else None,
+            keep=self._guard_copy if getattr(self, "model", None) is not None else None,
         )
+
+    def _guard_copy(self) -> GuardCopy:
+        """A guard's snapshot (at every multiple of `snapshot_every`, through the core)."""
+        assert self.model is not None
+        return GuardCopy(self.model, [self.optimizer])
 
     # -- range tests -----------------------------------------------------------------------
 

@@ -443,6 +443,9 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
     for j in jobs:
         age = "-" if j.get("last_report_age_s") is None else f"{j['last_report_age_s']:.0f}s"
         notes = ["finished" if j.get("finished") else "", _override_note(j.get("override"))]
+        if j.get("rollbacks"):
+            n = j["rollbacks"]
+            notes.append(f"{n} rollback{'s' if n != 1 else ''} (loss spikes)")
         rows.append(
             (
                 j["job"],

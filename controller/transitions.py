@@ -767,7 +767,7 @@ def _rolled_back(
             f"max_rollbacks ({guard.max_rollbacks}) are spent in this run: "
             + ("training stops (on_exhausted: stop)" if stop else "no rollback, training goes on")
         )
-    warnings = [*warnings, f"job {job.name}: {text}"]
+    warnings = [*warnings, text]
     row = audit_row(job, env, old_lr, "divergence", t + 1, detail=spike.detail())
     notices = (("rolled_back", text), *pin_notices(job))
     plan = plan_of(job)

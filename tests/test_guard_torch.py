@@ -1,0 +1,121 @@
+"""The loss-spike guard in a real torch run against a real controller: weights corrupted at a
+random step (× 50) are rolled back once, bit for bit, and training goes on at LR × lr_factor."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import Controller, run_cli
+
+torch = pytest.importorskip("torch")
+from lrpilot.client.torch import LRPilotScheduler  # noqa: E402
+from lrpilot.controller.admin import Admin  # noqa: E402
+
+Factory = Callable[..., Controller]
+# A constant LR is a plan (it runs in the trainer); the guard only needs the reports.
+POLICY = """\
+version: 1
+defaults:
+  policy: {type: constant, unit: step}
+  guard: {monitor: loss, spike: 3.0, window: 20, warmup: 30, snapshot_every: 25,
+          lr_factor: 0.5, cooldown: 40, max_rollbacks: 2, on_exhausted: stop}
+"""
+STEPS = 260
+
+
+def _data(seed: int) -> tuple[Any, Any]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 8, generator=g)
+    w = torch.randn(8, 1, generator=g)
+    return x, x @ w + 0.05 * torch.randn(512, 1, generator=g)
+
+
+def _run(
+    c: Controller, job: str, corrupt_at: int | None, seed: int = 0
+) -> tuple[float, LRPilotScheduler, list[tuple[int, float, bool]], int | None]:
+    """Trains STEPS steps; returns the final loss, the scheduler, (step, lr, restored-equal)
+    at each rollback, and the step it stopped at (None: it ran to the end).
+
+    Steps of this tiny model take microseconds: each waits until its report is answered
+    (`flush`), as steps of a real model (longer than a reply takes) find the decision there.
+    """
+    torch.manual_seed(seed)
+    x, y = _data(seed)
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = LRPilotScheduler(
+        opt, job=job, endpoint=c.bind, unit="step", monitor="loss", model=model
+    )
+    at_start: dict[int, Any] = {}
+    rollbacks: list[tuple[int, float, bool]] = []
+    g = torch.Generator().manual_seed(seed + 1)
+    try:
+        for step in range(STEPS):
+            at_start[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            if step == corrupt_at:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(50.0)
+            idx = torch.randint(0, 512, (32,), generator=g)
+            loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen = len(sched._core.rollbacks)
+            sched.step(loss)
+            if len(sched._core.rollbacks) > seen:
+                asked, unit = sched._core.rollbacks[-1]
+                assert unit is not None, f"no snapshot held for {asked}"
+                now = model.state_dict()
+                equal = all(torch.equal(now[k], at_start[unit][k]) for k in now)
+                rollbacks.append((step, opt.param_groups[0]["lr"], equal))
+            if sched.client.stop_requested:
+                return math.nan, sched, rollbacks, step
+            sched.client.flush()
+        with torch.no_grad():
+            final = float(torch.nn.functional.mse_loss(model(x), y))
+    finally:
+        sched.close()
+    return final, sched, rollbacks, None
+
+
+def test_corrupted_weights_roll_back_once_bit_for_bit_at_half_the_lr(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(POLICY)
+    clean, _, none, _ = _run(c, "torch-clean", None)
+    assert none == []
+    corrupt_at = random.Random().randint(60, 180)
+    final, sched, rollbacks, _ = _run(c, "torch-spiked", corrupt_at)
+    assert len(rollbacks) == 1, (corrupt_at, rollbacks)
+    step, lr, equal = rollbacks[0]
+    asked, unit = sched._core.rollbacks[0]
+    assert equal, "the restored weights are not the snapshot's"
+    assert asked == corrupt_at // 25 * 25 and unit == asked  # the newest healthy snapshot
+    assert lr == pytest.approx(0.025)  # 0.05 × lr_factor
+    assert step >= corrupt_at
+    assert final <= 2 * clean, (final, clean)
+    history = json.loads(run_cli("history", "torch-spiked", "--json", "--admin", c.admin).stdout)
+    rows = [r for r in history if r["reason"] == "divergence"]
+    assert len(rows) == 1 and rows[0]["epoch"] == corrupt_at + 1
+    status = Admin(c.admin).status()
+    assert {r["job"]: r["rollbacks"] for r in status}["torch-spiked"] == 1
+    table = run_cli("status", "--admin", c.admin).stdout.splitlines()
+    (line,) = [line for line in table if "rollback" in line]
+    assert line.startswith("torch-spiked") and line.endswith("1 rollback (loss spikes)")
+    assert c.metric("lrpilot_rollbacks_total", training_job="torch-spiked") == 1.0
+    assert c.metric("lrpilot_rollbacks_total", training_job="torch-clean") == 0.0
+
+
+def test_max_rollbacks_spent_then_on_exhausted_stop_stops_training(
+    controller_factory: Factory,
+) -> None:
+    c = controller_factory(POLICY.replace("max_rollbacks: 2", "max_rollbacks: 0"))
+    _, _, rollbacks, stopped = _run(c, "torch-exhausted", 100)
+    assert rollbacks == []
+    assert stopped == 101  # the decision on step 100 applies from step 101
