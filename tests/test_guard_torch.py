@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +121,66 @@ def test_max_rollbacks_spent_then_on_exhausted_stop_stops_training(
     _, _, rollbacks, stopped = _run(c, "torch-exhausted", 100)
     assert rollbacks == []
     assert stopped == 101  # the decision on step 100 applies from step 101
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _audited(state_dir: Path, reason: str) -> int:
+    path = state_dir / "audit.jsonl"
+    if not path.exists():
+        return 0
+    return sum(json.loads(line)["reason"] == reason for line in path.read_text().splitlines())
+
+
+def test_a_controller_killed_between_the_spike_report_and_the_restore_restores_once(
+    tmp_path: Path,
+) -> None:
+    """kill -9 once the spike's decision is committed (its reply may or may not have reached
+    the trainer): the restarted controller answers the replay or the rejoining hello with the
+    same restore, which the trainer applies once, never twice."""
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    state, bind = tmp_path / "state", f"tcp://127.0.0.1:{_free_port()}"
+    c = Controller(state, policy, "--bind", bind).start()
+    try:
+        torch.manual_seed(0)
+        x, y = _data(0)
+        model = torch.nn.Linear(8, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sched = LRPilotScheduler(
+            opt, job="torch-kill", endpoint=bind, unit="step", monitor="loss", model=model
+        )
+        try:
+            for step in range(160):
+                if step == 90:
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.mul_(50.0)
+                loss = torch.nn.functional.mse_loss(model(x[:64]), y[:64])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step(loss)
+                if step == 90:
+                    sched.client.poll()  # the spike's report goes out, unanswered yet
+                    deadline = time.monotonic() + 20
+                    while _audited(state, "divergence") == 0 and time.monotonic() < deadline:
+                        time.sleep(0.01)  # a positive signal: the decision is committed
+                    assert _audited(state, "divergence") == 1
+                    c.kill()
+                    c = Controller(state, policy, "--bind", bind).start()
+                sched.client.flush(timeout=10)
+            assert len(sched._core.rollbacks) == 1
+            assert sched._core.rollbacks[0] == (75, 75)
+            assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+        finally:
+            sched.close()
+        assert _audited(state, "divergence") == 1
+    finally:
+        c.kill()
