@@ -28,7 +28,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client
-from .torch import StateSnapshot, number, scalars, set_lr
+from .torch import GuardCopy, StateSnapshot, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -161,6 +161,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             rank=trainer.global_rank,
             world=trainer.world_size,
             copy=lambda: StateSnapshot(pl_module, trainer.optimizers),
+            keep=lambda: GuardCopy(pl_module, trainer.optimizers),
         )
         self._apply(trainer, client.lr)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -182,5 +185,34 @@ def test_a_controller_killed_between_the_spike_report_and_the_restore_restores_o
         finally:
             sched.close()
         assert _audited(state, "divergence") == 1
+    finally:
+        c.kill()
+
+
+def test_the_readme_guard_program_spikes_and_recovers_as_written(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Loss spikes: roll back and go on", 1)[1].split("\n## ", 1)[0]
+    yaml_text = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    program = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "guard.yaml").write_text(yaml_text)
+    (tmp_path / "demo.py").write_text(program)
+    c = Controller(tmp_path / "state", tmp_path / "guard.yaml").start()
+    try:
+        env = {**os.environ, "LRPILOT_ENDPOINT": c.bind}
+        done = subprocess.run(
+            [sys.executable, str(tmp_path / "demo.py")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "loss spike at step 300" in done.stderr
+        assert "restores the snapshot of step 300 and goes on at lr 0.025" in done.stderr
+        final, lr, rollbacks = done.stdout.split(",")
+        assert float(final.split()[-1]) < 0.01 and lr.split()[-1] == "0.025"
+        assert rollbacks.split()[-1] == "1"
+        print(done.stdout)  # the numbers the README quotes (pytest -s shows them)
     finally:
         c.kill()
