@@ -418,6 +418,7 @@ def verify_queries(prom: Prometheus, c: Controller) -> dict[str, int]:
     assert targets, "the dashboard has no queries"
     annotations = dashboard_annotations()
     assert annotations, "the dashboard marks no overrides or reloads"
+    assert any("lrpilot_rollbacks_total" in a["expr"] for _, a in annotations), "no rollbacks"
     for where, target in annotations:  # events: no data is fine, a failing query is not
         prom.query(expand(target["expr"]))
         named.update(dict.fromkeys(metric_names(target["expr"]), where))
