@@ -159,12 +159,14 @@ class GuardCopy:
 
     Where CUDA holds the tensors the copies go to pinned memory without blocking (an event
     marks their end; a restore waits for it), so taking a snapshot does not wait for the
-    device. `pinned=False` copies synchronously (the baseline in bench/guard.py).
+    device; `reuse`, a snapshot no longer kept, lends its buffers (pinned memory is slow to
+    allocate). `pinned=False` copies synchronously (the baseline in bench/guard.py).
 
     Args:
         model: a `torch.nn.Module` (a DDP wrapper is fine).
         optimizers: the optimizers training it.
         pinned: pinned memory and non-blocking copies for CUDA tensors.
+        reuse: an older GuardCopy of the same model whose buffers this one may take.
     """
 
     __slots__ = ("done", "model", "model_state", "optimizer_states", "optimizers")
@@ -174,12 +176,25 @@ class GuardCopy:
         model: torch.nn.Module,
         optimizers: Iterable[torch.optim.Optimizer],
         pinned: bool = True,
+        reuse: GuardCopy | None = None,
     ) -> None:
         self.model = model
         self.optimizers = list(optimizers)
+        self.model_state: dict[str, Any]
+        self.optimizer_states: list[dict[str, Any]]
         pinned = pinned and torch.cuda.is_available()
-        self.model_state = host_copy(model.state_dict(), pinned)
-        self.optimizer_states = [host_copy(o.state_dict(), pinned) for o in self.optimizers]
+        state = {
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+        }
+        copied = None
+        if reuse is not None:
+            copied = _refill(
+                {"model": reuse.model_state, "optimizers": reuse.optimizer_states}, state
+            )
+        if copied is None:
+            copied = host_copy(state, pinned)
+        self.model_state, self.optimizer_states = copied["model"], copied["optimizers"]
         self.done: Any = None
         if pinned:
             self.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -193,6 +208,37 @@ class GuardCopy:
             # A copy: an optimizer may keep the tensors it is given as its own state, and
             # this snapshot may be restored again.
             optimizer.load_state_dict(cpu_copy(state))
+
+
+def _refill(old: Any, new: Any) -> Any:
+    """`new` copied into `old`'s host buffers (non-blocking from CUDA), or None when their
+    shapes differ (then a fresh copy is made)."""
+    if isinstance(new, torch.Tensor):
+        if not isinstance(old, torch.Tensor) or old.shape != new.shape or old.dtype != new.dtype:
+            return None
+        old.copy_(new.detach(), non_blocking=new.is_cuda and old.is_pinned())
+        return old
+    if isinstance(new, Mapping):
+        if not isinstance(old, Mapping) or old.keys() != new.keys():
+            return None
+        out = {}
+        for k, v in new.items():
+            got = _refill(old[k], v)
+            if got is None and isinstance(v, torch.Tensor | Mapping | list | tuple):
+                return None
+            out[k] = got if got is not None else copy.deepcopy(v)
+        return type(new)(out) if type(new) is not dict else out  # type: ignore[call-arg]
+    if isinstance(new, list | tuple):
+        if not isinstance(old, list | tuple) or len(old) != len(new):
+            return None
+        items = []
+        for o, v in zip(old, new, strict=True):
+            got = _refill(o, v)
+            if got is None and isinstance(v, torch.Tensor | Mapping | list | tuple):
+                return None
+            items.append(got if got is not None else copy.deepcopy(v))
+        return type(new)(items)
+    return None
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
@@ -581,9 +627,12 @@ class LRPilotScheduler(ReduceLROnPlateau):
         )
 
     def _guard_copy(self) -> GuardCopy:
-        """A guard's snapshot (at every multiple of `snapshot_every`, through the core)."""
+        """A guard's snapshot (at every multiple of `snapshot_every`, through the core); the
+        buffers of one the core no longer keeps are reused."""
         assert self.model is not None
-        return GuardCopy(self.model, [self.optimizer])
+        kept = [k for k in self._core.kept.values() if isinstance(k, GuardCopy)]
+        spare = None if len(kept) < 2 else kept[0]
+        return GuardCopy(self.model, [self.optimizer], reuse=spare)
 
     # -- range tests -----------------------------------------------------------------------
 

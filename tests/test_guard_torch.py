@@ -216,3 +216,33 @@ def test_the_readme_guard_program_spikes_and_recovers_as_written(tmp_path: Path)
         print(done.stdout)  # the numbers the README quotes (pytest -s shows them)
     finally:
         c.kill()
+
+
+def test_a_guard_copy_reuses_an_older_ones_buffers_and_restores_twice_exactly() -> None:
+    from lrpilot.client.torch import GuardCopy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def train(n: int) -> None:
+        for _ in range(n):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    train(3)
+    old = GuardCopy(model, [opt])
+    train(3)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in opt.state.values()]
+    new = GuardCopy(model, [opt], reuse=old)
+    assert all(a is b for a, b in zip(new.model_state.values(), old.model_state.values()))
+    for _ in range(2):  # restorable more than once: training after a restore changes no copy
+        train(5)
+        new.restore()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+        assert all(
+            torch.equal(s["exp_avg"], m) for s, m in zip(opt.state.values(), moments, strict=True)
+        )
