@@ -214,7 +214,9 @@ class AdapterCore:
             before: the first step of this call (the step count at the previous call);
                 several at once when a framework runs steps per execution.
             metrics: returns the metrics to report.
-            wait: whether the report waits for its answer; default only during a range test.
+            wait: whether the report waits for its answer; default only during a range test
+                and, with a guard, in a job of several ranks (so that all restore at the
+                same step).
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
         """
@@ -224,7 +226,10 @@ class AdapterCore:
         if (done + 1) // every > before // every:
             report = metrics()
             if report or client.plan is None or self.testing or client.liveness_due():
-                waits = self.testing if wait is None else wait
+                # A range test, or a guard in a job of several ranks, waits for the answer:
+                # every rank then applies a restore at the same step.
+                lockstep = self.testing or (client.snapshot_every is not None and client.world > 1)
+                waits = lockstep if wait is None else wait
                 lr = client.report(epoch, report, step=done, wait=waits, trained_lr=trained_lr)
                 self._guard_boundary(before + 1, done + 1)
                 return lr

@@ -238,7 +238,8 @@ def test_a_guard_copy_reuses_an_older_ones_buffers_and_restores_twice_exactly() 
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     moments = [s["exp_avg"].clone() for s in opt.state.values()]
     new = GuardCopy(model, [opt], reuse=old)
-    assert all(a is b for a, b in zip(new.model_state.values(), old.model_state.values()))
+    old_buffers = list(old.model_state.values())
+    assert all(a is b for a, b in zip(new.model_state.values(), old_buffers, strict=True))
     for _ in range(2):  # restorable more than once: training after a restore changes no copy
         train(5)
         new.restore()
