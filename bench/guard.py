@@ -3,7 +3,7 @@ pinned non-blocking one.
 
     .venv/bin/python bench/guard.py [--quick] [--no-record] [--device cuda|cpu]
 
-One training loop (an MLP, Adam: 8 M parameters on CUDA when there is one, else 0.8 M on
+One training loop (an MLP, Adam: 8 M parameters on CUDA when there is one, else 0.5 M on
 the CPU) is timed in interleaved rounds, in the same run:
 
 - no snapshots (the baseline);
@@ -39,7 +39,7 @@ from lrpilot.client.torch import GuardCopy  # noqa: E402
 
 
 def build(device: str) -> tuple[Any, Any, Any]:
-    """An MLP of about 8 M parameters on CUDA, 0.8 M on the CPU (2 shared cores)."""
+    """An MLP of about 8 M parameters on CUDA, 0.5 M on the CPU (2 shared cores)."""
     torch.manual_seed(0)
     width = 2048 if device == "cuda" else 512
     model = torch.nn.Sequential(
