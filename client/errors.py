@@ -9,7 +9,7 @@ use the base class without the wire protocol.
 
 from __future__ import annotations
 
-__all__ = ["ControllerUnavailable", "LRPilotError", "ProtocolError"]
+__all__ = ["ControllerUnavailable", "ExpressionError", "LRPilotError", "ProtocolError"]
 
 
 class LRPilotError(Exception):
@@ -32,3 +32,8 @@ class ProtocolError(LRPilotError):
 
 class ControllerUnavailable(LRPilotError):
     """`strict=True`: the controller did not answer the client's hello within `timeout`."""
+
+
+class ExpressionError(LRPilotError, ValueError):
+    """A formula (`lrpilot.client.expression`) that cannot be used; the message says what
+    is wrong with it. The policy engine's `FormulaError` is one."""

@@ -27,7 +27,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client
-from .torch import GuardCopy, StateSnapshot, number, scalars, set_lr
+from .torch import GuardCopy, StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotTrainerCallback"]
 
@@ -63,7 +63,9 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
     training step on; each evaluation is one epoch for the controller (with
     `eval_strategy="epoch"`, exactly the trainer's epochs). With `unit="step"` (policies
     with `unit: step`) it reports the training loss at every log, i.e. every
-    `logging_steps` optimizer steps, and the LR decided applies from the next step.
+    `logging_steps` optimizer steps, and the LR decided applies from the next step. A plan
+    with `cycle_momentum` (one_cycle, cyclic) also sets each param group's `betas[0]`
+    (`momentum` for SGD-like optimizers), as torch's `OneCycleLR` does.
 
     The Trainer's own scheduler would overwrite the LR at every step: training needs
     `lr_scheduler_type="constant"` (warm-up and decay belong in the lrpilot policy), and
@@ -261,6 +263,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
                 # get_last_lr() (the trainer's logged learning_rate) tells the truth.
                 scheduler.base_lrs = list(lrs)
                 scheduler._last_lr = list(lrs)
+        follow_momentum([optimizer], self._core.client)
         self._lr = lr
         if self._core.stop_requested:
             control.should_training_stop = True

@@ -58,10 +58,74 @@ def _tracked(tracker: Any) -> tuple[float, float]:
     return float(total), float(keras.ops.convert_to_numpy(tracker.count))
 
 
-class _Snapshot:
-    """The model's weights and the optimizer's variables, copied to host memory."""
+def _momentum_name(optimizer: Any) -> str | None:
+    """The optimizer attribute a plan's momentum goes to, as torch's OneCycleLR picks it:
+    `beta_1` (Adam, AdamW, Nadam, ...), else `momentum` (SGD, RMSprop); None for neither."""
+    for name in ("beta_1", "momentum"):
+        if isinstance(getattr(optimizer, name, None), float | int | keras.Variable):
+            return name
+    return None
 
-    __slots__ = ("model", "variables", "weights")
+
+class _MomentumVariable(keras.Variable):  # type: ignore[misc]
+    """The variable behind a plan's momentum. SGD asks `momentum != 0` (are its momentum
+    slots in use) while it is traced; the answer stays yes, as it was when it was built
+    with a momentum > 0 (a momentum of 0 through the slots is plain SGD anyway)."""
+
+    def __ne__(self, other: object) -> Any:
+        if isinstance(other, int | float) and other == 0:
+            return True
+        return super().__ne__(other)
+
+
+class _Momentum:
+    """A plan's momentum (`cycle_momentum`) on a Keras optimizer, for one `fit`.
+
+    Keras 3 keeps `beta_1` / `momentum` as Python floats, which the compiled train step
+    bakes in as constants: a float set later changes nothing. While a plan sets the
+    momentum, the attribute is a (non-trainable, untracked) variable that the train step
+    reads at every step; `get_config()` still gives its value as a float (a model saved
+    mid-fit loads), and `close()` puts the float back at the end of the fit. The variable
+    is not one of `optimizer.variables`: checkpoints keep their layout.
+    """
+
+    __slots__ = ("last", "name", "optimizer", "variable")
+
+    def __init__(self, optimizer: Any, name: str) -> None:
+        self.optimizer, self.name = optimizer, name
+        value = getattr(optimizer, name)
+        if isinstance(value, keras.Variable):  # left by a fit that did not end
+            value = float(keras.ops.convert_to_numpy(value))
+        #: The value last set (read without a device round trip).
+        self.last = float(value)
+        self.variable = _MomentumVariable(self.last, trainable=False, name=name)
+        # Untracked: `optimizer.variables` (checkpoints, the range test's copy) unchanged.
+        object.__setattr__(optimizer, name, self.variable)
+        config = type(optimizer).get_config
+
+        def get_config() -> dict[str, Any]:
+            found: dict[str, Any] = config(optimizer)
+            found[name] = self.last
+            return found
+
+        object.__setattr__(optimizer, "get_config", get_config)
+
+    def set(self, momentum: float) -> None:
+        if momentum != self.last:
+            self.variable.assign(momentum)
+            self.last = momentum
+
+    def close(self) -> None:
+        """The attribute becomes a float again (the last value set)."""
+        object.__setattr__(self.optimizer, self.name, self.last)
+        self.optimizer.__dict__.pop("get_config", None)
+
+
+class _Snapshot:
+    """The model's weights and the optimizer's variables, copied to host memory, and the
+    optimizer's momentum (`beta_1` or `momentum`), which is no variable of it."""
+
+    __slots__ = ("model", "momentum", "variables", "weights")
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -80,11 +144,22 @@ class _Snapshot:
         self.weights: list[Any] = model.get_weights()
         # Every optimizer variable (its step count and learning rate too): put back exactly.
         self.variables = [(v, np.array(v.numpy(), copy=True)) for v in optimizer.variables]
+        name = _momentum_name(optimizer)
+        self.momentum: tuple[str, float] | None = None
+        if name is not None:
+            self.momentum = (name, float(keras.ops.convert_to_numpy(getattr(optimizer, name))))
 
     def restore(self) -> None:
         self.model.set_weights(self.weights)
         for variable, value in self.variables:
             variable.assign(value)
+        if self.momentum is not None:
+            name, momentum = self.momentum
+            current = getattr(self.model.optimizer, name)
+            if isinstance(current, keras.Variable):  # a plan's momentum (see `_Momentum`)
+                current.assign(momentum)
+            else:
+                setattr(self.model.optimizer, name, momentum)
 
 
 def _flatten(nested: Any) -> list[Any]:
@@ -143,8 +218,11 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
     run) with the optimizer's LR and the direction of each compiled metric, reports every
     scalar log at the end of each epoch, and sets the decided LR so that it applies from the
     next epoch, as Keras' `ReduceLROnPlateau` does. Pushed changes (e.g. `lrpilot set-lr`)
-    apply at the next epoch begin. Writes `logs["learning_rate"]`. The controller being
-    absent or slow never stops training: the LR then stays as it is.
+    apply at the next epoch begin. Writes `logs["learning_rate"]`. A plan with
+    `cycle_momentum` (one_cycle, cyclic) also sets the optimizer's `beta_1` (Adam family)
+    or `momentum` (SGD with a momentum > 0, RMSprop) at every step; during the `fit` the
+    attribute is a variable that the compiled train step reads, a float again after it.
+    The controller being absent or slow never stops training: the LR then stays as it is.
 
     LR range tests (`type: range_test` in the policy): when the test starts (`action:
     snapshot`) the callback copies `model.get_weights()` and the values of every optimizer
@@ -227,6 +305,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         # During a test with unit="step": the loss tracker and its sums at the last report.
         self._tracker: Any = None
         self._sums = (0.0, 0.0)
+        self._momentum: _Momentum | None = None  # while a plan sets the momentum
+        self._warned_momentum = False
         if unit == "step":
             # Keras dispatches batch ends asynchronously unless a callback overrides them;
             # only step mode needs them, so only step mode has them.
@@ -256,6 +336,9 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._core.close()
+        if self._momentum is not None:
+            self._momentum.close()
+            self._momentum = None
 
     # -- epochs ----------------------------------------------------------------------------
 
@@ -276,8 +359,10 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 before_restore=self._count_iterations,
                 after_restore=self._restored,
             ).lr
+            self._follow_momentum()
         else:
             lr = self._core.begin(epoch=epoch, step=self._step)
+            self._follow_momentum()
         self._epoch_start = self._step
         self._sums = (0.0, 0.0)  # fit resets its metrics right before each epoch begin
         self._set_lr(epoch, lr, "setting")
@@ -294,6 +379,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         if logs is not None:
             logs["learning_rate"] = used
         self._set_lr(epoch, new_lr, "reducing" if new_lr < used else "raising")
+        self._follow_momentum()
         if self.verbose > 0 and len(self.client.notices) > self._notices_shown:
             for code, text in self.client.notices[self._notices_shown :]:
                 print(f"\nEpoch {epoch + 1}: LRPilotCallback: {text} ({code})")
@@ -324,6 +410,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         lr = self._core.step_end(self._epoch, step, before, metrics)
         if lr != self._lr:
             self._set_lr(self._epoch, lr, "setting", quiet=True)
+        if client.momentum is not None:
+            self._follow_momentum()
         if client.stop_requested:
             self.model.stop_training = True
 
@@ -356,8 +444,38 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         equals the one this callback set last."""
         self._steps_restored += self._iterations_before - _iterations(self.model.optimizer)
         self._lr = math.nan
+        if self._momentum is not None:  # the copy's momentum is back in the variable
+            self._momentum.last = math.nan
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _follow_momentum(self) -> None:
+        """Sets the momentum of the plan in force (`cycle_momentum`): `beta_1` or
+        `momentum` of the optimizer, from the step it decides for on."""
+        client = self.client
+        momentum = None if client is None else client.momentum
+        if momentum is None:
+            return
+        held = self._momentum
+        if held is None:
+            optimizer = self.model.optimizer
+            name = _momentum_name(optimizer)
+            if name is None or (name == "momentum" and not getattr(optimizer, name)):
+                if not self._warned_momentum:
+                    self._warned_momentum = True
+                    logger.warning(
+                        "LRPilotCallback: the policy cycles momentum, but %s has no beta_1 "
+                        "and no momentum > 0 to set; compile with e.g. "
+                        "keras.optimizers.SGD(momentum=0.9) or Adam",
+                        type(optimizer).__name__,
+                    )
+                return
+            held = self._momentum = _Momentum(optimizer, name)
+            # A train step compiled already (by an earlier step or fit) holds the float:
+            # a new one reads the variable (fit calls `model.train_function` at each step;
+            # before the first step this costs nothing, the first call traces anyway).
+            self.model.make_train_function(force=True)
+        held.set(momentum)
 
     def _set_lr(self, epoch: int, lr: float, verb: str, quiet: bool = False) -> None:
         if lr == self._lr:

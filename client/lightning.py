@@ -28,7 +28,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client
-from .torch import GuardCopy, StateSnapshot, number, scalars, set_lr
+from .torch import GuardCopy, StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -65,7 +65,9 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
     epoch for the controller. Pushed changes (`lrpilot set-lr`) apply at the next training
     epoch start. With `unit="step"` it reports the training loss every `report_every`
     optimizer steps without waiting and sets each decision at the first step end after it
-    has arrived (as the Keras callback does). The
+    has arrived (as the Keras callback does). A plan with `cycle_momentum` (one_cycle,
+    cyclic) also sets each param group's `momentum` (`betas[0]` for Adam-like
+    optimizers), as torch's `OneCycleLR` does. The
     controller being absent or slow never stops training: the LR then stays as it is.
 
     LR range tests (`type: range_test`): the hello comes before the first step; when the
@@ -230,5 +232,6 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
 
     def _apply(self, trainer: Any, lr: float) -> None:
         set_lr(trainer.optimizers, lr)
+        follow_momentum(trainer.optimizers, self._core.client)
         if self._core.stop_requested:
             trainer.should_stop = True

@@ -73,7 +73,18 @@ REFUSED = "refused"  # not retryable: the report (or hello) is given up (warn on
 class Kept:
     """A report kept until it is answered: what it says, and where a replay of it starts."""
 
-    __slots__ = ("done", "epoch", "frame", "gen", "lr", "metrics", "seq", "start_step", "step")
+    __slots__ = (
+        "done",
+        "epoch",
+        "frame",
+        "gen",
+        "lr",
+        "metrics",
+        "owed",
+        "seq",
+        "start_step",
+        "step",
+    )
 
     def __init__(
         self,
@@ -93,6 +104,7 @@ class Kept:
         self.frame = b""  # encoded when first sent: a burst is encoded together, warm
         self.gen = -1  # the send generation it last went out in; -1: not sent yet
         self.done = False  # answered or dropped; skipped where it still sits in a queue
+        self.owed = 0  # answers still due to sends from before a replay: each is stale
 
 
 class Outbox:
@@ -255,21 +267,26 @@ class Outbox:
                 return HOLD
             return REFUSED
         kept = self.kept.get(seq)
-        if kept is None or kept.gen < self.gen:
-            return IGNORE  # answered already, or sent again since
+        if kept is None:
+            return IGNORE  # answered already
+        if kept.owed:
+            # The answer to a send from before the last replay: the controller answers every
+            # send, and a report's answers come in the order it was sent.
+            kept.owed -= 1
+            return IGNORE
+        if kept.gen < self.gen:
+            return IGNORE  # sent again since (after a lost connection or a backoff)
         if retryable:
             self.hold(now)
             return HOLD
-        if code == "unknown_session" and not self.hello_answered:
-            # The controller answers in order: the hello first, then what followed it. So a
-            # refusal before the hello's answer refers to a send from before that hello, and
-            # the report has gone out again after it (its `gen` already says the new one).
-            return IGNORE
         if code == "unknown_session" and kept.seq > self.rehello_seq:
             # The controller forgot this session (it restarted): hello from the oldest kept
             # report, then everything kept again. A report kept at that hello and refused
             # again is given up, so a controller that forgets every time cannot loop us.
             self.need_hello = True
+            for other in self.inflight:
+                if other is not kept and not other.done:
+                    other.owed += 1  # its refusal may still come, after it is sent again
             self.rewind()
             return REPLAY
         self._forget(seq)

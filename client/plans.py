@@ -9,11 +9,15 @@ A plan is what the controller sends in `lr.plan` for a schedule (`step`, `cosine
 `lr_at(plan, t)` is its LR at boundary `t` (an epoch, or an optimizer step with unit
 "step"), for `from <= t < until`: `scale * value(kind, params, lr0, t - from)` kept in [1e-12, 10].
 `from` is where the schedule's local time is 0 (the start of its phase); `scale` is what an
-operator's override changed. The controller's schedule classes compute their own LRs with
+operator's override changed. A phase of a chain may carry the plans of the phases after it,
+sent ahead: `next` is the plan in force from its `until` on (`next.from == until`, the same
+unit), so every rank switches at that very boundary with no message, also while the
+controller is down. The controller's schedule classes compute their own LRs with
 this very module (`value`), so a plan's LRs equal the controller's by construction.
 
 Pure functions of numbers, importing nothing beyond the standard library and the
-vocabulary: the client can
+vocabulary (a `formula` plan loads `lrpilot.client.expression`, simpleeval, when it comes):
+the client can
 evaluate a plan at every step without the controller (down, slow, or far away).
 
 Example:
@@ -36,12 +40,15 @@ from .vocabulary import clamp_lr
 
 __all__ = [
     "KINDS",
+    "MAX_AHEAD",
     "active",
     "check_plan",
     "compiled",
     "compiled_momentum",
     "lr_at",
     "momentum",
+    "span_at",
+    "spans",
     "value",
 ]
 
@@ -202,6 +209,28 @@ def _piecewise(p: Params, lr0: float, t: int) -> float:
     return float(p["values"][bisect.bisect_left(p["boundaries"], t)])
 
 
+def _formula_evaluator(p: Params) -> Callable[[int, float, float], float]:
+    """A new evaluator of a `formula` plan's text (one per compiled plan: not thread-safe)."""
+    # simpleeval: loaded only by a client that gets a formula plan
+    from .expression import EVAL_ERRORS, evaluator
+
+    evaluate = evaluator(p["lr"], p["unit"])
+
+    def value(t: int, lr0: float, lr: float) -> float:
+        try:
+            return evaluate(t, lr0, lr)
+        except EVAL_ERRORS:
+            return math.nan
+
+    return value
+
+
+def _formula(p: Params, lr0: float, t: int) -> float:
+    """A `formula` that does not read `lr` (params `{lr: text, unit}`): its value at `t`,
+    NaN where it gives none (an error such as log(0)): the LR in force then stays."""
+    return _formula_evaluator(p)(t, lr0, lr0)
+
+
 #: The evaluator of each plan kind: (params, lr0, local t) -> LR before scale and ceiling.
 KINDS: dict[str, Callable[[Params, float, int], float]] = {
     "step": _step,
@@ -216,6 +245,7 @@ KINDS: dict[str, Callable[[Params, float, int], float]] = {
     "cosine_restarts": _cosine_restarts,
     "polynomial": _polynomial,
     "piecewise": _piecewise,
+    "formula": _formula,
 }
 
 
@@ -224,18 +254,49 @@ def value(kind: str, params: Params, lr0: float, t: int) -> float:
     return KINDS[kind](params, lr0, t)
 
 
+#: At most this many phases are sent ahead of the one in force (`next` nested this deep).
+MAX_AHEAD = 8
+
+
+def spans(plan: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The plan and the phases sent ahead with it (`next`), in order."""
+    out = [plan]
+    while (ahead := out[-1].get("next")) is not None:
+        out.append(ahead)
+    return out
+
+
+def span_at(plan: Mapping[str, Any], t: int) -> Mapping[str, Any]:
+    """The phase of the plan whose span holds `t` (the plan itself when none does: `lr_at`
+    then evaluates it past its end, as before `next` existed)."""
+    for span in spans(plan):
+        if active(span, t):
+            return span
+    return plan
+
+
 def lr_at(plan: Mapping[str, Any], t: int) -> float:
-    """The plan's LR at boundary `t` (absolute: an epoch, or a step with unit "step")."""
-    raw = KINDS[plan["kind"]](plan["params"], plan["lr0"], t - plan["from"])
-    return clamp_lr(float(plan.get("scale", 1.0)) * raw)
+    """The plan's LR at boundary `t` (absolute: an epoch, or a step with unit "step"); from
+    its `until` on, the LR of the phase sent ahead (`next`) whose span holds `t`."""
+    span = span_at(plan, t)
+    raw = KINDS[span["kind"]](span["params"], span["lr0"], t - span["from"])
+    return clamp_lr(float(span.get("scale", 1.0)) * raw)
 
 
-def compiled(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
-    """The plan as a function of boundary `t`: its LR inside [from, until), None outside.
-    The same arithmetic as `lr_at`, with the lookups done once (the per-step path)."""
+def _compiled_span(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
     fn, params, lr0 = KINDS[plan["kind"]], plan["params"], plan["lr0"]
     origin, until, scale = plan["from"], plan["until"], float(plan.get("scale", 1.0))
     end = math.inf if until is None else until
+    if fn is _formula:  # a value that is no finite number keeps the LR in force (None)
+        evaluate = _formula_evaluator(params)
+
+        def formula_at(t: int) -> float | None:
+            if origin <= t < end:
+                value = scale * evaluate(t - origin, lr0, lr0)
+                return clamp_lr(value) if math.isfinite(value) else None
+            return None
+
+        return formula_at
 
     def at(t: int) -> float | None:
         if origin <= t < end:
@@ -245,22 +306,52 @@ def compiled(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
     return at
 
 
-def compiled_momentum(plan: Mapping[str, Any]) -> Callable[[int], float | None] | None:
-    """The plan's momentum as a function of boundary `t` (None outside its span), or None
-    for a plan that sets no momentum (no `cycle_momentum`)."""
-    if not plan["params"].get("cycle_momentum") or plan["kind"] not in ("one_cycle", "cyclic"):
-        return None
-    origin, until = plan["from"], plan["until"]
-    end = math.inf if until is None else until
+def compiled(plan: Mapping[str, Any]) -> Callable[[int], float | None]:
+    """The plan as a function of boundary `t`: its LR inside [from, until) (or inside the
+    span of a phase sent ahead), None outside. The same arithmetic as `lr_at`, with the
+    lookups done once (the per-step path)."""
+    chain = [_compiled_span(span) for span in spans(plan)]
+    if len(chain) == 1:
+        return chain[0]
+    first = chain[0]
+    rest = chain[1:]
 
     def at(t: int) -> float | None:
-        return momentum(plan, t) if origin <= t < end else None
+        lr = first(t)
+        if lr is None:
+            for span in rest:
+                lr = span(t)
+                if lr is not None:
+                    break
+        return lr
+
+    return at
+
+
+def compiled_momentum(plan: Mapping[str, Any]) -> Callable[[int], float | None] | None:
+    """The plan's momentum as a function of boundary `t` (None outside the spans that set
+    one), or None for a plan none of whose phases sets momentum (no `cycle_momentum`)."""
+    cycling = [
+        span
+        for span in spans(plan)
+        if span["params"].get("cycle_momentum") and span["kind"] in ("one_cycle", "cyclic")
+    ]
+    if not cycling:
+        return None
+
+    def at(t: int) -> float | None:
+        for span in cycling:
+            if active(span, t):
+                return momentum(span, t)
+        return None
 
     return at
 
 
 def momentum(plan: Mapping[str, Any], t: int) -> float | None:
-    """The momentum a `one_cycle` / `cyclic` plan with `cycle_momentum` sets at `t`, else None."""
+    """The momentum a `one_cycle` / `cyclic` plan with `cycle_momentum` sets at `t`, else None
+    (at a `t` past its `until`, that of the phase sent ahead whose span holds `t`)."""
+    plan = span_at(plan, t)
     p = plan["params"]
     if not p.get("cycle_momentum"):
         return None
@@ -280,9 +371,10 @@ def active(plan: Mapping[str, Any], t: int) -> bool:
     return bool(plan["from"] <= t and (until is None or t < until))
 
 
-def check_plan(plan: Any) -> dict[str, Any]:
+def check_plan(plan: Any, depth: int = 0) -> dict[str, Any]:
     """A plan from the wire, checked: known kind, numbers where numbers go, and an LR at
-    its start that evaluates (so a plan that cannot is refused, not used).
+    its start that evaluates (so a plan that cannot is refused, not used); so is every
+    phase sent ahead (`next`: from its parent's `until`, in the same unit).
 
     Raises:
         ProtocolError: `schema`, with what is wrong.
@@ -307,6 +399,17 @@ def check_plan(plan: Any) -> dict[str, Any]:
             raise ProtocolError("schema", f"plan {key} must be a number")
         if not (math.isfinite(number) and number > 0):
             raise ProtocolError("schema", f"plan {key} must be finite and > 0")
+    if kind == "formula":
+        from .expression import ExpressionError, compile_formula, uses_lr
+
+        text = params.get("lr")
+        if not isinstance(text, str) or params.get("unit") != plan["unit"]:
+            raise ProtocolError("schema", "a formula plan's params are {lr: text, unit}")
+        try:
+            if uses_lr(compile_formula(text, plan["unit"])):
+                raise ProtocolError("schema", "a formula plan may not read lr")
+        except ExpressionError as exc:
+            raise ProtocolError("schema", f"plan formula {text!r}: {exc}") from None
     checked = {
         "kind": kind,
         "params": params,
@@ -324,4 +427,14 @@ def check_plan(plan: Any) -> dict[str, Any]:
         ) from None
     if not (math.isfinite(first) and first > 0):
         raise ProtocolError("schema", f"plan {kind} gives LR {first!r} at its start")
+    ahead = plan.get("next")
+    if ahead is not None:
+        if depth >= MAX_AHEAD:
+            raise ProtocolError("schema", f"plan next nests deeper than {MAX_AHEAD}")
+        following = check_plan(ahead, depth + 1)
+        if until is None or following["from"] != until or following["unit"] != checked["unit"]:
+            raise ProtocolError(
+                "schema", "plan next must start at its parent's until, in the same unit"
+            )
+        checked["next"] = following
     return checked

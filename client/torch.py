@@ -39,10 +39,12 @@ __all__ = [
     "LRPilotScheduler",
     "StateSnapshot",
     "cpu_copy",
+    "follow_momentum",
     "number",
     "restore_snapshot",
     "scalars",
     "set_lr",
+    "set_momentum",
 ]
 
 logger = logging.getLogger("lrpilot.client")
@@ -273,6 +275,14 @@ def set_momentum(groups: Iterable[dict[str, Any]], momentum: float) -> None:
             group["betas"] = (momentum, *group["betas"][1:])
         elif "momentum" in group:
             group["momentum"] = momentum
+
+
+def follow_momentum(optimizers: Iterable[torch.optim.Optimizer], client: Client | None) -> None:
+    """Sets the momentum of the client's plan (`cycle_momentum`) on every param group of
+    `optimizers`, if the plan in force sets one (see `set_momentum`); else nothing."""
+    momentum = None if client is None else client.momentum
+    if momentum is not None:
+        set_momentum([g for optimizer in optimizers for g in optimizer.param_groups], momentum)
 
 
 def restore_snapshot(snapshot: StateSnapshot | None, job: str) -> bool:

@@ -430,6 +430,7 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
         "WORKERS",
         "EPOCH",
         "LR",
+        "MOMENTUM",
         "MONITOR",
         "VALUE",
         "BEST",
@@ -443,6 +444,9 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
     for j in jobs:
         age = "-" if j.get("last_report_age_s") is None else f"{j['last_report_age_s']:.0f}s"
         notes = ["finished" if j.get("finished") else "", _override_note(j.get("override"))]
+        if j.get("policy") == "range_test" or j.get("suggested_lr") is not None:
+            suggested = j.get("suggested_lr")
+            notes.append("suggested -" if suggested is None else f"suggested {suggested:.3g}")
         if j.get("rollbacks"):
             n = j["rollbacks"]
             notes.append(f"{n} rollback{'s' if n != 1 else ''} (loss spikes)")
@@ -452,6 +456,7 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
                 _fmt(j["workers"]),
                 _position(j),
                 _lr(j["lr"]),
+                _fmt(j.get("momentum"), ".4g"),
                 _fmt(j["monitor"]),
                 _fmt(j["value"], ".4g"),
                 _fmt(j["best"], ".4g"),

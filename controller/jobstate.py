@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lrpilot.client.plans import compiled_momentum
+
 from .aggregate import Pending
 from .guard import GuardState
 from .policies import Policy, State, fingerprint
@@ -21,7 +23,15 @@ from .policyfile import JobRule
 from .sessions import Sessions
 from .units import MAX_DURATION
 
-__all__ = ["STATUS_FIELDS", "JobState", "Override", "override_view", "start_from", "status_row"]
+__all__ = [
+    "STATUS_FIELDS",
+    "JobState",
+    "Override",
+    "momentum",
+    "override_view",
+    "start_from",
+    "status_row",
+]
 
 #: The fields of `lrpilot status --json`, in order (DESIGN.md).
 STATUS_FIELDS = (
@@ -324,20 +334,34 @@ def start_from(policy: Policy, lr: float, t: int) -> State:
     return policy.start_from(lr, t)
 
 
+#: Finite points a sweep under way needs before `status` shows what its curve suggests.
+SUGGEST_AFTER = 20
+
+
 def status_row(
     job: JobState, now: float, worker_timeout: float, wall: float | None = None
 ) -> dict[str, Any]:
     """One row of `lrpilot status` (STATUS_FIELDS, then run, version, shadow_lr, override,
-    suggested_lr, and what the table labels: unit, min_lr, finished); `wall`: the Unix time
-    now, for the end of a --for pin."""
+    suggested_lr, and what the table shows or labels: momentum, unit, min_lr, finished);
+    `wall`: the Unix time now, for the end of a --for pin."""
     info = job.policy.describe(job.state)
+    value, suggested = job.value, info.get("suggested_lr")
+    if info.get("policy") == "range_test":
+        # A range test shows its curve's smoothed loss, not the last (perhaps diverged) one,
+        # and its suggestion during the sweep too: what the curve so far suggests.
+        value = info.get("value")
+        report = job.policy.range_test_report(job.state)
+        if report is not None:
+            points = sum(1 for p in report["points"] if p[2] is not None)
+            known = report["done"] or points >= SUGGEST_AFTER
+            suggested = report["suggested_lr"] if known else None
     return {
         "job": job.name,
         "workers": len(job.sessions.live(now, worker_timeout)),
         "epoch": job.last_epoch,
         "lr": job.lr,
         "monitor": info.get("monitor"),
-        "value": finite(job.value),
+        "value": finite(value),
         "best": finite(info.get("best")),
         "wait": info.get("wait"),
         "patience": info.get("patience"),
@@ -348,12 +372,24 @@ def status_row(
         "version": job.version,
         "shadow_lr": job.shadow_lr,
         "override": override_view(job, now, wall),
-        "suggested_lr": finite(info.get("suggested_lr")),
+        "suggested_lr": finite(suggested),
+        "momentum": momentum(job),  # a cycle_momentum plan's, for the next epoch (step)
         "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
         "min_lr": finite(info.get("min_lr")),
         "finished": job.finished,  # every worker said bye (stored: also after a restart)
         "rollbacks": job.rollbacks,  # the guard's rollbacks, every run
     }
+
+
+def momentum(job: JobState) -> float | None:
+    """The momentum the job's trainers set for the next epoch (step): the plan's in force
+    when it cycles momentum (`cycle_momentum` of one_cycle, cyclic), else None (the
+    optimizer's own; also while a pin holds the LR, as the trainers get no plan then)."""
+    if job.override is not None or not getattr(job.policy.current(job.state), "cycle_momentum", 0):
+        return None
+    plan = job.policy.plan(job.state)
+    at = None if plan is None else compiled_momentum(plan)
+    return None if at is None else at(job.next_t())
 
 
 def override_view(job: JobState, now: float, wall: float | None) -> dict[str, Any] | None:

@@ -35,6 +35,8 @@ from prometheus_client.utils import floatToGoString
 
 from lrpilot.client.vocabulary import ERROR_CODES, REASONS
 
+from .jobstate import momentum
+
 if TYPE_CHECKING:
     from .jobs import Counters, JobTable
     from .jobstate import JobState
@@ -236,6 +238,12 @@ _JOB_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         (),
     ),
     ("lrpilot_range_test_suggested_lr", "gauge", "LR suggested by a range test", ()),
+    (
+        "lrpilot_momentum",
+        "gauge",
+        "Momentum (Adam: beta1) a cycle_momentum plan sets for the next epoch or step",
+        (),
+    ),
     ("lrpilot_last_report_timestamp_seconds", "gauge", "Unix time of the job's last report", ()),
     (
         "lrpilot_job_finished",
@@ -376,6 +384,7 @@ def _job_samples(job: JobState, c: Counters | None, live: int) -> Samples:
         none if c is None else [((), float(c.reports))],
         none if c is None else [((), float(c.late))],
         [((), suggested)] if isinstance(suggested, float) else none,
+        none if (mom := momentum(job)) is None else [((), mom)],
         [((), job.last_report_wall)] if job.last_report_wall else none,
         [((), 1.0 if job.sessions.finished() else 0.0)],
         [((), 0.0 if job.override is None else 1.0)],

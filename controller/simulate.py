@@ -27,6 +27,7 @@ from typing import Any
 from lrpilot.client.protocol import SESSION_BYTES, ErrorMessage, Hello, LrMessage, Report
 
 from .errors import SourceError
+from .jobstate import momentum
 from .policies import Event, Policy
 from .policies.errors import EngineError
 from .policies.suggest import SKIP_END
@@ -84,6 +85,7 @@ class Row:
     step: int | None = None
     shadow_lr: float | None = None
     notices: tuple[tuple[str, str], ...] = ()
+    momentum: float | None = None  # what a cycle_momentum plan sets from epoch (step) + 1
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,7 @@ def run(
                 t_step,
                 state.shadow_lr,
                 reply.notices,
+                momentum(state),
             )
         )
     report = state.policy.range_test_report(state.state)
@@ -372,15 +375,18 @@ def _finite(x: float | None) -> float | None:
 
 def to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """Rows as DESIGN.md's simulate --json objects; non-finite values are null."""
-    return [
-        {
+    out = []
+    for r in rows:
+        row = {
             "epoch": r.epoch,
             "value": _finite(r.value),
             "lr": r.lr,
             "event": r.event.to_dict() if r.event is not None else None,
         }
-        for r in rows
-    ]
+        if r.momentum is not None:  # a policy that sets momentum (cycle_momentum)
+            row["momentum"] = r.momentum
+        out.append(row)
+    return out
 
 
 _ACTIONS = {
@@ -564,6 +570,12 @@ def _plot_timeline(
     for x, r in zip(xs, rows, strict=True):
         if r.event is not None and r.event.kind != "range_test":
             ax_lr.axvline(x + 1, color="tab:red", alpha=0.2, lw=1)
+    cycled = [(x + 1, r.momentum) for x, r in zip(xs, rows, strict=True) if r.momentum is not None]
+    if cycled:  # a cycle_momentum plan: its momentum on an axis of its own, further right
+        ax_m = ax_value.twinx()
+        ax_m.spines["right"].set_position(("axes", 1.09))
+        ax_m.step([c[0] for c in cycled], [c[1] for c in cycled], where="post", color="tab:green")
+        ax_m.set_ylabel("momentum (Adam: beta1)", color="tab:green")
 
 
 _SUGGESTION_STYLE = {"valley": "tab:green", "steep": "tab:orange", "minimum": "tab:purple"}

@@ -93,10 +93,11 @@ def test_unknown_session_replays_from_the_oldest_once_then_gives_up() -> None:
     assert b.on_error("unknown_session", 3, retryable=False, now=0.1) == REPLAY
     assert b.need_hello and b.hello_start(epoch=9, step=99) == (0, 12)  # from report 3
     assert send_all(b, 0.2) == [3, 4, 5]
-    # Refusals of 4 and 5 sent before the hello, arriving after the replay went out: stale.
+    # Refusals of 4 and 5 sent before the hello, arriving after the replay went out (even
+    # after the answers to the replay's hello and to 3, as a controller may send them): stale.
+    b.answered(None)
     assert b.on_error("unknown_session", 4, retryable=False, now=0.25) == IGNORE
     assert b.on_error("unknown_session", 5, retryable=False, now=0.25) == IGNORE
-    b.answered(None)  # the hello's answer: what comes after it refers to the replay
     # The controller forgets again: reports kept at that hello are given up, no loop.
     assert b.on_error("unknown_session", 3, retryable=False, now=0.3) == REFUSED
     assert sorted(b.kept) == [4, 5]

@@ -5,7 +5,7 @@ The engine knows no wire: these say what went wrong in the engine's words.
 
 from __future__ import annotations
 
-from lrpilot.client.errors import LRPilotError
+from lrpilot.client.errors import ExpressionError, LRPilotError
 
 __all__ = ["EngineError", "FormulaError", "ModeUnresolved"]
 
@@ -14,7 +14,7 @@ class EngineError(LRPilotError):
     """Base of the policy engine's errors."""
 
 
-class FormulaError(EngineError, ValueError):
+class FormulaError(EngineError, ExpressionError):
     """A formula that cannot be used; the message says what is wrong with it."""
 
 

@@ -15,9 +15,13 @@ with (`snapshot` when entering a range test).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import lrpilot.client.plans as plans
+from lrpilot.client.vocabulary import clamp_lr
 
 from .base import Decision, Event, Policy, State
 
@@ -179,13 +183,52 @@ class Phases(Policy):
     def plan(
         self, state: State, origin: int = 0, until: int | None = None
     ) -> dict[str, Any] | None:
-        """The plan of the phase in force, from its start to its end (the next phase's
-        plan comes with the decision that enters it)."""
+        """The plan of the phase in force, from its start to its end, with the plans of the
+        schedule phases after it sent ahead (`next`), so that every rank switches at the
+        boundary itself, with no message. The chain ahead stops before a phase that needs
+        the controller (plateau, range test), which starts from the reports as before."""
         assert isinstance(state, PhasesState)
         phase = self.phases[state.index]
         last = state.index == len(self.phases) - 1
         end = None if last or phase.until is None else origin + state.start + phase.until
-        return phase.policy.plan(self.inner_state(state), origin + state.start, end)
+        plan = phase.policy.plan(self.inner_state(state), origin + state.start, end)
+        if plan is None:
+            return None
+        chain = [plan]
+        index = state.index + 1
+        while index < len(self.phases) and len(chain) <= plans.MAX_AHEAD:
+            ahead = self._ahead(chain[-1], index, state.suggested)
+            if ahead is None:
+                break
+            chain.append(ahead)
+            index += 1
+        for before, after in zip(reversed(chain[:-1]), reversed(chain[1:]), strict=True):
+            before["next"] = after
+        return chain[0]
+
+    def _ahead(
+        self, before: Mapping[str, Any], index: int, suggested: float | None
+    ) -> dict[str, Any] | None:
+        """The plan of phase `index` as `_next` will start it at `before`'s end (from the LR
+        `before` leaves there), or None when it cannot be known ahead."""
+        begin = before["until"]
+        if begin is None:
+            return None
+        left = before["scale"] * plans.value(
+            before["kind"], before["params"], before["lr0"], begin - before["from"]
+        )
+        if not math.isfinite(left):
+            return None  # a formula that gives no LR there: the controller keeps the one in force
+        phase = self.phases[index]
+        inner = phase.policy.start(self._phase_lr(phase, clamp_lr(left), suggested), 0)
+        if phase.policy.start_action(inner) is not None:
+            return None
+        last = index == len(self.phases) - 1
+        end = None if last or phase.until is None else begin + phase.until
+        plan = phase.policy.plan(inner, begin, end)
+        if plan is None or plan["unit"] != before["unit"]:
+            return None
+        return plan
 
     # The hooks ask the phase in force; a finished range test's report outlives its phase.
 

@@ -293,13 +293,24 @@ class RangeTest(Policy):
             "policy": self.type,
             "phase": None,
             "monitor": self.monitor,
-            "value": state.points[-1][1] if state.points else None,
+            "value": self._shown(state),
             "best": state.best,
         }
         if state.done:
             info["suggested_lr"] = state.suggested_lr
             info["stop_reason"] = state.stop_reason
         return info
+
+    def _shown(self, state: RangeTestState) -> float | None:
+        """The smoothed loss `status` shows: the last finite point's during the sweep (a
+        diverged loss is no value to show), the suggestion's once it ended."""
+        finite = [p for p in state.points if math.isfinite(p[2])]
+        if not finite:
+            return None
+        if state.done and state.suggested_lr is not None:
+            chosen = state.suggested_lr
+            return min(finite, key=lambda p: abs(math.log(p[0] / chosen)))[2]
+        return finite[-1][2]
 
 
 def _float(x: Any) -> float:
