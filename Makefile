@@ -104,6 +104,7 @@ bench: modules
 	$(PY) bench/client_hot_path.py
 	$(PY) bench/plans.py
 	$(PY) bench/adapters.py
+	$(PY) bench/guard.py
 	$(PY) bench/web_view.py
 
 # docs/policy-reference.md is written from the policy classes' own parameter docs; a test fails

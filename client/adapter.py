@@ -95,6 +95,12 @@ class AdapterCore:
         self._after_snapshot: Callable[[], None] | None = None
         self._before_restore: Callable[[], None] | None = None
         self._after_restore: Callable[[], None] | None = None
+        #: A guard's snapshots (unit -> copy), the newest two, taken at every multiple of the
+        #: job's `snapshot_every` by the trainer itself.
+        self.kept: dict[int, Restorable] = {}
+        self._keep: Callable[[], Restorable] | None = None
+        #: The guard's rollbacks applied here: (snapshot unit asked, unit restored or None).
+        self.rollbacks: list[tuple[int, int | None]] = []
 
     # -- a run -----------------------------------------------------------------------------
 
@@ -111,6 +117,7 @@ class AdapterCore:
         after_snapshot: Callable[[], None] | None = None,
         before_restore: Callable[[], None] | None = None,
         after_restore: Callable[[], None] | None = None,
+        keep: Callable[[], Restorable] | None = None,
     ) -> Client:
         """Says hello (closing a client left from an earlier run) and returns the client.
 
@@ -120,9 +127,13 @@ class AdapterCore:
             after_snapshot, before_restore, after_restore: what the adapter does besides
                 (e.g. Keras starts its loss sums, counts the optimizer steps a restore
                 takes back).
+            keep: makes a guard's snapshot (default `copy`): a copy that may be restored
+                more than once, taken off the step's critical path where it can be.
         """
         self.close()
         self._copy = copy
+        self._keep = keep or copy
+        self.kept = {}
         self._after_snapshot = after_snapshot
         self._before_restore, self._after_restore = before_restore, after_restore
         restorable = self.snapshot_fn is not None or copy is not None
@@ -141,6 +152,7 @@ class AdapterCore:
             snapshot_fn=self._snapshot if restorable else None,
             restore_fn=self._restore if restorable else None,
             plans=self.plans,
+            rollback_fn=self._rollback if self._keep is not None else None,
         )
         return self.client
 
@@ -166,7 +178,11 @@ class AdapterCore:
     def begin(self, epoch: int | None = None, step: int | None = None) -> float:
         """An epoch (or step) is about to start: decisions due there apply."""
         assert self.client is not None, "connect() first"
-        return self.client.lr_at(epoch=epoch, step=step)
+        lr = self.client.lr_at(epoch=epoch, step=step)
+        at = step if self.unit == "step" else epoch
+        if at is not None:
+            self._guard_boundary(at, at)
+        return lr
 
     def epoch_end(
         self, epoch: int, metrics: Mapping[str, Any], trained_lr: float | None = None
@@ -174,7 +190,9 @@ class AdapterCore:
         """`unit="epoch"`: reports the epoch just finished; the LR for the next one.
         `trained_lr`: the LR it trained at, when not the client's (see `Client.report`)."""
         assert self.client is not None, "connect() first"
-        return self.client.report(epoch, metrics, trained_lr=trained_lr)
+        lr = self.client.report(epoch, metrics, trained_lr=trained_lr)
+        self._guard_boundary(epoch + 1, epoch + 1)
+        return lr
 
     def step_end(
         self,
@@ -198,7 +216,9 @@ class AdapterCore:
             metrics: returns the metrics to report (None or empty: none ready; per-step
                 adapters hand the means of the previous report's steps, read one report
                 late, see `lrpilot.client.step_means`); None: nothing to report.
-            wait: whether the report waits for its answer; default only during a range test.
+            wait: whether the report waits for its answer; default only during a range test
+                and, with a guard, in a job of several ranks (so that all restore at the
+                same step).
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
         """
@@ -207,12 +227,64 @@ class AdapterCore:
         every = self.report_every
         if (done + 1) // every > before // every:
             report = None if metrics is None else metrics()
-            if report or self.testing or client.plan is None or client.liveness_due():
-                waits = self.testing if wait is None else wait
-                return client.report(
+            if report or client.plan is None or self.testing or client.liveness_due():
+                # A range test, or a guard in a job of several ranks, waits for the answer:
+                # every rank then applies a restore at the same step.
+                lockstep = self.testing or (client.snapshot_every is not None and client.world > 1)
+                waits = lockstep if wait is None else wait
+                lr = client.report(
                     epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr
                 )
-        return client.lr_at(step=done + 1)
+                self._guard_boundary(before + 1, done + 1)
+                return lr
+        lr = client.lr_at(step=done + 1)
+        self._guard_boundary(before + 1, done + 1)
+        return lr
+
+    # -- the loss-spike guard ----------------------------------------------------------------
+
+    def _guard_boundary(self, first: int, unit: int) -> None:
+        """Training stands at `unit` (having crossed units `first`..`unit`): with a guard,
+        the state is copied when a multiple of `snapshot_every` was crossed, labelled with
+        the unit it is the state of; the newest two are kept. No message is needed."""
+        client = self.client
+        every = client.snapshot_every if client is not None else None
+        if every is None or self._keep is None or self.testing or unit in self.kept:
+            return
+        if unit // every * every < first:  # no multiple in first..unit
+            return
+        self.kept[unit] = self._keep()
+        while len(self.kept) > 2:
+            del self.kept[min(self.kept)]
+
+    def _rollback(self, snapshot_unit: int) -> None:
+        """A guard's `action: restore`: put back the newest snapshot taken at or before
+        `snapshot_unit` (the newest all of whose earlier units were healthy); newer ones are
+        of the spiked weights and are dropped. The LR of the same message is set after."""
+        held = [u for u in self.kept if u <= snapshot_unit]
+        if not held:
+            self.rollbacks.append((snapshot_unit, None))
+            logger.warning(
+                "lrpilot: the guard of job %s rolls back to the snapshot of %s %d, but this %s "
+                "adapter holds none that old (it keeps the newest two; held: %s); training "
+                "goes on from the weights as they are, at the lowered LR",
+                self.job,
+                self.unit,
+                snapshot_unit,
+                self.framework,
+                sorted(self.kept) or "none",
+            )
+            return
+        unit = max(held)
+        for newer in [u for u in self.kept if u > unit]:
+            del self.kept[newer]
+        if self._before_restore is not None:
+            self._before_restore()
+        self.kept[unit].restore()
+        self.rollbacks.append((snapshot_unit, unit))
+        self.restored = True
+        if self._after_restore is not None:
+            self._after_restore()
 
     # -- range tests -----------------------------------------------------------------------
 

@@ -221,6 +221,7 @@ class Client:
         restore_fn: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         plans: bool = True,
+        rollback_fn: Callable[[int], None] | None = None,
     ) -> None:
         #: The controllers to try, in order (a `moved` reply may add one).
         self.endpoints = endpoint_list(endpoint)
@@ -246,6 +247,7 @@ class Client:
         self._keys = curve_keys()
         self._clock = clock
         self._plans = bool(plans)
+        self._rollback_fn = rollback_fn
         self._reported_at = -math.inf  # clock time of the last report
 
         #: 16 random bytes naming this client object; also its socket's ROUTING_ID.
@@ -421,6 +423,12 @@ class Client:
             self._turn(self._clock(), force=True)
         self._apply_due(everything=epoch is None and step is None)
         return self._decisions.lr
+
+    @property
+    def snapshot_every(self) -> int | None:
+        """A guarded job's snapshot period: the trainer copies its state at every multiple
+        of it (adapters do; see `AdapterCore`), else None."""
+        return self._decisions.snapshot_every
 
     @property
     def plan(self) -> dict[str, Any] | None:
@@ -818,8 +826,14 @@ class Client:
         for decision in decisions.due(everything):
             # A restore puts the weights back before the LR changes; an outdated decision
             # (received before the one in force) changes no LR, but its action still happens.
+            guard_unit = (decision.message.detail or {}).get("snapshot_unit")
             if decision.action == "snapshot" and self._snapshot_fn is not None:
                 self._snapshot_fn()
+            elif decision.action == "restore" and guard_unit is not None:
+                # A guard's rollback: the trainer's own snapshot of that unit goes back.
+                self.stats["rollbacks"] += 1
+                if self._rollback_fn is not None:
+                    self._rollback_fn(guard_unit)
             elif decision.action == "restore" and self._restore_fn is not None:
                 self._restore_fn()
             decisions.settle(decision)

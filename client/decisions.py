@@ -72,6 +72,8 @@ class Decisions:
         #: The momentum a plan with `cycle_momentum` sets now (torch: momentum or betas[0]),
         #: or None.
         self.momentum: float | None = None
+        #: A guarded job's snapshot period (units), from the newest decision received.
+        self.snapshot_every: int | None = None
         self._momentum_at: Callable[[int], float | None] | None = None
 
     def accept(self, message: LrMessage) -> bool:
@@ -81,6 +83,7 @@ class Decisions:
         if message.run != self.run:
             self.pending.clear()  # decisions of another run are void
         self.run, self.version = message.run, message.version
+        self.snapshot_every = (message.detail or {}).get("snapshot_every")
         self.received += 1
         self.pending.append(Decision(self.received, message))
         return True

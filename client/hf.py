@@ -27,7 +27,7 @@ except ModuleNotFoundError as exc:
 
 from .adapter import AdapterCore
 from .core import Client
-from .torch import StateSnapshot, follow_momentum, number, scalars, set_lr
+from .torch import GuardCopy, StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotTrainerCallback"]
 
@@ -182,6 +182,7 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
             world=args.world_size,
             directions=directions,
             copy=None if model is None else (lambda: StateSnapshot(model, [optimizer])),
+            keep=None if model is None else (lambda: GuardCopy(model, [optimizer])),
         )
         self._apply(client.lr, control)
 

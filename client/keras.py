@@ -401,7 +401,9 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
         def metrics() -> dict[str, float]:
             found = scalar_metrics(logs)
-            if self._core.testing and self._tracker is not None:
+            if client.snapshot_every is not None and self._tracker is None:
+                self._track_loss()  # a guard judges each report's own loss
+            if (self._core.testing or client.snapshot_every) and self._tracker is not None:
                 self._own_loss(found)
             return found
 

@@ -29,7 +29,7 @@ except ModuleNotFoundError as exc:
 from .adapter import AdapterCore
 from .core import Client
 from .step_means import StepMeans
-from .torch import StateSnapshot, follow_momentum, number, scalars, set_lr
+from .torch import GuardCopy, StateSnapshot, follow_momentum, number, scalars, set_lr
 
 __all__ = ["LRPilotCallback"]
 
@@ -168,6 +168,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             rank=trainer.global_rank,
             world=trainer.world_size,
             copy=lambda: StateSnapshot(pl_module, trainer.optimizers),
+            keep=lambda: GuardCopy(pl_module, trainer.optimizers),
         )
         self._apply(trainer, client.lr)
 

@@ -60,6 +60,7 @@ STATS = (
     "moved",  # `moved` replies followed to the endpoint they named
     "failovers",  # switches to the next endpoint because the current one was unreachable
     "retries",  # connection attempts that failed (the next is at most 1 s later)
+    "rollbacks",  # a guard's `action: restore` applied (the loss spiked)
 )
 
 # What `Outbox.on_error` tells the shell to do.

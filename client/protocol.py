@@ -340,6 +340,9 @@ class LrMessage:
     #: The schedule in force as a function of time (see `lrpilot.client.plans`), for clients
     #: whose hello said `plans: true`; None otherwise.
     plan: dict[str, Any] | None = None
+    #: Integers about the decision: a guarded job's `snapshot_every` (the trainer copies its
+    #: state at every multiple of it) and, with a guard's `action: restore`, `snapshot_unit`.
+    detail: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         msg: dict[str, Any] = {
@@ -359,6 +362,8 @@ class LrMessage:
             msg["notices"] = [{"code": c, "message": m} for c, m in self.notices]
         if self.plan is not None:
             msg["plan"] = self.plan
+        if self.detail:
+            msg["detail"] = self.detail
         return msg
 
     @classmethod
@@ -385,6 +390,7 @@ class LrMessage:
         plan = msg.get("plan")
         if plan is not None:
             plan = check_plan(plan)
+        detail = _detail(msg.get("detail"))
         return cls(
             job=check_name(_get(msg, "job"), "job"),
             lr=_lr(msg),
@@ -397,7 +403,30 @@ class LrMessage:
             action=action,
             notices=tuple(parsed),
             plan=plan,
+            detail=detail,
         )
+
+
+#: The `lr.detail` keys a client acts on (others, from a newer controller, are dropped).
+DETAIL_KEYS = ("snapshot_every", "snapshot_unit")
+
+
+def _detail(detail: Any) -> dict[str, int] | None:
+    if detail is None:
+        return None
+    if not isinstance(detail, dict) or len(detail) > 16:
+        raise ProtocolError("schema", "detail must be a mapping of at most 16 entries")
+    out: dict[str, int] = {}
+    for key in DETAIL_KEYS:
+        value = detail.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or not 0 <= value <= MAX_INT:
+            raise ProtocolError("schema", f"detail.{key} must be an integer >= 0, got {value!r}")
+        out[key] = value
+    if out.get("snapshot_every") == 0:
+        raise ProtocolError("schema", "detail.snapshot_every must be >= 1")
+    return out or None
 
 
 @dataclass(frozen=True)

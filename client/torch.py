@@ -36,6 +36,7 @@ from .step_means import StepMeans
 from .vocabulary import lr_ok
 
 __all__ = [
+    "GuardCopy",
     "LRPilotScheduler",
     "StateSnapshot",
     "cpu_copy",
@@ -137,6 +138,111 @@ class StateSnapshot:
         self.model.load_state_dict(self.model_state)
         for optimizer, state in zip(self.optimizers, self.optimizer_states, strict=True):
             optimizer.load_state_dict(state)
+
+
+def host_copy(value: Any, pinned: bool) -> Any:
+    """A deep copy of a state dict in host memory: a CUDA tensor goes to pinned memory with a
+    non-blocking copy (queued on its stream: the step is not held up, and the next step's
+    writes come after it), a CPU tensor is cloned."""
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda and pinned:
+            out = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+            out.copy_(value.detach(), non_blocking=True)
+            return out
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return type(value)((k, host_copy(v, pinned)) for k, v in value.items())  # type: ignore[call-arg]
+    if isinstance(value, list | tuple):
+        return type(value)(host_copy(v, pinned) for v in value)
+    return copy.deepcopy(value)
+
+
+class GuardCopy:
+    """A guard's snapshot: the model's and optimizers' state in host memory, taken by the
+    trainer at every multiple of `snapshot_every`, restorable more than once.
+
+    Where CUDA holds the tensors the copies go to pinned memory without blocking (an event
+    marks their end; a restore waits for it), so taking a snapshot does not wait for the
+    device; `reuse`, a snapshot no longer kept, lends its buffers (pinned memory is slow to
+    allocate). `pinned=False` copies synchronously (the baseline in bench/guard.py).
+
+    Args:
+        model: a `torch.nn.Module` (a DDP wrapper is fine).
+        optimizers: the optimizers training it.
+        pinned: pinned memory and non-blocking copies for CUDA tensors.
+        reuse: an older GuardCopy of the same model whose buffers this one may take.
+    """
+
+    __slots__ = ("done", "model", "model_state", "optimizer_states", "optimizers")
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: Iterable[torch.optim.Optimizer],
+        pinned: bool = True,
+        reuse: GuardCopy | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizers = list(optimizers)
+        self.model_state: dict[str, Any]
+        self.optimizer_states: list[dict[str, Any]]
+        pinned = pinned and torch.cuda.is_available()
+        state = {
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+        }
+        copied = None
+        if reuse is not None:
+            copied = _refill(
+                {"model": reuse.model_state, "optimizers": reuse.optimizer_states}, state
+            )
+        if copied is None:
+            copied = host_copy(state, pinned)
+        self.model_state, self.optimizer_states = copied["model"], copied["optimizers"]
+        self.done: Any = None
+        if pinned:
+            self.done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self.done.record()
+
+    def restore(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+        self.model.load_state_dict(self.model_state)
+        for optimizer, state in zip(self.optimizers, self.optimizer_states, strict=True):
+            # A copy: an optimizer may keep the tensors it is given as its own state, and
+            # this snapshot may be restored again.
+            optimizer.load_state_dict(cpu_copy(state))
+
+
+def _refill(old: Any, new: Any) -> Any:
+    """`new` copied into `old`'s host buffers (non-blocking from CUDA), or None when their
+    shapes differ (then a fresh copy is made)."""
+    if isinstance(new, torch.Tensor):
+        if not isinstance(old, torch.Tensor) or old.shape != new.shape or old.dtype != new.dtype:
+            return None
+        old.copy_(new.detach(), non_blocking=new.is_cuda and old.is_pinned())
+        return old
+    if isinstance(new, Mapping):
+        if not isinstance(old, Mapping) or old.keys() != new.keys():
+            return None
+        out = {}
+        for k, v in new.items():
+            got = _refill(old[k], v)
+            if got is None and isinstance(v, torch.Tensor | Mapping | list | tuple):
+                return None
+            out[k] = got if got is not None else copy.deepcopy(v)
+        return type(new)(out) if type(new) is not dict else out  # type: ignore[call-arg]
+    if isinstance(new, list | tuple):
+        if not isinstance(old, list | tuple) or len(old) != len(new):
+            return None
+        items = []
+        for o, v in zip(old, new, strict=True):
+            got = _refill(o, v)
+            if got is None and isinstance(v, torch.Tensor | Mapping | list | tuple):
+                return None
+            items.append(got if got is not None else copy.deepcopy(v))
+        return type(new)(items)
+    return None
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> bool:
@@ -574,7 +680,16 @@ class LRPilotScheduler(ReduceLROnPlateau):
             start_epoch=self.epoch_in_progress if step_unit else self.last_epoch,
             start_step=self.last_epoch if step_unit else 0,
             copy=self._keep if self._can_restore() else None,
+            keep=self._guard_copy if getattr(self, "model", None) is not None else None,
         )
+
+    def _guard_copy(self) -> GuardCopy:
+        """A guard's snapshot (at every multiple of `snapshot_every`, through the core); the
+        buffers of one the core no longer keeps are reused."""
+        assert self.model is not None
+        kept = [k for k in self._core.kept.values() if isinstance(k, GuardCopy)]
+        spare = None if len(kept) < 2 else kept[0]
+        return GuardCopy(self.model, [self.optimizer], reuse=spare)
 
     # -- range tests -----------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ NOTICE_CODES = (
     "shadow",
     "clamped",
     "restore_unsupported",
+    "rolled_back",
     "override",
 )
 

@@ -447,6 +447,9 @@ def status_table(jobs: list[dict[str, Any]]) -> str:
         if j.get("policy") == "range_test" or j.get("suggested_lr") is not None:
             suggested = j.get("suggested_lr")
             notes.append("suggested -" if suggested is None else f"suggested {suggested:.3g}")
+        if j.get("rollbacks"):
+            n = j["rollbacks"]
+            notes.append(f"{n} rollback{'s' if n != 1 else ''} (loss spikes)")
         rows.append(
             (
                 j["job"],

@@ -17,6 +17,7 @@ import inspect
 import sys
 from typing import Any
 
+from .guard import Guard
 from .policies import POLICY_TYPES, Policy
 
 __all__ = ["reference"]
@@ -39,6 +40,7 @@ whose `match` glob matches the job name wins. A rule has exactly one of
 | `initial_lr` | the client's LR | lr0, imposed on the client at `hello` |
 | `aggregate` | `mean` | how the ranks' reports become one value: `mean`, `max`, `chief` (rank 0) |
 | `aggregate_timeout` | `30s` | how long to wait for every rank's report of an epoch |
+| `guard` | — | the loss-spike guard (below); a phase may carry its own |
 
 lr0 is the rule's `initial_lr`, else the policy's, else the LR the client
 starts with. `t` restarts at 0 in each phase. Numbers like `1e-6` are read as
@@ -65,6 +67,29 @@ left — its value at the end of its last epoch, so a warmup leaves exactly
 `to_lr`; `suggested`: the suggestion of the range test phase before it). A
 job first seen in the middle of a chain starts in the phase containing its
 epoch.
+"""
+
+
+_GUARD = """\
+## `guard` — loss spikes and rollback
+
+```yaml
+defaults:
+  policy: {type: cosine, decay_steps: 100000, unit: step}
+  guard: {monitor: loss, spike: 3.0, window: 50, warmup: 100, snapshot_every: 200,
+          lr_factor: 0.5, cooldown: 100, max_rollbacks: 3, on_exhausted: continue}
+```
+
+A rule, a phase or the defaults may carry a `guard` (a phase's own applies in
+that phase, the rule's elsewhere); it composes with every policy type and with
+plans. The controller keeps a bias-corrected EMA of the job-wide (aggregated)
+monitor; after `warmup` units, a report whose value is non-finite or above
+`spike` × the EMA (for a max monitor: below EMA ÷ `spike`) is a spike. The
+trainer copies its state at every multiple of `snapshot_every` and keeps the
+newest two; on a spike every rank restores the newest snapshot all of whose
+earlier units were healthy and goes on at the LR × `lr_factor` (audited
+`divergence`, notice `rolled_back`). How it works and what it cannot do:
+[the guard](guard.md).
 """
 
 
@@ -135,8 +160,9 @@ def reference() -> str:
         _section(cls, common - {"unit"} if _unit_differs(cls) else common)
         for cls in POLICY_TYPES.values()
     ]
+    guard = _GUARD + "\n" + _table(list(dataclasses.fields(Guard)))  # type: ignore[arg-type]
     return "\n".join(
-        [_HEADER, "## Types\n\n" + "\n".join(summary) + "\n", keys, *sections, _PHASES]
+        [_HEADER, "## Types\n\n" + "\n".join(summary) + "\n", keys, *sections, _PHASES, guard]
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from lrpilot.client.plans import compiled_momentum
 
 from .aggregate import Pending
+from .guard import GuardState
 from .policies import Policy, State, fingerprint
 from .policyfile import JobRule
 from .sessions import Sessions
@@ -208,6 +209,8 @@ class JobState:
     override: Override | None = None  # an operator's pin in force
     finished: bool = False  # every worker said bye (cleared by the next hello)
     generation: int = 0  # the policy reloads its rule has seen (memory only)
+    guard: GuardState = field(default_factory=GuardState)  # the loss-spike guard's memory
+    rollbacks: int = 0  # rollbacks over every run (lrpilot_rollbacks_total)
 
     @property
     def policy(self) -> Policy:
@@ -267,6 +270,8 @@ class JobState:
             "framework": self.framework,
             "override": None if self.override is None else self.override.to_dict(),
             "finished": self.finished,
+            "guard": self.guard.to_dict(),
+            "rollbacks": self.rollbacks,
         }
 
     @classmethod
@@ -313,6 +318,8 @@ class JobState:
             ),
             finished=bool(data.get("finished", False)),
             generation=generation,
+            guard=GuardState.from_dict(data.get("guard") or {}),
+            rollbacks=int(data.get("rollbacks", 0)),
         )
 
 
@@ -382,6 +389,7 @@ def status_row(
         "unit": job.unit,  # `epoch` counts epochs, or steps for unit: step
         "min_lr": finite(info.get("min_lr")),
         "finished": job.finished,  # every worker said bye (stored: also after a restart)
+        "rollbacks": job.rollbacks,  # the guard's rollbacks, every run
     }
 
 

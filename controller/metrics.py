@@ -257,6 +257,7 @@ _JOB_FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "1 while an operator's pin (set-lr --for/--epochs) holds",
         (),
     ),
+    ("lrpilot_rollbacks_total", "counter", "Loss-spike rollbacks by the job's guard", ()),
 )
 
 #: One job's samples, per family of _JOB_FAMILIES: (extra label values, value).
@@ -387,6 +388,7 @@ def _job_samples(job: JobState, c: Counters | None, live: int) -> Samples:
         [((), job.last_report_wall)] if job.last_report_wall else none,
         [((), 1.0 if job.sessions.finished() else 0.0)],
         [((), 0.0 if job.override is None else 1.0)],
+        [((), float(job.rollbacks))],
     )
 
 

@@ -33,6 +33,7 @@ import yaml
 from lrpilot.client.vocabulary import NAME_RE, clamp_lr, lr_problem
 
 from .errors import PolicyError, SourceError
+from .guard import Guard
 from .policies import POLICY_TYPES, Formula, Phase, Phases, Plateau, Policy, RangeTest
 from .policies.formula import EVAL_ERRORS
 from .policies.plateau import is_loss
@@ -130,6 +131,8 @@ class JobRule:
         initial_lr: lr0 imposed on the client at hello, or None to take the client's.
         aggregate: how reports of several ranks become one value: mean, max or chief.
         aggregate_timeout: seconds to wait for every rank's report of an epoch.
+        guard: the loss-spike guard of the rule (or the defaults), or None.
+        phase_guards: each phase's own guard (None: the rule's applies in that phase).
     """
 
     match: str
@@ -138,6 +141,16 @@ class JobRule:
     aggregate: str = "mean"
     aggregate_timeout: float = 30.0
     line: int = 0
+    guard: Guard | None = None
+    phase_guards: tuple[Guard | None, ...] = ()
+
+    def guard_at(self, phase: int | None) -> Guard | None:
+        """The guard in force in phase `phase` (0-based; None: not a chain)."""
+        if phase is not None and phase < len(self.phase_guards):
+            own = self.phase_guards[phase]
+            if own is not None:
+                return own
+        return self.guard
 
     def for_framework(self, framework: str) -> JobRule:
         """This rule for a job whose rank 0 runs `framework` (`compat: auto` resolved);
@@ -394,7 +407,7 @@ def _build_phases(seq: Any, line: int, errs: _Errors) -> Policy | None:
         range_test_before = range_test_before or kind == "range_test"
         # A formula's own `lr` is its expression; it starts from the LR the phase before left.
         formula = kind == "formula"
-        extra = ("until",) if formula else ("until", "lr")
+        extra = ("until", "guard") if formula else ("until", "lr", "guard")
         policy = _build_policy(item, item_line, errs, extra=extra)
         if policy is None or not isinstance(item, LocDict):
             continue
@@ -444,7 +457,7 @@ def _build_phases(seq: Any, line: int, errs: _Errors) -> Policy | None:
     return Phases(phases=tuple(built), unit=built[0].policy.unit)
 
 
-_RULE_KEYS = ("policy", "phases", "initial_lr", "aggregate", "aggregate_timeout")
+_RULE_KEYS = ("policy", "phases", "initial_lr", "aggregate", "aggregate_timeout", "guard")
 
 
 def _build_rule(m: Any, line: int, errs: _Errors, *, needs_match: bool) -> JobRule | None:
@@ -495,6 +508,17 @@ def _build_rule(m: Any, line: int, errs: _Errors, *, needs_match: bool) -> JobRu
                 _line(m, "initial_lr"),
                 f"min_lr {floor:g} must be <= initial_lr, got {initial_lr!r}",
             )
+    guard: Guard | None = None
+    phase_guards: list[Guard | None] = []
+    if policy is not None:
+        if "guard" in m:
+            guard = _build_guard(m["guard"], _line(m, "guard"), errs, policy.unit)
+        items = m["phases"] if "phases" in m and isinstance(m["phases"], list) else []
+        for item in items:
+            own = item.get("guard") if isinstance(item, LocDict) else None
+            phase_guards.append(
+                None if own is None else _build_guard(own, _line(item, "guard"), errs, policy.unit)
+            )
     if policy is None or len(errs.items) > before:
         return None
     return JobRule(
@@ -504,7 +528,49 @@ def _build_rule(m: Any, line: int, errs: _Errors, *, needs_match: bool) -> JobRu
         aggregate,
         timeout,
         m.line,
+        guard,
+        tuple(phase_guards) if any(g is not None for g in phase_guards) else (),
     )
+
+
+def _build_guard(m: Any, line: int, errs: _Errors, unit: str) -> Guard | None:
+    """A `guard` mapping (on a rule, a phase or the defaults), every error located."""
+    if not isinstance(m, LocDict):
+        errs.add(line, f"guard must be a mapping (monitor, spike, window, ...), got {_show(m)}")
+        return None
+    hints = typing.get_type_hints(Guard)
+    fields = {f.name: f for f in dataclasses.fields(Guard)}
+    kwargs: dict[str, Any] = {}
+    before = len(errs.items)
+    for key, value in m.items():
+        if key not in fields:
+            errs.add(m.key_lines.get(key, m.line), _unknown(key, list(fields), "guard"))
+            continue
+        ok, value, expected = _coerce(value, hints[key])
+        if not ok:
+            errs.add(_line(m, key), f"guard {key} must be {expected}, got {_show(value)}")
+            continue
+        check = fields[key].metadata.get("check")
+        problem = check(value) if check is not None and value is not None else None
+        if problem:
+            errs.add(_line(m, key), f"guard {key} {problem}, got {_show(value)}")
+            continue
+        kwargs[key] = value
+    if "monitor" in kwargs and not NAME_RE.fullmatch(kwargs["monitor"]):
+        errs.add(
+            _line(m, "monitor"),
+            f"guard monitor must be 1-128 of [A-Za-z0-9._:/@-], got {kwargs['monitor']!r}",
+        )
+    if kwargs.get("unit") not in (None, unit):
+        errs.add(
+            _line(m, "unit"),
+            f"guard unit must be the policy's unit ({unit}): the guard judges its reports, "
+            f"got {kwargs['unit']!r}",
+        )
+    if len(errs.items) > before:
+        return None
+    kwargs["unit"] = unit
+    return Guard(**kwargs)
 
 
 def _default_rule() -> JobRule:

@@ -401,7 +401,13 @@ def _event_text(row: Row) -> str:
     if row.event is not None:
         shadow = "shadow (not sent): " if row.shadow_lr is not None else ""
         parts.append(shadow + row.event.describe())
-    if row.action in _ACTIONS:
+    if row.event is not None and row.event.kind == "divergence":
+        parts.append(
+            "rollback: restore the last good snapshot"
+            if row.action == "restore"
+            else "loss spike, max_rollbacks spent" + (": stop" if row.action == "stop" else "")
+        )
+    elif row.action in _ACTIONS:
         parts.append(_ACTIONS[row.action])
     return "; ".join(parts)
 

@@ -15,6 +15,7 @@ from epoch e+1; the `hello` reply carries the LR for the start epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ from lrpilot.client.protocol import (
     LrMessage,
     Report,
 )
+from lrpilot.client.vocabulary import clamp_lr
 
 from .aggregate import Pending, combine
+from .guard import Guard, GuardState, Spike, observe
 from .jobstate import JobState, Override, state_for
-from .policies import Decision, fingerprint
+from .policies import Decision, Event, PhasesState, fingerprint
 from .policies.errors import EngineError, ModeUnresolved
+from .policies.plateau import is_loss
 from .policyfile import JobRule
 from .sessions import Worker
 from .store import AuditRow, MetricPoint, rfc3339
@@ -222,6 +226,17 @@ def lr_message(
     plan: dict[str, Any] | None = None,
 ) -> LrMessage:
     step = job.unit == "step"
+    detail: dict[str, int] | None = None
+    guard = guard_of(job)
+    if guard is not None:
+        detail = {"snapshot_every": guard.snapshot_every}
+        g = job.guard
+        # The decision that rolled back carries its restore whenever it is sent again (a
+        # replayed report, a hello after a controller restart): clients apply a version once.
+        if g.restore_version == job.version and g.restore_unit is not None and action is None:
+            action = "restore"
+        if action == "restore" and g.restore_version == job.version:
+            detail["snapshot_unit"] = g.restore_unit or 0
     return LrMessage(
         job=job.name,
         lr=job.lr,
@@ -234,7 +249,31 @@ def lr_message(
         action=action,
         notices=notices,
         plan=plan,
+        detail=detail,
     )
+
+
+def guard_of(job: JobState) -> Guard | None:
+    """The loss-spike guard in force: the current phase's own, else the rule's."""
+    rule = job.rule
+    if rule.guard is None and not rule.phase_guards:
+        return None
+    state = job.state
+    return rule.guard_at(state.index if isinstance(state, PhasesState) else None)
+
+
+def minimizes(job: JobState, guard: Guard) -> bool:
+    """Whether a spike of `guard.monitor` is a jump up (min) or a drop (max); `mode:
+    auto` as plateau's: a loss is min, else the client's direction, else acc/auc is max."""
+    if guard.mode != "auto":
+        return guard.mode == "min"
+    if is_loss(guard.monitor):
+        return True
+    direction = job.directions.get(guard.monitor)
+    if direction is not None:
+        return direction == "min"
+    name = guard.monitor.lower()
+    return not ("acc" in name or "auc" in name)
 
 
 def plan_of(job: JobState) -> dict[str, Any] | None:
@@ -311,6 +350,7 @@ def hello(
     audit: list[AuditRow] = []
     reason = "unchanged"
     before = job
+    rejoined = False
     if job is None:
         rule = rule.for_framework(h.framework)
         start = h.start_step if rule.policy.unit == "step" else h.start_epoch
@@ -330,7 +370,8 @@ def hello(
         audit.append(audit_row(job, env, None, "initial", start, source="hello", detail=detail))
     else:
         start = h.start_step if job.unit == "step" else h.start_epoch
-        if h.session.hex() in job.sessions.seqs:
+        rejoined = h.session.hex() in job.sessions.seqs
+        if rejoined:
             # The same client object again (it lost the controller and reconnects, then
             # replays the reports it kept): it rejoins; replayed reports are decided in order
             # and those decided already are deduplicated by seq. No rollback, no new run.
@@ -348,6 +389,7 @@ def hello(
                 value=None,
                 sessions=job.sessions.new_run(),
                 override=None,  # a pin belongs to the run it was set in
+                guard=GuardState(),  # max_rollbacks count per run
             )
             reason = "initial"
             plan = plan_of(job)
@@ -381,6 +423,13 @@ def hello(
             return abandoned
     plan = plan_of(job) if h.plans else None
     answer = lr_message(job, reason, None, start, action, pin_notices(job), plan)
+    if answer.action == "restore" and action is None and not rejoined:
+        # A guard's restore is for the ranks whose weights spiked, not a new process.
+        answer = dataclasses.replace(
+            answer,
+            action=None,
+            detail={k: v for k, v in (answer.detail or {}).items() if k != "snapshot_unit"},
+        )
     return Step(job, [(h.session, answer)], audit)
 
 
@@ -613,6 +662,9 @@ def decide(
     else:
         job = job.with_(state=state, shadow_lr=None, last_epoch=t, value=value)
     reason, pin_ended = decision.reason, False
+    job, spike = _judge(job, t, metrics)
+    if spike is not None:
+        return _rolled_back(job, t, spike, old_lr, reports, point, decided, warnings, env)
     if job.override is not None:
         # A pin: the policy decided underneath (its state advanced), the pinned LR holds
         # until the pin has run its course; then the policy's LR applies from t+1.
@@ -658,6 +710,93 @@ def decide(
     if changed or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided, point=point)
+
+
+def _judge(job: JobState, t: int, metrics: Mapping[str, float]) -> tuple[JobState, Spike | None]:
+    """The guard in force judges unit t's (aggregated) monitor."""
+    guard = guard_of(job)
+    if guard is None:
+        return job, None
+    g, spike = observe(guard, job.guard, t, metrics.get(guard.monitor), minimizes(job, guard))
+    return job.with_(guard=g), spike
+
+
+def _rolled_back(
+    job: JobState,
+    t: int,
+    spike: Spike,
+    old_lr: float,
+    reports: Mapping[int, Report],
+    point: MetricPoint,
+    decided: Decision,
+    warnings: list[str],
+    env: Env,
+) -> Step:
+    """Unit t spiked: every rank restores the snapshot of `spike.snapshot_unit` and goes
+    on at the LR × lr_factor from t+1 (audited `divergence`, notice `rolled_back`); with
+    max_rollbacks spent, notice only, or `action: stop` with `on_exhausted: stop`."""
+    guard = guard_of(job)
+    assert guard is not None
+    action: str | None = None
+    if spike.rollback:
+        new_lr = clamp_lr(job.policy_lr * guard.lr_factor)
+        job = job.with_(
+            state=job.policy.rebase(job.state, new_lr, t),
+            version=job.version + 1,
+            rollbacks=job.rollbacks + 1,
+        )
+        job = job.with_(
+            guard=dataclasses.replace(
+                job.guard, restore_version=job.version, restore_unit=spike.snapshot_unit
+            )
+        )
+        action = "restore"
+        text = (
+            f"loss spike at {job.unit} {spike.unit} ({guard.monitor} {spike.value:.6g}, EMA "
+            f"{'none' if spike.ema is None else format(spike.ema, '.6g')}): every rank "
+            f"restores the snapshot of {job.unit} {spike.snapshot_unit} and goes on at lr "
+            f"{job.lr:.6g} (rollback {job.guard.rollbacks} of {guard.max_rollbacks})"
+        )
+    else:
+        stop = guard.on_exhausted == "stop"
+        if stop:
+            action = "stop"
+            job = job.with_(version=job.version + 1)
+        text = (
+            f"loss spike at {job.unit} {spike.unit} ({guard.monitor} {spike.value:.6g}), but "
+            f"max_rollbacks ({guard.max_rollbacks}) are spent in this run: "
+            + ("training stops (on_exhausted: stop)" if stop else "no rollback, training goes on")
+        )
+    warnings = [*warnings, text]
+    row = audit_row(job, env, old_lr, "divergence", t + 1, detail=spike.detail())
+    notices = (("rolled_back", text), *pin_notices(job))
+    plan = plan_of(job)
+    workers = job.sessions.workers
+    out: Outgoing = [
+        (
+            r.session,
+            lr_message(
+                job,
+                "divergence",
+                r.seq,
+                t + 1,
+                action,
+                notices,
+                plan if plan is not None and _has_plans(workers.get(r.rank), r.session) else None,
+            ),
+        )
+        for r in reports.values()
+    ]
+    if action is not None:
+        out += _push(job, env, "divergence", t + 1, reports, action, notices)
+    # What `simulate` marks: the rollback (or the stop), as the policy's own events are.
+    marked = Decision(
+        job.lr,
+        event=Event("divergence", old_lr, job.lr),
+        action=action,
+        detail=spike.detail(),
+    )
+    return Step(job, out, [row], snapshot=t, warnings=warnings, decision=marked, point=point)
 
 
 def _has_plans(worker: Worker | None, session: bytes) -> bool:

@@ -90,6 +90,57 @@ def torch_worker(cfg: dict[str, Any]) -> None:
         dist.destroy_process_group()
 
 
+def guard_worker(cfg: dict[str, Any]) -> None:
+    """DDP with a guard: rank 1's batch at `spike_at` has huge targets; every rank writes the
+    rollbacks it applied (and at which step) and its final weights."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from lrpilot.client.torch import LRPilotScheduler
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # env://
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(512, 8, generator=g)
+    y = x @ torch.ones(8, 1) + 0.05 * torch.randn(512, 1, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
+    sched = LRPilotScheduler(
+        opt,
+        job=cfg["job"],
+        endpoint=cfg["endpoint"],
+        timeout=5.0,
+        unit="step",
+        monitor="loss",
+        model=model,
+    )
+    applied: list[list[int]] = []
+    for step in range(cfg["steps"]):
+        i = step * 16 % 512
+        xb, yb = x[i : i + 16], y[i : i + 16]
+        if step == cfg["spike_at"] and rank == 1:
+            yb = yb * 1e4  # a batch of huge targets on one rank
+        loss = torch.nn.functional.mse_loss(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen = len(sched._core.rollbacks)
+        sched.step(loss)
+        for asked, unit in sched._core.rollbacks[seen:]:
+            applied.append([step, asked, -1 if unit is None else unit])
+    weights = [float(v) for p in model.parameters() for v in p.detach().flatten()]
+    _write(
+        cfg["out"],
+        {"rank": rank, "applied": applied, "weights": weights, "lr": opt.param_groups[0]["lr"]},
+    )
+    sched.close()
+    dist.destroy_process_group()
+
+
 def keras_worker(cfg: dict[str, Any]) -> None:
     """Keras 3 under MultiWorkerMirroredStrategy, with a custom training loop that drives
     the callback's hooks (Keras 3's `fit` does not run under this strategy:
@@ -326,4 +377,29 @@ def test_keras_multi_worker_mirrored_strategy_workers_share_decisions(
 
 if __name__ == "__main__":
     config = json.loads(sys.argv[1])
-    {"torch": torch_worker, "keras": keras_worker}[config["kind"]](config)
+    workers = {"torch": torch_worker, "keras": keras_worker, "guard": guard_worker}
+    workers[config["kind"]](config)
+
+
+def test_a_spike_on_one_ranks_batch_rolls_both_ranks_back_at_the_same_step(
+    controller_factory: Factory, tmp_path: Path
+) -> None:
+    """Two gloo ranks under DDP with a guard; rank 1 alone gets a batch of huge targets: the
+    job-wide (mean) loss spikes, both ranks restore the same snapshot at the same step (a
+    guarded job of several ranks reports in lockstep) and keep identical weights."""
+    pytest.importorskip("torch")
+    c = controller_factory(
+        "version: 1\ndefaults:\n"
+        "  policy: {type: constant, unit: step}\n"
+        "  guard: {spike: 3.0, window: 20, warmup: 30, snapshot_every: 25, cooldown: 10}\n"
+    )
+    port = _free_port()
+    cfg = {"job": "ddp-guard", "endpoint": c.bind, "steps": 120, "spike_at": 70, "lr": 0.05}
+    procs = [_spawn(tmp_path, "guard", r, _torch_env(r, port), **cfg) for r in (0, 1)]
+    _finish(procs)
+    (rank0,), (rank1,) = (_rows(p) for p in procs)
+    # Restored in step 70's `step()` call, before step 71 runs, to the snapshot of step 50.
+    assert rank0["applied"] == rank1["applied"] == [[70, 50, 50]]
+    assert rank0["weights"] == rank1["weights"]
+    assert rank0["lr"] == rank1["lr"] == 0.025
+    assert c.metric("lrpilot_rollbacks_total", training_job="ddp-guard") == 1.0

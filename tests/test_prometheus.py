@@ -418,6 +418,7 @@ def verify_queries(prom: Prometheus, c: Controller) -> dict[str, int]:
     assert targets, "the dashboard has no queries"
     annotations = dashboard_annotations()
     assert annotations, "the dashboard marks no overrides or reloads"
+    assert any("lrpilot_rollbacks_total" in a["expr"] for _, a in annotations), "no rollbacks"
     for where, target in annotations:  # events: no data is fine, a failing query is not
         prom.query(expand(target["expr"]))
         named.update(dict.fromkeys(metric_names(target["expr"]), where))
@@ -560,7 +561,7 @@ def test_annotations_mark_overrides_and_reloads_at_any_dashboard_interval(
         report(w, 1, 1.0)  # a reload applies at the job's next decision at the latest
         _wait_for_sample(prom, changes % "reload", 1, deadline)
         end = time.time()
-        (annotation,) = [a for _, a in dashboard_annotations()]
+        (annotation,) = [a for _, a in dashboard_annotations() if "lr_changes" in a["expr"]]
         for interval in ANNOTATION_INTERVALS:
             rate = max(interval + SCRAPE_SECONDS, 4 * SCRAPE_SECONDS)  # as Grafana computes it
             GRAFANA = {**GRAFANA_VARIABLES, "__interval": f"{interval}s"}
