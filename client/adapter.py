@@ -241,6 +241,15 @@ class AdapterCore:
         self._guard_boundary(before + 1, done + 1)
         return lr
 
+    @property
+    def reads_at_once(self) -> bool:
+        """Whether per-step means are read at their own report rather than one report late
+        (see `lrpilot.client.step_means`): during a range test (each loss belongs to its LR)
+        and under a guard (a spike must be judged at the step it happened, or the controller
+        could name a snapshot taken after it)."""
+        client = self.client
+        return self.testing or (client is not None and client.snapshot_every is not None)
+
     # -- the loss-spike guard ----------------------------------------------------------------
 
     def _guard_boundary(self, first: int, unit: int) -> None:

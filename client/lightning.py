@@ -235,7 +235,7 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             trainer.current_epoch,
             self._step - 1,
             before,
-            None if means.idle else lambda: means.close(now=core.testing),
+            None if means.idle else lambda: means.close(now=core.reads_at_once),
         )
         self._apply(trainer, lr)
 

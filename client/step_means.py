@@ -10,7 +10,8 @@ finished it: one host read per report, none between reports, and the training st
 waits for the read. A report thus carries the mean over the `report_every` steps before the
 previous report (one report late); numbers (Python, numpy) take no device and are reported
 at their own boundary. During a range test the report waits for the controller anyway, so
-its window is read at once (`now=True`): the sweep's losses belong to their own LRs.
+its window is read at once (`now=True`): the sweep's losses belong to their own LRs; so
+is a guard's (a spike is judged at the step it happened, before the next snapshot).
 
 Example:
 

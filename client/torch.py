@@ -640,7 +640,7 @@ class LRPilotScheduler(ReduceLROnPlateau):
                 self.epoch_in_progress,
                 done,
                 done,
-                lambda: means.close(now=core.testing),
+                lambda: means.close(now=core.reads_at_once),
                 trained_lr=trained,
             )
         self._set_lr(lr)

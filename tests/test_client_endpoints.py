@@ -144,7 +144,9 @@ def test_controllers_pointing_at_each_other_cost_at_most_one_timeout(
     start = time.monotonic()
     assert c.report(0, {"loss": 1.0}) == 0.1
     assert time.monotonic() - start < 1.0 + SLACK
-    assert c.stats["moved"] == 8 and c.unanswered == 1  # then it backs off as on unavailable
+    # Eight hops at most (fewer when the timeout comes first on a busy machine), then it backs
+    # off as on `unavailable`.
+    assert 1 <= c.stats["moved"] <= 8 and c.unanswered == 1
 
 
 def test_a_real_controller_behind_a_moved_redirect_decides_as_if_reached_directly(
