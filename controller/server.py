@@ -283,6 +283,7 @@ def build_server(
     policies: PolicySet | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
+    store: StateStore | None = None,
 ) -> Server:
     """Assemble a controller: open the store, restore its jobs, bind the sockets, start
     the policy file's loader; the `Server` it returns does no I/O until `run()`.
@@ -291,6 +292,8 @@ def build_server(
         config: the validated settings.
         policies: the policy set in force (default: the embedded default).
         clock, wall: monotonic and Unix time (tests pass a clock they move).
+        store: a SQLite store the caller opened on `config.state_dir` (default: opened
+            here; ignored with `config.store`, whose PostgreSQL store is always opened here).
 
     Raises:
         BindError: an endpoint or port cannot be bound.
@@ -302,13 +305,12 @@ def build_server(
     metrics = Metrics(version=__version__)
     metrics.last_reload_timestamp.set(wall())
     pg: PgStore | None = None
-    store: StateStore
     if config.store:
         from .pgstore import PgStore
 
         store = pg = PgStore(config.store, clock=clock)
         metrics.watch_shards(lambda: len(pg.owned) if pg is not None else 0)
-    else:
+    elif store is None:
         store = Store(config.state_dir)
     try:
         table = JobTable(

@@ -9,13 +9,12 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Controller, run_cli
+from conftest import Controller, run_cli, wait_for
 
 torch = pytest.importorskip("torch")
 from lrpilot.client.torch import LRPilotScheduler  # noqa: E402
@@ -172,9 +171,8 @@ def test_a_controller_killed_between_the_spike_report_and_the_restore_restores_o
                 sched.step(loss)
                 if step == 90:
                     sched.client.poll()  # the spike's report goes out, unanswered yet
-                    deadline = time.monotonic() + 20
-                    while _audited(state, "divergence") == 0 and time.monotonic() < deadline:
-                        time.sleep(0.01)  # a positive signal: the decision is committed
+                    # a positive signal: the decision is committed
+                    wait_for(lambda: _audited(state, "divergence") > 0, "divergence audited", 20)
                     assert _audited(state, "divergence") == 1
                     c.kill()
                     c = Controller(state, policy, "--bind", bind).start()
