@@ -92,9 +92,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_to_ready(
-    state: Path, policy: Path, pythonpath: Path | None
-) -> tuple[float, float, int]:
+def start_to_ready(state: Path, policy: Path, pythonpath: Path | None) -> tuple[float, float, int]:
     """Seconds (wall, and the controller's CPU) from starting `lrpilot serve` to its ready
     line, and the jobs it restored."""
     env = dict(os.environ)
