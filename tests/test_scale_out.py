@@ -701,3 +701,53 @@ def test_postgres_records_and_thins_metrics_exactly_as_sqlite(dsn: str, tmp_path
     finally:
         sqlite.close()
         pg.close()
+
+
+def test_postgres_prunes_snapshots_exactly_as_sqlite(dsn: str, tmp_path: Path) -> None:
+    # A PgStore prunes a run's snapshots from the lowest epoch it knows is left (so a prune
+    # does not walk the rows earlier prunes deleted); the snapshots kept must still be
+    # SQLite's, through a resume to an earlier epoch, gaps between epochs, a run that
+    # ended, and a new session that knows nothing yet.
+    from lrpilot.controller.pgstore import PgStore
+    from lrpilot.controller.store import Store, Writes, encode_row
+
+    kept = 5
+    epochs = [*range(0, 30), *range(10, 25), 40, 41, 60, 61, 62, 63, 64, 65, 66, 67, 90]
+    row = encode_row({"lr": 0.1})
+    sqlite = Store(str(tmp_path / "state"))
+    pg = PgStore(dsn)
+    stores: list[Any] = [sqlite, pg]
+
+    def turn(t: int, run: int = 1, old_runs: tuple[tuple[str, int], ...] = ()) -> None:
+        w = Writes(jobs={"snap": row})
+        w.snapshots = [("snap", run, t, row)]
+        w.prune = [("snap", run, t - kept)]
+        w.old_runs = list(old_runs)
+        for store in stores:
+            store.commit(w)
+
+    def left(run: int = 1) -> tuple[list[int], list[int]]:
+        found = [[e for e in range(100) if s.snapshot("snap", run, e)] for s in stores]
+        return found[0], found[1]
+
+    try:
+        pg.register("tcp://a:1", "tcp://a:2")
+        assert len(pg.tick()[0]) == 64
+        for i, t in enumerate(epochs):
+            if i == len(epochs) // 2:  # a new session: every floor forgotten
+                pg.close()
+                stores[1] = pg = PgStore(dsn)
+                pg.register("tcp://a:1", "tcp://a:2")
+                for _ in range(10):  # bounded: the old session's locks are gone at once
+                    if len(pg.tick()[0]) == 64 or len(pg.owned) == 64:
+                        break
+                assert len(pg.owned) == 64
+            turn(t)
+            sqlite_left, pg_left = left()
+            assert pg_left == sqlite_left, f"after epoch {t}"
+        assert left() == ([90], [90])
+        turn(0, run=2, old_runs=(("snap", 1),))  # the next run: run 1's snapshots go
+        assert left(1) == ([], []) and left(2) == ([0], [0])
+    finally:
+        pg.close()
+        sqlite.close()
