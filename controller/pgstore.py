@@ -184,6 +184,10 @@ SELECT NULL, NULL, NULL, NULL WHERE false
 _COMMIT_THIN = _COMMIT_ROWS + _RECORD + "\nSELECT job, run, stride, n FROM strides\n"
 
 
+#: Runs whose lowest stored snapshot epoch a store remembers, at most.
+_FLOORS_KEPT = 100_000
+
+
 def _columns(n: int, rows: Iterable[Iterable[Any]]) -> list[list[Any]]:
     """Rows as n column lists (the arrays that `unnest` turns back into rows)."""
     columns: list[list[Any]] = [[] for _ in range(n)]
@@ -533,6 +537,8 @@ class PgStore:
             states[(job, int(run))] = [int(count), int(stride)]
         self._thinning.update(states)
         floors = self._floors
+        if len(floors) > _FLOORS_KEPT:  # a hint only: forgotten, a prune reads from the start
+            floors.clear()
         for job, run, t in w.prune:  # every snapshot of the run up to t is gone ...
             floor = floors.get((job, run))
             floors[(job, run)] = t + 1 if floor is None else max(floor, t + 1)
