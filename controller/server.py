@@ -60,7 +60,7 @@ from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
-from .reload import Loaded, PolicyLoader
+from .reload import Loaded, PolicyLoader, quiet_gc
 from .store import StateStore, Store
 from .transitions import Outgoing
 from .web import WebBridge, WebPages
@@ -330,7 +330,8 @@ def build_server(
         store.close()
         raise
     if pg is None:
-        count = table.restore(store.load_jobs(), clock(), wall())
+        with quiet_gc():
+            count = table.restore(store.load_jobs(), clock(), wall())
         if count:
             log.info("restored %d jobs from %s", count, config.state_dir)
     loader = None
@@ -436,7 +437,9 @@ class Server:
             log.info("gave up %d shards; %d owned", len(lost), len(self.pg.owned))
         if gained:
             try:
-                count = self.table.restore(self.pg.load_shards(gained), self.clock(), self.wall())
+                with quiet_gc():
+                    rows = self.pg.load_shards(gained)
+                    count = self.table.restore(rows, self.clock(), self.wall())
             except StoreUnavailable as exc:  # loaded one by one as their clients come
                 log.error("cannot restore the jobs of the shards taken: %s", exc)
                 count = len(self.table.jobs)
