@@ -118,3 +118,8 @@ def test_each_framework_example_gets_the_rule_the_docs_say(tmp_path: Path) -> No
     assert "rule 'bert-*' (phases)" in rule("bert-base-1")  # the README's own Keras job
     for job in sorted(jobs):
         assert "rule '*' (plateau)" in rule(job), (job, rule(job))
+
+
+def test_the_readme_stays_a_five_minute_read() -> None:
+    lines = (ROOT / "README.md").read_text().count("\n")
+    assert lines <= 400, f"README.md has {lines} lines: move the detail to docs/"
