@@ -5,6 +5,7 @@ step (× 50) are rolled back once, bit for bit, at LR × lr_factor; `on_exhauste
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 from collections.abc import Callable
@@ -30,16 +31,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 class Regressor(pl.LightningModule):  # type: ignore[misc]
-    def __init__(self, corrupt_at: int | None) -> None:
+    def __init__(self, corrupt_at: int | None, factor: float = 50.0) -> None:
         super().__init__()
         self.net = torch.nn.Linear(8, 1)
-        self.corrupt_at = corrupt_at
+        self.corrupt_at, self.factor = corrupt_at, factor
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step == self.corrupt_at:
             with torch.no_grad():
                 for p in self.parameters():
-                    p.mul_(50.0)
+                    p.mul_(self.factor)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y = batch
@@ -109,14 +110,18 @@ class Checkpoints:
 
 
 def _fit(
-    c: Controller, job: str, corrupt_at: int | None, points: Checkpoints | None = None
+    c: Controller,
+    job: str,
+    corrupt_at: int | None,
+    points: Checkpoints | None = None,
+    factor: float = 50.0,
 ) -> tuple[float, Watch]:
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g) + 0.05 * torch.randn(512, 1, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    model = Regressor(corrupt_at)
+    model = Regressor(corrupt_at, factor)
     hooks: dict[str, Any] = {}
     if points is not None:
         points.model = model
@@ -173,6 +178,21 @@ def test_lightning_users_snapshot_fn_and_restore_fn_of_a_unit_serve_the_guard(
     _step, lr, equal = watch.rollbacks[0]
     assert equal and lr == pytest.approx(0.025)
     assert all(type(k).__name__ == "_UserSnapshot" for k in watch.pilot._core.kept.values())
+
+
+def test_lightning_a_nan_loss_is_reported_as_nan_and_rolled_back(
+    controller_factory: Factory,
+) -> None:
+    """Weights turned NaN: the training loss, summed on its device per report, reaches the
+    controller as NaN (a spike), and the one rollback brings finite weights back."""
+    c = controller_factory(POLICY)
+    corrupt_at = random.Random().randint(60, 160)
+    final, watch = _fit(c, "lightning-nan", corrupt_at, factor=math.nan)
+    assert watch.pilot._core.rollbacks == [(corrupt_at // 25 * 25,) * 2], corrupt_at
+    assert len(watch.rollbacks) == 1
+    _step, lr, equal = watch.rollbacks[0]
+    assert equal and lr == pytest.approx(0.025)
+    assert math.isfinite(final)
 
 
 def test_lightning_on_exhausted_stop_sets_should_stop(controller_factory: Factory) -> None:
