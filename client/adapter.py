@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from .core import Client, check_adapter_args
+from .core import Client, check_adapter_args, takes_unit
 from .env import resolve_job
 
 __all__ = ["AdapterCore", "Restorable"]
@@ -54,7 +54,9 @@ class AdapterCore:
         report_every: with `unit="step"`, report every this many optimizer steps.
         framework: told to the controller (`keras`, `torch`, `lightning`, `hf`).
         snapshot_fn, restore_fn: the user's replacement of the in-memory copy for models
-            too large to copy; both or neither.
+            too large to copy; both or neither. A range test calls them with no argument;
+            a guard, if they take one (`def snapshot_fn(unit=None)`), with the unit of the
+            snapshot to take or put back (else the guard uses the in-memory copies).
 
     Raises:
         ValueError: no job name or a bad argument, naming the fix.
@@ -70,8 +72,8 @@ class AdapterCore:
         unit: str,
         report_every: int,
         framework: str,
-        snapshot_fn: Callable[[], None] | None = None,
-        restore_fn: Callable[[], None] | None = None,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
     ) -> None:
         check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
         self.job = resolve_job(job)
@@ -99,6 +101,9 @@ class AdapterCore:
         #: job's `snapshot_every` by the trainer itself.
         self.kept: dict[int, Restorable] = {}
         self._keep: Callable[[], Restorable] | None = None
+        #: The user's snapshot_fn(unit) / restore_fn(unit), used by the guard instead of
+        #: in-memory copies; None when they take no unit (or there are none).
+        self._unit_fns: tuple[Callable[..., None], Callable[..., None]] | None = None
         #: The guard's rollbacks applied here: (snapshot unit asked, unit restored or None).
         self.rollbacks: list[tuple[int, int | None]] = []
 
@@ -118,6 +123,7 @@ class AdapterCore:
         before_restore: Callable[[], None] | None = None,
         after_restore: Callable[[], None] | None = None,
         keep: Callable[[], Restorable] | None = None,
+        unit_fns: tuple[Callable[..., None], Callable[..., None]] | None = None,
     ) -> Client:
         """Says hello (closing a client left from an earlier run) and returns the client.
 
@@ -129,11 +135,18 @@ class AdapterCore:
                 takes back).
             keep: makes a guard's snapshot (default `copy`): a copy that may be restored
                 more than once, taken off the step's critical path where it can be.
+            unit_fns: the user's (snapshot_fn, restore_fn) when the adapter keeps them itself
+                (default: this core's); if they take a unit the guard calls them instead of
+                `keep`.
         """
         self.close()
         self._copy = copy
         self._keep = keep or copy
         self.kept = {}
+        fns = unit_fns
+        if fns is None and self.snapshot_fn is not None and self.restore_fn is not None:
+            fns = (self.snapshot_fn, self.restore_fn)
+        self._unit_fns = fns if fns is not None and all(map(takes_unit, fns)) else None
         self._after_snapshot = after_snapshot
         self._before_restore, self._after_restore = before_restore, after_restore
         restorable = self.snapshot_fn is not None or copy is not None
@@ -152,7 +165,7 @@ class AdapterCore:
             snapshot_fn=self._snapshot if restorable else None,
             restore_fn=self._restore if restorable else None,
             plans=self.plans,
-            rollback_fn=self._rollback if self._keep is not None else None,
+            rollback_fn=self._rollback if self._guarded() else None,
         )
         return self.client
 
@@ -252,17 +265,27 @@ class AdapterCore:
 
     # -- the loss-spike guard ----------------------------------------------------------------
 
+    def _guarded(self) -> bool:
+        """Whether this adapter can take a guard's snapshots (a copy, or the user's pair)."""
+        return self._keep is not None or self._unit_fns is not None
+
     def _guard_boundary(self, first: int, unit: int) -> None:
         """Training stands at `unit` (having crossed units `first`..`unit`): with a guard,
         the state is copied when a multiple of `snapshot_every` was crossed, labelled with
-        the unit it is the state of; the newest two are kept. No message is needed."""
+        the unit it is the state of (or the user's `snapshot_fn(unit)` is called); the
+        newest two are kept. No message is needed."""
         client = self.client
         every = client.snapshot_every if client is not None else None
-        if every is None or self._keep is None or self.testing or unit in self.kept:
+        if every is None or not self._guarded() or self.testing or unit in self.kept:
             return
         if unit // every * every < first:  # no multiple in first..unit
             return
-        self.kept[unit] = self._keep()
+        if self._unit_fns is not None:
+            self._unit_fns[0](unit)
+            self.kept[unit] = _UserSnapshot(self._unit_fns[1], unit)
+        else:
+            assert self._keep is not None
+            self.kept[unit] = self._keep()
         while len(self.kept) > 2:
             del self.kept[min(self.kept)]
 
@@ -330,3 +353,16 @@ class AdapterCore:
         self.restored = True
         if self._after_restore is not None:
             self._after_restore()
+
+
+class _UserSnapshot:
+    """A guard's snapshot taken by the user's `snapshot_fn(unit)`: restoring it calls
+    `restore_fn(unit)`."""
+
+    __slots__ = ("restore_fn", "unit")
+
+    def __init__(self, restore_fn: Callable[..., None], unit: int) -> None:
+        self.restore_fn, self.unit = restore_fn, unit
+
+    def restore(self) -> None:
+        self.restore_fn(self.unit)

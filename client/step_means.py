@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,9 +70,8 @@ class _Window:
             if self.event is not None and not self.event.query():
                 self.event.synchronize()  # the device is a whole report behind: wait for it
             for name, total in zip(self.names, self.host.tolist(), strict=True):
-                mean = total / self.counts[name]
-                if math.isfinite(mean):
-                    means[name] = mean
+                # NaN and inf are kept: a diverged loss is what a guard must see.
+                means[name] = total / self.counts[name]
         return means
 
 
