@@ -610,13 +610,18 @@ def decide(
     # In shadow mode the policy runs on its own LR (shadow_lr), the job keeps the one it sent.
     before = job.state if job.shadow_lr is None else job.state.replace(lr=job.shadow_lr)
     try:
-        if all(job.policy.counts(job.state, r.lr) for r in reports.values()):
-            state, decision = job.policy.step(before, t, metrics, job.directions)
+        workers = job.sessions.workers
+        ahead = all(_has_plans(workers.get(r.rank), r.session) for r in reports.values())
+        admitted = job.policy.admit(before, t, [r.lr for r in reports.values()], ahead)
+        if admitted is not None:
+            state, decision = job.policy.step(admitted, t, metrics, job.directions)
         else:
             # Trained at an LR the range test did not set (the trainer went on at its last
-            # LR while the controller was away): no point, the policy decides nothing, and
-            # every rank is told the sweep's next untried LR again, from t+1.
-            state, decision = job.state, Decision(job.state.lr)
+            # LR while the controller was away, or ran its sweep past the restore): no
+            # point, the policy decides nothing, and every rank is told the sweep's next
+            # untried LR again, from t+1.
+            state = job.policy.missed(job.state, t)
+            decision = Decision(state.lr)
     except EngineError as exc:  # nothing changes, every rank is told
         code, message = wire_code(exc), str(exc)
         errors: Outgoing = [
