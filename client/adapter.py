@@ -239,7 +239,12 @@ class AdapterCore:
         if (done + 1) // every > before // every:
             report = None if metrics is None else metrics()
             if report or client.plan is None or self.testing or client.liveness_due():
-                waits = self._waits(client, sweep, done) if wait is None else wait
+                if wait is not None:
+                    waits = wait
+                elif sweep is not None and trained_lr is not None:
+                    waits = True  # trained before the sweep's plan came: the sweep starts after
+                else:
+                    waits = self._waits(client, sweep, done)
                 lr = client.report(
                     epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr
                 )

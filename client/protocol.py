@@ -389,7 +389,7 @@ class LrMessage:
             parsed.append((n["code"][:64], _str(n, "message", 4096, optional=True)))
         plan = msg.get("plan")
         if plan is not None:
-            plan = check_plan(plan)
+            plan = _checked_plan(plan)
         detail = _detail(msg.get("detail"))
         return cls(
             job=check_name(_get(msg, "job"), "job"),
@@ -405,6 +405,21 @@ class LrMessage:
             plan=plan,
             detail=detail,
         )
+
+
+#: The last plan checked: (as received, as checked). Every reply repeats the plan in force
+#: (a range test's sweep: one reply a step), so the same plan is checked once.
+_last_plan: list[Any] = [None, None]
+
+
+def _checked_plan(plan: Any) -> dict[str, Any]:
+    """`check_plan(plan)`, or the result of the last check when the plan is the same."""
+    if plan == _last_plan[0]:
+        checked: dict[str, Any] = _last_plan[1]
+        return checked
+    checked = check_plan(plan)
+    _last_plan[:] = [plan, checked]
+    return checked
 
 
 #: The `lr.detail` keys a client acts on (others, from a newer controller, are dropped).

@@ -679,9 +679,12 @@ def decide(
         job = job.with_(override=None if pin_ended else pin)
         reason = "override" if pin_ended else "unchanged"
     changed = job.lr != old_lr or decision.action in ("snapshot", "restore")
-    if changed:
-        job = job.with_(version=job.version + 1)
     plan = plan_of(job)
+    # A sweep that starts over (no point yet: see RangeTest.missed) moves its plan with the
+    # same LR: a new version, so that the trainers take it; no audit row.
+    moved = not changed and plan is not None and plan != plan_before
+    if changed or moved:
+        job = job.with_(version=job.version + 1)
     if pin_ended:
         audit.append(audit_row(job, env, old_lr, "override", t + 1, "expiry", "expired"))
     elif (
@@ -712,7 +715,7 @@ def decide(
         )
         for r in reports.values()
     ]
-    if changed or decision.action:
+    if changed or moved or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided, point=point)
 

@@ -178,11 +178,15 @@ class RangeTest(Policy):
             return state
         if not ahead:
             return None
+        before = state.lr_before
+        if any(abs(lr - before) <= _SAME_LR * before for lr in lrs):
+            return None  # the LR from before the test: a trainer that had no plan yet
         found = {self.index_of(lr) for lr in lrs}
         if len(found) != 1:
             return None
         (j,) = found
-        if j is None or j < state.index:
+        # A plan starts its sweep at local step 0 or later: step t runs index t at most.
+        if j is None or not state.index <= j <= t:
             return None
         if j == state.index:
             return state
