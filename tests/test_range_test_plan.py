@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import random
+import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +38,10 @@ defaults:
 """
 
 
+#: Where each wait counted came from, for the assertions' messages.
+callers: list[str] = []
+
+
 def count_waits(client: Client) -> list[int]:
     """Every wait of `client` for the controller from now on, as the step it happened at
     (the client's own `_await`, counted where it is called)."""
@@ -46,6 +50,7 @@ def count_waits(client: Client) -> list[int]:
 
     def counted(*args: Any, **kwargs: Any) -> None:
         waits.append(client._decisions.step)
+        callers.append(" < ".join(f.name for f in traceback.extract_stack(limit=6)[:-1]))
         original(*args, **kwargs)
 
     client._await = counted  # type: ignore[method-assign]
@@ -112,9 +117,7 @@ def test_the_plan_moves_only_while_no_point_is_recorded() -> None:
     assert policy.missed(fed, 2) == fed  # a point is recorded: the sweep stays where it is
 
 
-def test_after_a_sweep_reports_trained_past_its_last_point_are_no_input_to_the_next_phase() -> (
-    None
-):
+def test_after_a_sweep_reports_trained_past_its_last_point_are_no_input_to_the_next_phase() -> None:
     chain = Phases(
         phases=(
             Phase(policy=RangeTest(start_lr=1e-4, steps_per_decade=10)),
@@ -135,7 +138,7 @@ def test_after_a_sweep_reports_trained_past_its_last_point_are_no_input_to_the_n
     assert decision.action == "restore" and chain.plan(state) is None
     last = state.range_test["points"][-1][0]  # type: ignore[attr-defined,index]
     # The trainer ran the plan on until the restore reached it: those steps are no input.
-    assert chain.admit(state, t, [last * 10 ** 0.1], ahead=True) is None
+    assert chain.admit(state, t, [last * 10**0.1], ahead=True) is None
     assert chain.admit(state, t, [state.lr], ahead=True) is not None
 
 
@@ -162,9 +165,7 @@ def test_torch_range_test_written_as_the_readme_says_waits_for_no_reply_per_step
     c = controller_factory(SWEEP)
     x, y = digits()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)
-    )
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sched = LRPilotScheduler(opt, job="readme-sweep", endpoint=c.bind, model=model, unit="step")
     used: list[float] = []
@@ -200,14 +201,12 @@ def test_torch_range_test_written_as_the_readme_says_waits_for_no_reply_per_step
     assert [p[0] for p in points] == pytest.approx(
         [1e-5 * 10 ** (t / 20) for t in range(len(points))], rel=1e-12
     )
-    assert [[p[0], p[1]] for p in points] == [
-        [used[s], seen[s]] for s in range(1, len(points) + 1)
-    ]
+    assert [[p[0], p[1]] for p in points] == [[used[s], seen[s]] for s in range(1, len(points) + 1)]
     # No step of the sweep waited; the sweep's end (end_lr) may wait once, for the restore.
     # No step of the sweep waited: at most its last planned step, for the answer, when the
     # restore had not reached the trainer by then (the controller is a report or so behind).
     planned = RangeTest(start_lr=1e-4, steps_per_decade=20).planned
-    assert set(waits) <= {planned - 1}, waits
+    assert set(waits) <= {planned - 1}, (waits, callers)
     assert stats["replies"] >= restored_at and stats["timeouts"] == 0
     assert opt.param_groups[0]["lr"] == pytest.approx(report["suggested_lr"], rel=1e-12)
     (row,) = Admin(c.admin).status()
@@ -262,4 +261,4 @@ def test_keras_range_test_runs_as_a_plan_with_no_wait_per_step(
     # No step of the sweep waited: at most its last planned step, for the answer, when the
     # restore had not reached the trainer by then (the controller is a report or so behind).
     planned = RangeTest(start_lr=1e-4, steps_per_decade=20).planned
-    assert set(waits) <= {planned - 1}, waits
+    assert set(waits) <= {planned - 1}, (waits, callers)
