@@ -407,18 +407,19 @@ class LrMessage:
         )
 
 
-#: The last plan checked: (as received, as checked). Every reply repeats the plan in force
-#: (a range test's sweep: one reply a step), so the same plan is checked once.
-_last_plan: list[Any] = [None, None]
+#: The last plan checked, as one (as received, as checked) pair (replaced whole: a client in
+#: another thread never reads half of it). Every reply repeats the plan in force (a range
+#: test's sweep: one reply a step), so the same plan is checked once.
+_last_plan: list[tuple[Any, dict[str, Any]] | None] = [None]
 
 
 def _checked_plan(plan: Any) -> dict[str, Any]:
     """`check_plan(plan)`, or the result of the last check when the plan is the same."""
-    if plan == _last_plan[0]:
-        checked: dict[str, Any] = _last_plan[1]
-        return checked
+    last = _last_plan[0]
+    if last is not None and plan == last[0]:
+        return last[1]
     checked = check_plan(plan)
-    _last_plan[:] = [plan, checked]
+    _last_plan[0] = (plan, checked)
     return checked
 
 

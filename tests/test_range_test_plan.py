@@ -262,3 +262,30 @@ def test_keras_range_test_runs_as_a_plan_with_no_wait_per_step(
     # restore had not reached the trainer by then (the controller is a report or so behind).
     planned = RangeTest(start_lr=1e-4, steps_per_decade=20).planned
     assert set(waits) <= {planned - 1}, (waits, callers)
+
+
+def test_a_reply_repeating_the_plan_in_force_is_not_checked_again_yet_a_bad_one_is_refused() -> (
+    None
+):
+    from lrpilot.client.errors import ProtocolError
+    from lrpilot.client.protocol import encode, parse_server_message
+
+    policy = RangeTest(start_lr=1e-4, steps_per_decade=10)
+    plan = policy.plan(policy.start(0.01, 0))
+    assert plan is not None
+
+    def reply(plan: dict[str, Any], version: int) -> dict[str, Any]:
+        return {
+            "t": "lr", "job": "j", "lr": 1e-4, "version": version, "run": 1,
+            "reason": "range_test", "seq": version, "apply_from_epoch": None,
+            "apply_from_step": version, "plan": plan,
+        }  # fmt: skip
+
+    first = parse_server_message(encode(reply(plan, 1)))
+    again = parse_server_message(encode(reply(plan, 2)))
+    assert first.plan == plan and again.plan is first.plan  # the check's result, reused
+    bad = {**plan, "params": {**plan["params"], "steps_per_decade": 0}}
+    with pytest.raises(ProtocolError):
+        parse_server_message(encode(reply(bad, 3)))
+    moved = {**plan, "from": 5, "until": 5 + policy.planned}
+    assert parse_server_message(encode(reply(moved, 4))).plan == moved
