@@ -182,7 +182,7 @@ def main() -> int:
         ],
         [
             "range test, CPU per sweep step (the process, every thread)",
-            f"{ac * 1e3:.3f} ms (+{(ac - bc) * 1e6:.0f} µs)",
+            f"{ac * 1e3:.3f} ms ({(ac - bc) * 1e6:+.0f} µs)",
             f"{bc * 1e3:.3f} ms (the same loop and sweep without lrpilot)",
             f"{ac / bc:.2f}",
             "—",

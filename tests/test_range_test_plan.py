@@ -232,6 +232,7 @@ def test_keras_range_test_runs_as_a_plan_with_no_wait_per_step(
     callback = LRPilotCallback(job="keras-sweep", endpoint=c.bind, unit="step", timeout=10.0)
     trained: list[tuple[float, float]] = []  # (LR, full-batch loss before the step)
     waits: list[int] = []
+    restored: list[int] = []
 
     class Watch(keras.callbacks.Callback):  # type: ignore[misc]
         def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
@@ -243,14 +244,17 @@ def test_keras_range_test_runs_as_a_plan_with_no_wait_per_step(
             trained.append((lr, float(np.mean((x @ w - y) ** 2))))
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            waits[:] = self.waits  # not the end of fit's (its close flushes what is kept)
+            if not restored:  # the sweep's waits, up to the step its restore applied at
+                waits[:] = self.waits
+                if callback.client.last_action == "restore":
+                    restored.append(len(trained))
 
     model.fit(  # every batch is the whole set: full-batch steps, 40 an epoch
         np.tile(x, (40, 1)), np.tile(y, (40, 1)), batch_size=64, epochs=3, shuffle=False,
         verbose=0, callbacks=[callback, Watch()],
     )  # fmt: skip
     report = Admin(c.admin).range_test("keras-sweep")
-    assert report["done"], report["stop_reason"]
+    assert report["done"] and restored, report["stop_reason"]
     points = report["points"]
     assert len(points) > 20
     # Every point is a step the trainer ran: its LR and the loss of the weights it ran on.

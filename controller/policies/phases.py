@@ -132,10 +132,10 @@ class Phases(Policy):
         assert isinstance(state, PhasesState)
         if self._past_sweep(state, lrs):
             return None
-        policy = self.phases[state.index].policy
-        inner = policy.admit(self.inner_state(state), t - state.start, lrs, ahead)
-        if inner is None:
-            return None
+        before = self.inner_state(state)
+        inner = self.phases[state.index].policy.admit(before, t - state.start, lrs, ahead)
+        if inner is None or inner is before:
+            return None if inner is None else state
         return state.replace(lr=inner.lr, inner=inner.to_dict())
 
     def _past_sweep(self, state: PhasesState, lrs: Sequence[float]) -> bool:
@@ -149,8 +149,9 @@ class Phases(Policy):
 
     def missed(self, state: State, t: int) -> State:
         assert isinstance(state, PhasesState)
-        inner = self.phases[state.index].policy.missed(self.inner_state(state), t - state.start)
-        return state.replace(lr=inner.lr, inner=inner.to_dict())
+        before = self.inner_state(state)
+        inner = self.phases[state.index].policy.missed(before, t - state.start)
+        return state if inner is before else state.replace(lr=inner.lr, inner=inner.to_dict())
 
     def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
         """The phase in force abandons its sweep; the chain moves on as when it finishes."""
