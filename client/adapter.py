@@ -41,6 +41,14 @@ class Restorable(Protocol):
     def restore(self) -> None: ...
 
 
+def _sweep_until(plan: Mapping[str, Any] | None) -> int | None:
+    """The end (`until`) of a range test's sweep run as a plan, or None for no such plan."""
+    if plan is None or plan["kind"] != "range_test":
+        return None
+    until: int | None = plan["until"]
+    return until
+
+
 class AdapterCore:
     """The client of one `fit` / training run, and the decisions every adapter applies alike.
 
@@ -218,8 +226,8 @@ class AdapterCore:
     ) -> float:
         """`unit="step"`: optimizer steps `before`..`done` (0-based) have run. Reports every
         `report_every` steps (`metrics()` is read only then: a host read of the loss happens
-        only at a report) without waiting, except during a range test, so that every rank
-        sweeps in lockstep; else only looks for decisions. The LR for step `done + 1`.
+        only at a report) without waiting (a range test's sweep run as a plan: every step,
+        see `wait`); else only looks for decisions. The LR for step `done + 1`.
 
         Args:
             epoch: the epoch the steps belong to.
@@ -229,22 +237,27 @@ class AdapterCore:
             metrics: returns the metrics to report (None or empty: none ready; per-step
                 adapters hand the means of the previous report's steps, read one report
                 late, see `lrpilot.client.step_means`); None: nothing to report.
-            wait: whether the report waits for its answer; default only during a range test
-                and, with a guard, in a job of several ranks (so that all restore at the
-                same step).
+            wait: whether the report waits for its answer; default: during a range test
+                only at the sweep's last step when the sweep runs as a plan (every step is
+                then reported, streamed), at every report in a job of several ranks or
+                with an older controller's sweep (so that all ranks restore at the same
+                step), and with a guard in a job of several ranks.
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
         """
         client = self.client
         assert client is not None, "connect() first"
-        every = self.report_every
+        sweep = _sweep_until(client.plan) if self.testing else None
+        every = self.report_every if sweep is None else 1
         if (done + 1) // every > before // every:
             report = None if metrics is None else metrics()
             if report or client.plan is None or self.testing or client.liveness_due():
-                # A range test, or a guard in a job of several ranks, waits for the answer:
-                # every rank then applies a restore at the same step.
-                lockstep = self.testing or (client.snapshot_every is not None and client.world > 1)
-                waits = lockstep if wait is None else wait
+                if wait is not None:
+                    waits = wait
+                elif sweep is not None and trained_lr is not None:
+                    waits = True  # trained before the sweep's plan came: the sweep starts after
+                else:
+                    waits = self._waits(client, sweep, done)
                 lr = client.report(
                     epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr
                 )
@@ -253,6 +266,18 @@ class AdapterCore:
         lr = client.lr_at(step=done + 1)
         self._guard_boundary(before + 1, done + 1)
         return lr
+
+    def _waits(self, client: Client, sweep: int | None, done: int) -> bool:
+        """Whether the report of step `done` waits for its answer. A range test run as a plan
+        (`sweep`: its end) streams its reports and waits once, at its last step, for the
+        controller's end of it; a job of several ranks waits at every report of the sweep
+        (an older controller's sweep too), so that every rank restores at the same step;
+        so does a guarded job of several ranks."""
+        if sweep is not None:
+            return client.world > 1 or done + 1 >= sweep
+        if self.testing:
+            return True
+        return client.snapshot_every is not None and client.world > 1
 
     @property
     def reads_at_once(self) -> bool:
