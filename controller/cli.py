@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -583,9 +584,26 @@ def _detail(job: str, row: dict[str, Any]) -> str:
                 f"suggested {_lr(report.get('suggested_lr'))} ({chosen}); "
                 f"the curve: lrpilot range-test {job}"
             )
+    detail = _PLAN_DETAIL.sub(_plan_in_short, detail)
     if len(detail) > _DETAIL_CHARS:
         return detail[: _DETAIL_CHARS - 3] + "..."
     return detail
+
+
+_PLAN_DETAIL = re.compile(r"\bplan (\{.*\})")
+
+
+def _plan_in_short(m: re.Match[str]) -> str:
+    """`plan {...}` in a history line: the plan's kind and span (`--json` has it whole)."""
+    try:
+        plan = json.loads(m.group(1))
+    except ValueError:
+        return m.group(0)
+    if not isinstance(plan, dict) or "kind" not in plan:
+        return m.group(0)
+    until = plan.get("until")
+    span = f"from {plan.get('from', 0)}" + (f" until {until}" if until is not None else "")
+    return f"plan {plan['kind']} {span}"
 
 
 def cmd_range_test(args: argparse.Namespace) -> int:

@@ -390,6 +390,7 @@ def test_a_range_test_is_one_short_line_in_history_and_whole_in_json(
     text = run_cli("history", "sweep", "--admin", c.admin).stdout
     lines = text.splitlines()
     assert max(len(line) for line in lines) < 200, max(lines, key=len)
+    assert "(plan range_test from 0" in text  # the sweep's plan, named, not dumped
     last = lines[-1]
     assert "range test stopped: divergence" in last and "lrpilot range-test sweep" in last
     assert "points" in last and "suggested" in last

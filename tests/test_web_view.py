@@ -363,7 +363,9 @@ def test_the_page_in_headless_chromium(controller_factory: Factory, tmp_path: Pa
     assert f"{len(rt['points'])} points, stopped: {rt['stop_reason']}" in info
     assert f"({rt['suggest']})" in info and "valley" in info and "steep" in info
     assert {"loss", "smoothed"} <= set(dom.labels)
-    assert dom.events.count("range_test") >= 100  # every step of the sweep, marked
+    # The sweep runs in the trainer as one plan: one audit row ends it (with the curve),
+    # and the chart above shows every point the trainer reported.
+    assert dom.events.count("range_test") >= 1
 
     dom = Dom(browse(f"{base}?job=gpt-spike", tmp_path / "profile", "--dump-dom"))
     assert dom.events == ["reload", "divergence", "initial"]  # a rollback and a reload, marked
