@@ -9,10 +9,14 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus chromium postgresql image-tools modules docs
 
+# A venv that `make demo` made has no pip of its own (see below): the full install adds one.
+VENV_WITH_PIP := (test -x $(PY) || $(PYTHON) -m venv $(VENV)) && \
+	($(PIP) --version >/dev/null 2>&1 || $(PY) -m ensurepip -q --default-pip)
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_WITH_PIP)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,fast,dev]" --config-settings editable_mode=strict
+	$(PIP) install -q -e ".[keras,keras-jax,torch,lightning,hf,plot,postgres,fast,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install links each module: relink when the set of modules changes.
@@ -79,16 +83,28 @@ test: lint typecheck pytest
 
 check: test
 
-# The demo needs the core and Keras only: no torch, Lightning, transformers or dev tools. In a
-# venv that `make test` already filled it installs nothing.
+# The demo needs the core and Keras on JAX (CPU) only: no TensorFlow, torch, Lightning,
+# transformers or dev tools. On a fresh clone it makes a venv without pip (the base
+# interpreter's pip installs into it, via --python, when it is 22.3 or newer) and installs the
+# exact, complete pins of requirements/demo.txt with --no-deps: nothing to resolve. In a venv
+# that `make test` filled it installs nothing (or brings it up to date as `make test` would).
 DEMO_STAMP := $(VENV)/.demo-installed
-$(DEMO_STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	test -f $(STAMP) || $(PIP) install -q --no-compile -e ".[keras]"
-	touch $@
+$(DEMO_STAMP): pyproject.toml requirements/demo.txt
+	@if [ -f $(STAMP) ]; then $(MAKE) --no-print-directory $(STAMP); else \
+		test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV) || exit 1; \
+		if $(PIP) --version >/dev/null 2>&1; then pip="$(PIP)"; \
+		elif $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then \
+			pip="$(PYTHON) -m pip --python $(PY)"; \
+		else $(PY) -m ensurepip -q --default-pip || exit 1; pip="$(PIP)"; fi; \
+		echo "installing lrpilot's core and Keras on JAX (CPU) into $(VENV): requirements/demo.txt"; \
+		$$pip install -q --no-deps --no-compile -r requirements/demo.txt && \
+		$$pip install -q --no-deps --no-compile -e . || exit 1; \
+	fi
+	@touch $@
 
+# KERAS_BACKEND=tensorflow make demo runs it on TensorFlow where that is installed (make test).
 demo: $(DEMO_STAMP)
-	$(VENV)/bin/lrpilot demo
+	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(VENV)/bin/lrpilot demo
 
 # Long property-based runs (the short profile runs inside make test).
 fuzz: modules
@@ -115,7 +131,7 @@ docs: modules
 # A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl). Needs
 # only `build` (it builds in an isolated env with setuptools), none of the ML stacks.
 dist:
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_WITH_PIP)
 	$(PY) -c "import build" 2>/dev/null || $(PIP) install -q "build>=1.0,<2"
 	$(PY) -m build --outdir dist .
 
