@@ -11,7 +11,7 @@ TORCH_PIN := torch==2.13.0
 
 # A venv that `make demo` made has no pip of its own (see below): the full install adds one.
 VENV_WITH_PIP := (test -x $(PY) || $(PYTHON) -m venv $(VENV)) && \
-	($(PIP) --version >/dev/null 2>&1 || $(PY) -m ensurepip -q --default-pip)
+	($(PIP) --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null)
 
 $(STAMP): pyproject.toml Makefile
 	$(VENV_WITH_PIP)
@@ -86,21 +86,27 @@ check: test
 # The demo needs the core and Keras on JAX (CPU) only: no TensorFlow, torch, Lightning,
 # transformers or dev tools. On a fresh clone it makes a venv without pip (the base
 # interpreter's pip installs into it, via --python, when it is 22.3 or newer) and installs the
-# exact, complete pins of requirements/demo.txt with --no-deps: nothing to resolve. In a venv
-# that `make test` filled it installs nothing (or brings it up to date as `make test` would).
+# exact, complete pins of requirements/demo.txt with --no-deps: nothing to resolve (the pins
+# need Python 3.11+; on 3.10 pip resolves the keras-jax extra instead). In a venv that
+# `make test` filled it installs nothing (or brings it up to date as `make test` would).
 DEMO_STAMP := $(VENV)/.demo-installed
-$(DEMO_STAMP): pyproject.toml requirements/demo.txt
-	@if [ -f $(STAMP) ]; then $(MAKE) --no-print-directory $(STAMP); else \
-		test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV) || exit 1; \
-		if $(PIP) --version >/dev/null 2>&1; then pip="$(PIP)"; \
-		elif $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then \
-			pip="$(PYTHON) -m pip --python $(PY)"; \
-		else $(PY) -m ensurepip -q --default-pip || exit 1; pip="$(PIP)"; fi; \
-		echo "installing lrpilot's core and Keras on JAX (CPU) into $(VENV): requirements/demo.txt"; \
-		$$pip install -q --no-deps --no-compile -r requirements/demo.txt && \
-		$$pip install -q --no-deps --no-compile -e . || exit 1; \
-	fi
+ifneq ($(wildcard $(STAMP)),)
+$(DEMO_STAMP): $(STAMP)
 	@touch $@
+else
+$(DEMO_STAMP): pyproject.toml requirements/demo.txt
+	@test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV)
+	@echo "installing lrpilot's core and Keras on JAX (CPU) into $(VENV): requirements/demo.txt"
+	@if $(PIP) --version >/dev/null 2>&1; then pip="$(PIP)"; \
+	elif $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then \
+		pip="$(PYTHON) -m pip --python $(PY)"; \
+	else $(PY) -m ensurepip --default-pip >/dev/null && pip="$(PIP)" || exit 1; fi; \
+	if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+		$$pip install -q --no-deps --no-compile -r requirements/demo.txt && \
+		$$pip install -q --no-deps --no-compile --no-build-isolation -e .; \
+	else $$pip install -q --no-compile -e ".[keras-jax]"; fi
+	@touch $@
+endif
 
 # KERAS_BACKEND=tensorflow make demo runs it on TensorFlow where that is installed (make test).
 demo: $(DEMO_STAMP)

@@ -178,8 +178,7 @@ def main() -> int:
         f"## {stamp} — fresh clone to the demo's LR decisions (bench/fresh_demo.py)",
         "",
         *[f"- {c}" for c in context(load, ["pip"], "the installs and the demo")],
-        f"- cloned: commit {ref[:12]}; pip cache as found: {cache_mb:.0f} MB; "
-        f"python3: {py}",
+        f"- cloned: commit {ref[:12]}; pip cache as found: {cache_mb:.0f} MB; python3: {py}",
         f"- run: `bench/fresh_demo.py --rounds {args.rounds}`, {took:.0f} s; per round "
         + "; ".join(
             f"{run.variant} {fmt(run.first_decision)}/{fmt(run.done)} ({run.backend or '?'})"
