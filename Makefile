@@ -108,9 +108,10 @@ $(DEMO_STAMP): pyproject.toml requirements/demo.txt
 	@touch $@
 endif
 
-# KERAS_BACKEND=tensorflow make demo runs it on TensorFlow where that is installed (make test).
+# `lrpilot demo` runs Keras on JAX where TensorFlow is not installed, else on Keras' default
+# (TensorFlow, in a venv that `make test` filled); KERAS_BACKEND=jax make demo chooses.
 demo: $(DEMO_STAMP)
-	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(VENV)/bin/lrpilot demo
+	$(VENV)/bin/lrpilot demo
 
 # Long property-based runs (the short profile runs inside make test).
 fuzz: modules
@@ -128,6 +129,7 @@ bench: modules
 	$(PY) bench/adapters.py
 	$(PY) bench/guard.py
 	$(PY) bench/web_view.py
+	$(PY) bench/fresh_demo.py
 
 # docs/policy-reference.md is written from the policy classes' own parameter docs; a test fails
 # when the committed file differs from what this prints.
