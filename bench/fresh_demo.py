@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,10 +151,10 @@ def main() -> int:
     took = time.monotonic() - began
 
     def median(variant: str, field: str) -> float | None:
-        xs = sorted(
+        xs = [
             v for run in runs if run.variant == variant and (v := getattr(run, field)) is not None
-        )
-        return xs[len(xs) // 2] if xs else None
+        ]
+        return statistics.median(xs) if xs else None
 
     rows = []
     for field, label in [
