@@ -131,6 +131,16 @@ def _fresh_tree_demo(tree: Path) -> None:
     ).stdout
     assert "pip" not in again and "-m venv" not in again, again
 
+    # The Keras adapter without a backend chosen says how to run it on JAX.
+    imp = subprocess.run(
+        [str(py), "-c", "import lrpilot.client.keras"],
+        capture_output=True, text=True, timeout=60, env=_env(), check=False,
+    )  # fmt: skip
+    assert imp.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: No module named 'tensorflow': Keras' default backend; "
+        "lrpilot.client.keras runs on JAX with KERAS_BACKEND=jax set before Keras is imported, "
+        "or on TensorFlow with: pip install 'lrpilot[keras]'"
+    ), imp.stderr
     # The other adapters, imported there, name the extra that brings their framework.
     for adapter, extra, missing in [("torch", "torch", "torch"), ("hf", "hf", "torch")]:
         imp = subprocess.run(
