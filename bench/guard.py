@@ -10,12 +10,18 @@ the CPU) is timed in interleaved rounds, in the same run:
 - a `GuardCopy(pinned=False)` every `snapshot_every` steps (a plain synchronous copy to
   host memory), the newest two kept, as the adapters keep them;
 - a `GuardCopy(pinned=True)` with the evicted copy's buffers reused: on CUDA, non-blocking
-  copies into pinned memory (on a CPU-only machine it is the same copy as above).
+  copies into pinned memory. Pinned memory and non-blocking copies need CUDA: on a
+  CPU-only machine this variant is a synchronous copy into reused buffers, named so in the
+  output and in RESULTS.md ("reused buffers", with a line saying pinned was unavailable),
+  and the pinned figures are left to a run on a CUDA machine.
 
 Per variant: the fastest round's step time (µs; on a shared machine the fastest round is the
-one least disturbed) and its ratio to the baseline's, at snapshot_every 200 (the default)
-and 20; and, measured apart, what one snapshot takes (median of 20) and that cost spread
-over snapshot_every steps. Appended to bench/RESULTS.md unless --no-record.
+one least disturbed) and the median over rounds of its ratio to the baseline round run
+right before it (paired: a load that drifts over the run cancels out), at snapshot_every
+200 (the default) and 20; and, measured apart, what one snapshot takes (median of 20) and
+that cost spread over snapshot_every steps. On the CPU the loop runs on one thread (a
+shared 2-core machine: two threads oversubscribed make every step wait for the slower).
+Appended to bench/RESULTS.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -89,32 +95,52 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = args.device
+    if device == "cpu":
+        torch.set_num_threads(1)
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     steps, rounds = (100, 3) if args.quick else (200 if device == "cpu" else 2000, 7)
     model, opt, x = build(device)
     params = sum(p.numel() for p in model.parameters())
     round_time(model, opt, x, 20, 10, "pinned", device)  # warm up (allocations, kernels)
+    pinned = device == "cuda"
+    # Without CUDA there is no pinned memory and no non-blocking copy: the second mode is
+    # the synchronous copy into the evicted snapshot's buffers, and says so.
+    second = "pinned non-blocking" if pinned else "sync, reused buffers"
+    if not pinned:
+        print(
+            "pinned memory and non-blocking copies need CUDA: unavailable on this machine; "
+            f"measuring '{second}' in their place (run on a CUDA machine for pinned figures)"
+        )
     variants = [
         ("none", None, ""),
         ("sync, every 200", 200, "sync"),
-        ("pinned, every 200", 200, "pinned"),
+        (f"{second}, every 200", 200, "pinned"),
         ("sync, every 20", 20, "sync"),
-        ("pinned, every 20", 20, "pinned"),
+        (f"{second}, every 20", 20, "pinned"),
     ]
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    ratios: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     began = time.perf_counter()
     for _ in range(rounds):
         for name, every, mode in variants:
             times[name].append(round_time(model, opt, x, steps, every, mode, device))
+            ratios[name].append(times[name][-1] / times["none"][-1])  # paired with its base
     took = time.perf_counter() - began
     base = min(times["none"])
     rows = []
     for name, _, _ in variants:
-        best = min(times[name])
-        rows.append(f"| {name} | {best * 1e6:.0f} µs | {base * 1e6:.0f} µs | {best / base:.3f} |")
-        print(f"{name:>20}: {best * 1e6:8.0f} µs/step  ({best / base:.3f}× no snapshots)")
+        best, paired = min(times[name]), statistics.median(ratios[name])
+        rows.append(
+            f"| {name} | {best * 1e6:.0f} µs | {base * 1e6:.0f} µs | {best / base:.3f} | "
+            f"{paired:.3f} |"
+        )
+        print(
+            f"{name:>32}: {best * 1e6:8.0f} µs/step  ({best / base:.3f}× no snapshots; "
+            f"paired median {paired:.3f}×)"
+        )
     copies = []
     for mode in ("sync", "pinned"):
+        label = "sync" if mode == "sync" else second
         kept: list[GuardCopy] = []
         took_each = []
         for _ in range(20):
@@ -126,10 +152,11 @@ def main() -> None:
             took_each.append(time.perf_counter() - t0)  # host time: what the step waits for
         one = statistics.median(took_each)
         copies.append(
-            f"| one snapshot, {mode} (host time) | {one * 1e6:.0f} µs | — | "
-            f"{one / 200 / base:.4f} of a step at every 200, {one / 20 / base:.4f} at every 20 |"
+            f"| one snapshot, {label} (host time) | {one * 1e6:.0f} µs | — | "
+            f"{one / 200 / base:.4f} of a step at every 200, {one / 20 / base:.4f} at every 20 "
+            "| — |"
         )
-        print(f"one snapshot, {mode}: {one * 1e6:.0f} µs")
+        print(f"one snapshot, {label}: {one * 1e6:.0f} µs")
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     lines = [
         "",
@@ -139,15 +166,20 @@ def main() -> None:
         *(f"- {c}" for c in context(load, ["torch"], "the training loop")),
         f"- run: `bench/guard.py{' --quick' if args.quick else ''}`, MLP of {params / 1e6:.1f} M "
         f"parameters + Adam state on {device}; {steps} steps × {rounds} interleaved "
-        f"rounds per variant, {took:.0f} s; the fastest round of each"
+        f"rounds per variant, {took:.0f} s; the fastest round of each, and the median of "
+        "each round's ratio to the baseline round right before it"
+        + ("; one torch thread" if device == "cpu" else "")
         + (
-            "; on the CPU, pinned is the same synchronous copy (no CUDA), buffers reused"
-            if device == "cpu"
+            "; pinned memory and non-blocking copies need CUDA: **unavailable here, not "
+            "measured**; 'sync, reused buffers' (a synchronous copy into the evicted "
+            "snapshot's buffers) is what the pinned path does without CUDA"
+            if not pinned
             else ""
         ),
         "",
-        "| snapshots | step time | no snapshots (same run) | ratio |",
-        "|---|---|---|---|",
+        "| snapshots | step time (fastest round) | no snapshots (same run) | ratio | "
+        "paired ratio (median) |",
+        "|---|---|---|---|---|",
         *rows,
         *copies,
         "",

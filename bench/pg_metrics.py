@@ -31,12 +31,35 @@ sys.path.insert(0, str(ROOT / "tests"))
 from measured import context  # noqa: E402
 from pgcluster import PgCluster  # noqa: E402
 
+from lrpilot.controller import pgstore as pgstore_module  # noqa: E402
 from lrpilot.controller.pgstore import PgStore  # noqa: E402
 from lrpilot.controller.store import MetricPoint, Store, Writes, encode_row  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 JOBS = [f"job-{i}" for i in range(64)]
 WARMUP = 50
+
+
+class TextParams:
+    """A PgStore whose commit sends its arrays as text parameters (`%s`), as before they
+    went in binary (`%b`): the same statement otherwise, on its own database."""
+
+    def __init__(self, store: PgStore) -> None:
+        self.store = store
+        self.statements = {
+            name: getattr(pgstore_module, name).replace("%b", "%s")
+            for name in ("_COMMIT", "_COMMIT_THIN")
+        }
+
+    def commit(self, w: Writes) -> None:
+        saved = {name: getattr(pgstore_module, name) for name in self.statements}
+        try:
+            for name, text in self.statements.items():
+                setattr(pgstore_module, name, text)
+            self.store.commit(w)
+        finally:
+            for name, text in saved.items():
+                setattr(pgstore_module, name, text)
 
 
 def measure(stores: dict[str, Any], turns: int) -> dict[tuple[str, bool], float]:
@@ -66,13 +89,17 @@ def main() -> None:
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     with PgCluster(fsync=True) as pg, tempfile.TemporaryDirectory() as state:
         pgstore = PgStore(pg.create_db(f"bench_{uuid.uuid4().hex[:8]}"))
+        pgtext = PgStore(pg.create_db(f"bench_{uuid.uuid4().hex[:8]}"))
         sqlite = Store(state)
         try:
-            pgstore.register("tcp://bench:1", "tcp://bench:2")
-            assert len(pgstore.tick()[0]) == pgstore.shards
-            m = measure({"PostgreSQL": pgstore, "SQLite": sqlite}, args.turns)
+            for store in (pgstore, pgtext):
+                store.register("tcp://bench:1", "tcp://bench:2")
+                assert len(store.tick()[0]) == store.shards
+            stores = {"PostgreSQL": pgstore, "SQLite": sqlite, "text": TextParams(pgtext)}
+            m = measure(stores, args.turns)
         finally:
             pgstore.close()
+            pgtext.close()
             sqlite.close()
     added = {s: m[(s, True)] - m[(s, False)] for s in ("PostgreSQL", "SQLite")}
     lines = [
@@ -91,6 +118,15 @@ def main() -> None:
         ),
         f"| what the 64 points add | {added['PostgreSQL'] * 1e3:.2f} ms | "
         f"{added['SQLite'] * 1e3:.2f} ms | {added['PostgreSQL'] / added['SQLite']:.2f} |",
+        "",
+        "| figure | PostgreSQL, arrays as binary parameters | the same as text parameters "
+        "(before; same run) | ratio |",
+        "|---|---|---|---|",
+        *(
+            f"| commit, {what} | {m[('PostgreSQL', p)] * 1e3:.2f} ms | "
+            f"{m[('text', p)] * 1e3:.2f} ms | {m[('PostgreSQL', p)] / m[('text', p)]:.2f} |"
+            for what, p in (("64 rows + 64 recorded points", True), ("64 rows, no points", False))
+        ),
         "",
     ]
     print("\n".join(lines))

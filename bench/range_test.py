@@ -13,8 +13,12 @@ LR from 1e-6 up by a decade every 40 steps, in interleaved rounds of the same ru
   against a real `lrpilot serve` with `{type: range_test}`, as docs/range-test.md says,
   from the snapshot to the restore (the sweep stops on divergence).
 
-The figure is the wall time per sweep step; the ratio is lrpilot's over the loop's without
-(issue 16's goal: ≤ 1.1). Appended to bench/RESULTS.md unless --no-record.
+The figures are the wall time per sweep step and the process's CPU time per sweep step (all
+its threads: the training loop's and libzmq's I/O thread; torch runs one thread), with the
+waits for the controller counted; the ratio is lrpilot's over the loop's without (issue 16's
+goal: ≤ 1.1). The sweep runs as a plan: the trainer evaluates it, streams every step's
+report and waits at most once, at the sweep's last planned step. Appended to
+bench/RESULTS.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -65,15 +70,17 @@ def batches(x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
             yield x[i : i + 64], y[i : i + 64]
 
 
-def sweep_with_lrpilot(endpoint: str, job: str) -> tuple[float, int]:
-    """Seconds per sweep step and the sweep's steps (snapshot → restore)."""
+def sweep_with_lrpilot(endpoint: str, job: str) -> tuple[float, float, int, int]:
+    """Seconds per sweep step (wall, CPU), the sweep's steps (snapshot → restore) and the
+    waits for the controller during them."""
     x, y = data()
     m, opt = model_and_opt()
     sched = LRPilotScheduler(
         opt, job=job, endpoint=endpoint, model=m, unit="step", monitor="loss", timeout=2
     )
     loss_fn = torch.nn.CrossEntropyLoss()
-    steps, start = 0, None
+    steps, start, cpu = 0, None, 0.0
+    waits = [0]
     try:
         for xb, yb in batches(x, y):
             loss = loss_fn(m(xb), yb)
@@ -83,11 +90,13 @@ def sweep_with_lrpilot(endpoint: str, job: str) -> tuple[float, int]:
             sched.step(loss)
             client = sched.client
             if start is None and client is not None and client.last_action == "snapshot":
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
+                waits = count_waits(client)
             elif start is not None:
                 steps += 1
                 if client is not None and client.last_action == "restore":
-                    return (time.perf_counter() - start) / steps, steps
+                    wall = (time.perf_counter() - start) / steps
+                    return wall, (time.process_time() - cpu) / steps, steps, waits[0]
             if steps > 2000:
                 raise RuntimeError("the sweep never ended")
     finally:
@@ -95,12 +104,25 @@ def sweep_with_lrpilot(endpoint: str, job: str) -> tuple[float, int]:
     raise AssertionError("unreachable")
 
 
-def sweep_without(steps: int) -> float:
-    """Seconds per step of the same loop and sweep without lrpilot."""
+def count_waits(client: Any) -> list[int]:
+    """A counter of the client's waits for the controller (its `_await`) from now on."""
+    waits = [0]
+    original = client._await
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        waits[0] += 1
+        original(*args, **kwargs)
+
+    client._await = counted
+    return waits
+
+
+def sweep_without(steps: int) -> tuple[float, float]:
+    """Seconds per step (wall, CPU) of the same loop and sweep without lrpilot."""
     x, y = data()
     m, opt = model_and_opt()
     loss_fn = torch.nn.CrossEntropyLoss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t, (xb, yb) in zip(range(steps), batches(x, y), strict=False):
         for group in opt.param_groups:
             group["lr"] = 10 ** (t / PER_DECADE) * START
@@ -109,7 +131,7 @@ def sweep_without(steps: int) -> float:
         loss.backward()
         opt.step()
         loss.item()
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
 def main() -> int:
@@ -122,7 +144,10 @@ def main() -> int:
     torch.set_num_threads(1)
     ours: list[float] = []
     base: list[float] = []
+    ours_cpu: list[float] = []
+    base_cpu: list[float] = []
     lengths: list[int] = []
+    waited: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         policy = Path(tmp) / "policy.yaml"
         policy.write_text(POLICY)
@@ -130,15 +155,22 @@ def main() -> int:
         try:
             for r in range(rounds):
                 if r % 2:
-                    base.append(sweep_without(lengths[-1]))
-                per_step, n = sweep_with_lrpilot(c.bind, f"bench-range-{r}")
-                ours.append(per_step)
+                    wall, cpu = sweep_without(lengths[-1])
+                    base.append(wall)
+                    base_cpu.append(cpu)
+                wall, cpu, n, waits = sweep_with_lrpilot(c.bind, f"bench-range-{r}")
+                ours.append(wall)
+                ours_cpu.append(cpu)
                 lengths.append(n)
+                waited.append(waits)
                 if r % 2 == 0:
-                    base.append(sweep_without(n))
+                    wall, cpu = sweep_without(n)
+                    base.append(wall)
+                    base_cpu.append(cpu)
         finally:
             c.stop()
     a, b = statistics.median(ours), statistics.median(base)
+    ac, bc = statistics.median(ours_cpu), statistics.median(base_cpu)
     rows = [
         [
             "range test, wall per sweep step (`LRPilotScheduler(model=, unit='step', "
@@ -147,7 +179,22 @@ def main() -> int:
             f"{b * 1e3:.3f} ms (the same loop and sweep without lrpilot)",
             f"{a / b:.2f}",
             "≤ 1.1: " + ("met" if a / b <= 1.1 else "not met"),
-        ]
+        ],
+        [
+            "range test, CPU per sweep step (the process, every thread)",
+            f"{ac * 1e3:.3f} ms ({(ac - bc) * 1e6:+.0f} µs)",
+            f"{bc * 1e3:.3f} ms (the same loop and sweep without lrpilot)",
+            f"{ac / bc:.2f}",
+            "—",
+        ],
+        [
+            "waits for the controller per sweep (the sweep runs as a plan)",
+            f"median {statistics.median(waited):.0f}, max {max(waited)} "
+            f"(of {statistics.median(lengths):.0f} steps)",
+            "every step (before plans)",
+            "—",
+            "none per step",
+        ],
     ]
     for row in rows:
         print(" | ".join(row))

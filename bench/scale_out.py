@@ -285,9 +285,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one short round; print only")
     ap.add_argument("--results", type=Path, default=None, help="append to this file")
+    ap.add_argument("--rounds", type=int, default=3, help="windows per configuration")
     args = ap.parse_args()
     seconds = 1.5 if args.quick else 4.0
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else max(args.rounds, 1)
     started = time.monotonic()
     load0 = os.getloadavg()
     cores = os.cpu_count() or 1
@@ -426,8 +427,10 @@ def main() -> int:
         f"- code measured: commit {commit}",
         f"- load average at the start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at the end "
         f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} (other work shares the machine)",
-        f"- run: `bench/scale_out.py{' --quick' if args.quick else ''}`, {elapsed:.0f} s; "
+        f"- run: `bench/scale_out.py {' '.join(sys.argv[1:])}`, {elapsed:.0f} s; "
         f"median of {rounds} windows of {seconds:g} s each, the configurations alternating",
+        "- reports/s per window: "
+        + "; ".join(f"{n} " + ", ".join(f"{r:,.0f}" for r in v) for n, v in rates.items()),
         "",
         "| figure | value | baseline (same run) | ratio | goal (issue 18) |",
         "|---|---|---|---|---|",

@@ -98,6 +98,62 @@ def child(n: int, rounds: int) -> float:
             ctx.destroy(linger=0)
 
 
+#: The phases of a turn a profile sums (cumulative time of these functions), in turn order.
+PHASES = (
+    ("receive (zmq recv)", "server.py", "_recv"),
+    ("decode + reduce (`_feed`: read, validate, session, policy step)", "server.py", "_feed"),
+    ("  of which the policy's decision (`transitions.decide`)", "transitions.py", "decide"),
+    ("rows to write (`Batch.writes`: encode the job rows, snapshots, points)", "jobs.py", "writes"),
+    (
+        "commit (`Store.commit`: SQLite writes + the fsync of synchronous=FULL)",
+        "store.py",
+        "commit",
+    ),
+    ("publish (`JobTable.publish`: states in force, counters, log)", "jobs.py", "publish"),
+    ("replies (`Server.send`: encode + zmq send)", "server.py", "send"),
+)
+
+
+def profile(n: int, rounds: int) -> list[str]:
+    """Markdown rows: where a busy turn's time goes (cProfile around `Server.turn`, wall
+    clock, so the fsync wait counts), the phases then the largest own times."""
+    import cProfile
+    import pstats
+
+    from lrpilot.controller import server as server_module
+
+    profiler = cProfile.Profile()
+    turn = server_module.Server.turn
+
+    def profiled(self: server_module.Server, *args: object, **kwargs: object) -> None:
+        profiler.enable()
+        try:
+            turn(self, *args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            profiler.disable()
+
+    server_module.Server.turn = profiled  # type: ignore[method-assign]
+    try:
+        child(n, rounds)
+    finally:
+        server_module.Server.turn = turn  # type: ignore[method-assign]
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(v[3] for k, v in stats.items() if k[2] == "turn" and k[0].endswith("server.py"))
+    reports = n * rounds
+    rows = [f"| whole turn | {total / reports * 1e6:.1f} µs | 100% |"]
+    for label, file, name in PHASES:
+        spent = sum(v[3] for k, v in stats.items() if k[2] == name and k[0].endswith(file))
+        rows.append(f"| {label} | {spent / reports * 1e6:.1f} µs | {spent / total:.0%} |")
+    own = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:10]
+    for (file, line, name), v in own:
+        where = f"{Path(file).name}:{line} {name}" if line else name
+        rows.append(
+            f"| own time: `{where}` ({v[1]:,} calls) | {v[2] / reports * 1e6:.1f} µs | "
+            f"{v[2] / total:.0%} |"
+        )
+    return rows
+
+
 def run_child(n: int, rounds: int, pythonpath: Path | None) -> float:
     env = dict(os.environ)
     if pythonpath is not None:
@@ -124,12 +180,43 @@ def main() -> int:
     parser.add_argument("--reports", type=int, default=12_000, help="reports per process")
     parser.add_argument("--label", default="")
     parser.add_argument("--no-results", action="store_true")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        metavar="N",
+        help="instead: profile turns of N reports (this tree) and record where the time goes",
+    )
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(f"{child(*args.child):.3f}")
         return 0
     load = "/".join(Path("/proc/loadavg").read_text().split()[:3])
+    if args.profile:
+        t_start = time.monotonic()
+        rows = profile(args.profile, max(args.reports // args.profile, 5))
+        seconds = time.monotonic() - t_start
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        title = f"## {stamp} — where a busy turn's time goes (bench/turn_cost.py --profile)"
+        if args.label:
+            title += f": {args.label}"
+        lines = [title, ""]
+        lines += [f"- {line}" for line in context(load, ["pyzmq", "msgspec"], "nothing")]
+        lines += [
+            f"- run: `bench/turn_cost.py {' '.join(sys.argv[1:])}`, {seconds:.0f} s; "
+            f"{args.profile} reports per turn, cProfile around `Server.turn` (wall clock: "
+            "the fsync wait counts; the profiler's own overhead inflates the small calls)",
+            "",
+            "| part of the turn | per report | share |",
+            "|---|---|---|",
+            *rows,
+        ]
+        section = "\n".join(lines) + "\n"
+        print(section)
+        if not args.no_results:
+            with open(RESULTS, "a", encoding="utf-8") as f:
+                f.write("\n" + section)
+        return 0
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lrpilot-turn-cost-") as tmp:
         variants: dict[str, Path | None] = {"this tree": None}

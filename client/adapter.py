@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from .core import Client, check_adapter_args
+from .core import Client, check_adapter_args, takes_unit
 from .env import resolve_job
 
 __all__ = ["AdapterCore", "Restorable"]
@@ -39,6 +39,14 @@ class Restorable(Protocol):
     """An in-memory copy of a model's and optimizer's state, taken when a range test starts."""
 
     def restore(self) -> None: ...
+
+
+def _sweep_until(plan: Mapping[str, Any] | None) -> int | None:
+    """The end (`until`) of a range test's sweep run as a plan, or None for no such plan."""
+    if plan is None or plan["kind"] != "range_test":
+        return None
+    until: int | None = plan["until"]
+    return until
 
 
 class AdapterCore:
@@ -54,7 +62,9 @@ class AdapterCore:
         report_every: with `unit="step"`, report every this many optimizer steps.
         framework: told to the controller (`keras`, `torch`, `lightning`, `hf`).
         snapshot_fn, restore_fn: the user's replacement of the in-memory copy for models
-            too large to copy; both or neither.
+            too large to copy; both or neither. A range test calls them with no argument;
+            a guard, if they take one (`def snapshot_fn(unit=None)`), with the unit of the
+            snapshot to take or put back (else the guard uses the in-memory copies).
 
     Raises:
         ValueError: no job name or a bad argument, naming the fix.
@@ -70,8 +80,8 @@ class AdapterCore:
         unit: str,
         report_every: int,
         framework: str,
-        snapshot_fn: Callable[[], None] | None = None,
-        restore_fn: Callable[[], None] | None = None,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
     ) -> None:
         check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
         self.job = resolve_job(job)
@@ -99,6 +109,9 @@ class AdapterCore:
         #: job's `snapshot_every` by the trainer itself.
         self.kept: dict[int, Restorable] = {}
         self._keep: Callable[[], Restorable] | None = None
+        #: The user's snapshot_fn(unit) / restore_fn(unit), used by the guard instead of
+        #: in-memory copies; None when they take no unit (or there are none).
+        self._unit_fns: tuple[Callable[..., None], Callable[..., None]] | None = None
         #: The guard's rollbacks applied here: (snapshot unit asked, unit restored or None).
         self.rollbacks: list[tuple[int, int | None]] = []
 
@@ -118,6 +131,7 @@ class AdapterCore:
         before_restore: Callable[[], None] | None = None,
         after_restore: Callable[[], None] | None = None,
         keep: Callable[[], Restorable] | None = None,
+        unit_fns: tuple[Callable[..., None], Callable[..., None]] | None = None,
     ) -> Client:
         """Says hello (closing a client left from an earlier run) and returns the client.
 
@@ -129,11 +143,18 @@ class AdapterCore:
                 takes back).
             keep: makes a guard's snapshot (default `copy`): a copy that may be restored
                 more than once, taken off the step's critical path where it can be.
+            unit_fns: the user's (snapshot_fn, restore_fn) when the adapter keeps them itself
+                (default: this core's); if they take a unit the guard calls them instead of
+                `keep`.
         """
         self.close()
         self._copy = copy
         self._keep = keep or copy
         self.kept = {}
+        fns = unit_fns
+        if fns is None and self.snapshot_fn is not None and self.restore_fn is not None:
+            fns = (self.snapshot_fn, self.restore_fn)
+        self._unit_fns = fns if fns is not None and all(map(takes_unit, fns)) else None
         self._after_snapshot = after_snapshot
         self._before_restore, self._after_restore = before_restore, after_restore
         restorable = self.snapshot_fn is not None or copy is not None
@@ -152,7 +173,7 @@ class AdapterCore:
             snapshot_fn=self._snapshot if restorable else None,
             restore_fn=self._restore if restorable else None,
             plans=self.plans,
-            rollback_fn=self._rollback if self._keep is not None else None,
+            rollback_fn=self._rollback if self._guarded() else None,
         )
         return self.client
 
@@ -205,8 +226,8 @@ class AdapterCore:
     ) -> float:
         """`unit="step"`: optimizer steps `before`..`done` (0-based) have run. Reports every
         `report_every` steps (`metrics()` is read only then: a host read of the loss happens
-        only at a report) without waiting, except during a range test, so that every rank
-        sweeps in lockstep; else only looks for decisions. The LR for step `done + 1`.
+        only at a report) without waiting (a range test's sweep run as a plan: every step,
+        see `wait`); else only looks for decisions. The LR for step `done + 1`.
 
         Args:
             epoch: the epoch the steps belong to.
@@ -216,22 +237,27 @@ class AdapterCore:
             metrics: returns the metrics to report (None or empty: none ready; per-step
                 adapters hand the means of the previous report's steps, read one report
                 late, see `lrpilot.client.step_means`); None: nothing to report.
-            wait: whether the report waits for its answer; default only during a range test
-                and, with a guard, in a job of several ranks (so that all restore at the
-                same step).
+            wait: whether the report waits for its answer; default: during a range test
+                only at the sweep's last step when the sweep runs as a plan (every step is
+                then reported, streamed), at every report in a job of several ranks or
+                with an older controller's sweep (so that all ranks restore at the same
+                step), and with a guard in a job of several ranks.
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
         """
         client = self.client
         assert client is not None, "connect() first"
-        every = self.report_every
+        sweep = _sweep_until(client.plan) if self.testing else None
+        every = self.report_every if sweep is None else 1
         if (done + 1) // every > before // every:
             report = None if metrics is None else metrics()
             if report or client.plan is None or self.testing or client.liveness_due():
-                # A range test, or a guard in a job of several ranks, waits for the answer:
-                # every rank then applies a restore at the same step.
-                lockstep = self.testing or (client.snapshot_every is not None and client.world > 1)
-                waits = lockstep if wait is None else wait
+                if wait is not None:
+                    waits = wait
+                elif sweep is not None and trained_lr is not None:
+                    waits = True  # trained before the sweep's plan came: the sweep starts after
+                else:
+                    waits = self._waits(client, sweep, done)
                 lr = client.report(
                     epoch, report or {}, step=done, wait=waits, trained_lr=trained_lr
                 )
@@ -240,6 +266,18 @@ class AdapterCore:
         lr = client.lr_at(step=done + 1)
         self._guard_boundary(before + 1, done + 1)
         return lr
+
+    def _waits(self, client: Client, sweep: int | None, done: int) -> bool:
+        """Whether the report of step `done` waits for its answer. A range test run as a plan
+        (`sweep`: its end) streams its reports and waits once, at its last step, for the
+        controller's end of it; a job of several ranks waits at every report of the sweep
+        (an older controller's sweep too), so that every rank restores at the same step;
+        so does a guarded job of several ranks."""
+        if sweep is not None:
+            return client.world > 1 or done + 1 >= sweep
+        if self.testing:
+            return True
+        return client.snapshot_every is not None and client.world > 1
 
     @property
     def reads_at_once(self) -> bool:
@@ -252,17 +290,27 @@ class AdapterCore:
 
     # -- the loss-spike guard ----------------------------------------------------------------
 
+    def _guarded(self) -> bool:
+        """Whether this adapter can take a guard's snapshots (a copy, or the user's pair)."""
+        return self._keep is not None or self._unit_fns is not None
+
     def _guard_boundary(self, first: int, unit: int) -> None:
         """Training stands at `unit` (having crossed units `first`..`unit`): with a guard,
         the state is copied when a multiple of `snapshot_every` was crossed, labelled with
-        the unit it is the state of; the newest two are kept. No message is needed."""
+        the unit it is the state of (or the user's `snapshot_fn(unit)` is called); the
+        newest two are kept. No message is needed."""
         client = self.client
         every = client.snapshot_every if client is not None else None
-        if every is None or self._keep is None or self.testing or unit in self.kept:
+        if every is None or not self._guarded() or self.testing or unit in self.kept:
             return
         if unit // every * every < first:  # no multiple in first..unit
             return
-        self.kept[unit] = self._keep()
+        if self._unit_fns is not None:
+            self._unit_fns[0](unit)
+            self.kept[unit] = _UserSnapshot(self._unit_fns[1], unit)
+        else:
+            assert self._keep is not None
+            self.kept[unit] = self._keep()
         while len(self.kept) > 2:
             del self.kept[min(self.kept)]
 
@@ -330,3 +378,16 @@ class AdapterCore:
         self.restored = True
         if self._after_restore is not None:
             self._after_restore()
+
+
+class _UserSnapshot:
+    """A guard's snapshot taken by the user's `snapshot_fn(unit)`: restoring it calls
+    `restore_fn(unit)`."""
+
+    __slots__ = ("restore_fn", "unit")
+
+    def __init__(self, restore_fn: Callable[..., None], unit: int) -> None:
+        self.restore_fn, self.unit = restore_fn, unit
+
+    def restore(self) -> None:
+        self.restore_fn(self.unit)

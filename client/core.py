@@ -18,6 +18,7 @@ hello from the oldest report it keeps and sends the kept reports again, in order
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -53,7 +54,14 @@ from .protocol import (
 )
 from .vocabulary import LR_MESSAGE, lr_ok
 
-__all__ = ["MAX_KEPT", "Client", "check_adapter_args", "scalar_metrics", "to_scalar"]
+__all__ = [
+    "MAX_KEPT",
+    "Client",
+    "check_adapter_args",
+    "scalar_metrics",
+    "takes_unit",
+    "to_scalar",
+]
 
 logger = logging.getLogger("lrpilot.client")
 
@@ -104,11 +112,26 @@ def scalar_metrics(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def takes_unit(fn: Callable[..., Any] | None) -> bool:
+    """Whether a `snapshot_fn` / `restore_fn` can be called with one argument, the unit
+    (`def snapshot_fn(unit=None)`): a guard then calls it with the snapshot's unit; the
+    range test always calls it with none."""
+    if fn is None:
+        return False
+    try:
+        inspect.signature(fn).bind(0)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some builtins): assume it takes one
+        return True
+    return True
+
+
 def check_adapter_args(
     unit: str,
     report_every: int = 1,
-    snapshot_fn: Callable[[], None] | None = None,
-    restore_fn: Callable[[], None] | None = None,
+    snapshot_fn: Callable[..., None] | None = None,
+    restore_fn: Callable[..., None] | None = None,
 ) -> None:
     """The arguments every framework adapter shares, checked at construction.
 
@@ -182,7 +205,13 @@ class Client:
             the controller names) to keep a copy of the model's and optimizer's state and to
             put it back; the restore runs before the suggested LR applies. Without them a
             policy that starts with a range test is refused at hello (notice
-            `restore_unsupported`) and the job keeps its own LR.
+            `restore_unsupported`) and the job keeps its own LR. Both are called with no
+            argument for a range test. A loss-spike guard's rollback calls
+            `restore_fn(unit)` with the snapshot unit to put back (the newest multiple of
+            `snapshot_every` all of whose earlier units were healthy), if `restore_fn`
+            takes an argument (`def restore_fn(unit=None)`); a loop with this client keeps
+            those snapshots itself: the state each multiple of `snapshot_every` starts
+            from (the adapters do it for you).
         clock: seconds of a monotonic clock (default `time.monotonic`) for every timer of
             the client: backoff, silence, failover, the waits' deadlines. Tests pass their
             own and advance it; the waits on the socket still take real time.
@@ -217,8 +246,8 @@ class Client:
         framework: str = "python",
         directions: Mapping[str, str] | None = None,
         strict: bool = False,
-        snapshot_fn: Callable[[], None] | None = None,
-        restore_fn: Callable[[], None] | None = None,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         plans: bool = True,
         rollback_fn: Callable[[int], None] | None = None,
@@ -834,6 +863,18 @@ class Client:
                 self.stats["rollbacks"] += 1
                 if self._rollback_fn is not None:
                     self._rollback_fn(guard_unit)
+                elif takes_unit(self._restore_fn):
+                    assert self._restore_fn is not None
+                    self._restore_fn(guard_unit)
+                else:
+                    self._warn_once(
+                        "rollback",
+                        "lrpilot: the guard of job %s rolls back to the snapshot of unit %d, "
+                        "but this client has no restore_fn(unit) to call; training goes on "
+                        "from the weights as they are, at the lowered LR",
+                        self.job,
+                        guard_unit,
+                    )
             elif decision.action == "restore" and self._restore_fn is not None:
                 self._restore_fn()
             decisions.settle(decision)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .extras import missing_extra
@@ -90,6 +91,12 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         strict: True raises `ControllerUnavailable` when the controller does not answer the
             hello within `timeout`, instead of training on at the optimizer's LR.
         unit: `"epoch"`, or `"step"` for policies with `unit: step`.
+        snapshot_fn, restore_fn: for models too large to copy in memory: called instead of
+            the copies (e.g. to write and read a checkpoint); both or neither. A range test
+            calls them with no argument when it starts and ends. If they take an argument
+            (`def snapshot_fn(unit=None)`) a loss-spike guard calls them too, instead of
+            copying: `snapshot_fn(unit)` at every multiple of `snapshot_every`,
+            `restore_fn(unit)` with the snapshot to put back. The LR is set after.
 
     Raises:
         ValueError: no job name, a bad argument, or (when training starts) an LR scheduler
@@ -110,6 +117,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
         timeout: float = 1.0,
         unit: str = "epoch",
         strict: bool = False,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
     ) -> None:
         self._core = AdapterCore(
             job=job,
@@ -119,6 +128,8 @@ class LRPilotTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc
             unit=unit,
             report_every=1,
             framework="hf",
+            snapshot_fn=snapshot_fn,
+            restore_fn=restore_fn,
         )
         self.job = self._core.job
         self.unit = unit

@@ -252,7 +252,10 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             answer at the first epoch, instead of training on at the optimizer's LR.
         snapshot_fn, restore_fn: for models too large to copy in memory: called instead of
             the copy (e.g. to write and read a checkpoint) when a range test starts and
-            ends; both or neither. The callback still sets the LR after `restore_fn`.
+            ends; both or neither. The callback still sets the LR after `restore_fn`. If
+            they take an argument (`def snapshot_fn(unit=None)`) a loss-spike guard calls
+            them too, instead of copying: `snapshot_fn(unit)` at every multiple of
+            `snapshot_every`, `restore_fn(unit)` with the snapshot to put back.
 
     Raises:
         ValueError: no job name, a bad argument, or (at `fit`) an optimizer built on a
@@ -274,8 +277,8 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
         unit: str = "epoch",
         report_every: int = 1,
         strict: bool = False,
-        snapshot_fn: Callable[[], None] | None = None,
-        restore_fn: Callable[[], None] | None = None,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
     ) -> None:
         super().__init__()
         self._core = AdapterCore(
@@ -349,7 +352,7 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
             self._step = _iterations(optimizer) + self._steps_restored
         if self.client is None:  # the first epoch of this fit: hello from here
             self._lr = _current_lr(optimizer)
-            lr = self._core.connect(
+            self._core.connect(
                 initial_lr=self._lr,
                 start_epoch=epoch,
                 start_step=self._step,
@@ -358,7 +361,9 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
                 after_snapshot=self._track_loss,
                 before_restore=self._count_iterations,
                 after_restore=self._restored,
-            ).lr
+            )
+            # The start is a boundary: a guard's snapshot of it (unit 0 in a new run).
+            lr = self._core.begin(epoch=epoch, step=self._step)
             self._follow_momentum()
         else:
             lr = self._core.begin(epoch=epoch, step=self._step)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .extras import missing_extra
@@ -93,6 +93,12 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             hello within `timeout`, instead of training on at the optimizer's LR.
         unit: `"epoch"`, or `"step"` for policies with `unit: step`.
         report_every: with `unit="step"`, report every this many optimizer steps.
+        snapshot_fn, restore_fn: for models too large to copy in memory: called instead of
+            the copies (e.g. to write and read a checkpoint); both or neither. A range test
+            calls them with no argument when it starts and ends. If they take an argument
+            (`def snapshot_fn(unit=None)`) a loss-spike guard calls them too, instead of
+            copying: `snapshot_fn(unit)` at every multiple of `snapshot_every`,
+            `restore_fn(unit)` with the snapshot to put back. The LR is set after.
 
     Raises:
         ValueError: no job name, a bad argument, or (when training starts) an LR scheduler
@@ -115,6 +121,8 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
         unit: str = "epoch",
         report_every: int = 1,
         strict: bool = False,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
     ) -> None:
         super().__init__()
         self._core = AdapterCore(
@@ -125,6 +133,8 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
             unit=unit,
             report_every=report_every,
             framework="lightning",
+            snapshot_fn=snapshot_fn,
+            restore_fn=restore_fn,
         )
         self.job = self._core.job
         self.monitor = monitor

@@ -209,6 +209,12 @@ def _piecewise(p: Params, lr0: float, t: int) -> float:
     return float(p["values"][bisect.bisect_left(p["boundaries"], t)])
 
 
+def _range_test(p: Params, lr0: float, t: int) -> float:
+    """The LR range test's sweep: `start_lr · 10^(t / steps_per_decade)`, computed as the
+    seeds' lambda does, kept at most `end_lr` (the plan's `until` ends it there)."""
+    return float(min(10 ** (t / p["steps_per_decade"]) * p["start_lr"], p["end_lr"]))
+
+
 def _formula_evaluator(p: Params) -> Callable[[int, float, float], float]:
     """A new evaluator of a `formula` plan's text (one per compiled plan: not thread-safe)."""
     # simpleeval: loaded only by a client that gets a formula plan
@@ -246,6 +252,7 @@ KINDS: dict[str, Callable[[Params, float, int], float]] = {
     "polynomial": _polynomial,
     "piecewise": _piecewise,
     "formula": _formula,
+    "range_test": _range_test,
 }
 
 

@@ -389,7 +389,7 @@ class LrMessage:
             parsed.append((n["code"][:64], _str(n, "message", 4096, optional=True)))
         plan = msg.get("plan")
         if plan is not None:
-            plan = check_plan(plan)
+            plan = _checked_plan(plan)
         detail = _detail(msg.get("detail"))
         return cls(
             job=check_name(_get(msg, "job"), "job"),
@@ -405,6 +405,22 @@ class LrMessage:
             plan=plan,
             detail=detail,
         )
+
+
+#: The last plan checked, as one (as received, as checked) pair (replaced whole: a client in
+#: another thread never reads half of it). Every reply repeats the plan in force (a range
+#: test's sweep: one reply a step), so the same plan is checked once.
+_last_plan: list[tuple[Any, dict[str, Any]] | None] = [None]
+
+
+def _checked_plan(plan: Any) -> dict[str, Any]:
+    """`check_plan(plan)`, or the result of the last check when the plan is the same."""
+    last = _last_plan[0]
+    if last is not None and plan == last[0]:
+        return last[1]
+    checked = check_plan(plan)
+    _last_plan[0] = (plan, checked)
+    return checked
 
 
 #: The `lr.detail` keys a client acts on (others, from a newer controller, are dropped).

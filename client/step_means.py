@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,9 +70,8 @@ class _Window:
             if self.event is not None and not self.event.query():
                 self.event.synchronize()  # the device is a whole report behind: wait for it
             for name, total in zip(self.names, self.host.tolist(), strict=True):
-                mean = total / self.counts[name]
-                if math.isfinite(mean):
-                    means[name] = mean
+                # NaN and inf are kept: a diverged loss is what a guard must see.
+                means[name] = total / self.counts[name]
         return means
 
 
@@ -139,6 +137,10 @@ class StepMeans:
         """A report boundary: ends this report's window and returns the means to report now,
         or None when none are ready. Those are the previous window's (read now, one report
         late), or this one's when it holds numbers only or with `now` (a range test)."""
+        if now and len(self._kept) == 1 and not self._floats and self._pending is None:
+            read = self._one_now()
+            if read is not None:
+                return read
         sums = {name: _total(kept) for name, kept in self._kept.items()}
         closed = _Window(self._floats, self._counts, sums)
         self._floats, self._counts, self._kept = {}, {}, {}
@@ -150,3 +152,15 @@ class StepMeans:
             return closed.read() if closed.counts else None if ready is None else ready.read()
         self._pending = closed
         return None if ready is None else ready.read()
+
+    def _one_now(self) -> dict[str, float] | None:
+        """`close(now=True)` of a window that holds one value of one metric (a range test's
+        report every step): that value read as it is, with no stack, sum or window built
+        (the float32 number `close` would give); None for any other window."""
+        ((name, kept),) = self._kept.items()
+        if len(kept) != 1 or self._counts.get(name) != 1:
+            return None
+        value = kept[0].float().item()
+        self._kept, self._counts = {}, {}
+        self.idle = True
+        return {name: value}  # NaN and inf too: a non-finite loss is news (a spike)

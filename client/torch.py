@@ -395,7 +395,10 @@ class LRPilotScheduler(ReduceLROnPlateau):
             copy (e.g. write and read a checkpoint): `snapshot_fn()` is called where the
             copy would be made (before the first optimizer step, or when a later range
             test starts), `restore_fn()` when the test stops; both or neither. The
-            scheduler sets the suggested LR after `restore_fn`.
+            scheduler sets the suggested LR after `restore_fn`. If they take an argument
+            (`def snapshot_fn(unit=None)`) a loss-spike guard calls them too, instead of
+            copying the state: `snapshot_fn(step)` at every multiple of `snapshot_every`,
+            `restore_fn(step)` with the snapshot to put back (one of the newest two).
 
     Raises:
         ValueError: no job name, a bad argument, or an LR that is not a number.
@@ -421,8 +424,8 @@ class LRPilotScheduler(ReduceLROnPlateau):
         report_every: int = 1,
         strict: bool = False,
         model: torch.nn.Module | None = None,
-        snapshot_fn: Callable[[], None] | None = None,
-        restore_fn: Callable[[], None] | None = None,
+        snapshot_fn: Callable[..., None] | None = None,
+        restore_fn: Callable[..., None] | None = None,
     ) -> None:
         check_adapter_args(unit, report_every, snapshot_fn, restore_fn)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -675,12 +678,14 @@ class LRPilotScheduler(ReduceLROnPlateau):
 
     def _connect(self, initial_lr: float) -> Client:
         step_unit = self.unit == "step"
+        fns = (self.snapshot_fn, self.restore_fn)
         return self._core.connect(
             initial_lr=initial_lr,
             start_epoch=self.epoch_in_progress if step_unit else self.last_epoch,
             start_step=self.last_epoch if step_unit else 0,
             copy=self._keep if self._can_restore() else None,
             keep=self._guard_copy if getattr(self, "model", None) is not None else None,
+            unit_fns=(fns[0], fns[1]) if fns[0] and fns[1] else None,
         )
 
     def _guard_copy(self) -> GuardCopy:

@@ -60,7 +60,7 @@ from .errors import BindError, Moved, StateDirError, StoreUnavailable
 from .jobs import Batch, JobTable
 from .metrics import Metrics
 from .policyfile import PolicySet, load_default
-from .reload import Loaded, PolicyLoader
+from .reload import Loaded, PolicyLoader, quiet_gc
 from .store import StateStore, Store
 from .transitions import Outgoing
 from .web import WebBridge, WebPages
@@ -283,6 +283,7 @@ def build_server(
     policies: PolicySet | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall: Callable[[], float] = time.time,
+    store: StateStore | None = None,
 ) -> Server:
     """Assemble a controller: open the store, restore its jobs, bind the sockets, start
     the policy file's loader; the `Server` it returns does no I/O until `run()`.
@@ -291,6 +292,8 @@ def build_server(
         config: the validated settings.
         policies: the policy set in force (default: the embedded default).
         clock, wall: monotonic and Unix time (tests pass a clock they move).
+        store: a SQLite store the caller opened on `config.state_dir` (default: opened
+            here; ignored with `config.store`, whose PostgreSQL store is always opened here).
 
     Raises:
         BindError: an endpoint or port cannot be bound.
@@ -302,13 +305,12 @@ def build_server(
     metrics = Metrics(version=__version__)
     metrics.last_reload_timestamp.set(wall())
     pg: PgStore | None = None
-    store: StateStore
     if config.store:
         from .pgstore import PgStore
 
         store = pg = PgStore(config.store, clock=clock)
         metrics.watch_shards(lambda: len(pg.owned) if pg is not None else 0)
-    else:
+    elif store is None:
         store = Store(config.state_dir)
     try:
         table = JobTable(
@@ -328,7 +330,8 @@ def build_server(
         store.close()
         raise
     if pg is None:
-        count = table.restore(store.load_jobs(), clock(), wall())
+        with quiet_gc():
+            count = table.restore(store.load_jobs(), clock(), wall())
         if count:
             log.info("restored %d jobs from %s", count, config.state_dir)
     loader = None
@@ -434,7 +437,9 @@ class Server:
             log.info("gave up %d shards; %d owned", len(lost), len(self.pg.owned))
         if gained:
             try:
-                count = self.table.restore(self.pg.load_shards(gained), self.clock(), self.wall())
+                with quiet_gc():
+                    rows = self.pg.load_shards(gained)
+                    count = self.table.restore(rows, self.clock(), self.wall())
             except StoreUnavailable as exc:  # loaded one by one as their clients come
                 log.error("cannot restore the jobs of the shards taken: %s", exc)
                 count = len(self.table.jobs)

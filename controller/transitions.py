@@ -610,13 +610,18 @@ def decide(
     # In shadow mode the policy runs on its own LR (shadow_lr), the job keeps the one it sent.
     before = job.state if job.shadow_lr is None else job.state.replace(lr=job.shadow_lr)
     try:
-        if all(job.policy.counts(job.state, r.lr) for r in reports.values()):
-            state, decision = job.policy.step(before, t, metrics, job.directions)
+        workers = job.sessions.workers
+        ahead = all(_has_plans(workers.get(r.rank), r.session) for r in reports.values())
+        admitted = job.policy.admit(before, t, [r.lr for r in reports.values()], ahead)
+        if admitted is not None:
+            state, decision = job.policy.step(admitted, t, metrics, job.directions)
         else:
             # Trained at an LR the range test did not set (the trainer went on at its last
-            # LR while the controller was away): no point, the policy decides nothing, and
-            # every rank is told the sweep's next untried LR again, from t+1.
-            state, decision = job.state, Decision(job.state.lr)
+            # LR while the controller was away, or ran its sweep past the restore): no
+            # point, the policy decides nothing, and every rank is told the sweep's next
+            # untried LR again, from t+1.
+            state = job.policy.missed(job.state, t)
+            decision = Decision(state.lr)
     except EngineError as exc:  # nothing changes, every rank is told
         code, message = wire_code(exc), str(exc)
         errors: Outgoing = [
@@ -674,9 +679,12 @@ def decide(
         job = job.with_(override=None if pin_ended else pin)
         reason = "override" if pin_ended else "unchanged"
     changed = job.lr != old_lr or decision.action in ("snapshot", "restore")
-    if changed:
-        job = job.with_(version=job.version + 1)
     plan = plan_of(job)
+    # A sweep that starts over (no point yet: see RangeTest.missed) moves its plan with the
+    # same LR: a new version, so that the trainers take it; no audit row.
+    moved = not changed and plan is not None and plan != plan_before
+    if changed or moved:
+        job = job.with_(version=job.version + 1)
     if pin_ended:
         audit.append(audit_row(job, env, old_lr, "override", t + 1, "expiry", "expired"))
     elif (
@@ -707,7 +715,7 @@ def decide(
         )
         for r in reports.values()
     ]
-    if changed or decision.action:
+    if changed or moved or decision.action:
         out += _push(job, env, reason, t + 1, reports, decision.action)
     return Step(job, out, audit, snapshot=t, warnings=warnings, decision=decided, point=point)
 

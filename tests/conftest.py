@@ -295,14 +295,15 @@ def turn_until(server: Any, *peers: Wire, tries: int = 200) -> list[Any]:
 
 @pytest.fixture
 def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]:
-    """clocked_server(policy_text, **ServeConfig fields) -> (a Server on random loopback ports
-    with no metrics port, its Clock); the loop runs only when a test calls `turn()`."""
+    """clocked_server(policy_text, state_store=None, **ServeConfig fields) -> (a Server on
+    random loopback ports with no metrics port, its Clock); the loop runs only when a test calls
+    `turn()`. `state_store(state_dir)` opens the store the server gets (default: a `Store`)."""
     from lrpilot.controller.policyfile import load_text
     from lrpilot.controller.server import ServeConfig, build_server
 
     started: list[Any] = []
 
-    def make(policy_text: str, **config: Any) -> tuple[Any, Clock]:
+    def make(policy_text: str, state_store: Any = None, **config: Any) -> tuple[Any, Clock]:
         clock = Clock()
         settings = {
             "bind": "tcp://127.0.0.1:0",
@@ -312,7 +313,11 @@ def clocked_server(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, Clock]]]
             **config,
         }
         server = build_server(
-            ServeConfig(**settings), load_text(policy_text, "p.yaml"), clock=clock, wall=clock.wall
+            ServeConfig(**settings),
+            load_text(policy_text, "p.yaml"),
+            clock=clock,
+            wall=clock.wall,
+            store=state_store(settings["state_dir"]) if state_store else None,
         )
         started.append(server)
         return server, clock

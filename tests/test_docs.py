@@ -93,3 +93,33 @@ def test_the_changelog_has_one_unreleased_section_then_this_version() -> None:
     assert __version__ == version  # what `lrpilot --version` prints
     released = (ROOT / "CHANGELOG.md").read_text().split(f"## [{version}]", 1)[1]
     assert not re.search(r"\bissue \d+", released, re.I), "name changes, not issue numbers"
+
+
+def test_each_framework_example_gets_the_rule_the_docs_say(tmp_path: Path) -> None:
+    """The five-minute policy of the README gives its `bert-*` warmup to the README's Keras job
+    only: the framework examples in docs/frameworks.md run at their own LR under the defaults."""
+    from conftest import run_cli
+
+    readme = (ROOT / "README.md").read_text()
+    policy = tmp_path / "my-policy.yaml"
+    policy.write_text(readme.split("# my-policy.yaml\n", 1)[1].split("```", 1)[0])
+    assert run_cli("check", str(policy)).returncode == 0
+    frameworks = (ROOT / "docs" / "frameworks.md").read_text()
+    jobs = set(re.findall(r'job="([^"]+)"', frameworks))
+    assert "hf-demo" in jobs and len(jobs) >= 3, jobs
+    csv = tmp_path / "m.csv"
+    csv.write_text("epoch,val_loss\n0,1.0\n1,0.9\n")
+
+    def rule(job: str) -> str:
+        out = run_cli("simulate", "--policy", str(policy), "--job", job, "--metrics", str(csv))
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()[0]
+
+    assert "rule 'bert-*' (phases)" in rule("bert-base-1")  # the README's own Keras job
+    for job in sorted(jobs):
+        assert "rule '*' (plateau)" in rule(job), (job, rule(job))
+
+
+def test_the_readme_stays_a_five_minute_read() -> None:
+    lines = (ROOT / "README.md").read_text().count("\n")
+    assert lines <= 400, f"README.md has {lines} lines: move the detail to docs/"

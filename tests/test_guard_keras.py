@@ -78,12 +78,41 @@ class Trainer(keras.callbacks.Callback):  # type: ignore[misc]
             self.at_start[self.step] = now
 
 
-def _fit(c: Controller, job: str, corrupt_at: int | None) -> tuple[float, Trainer]:
+class Checkpoints:
+    """A user's `snapshot_fn(unit)` / `restore_fn(unit)` (for models too large to copy):
+    the weights and the optimizer's variables kept by unit, every call recorded."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.saved: dict[int, tuple[list[Any], list[Any]]] = {}
+        self.calls: list[tuple[str, int | None]] = []
+
+    def snapshot_fn(self, unit: int | None = None) -> None:
+        self.calls.append(("snapshot", unit))
+        variables = [np.array(v.numpy(), copy=True) for v in self.model.optimizer.variables]
+        self.saved[-1 if unit is None else unit] = (self.model.get_weights(), variables)
+
+    def restore_fn(self, unit: int | None = None) -> None:
+        self.calls.append(("restore", unit))
+        weights, variables = self.saved[-1 if unit is None else unit]
+        self.model.set_weights(weights)
+        for variable, value in zip(self.model.optimizer.variables, variables, strict=True):
+            variable.assign(value)
+
+
+def _fit(
+    c: Controller, job: str, corrupt_at: int | None, points: Checkpoints | None = None
+) -> tuple[float, Trainer]:
     keras.utils.set_random_seed(1)
     x, y = _data()
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.02, momentum=0.9), loss="mse")
-    pilot = LRPilotCallback(job=job, endpoint=c.bind, unit="step")
+    model.optimizer.build(model.trainable_variables)  # its momentum exists from step 0 on
+    hooks: dict[str, Any] = {}
+    if points is not None:
+        points.model = model
+        hooks = {"snapshot_fn": points.snapshot_fn, "restore_fn": points.restore_fn}
+    pilot = LRPilotCallback(job=job, endpoint=c.bind, unit="step", **hooks)
     trainer = Trainer(pilot, corrupt_at)
     trainer.at_start[0] = model.get_weights()
     model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, verbose=0, callbacks=[pilot, trainer])
@@ -102,6 +131,44 @@ def test_keras_corrupted_weights_roll_back_once_bit_for_bit(controller_factory: 
     assert lr == pytest.approx(0.01, rel=1e-6)  # 0.02 × lr_factor
     assert final <= 2 * clean, (final, clean)
     assert c.metric("lrpilot_rollbacks_total", training_job="keras-spiked") == 1.0
+
+
+def test_keras_users_snapshot_fn_and_restore_fn_of_a_unit_serve_the_guard(
+    controller_factory: Factory,
+) -> None:
+    """For a model too large to copy: the guard calls `snapshot_fn(unit)` at every multiple
+    of snapshot_every, from step 0, and `restore_fn(unit)` once, with the newest healthy
+    snapshot's unit; no in-memory copy is made."""
+    c = controller_factory(POLICY)
+    corrupt_at = random.Random().randint(60, 180)
+    points = Checkpoints()
+    _, trainer = _fit(c, "keras-hooks", corrupt_at, points)
+    snapshots = [unit for kind, unit in points.calls if kind == "snapshot"]
+    assert snapshots[:4] == [0, 25, 50, 75] and all(u is not None for u in snapshots)
+    restores = [unit for kind, unit in points.calls if kind == "restore"]
+    assert restores == [corrupt_at // 25 * 25], (corrupt_at, points.calls)
+    assert len(trainer.rollbacks) == 1
+    _step, lr, equal = trainer.rollbacks[0]
+    assert equal and lr == pytest.approx(0.01, rel=1e-6)
+    kept = trainer.pilot._core.kept.values()
+    assert all(type(k).__name__ == "_UserSnapshot" for k in kept)
+
+
+def test_keras_a_spike_before_the_first_multiple_restores_the_start_of_training(
+    controller_factory: Factory,
+) -> None:
+    """snapshot_every (100) past the warmup (30): a spike at step 35..95 names snapshot 0,
+    which the callback took when training started; the weights are the initial ones."""
+    # The cooldown outlasts the fit: the initial weights' loss, back after the restore, stands
+    # far above the EMA of the trained steps before the spike and would be judged a spike again.
+    policy = POLICY.replace("snapshot_every: 25", "snapshot_every: 100")
+    c = controller_factory(policy.replace("cooldown: 40", "cooldown: 1000"))
+    corrupt_at = random.Random().randint(35, 95)
+    _, trainer = _fit(c, "keras-step0", corrupt_at)
+    assert trainer.pilot._core.rollbacks == [(0, 0)], corrupt_at
+    assert len(trainer.rollbacks) == 1
+    _step, lr, equal = trainer.rollbacks[0]
+    assert equal and lr == pytest.approx(0.01, rel=1e-6)
 
 
 def test_keras_on_exhausted_stop_sets_stop_training(controller_factory: Factory) -> None:

@@ -4,6 +4,8 @@ step (× 50) are rolled back once, bit for bit, at LR × lr_factor; `on_exhauste
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 import warnings
 from collections.abc import Callable
@@ -29,16 +31,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 class Regressor(pl.LightningModule):  # type: ignore[misc]
-    def __init__(self, corrupt_at: int | None) -> None:
+    def __init__(self, corrupt_at: int | None, factor: float = 50.0) -> None:
         super().__init__()
         self.net = torch.nn.Linear(8, 1)
-        self.corrupt_at = corrupt_at
+        self.corrupt_at, self.factor = corrupt_at, factor
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.trainer.global_step == self.corrupt_at:
             with torch.no_grad():
                 for p in self.parameters():
-                    p.mul_(50.0)
+                    p.mul_(self.factor)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y = batch
@@ -85,14 +87,46 @@ class Watch(pl.Callback):  # type: ignore[misc]
             self.at_start[trainer.global_step] = {k: v.clone() for k, v in now.items()}
 
 
-def _fit(c: Controller, job: str, corrupt_at: int | None) -> tuple[float, Watch]:
+class Checkpoints:
+    """A user's `snapshot_fn(unit)` / `restore_fn(unit)` (for models too large to copy):
+    the module's and optimizer's state kept by unit, every call recorded."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.saved: dict[int, tuple[Any, Any]] = {}
+        self.calls: list[tuple[str, int | None]] = []
+
+    def snapshot_fn(self, unit: int | None = None) -> None:
+        self.calls.append(("snapshot", unit))
+        opt = self.model.trainer.optimizers[0]
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.saved[-1 if unit is None else unit] = (state, copy.deepcopy(opt.state_dict()))
+
+    def restore_fn(self, unit: int | None = None) -> None:
+        self.calls.append(("restore", unit))
+        state, opt_state = self.saved[-1 if unit is None else unit]
+        self.model.load_state_dict(state)
+        self.model.trainer.optimizers[0].load_state_dict(copy.deepcopy(opt_state))
+
+
+def _fit(
+    c: Controller,
+    job: str,
+    corrupt_at: int | None,
+    points: Checkpoints | None = None,
+    factor: float = 50.0,
+) -> tuple[float, Watch]:
     pl.seed_everything(0, verbose=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
     y = x @ torch.randn(8, 1, generator=g) + 0.05 * torch.randn(512, 1, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    model = Regressor(corrupt_at)
-    pilot = LRPilotCallback(job=job, endpoint=c.bind, unit="step", monitor="loss")
+    model = Regressor(corrupt_at, factor)
+    hooks: dict[str, Any] = {}
+    if points is not None:
+        points.model = model
+        hooks = {"snapshot_fn": points.snapshot_fn, "restore_fn": points.restore_fn}
+    pilot = LRPilotCallback(job=job, endpoint=c.bind, unit="step", monitor="loss", **hooks)
     watch = Watch(pilot)
     watch.at_start[0] = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
@@ -124,6 +158,41 @@ def test_lightning_corrupted_weights_roll_back_once_bit_for_bit(
     assert equal, "the restored weights are not the snapshot's"
     assert lr == pytest.approx(0.025)
     assert final <= 2 * clean, (final, clean)
+
+
+def test_lightning_users_snapshot_fn_and_restore_fn_of_a_unit_serve_the_guard(
+    controller_factory: Factory,
+) -> None:
+    """For a model too large to copy: the guard calls `snapshot_fn(unit)` at every multiple
+    of snapshot_every, from step 0, and `restore_fn(unit)` once, with the newest healthy
+    snapshot's unit; no in-memory copy is made."""
+    c = controller_factory(POLICY)
+    corrupt_at = random.Random().randint(60, 160)
+    points = Checkpoints()
+    _, watch = _fit(c, "lightning-hooks", corrupt_at, points)
+    snapshots = [unit for kind, unit in points.calls if kind == "snapshot"]
+    assert snapshots[:4] == [0, 25, 50, 75] and all(u is not None for u in snapshots)
+    restores = [unit for kind, unit in points.calls if kind == "restore"]
+    assert restores == [corrupt_at // 25 * 25], (corrupt_at, points.calls)
+    assert len(watch.rollbacks) == 1
+    _step, lr, equal = watch.rollbacks[0]
+    assert equal and lr == pytest.approx(0.025)
+    assert all(type(k).__name__ == "_UserSnapshot" for k in watch.pilot._core.kept.values())
+
+
+def test_lightning_a_nan_loss_is_reported_as_nan_and_rolled_back(
+    controller_factory: Factory,
+) -> None:
+    """Weights turned NaN: the training loss, summed on its device per report, reaches the
+    controller as NaN (a spike), and the one rollback brings finite weights back."""
+    c = controller_factory(POLICY)
+    corrupt_at = random.Random().randint(60, 160)
+    final, watch = _fit(c, "lightning-nan", corrupt_at, factor=math.nan)
+    assert watch.pilot._core.rollbacks == [(corrupt_at // 25 * 25,) * 2], corrupt_at
+    assert len(watch.rollbacks) == 1
+    _step, lr, equal = watch.rollbacks[0]
+    assert equal and lr == pytest.approx(0.025)
+    assert math.isfinite(final)
 
 
 def test_lightning_on_exhausted_stop_sets_should_stop(controller_factory: Factory) -> None:

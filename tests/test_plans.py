@@ -104,7 +104,8 @@ def engine_and_plan(policy: Policy, lr0: float, n: int, start: int = 0) -> None:
 def test_every_deterministic_schedule_type_has_a_plan_kind() -> None:
     schedules = {k for k, cls in POLICY_TYPES.items() if issubclass(cls, Schedule)}
     assert schedules == set(GENERATORS)
-    assert set(plans.KINDS) == schedules | {"formula"}  # formulas: tests/test_plans_formula.py
+    # formulas: tests/test_plans_formula.py; the range test's sweep: test_range_test_plan.py
+    assert set(plans.KINDS) == schedules | {"formula", "range_test"}
 
 
 @pytest.mark.parametrize("kind", sorted(GENERATORS))

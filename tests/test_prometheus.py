@@ -662,3 +662,44 @@ def test_the_min_lr_alert_fires_for_keras_and_torch_jobs(
         [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_lr_panel_draws_min_lr_only_for_jobs_whose_policy_has_one(
+    promtool: str, tmp_path: Path
+) -> None:
+    """A policy without min_lr exports lrpilot_min_lr 0, which a log axis cannot draw: the LR
+    panel's min_lr query (evaluated by promtool) returns the jobs with a min_lr only."""
+    exprs = [
+        expand(t["expr"])
+        for _, t in dashboard_targets()
+        if "lrpilot_min_lr" in metric_names(expand(t["expr"]))
+    ]
+    assert len(exprs) == 1, exprs
+    expr = exprs[0].replace(GRAFANA_VARIABLES["training_job"], "with-min|without")
+    tests = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'lrpilot_min_lr{training_job="with-min"}', "values": "1e-06x3"},
+                    {"series": 'lrpilot_min_lr{training_job="without"}', "values": "0x3"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "2m",
+                        "exp_samples": [
+                            {"labels": 'lrpilot_min_lr{training_job="with-min"}', "value": 1e-06}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "min-lr-panel-test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

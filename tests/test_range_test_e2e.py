@@ -179,16 +179,23 @@ def test_keras_fit_finds_an_lr_below_the_limit_restores_and_trains_on(
 
     report = range_test_report(c, "keras-find-lr", "--plot", str(tmp_path / "keras.png"))
     suggested = check_the_sweep(report, limit)
-    # The restore came with the answer to the last point's report, before the next step.
+    # The trainer ran the sweep as a plan, streaming its reports: the restore came with the
+    # answer to the last point's report, at the first step after it reached the trainer.
     stop = len(report["points"]) - 1
-    assert stop % 25 != 0  # in mid-epoch
-    assert [i for i, (_, w, _) in enumerate(rows) if np.array_equal(w, initial)] == [stop]
-    lr, weights, iterations = rows[stop]
+    restored = [i for i, (_, w, _) in enumerate(rows) if np.array_equal(w, initial)]
+    assert len(restored) == 1 and restored[0] >= stop, (restored, stop)
+    (back,) = restored
+    assert back % 25 != 0  # in mid-epoch
+    lr, weights, iterations = rows[back]
     assert np.array_equal(weights, initial) and iterations == 0  # exactly as before the test
     assert lr == pytest.approx(suggested, rel=1e-7)  # then the suggestion
-    # Through the test each step ran the sweep's LR; the step after the stop the suggestion.
-    sweep = [lr for lr, _, _ in rows[:stop]]
-    assert sweep == pytest.approx([sweep_lr(t + 1) for t in range(stop)], rel=1e-6)
+    # Through the test each step ran the sweep's LR (the plan's, past the last point until
+    # the restore came); the curve holds the losses of the LRs trained, in order.
+    sweep = [lr for lr, _, _ in rows[:back]]
+    assert sweep == pytest.approx([sweep_lr(t + 1) for t in range(back)], rel=1e-6)
+    assert [p[0] for p in report["points"]] == pytest.approx(
+        [sweep_lr(t) for t in range(stop + 1)], rel=1e-6
+    )
     assert len(rows) - stop > STEPS_AFTER
     final = mse(x, y, model.get_weights()[0])
     assert final < 0.01 * initial_loss, (final, initial_loss)
@@ -249,13 +256,16 @@ def test_torch_scheduler_with_the_model_restores_and_trains_on(controller_factor
     suggested = check_the_sweep(report, limit)
     # Step 0 ran at the optimizer's own LR (the hello came after it): reported so, it is no
     # point of the curve. Steps 1.. ran the sweep's LRs, one per point, then the suggestion.
+    # The sweep ran as a plan with its reports streamed: the restore came at the first step
+    # after the answer to the last point's reached the trainer.
     stop = len(report["points"])  # the step of the last point
-    assert restored_at == stop  # weights and optimizer as before the first step, exactly
-    assert not torch.equal(rows[stop - 1][1], initial)  # the sweep had moved them
+    assert restored_at is not None and restored_at >= stop  # as before the first step, exactly
+    assert not torch.equal(rows[restored_at - 1][1], initial)  # the sweep had moved them
     used = [lr for lr, _ in rows]
     assert used[0] == 0.01
-    assert used[1 : stop + 1] == pytest.approx([sweep_lr(t) for t in range(stop)])
-    assert used[stop + 1] == pytest.approx(suggested, rel=1e-7)
+    assert used[1 : restored_at + 1] == pytest.approx([sweep_lr(t) for t in range(restored_at)])
+    assert used[restored_at + 1] == pytest.approx(suggested, rel=1e-7)
+    assert [p[0] for p in report["points"]] == pytest.approx([sweep_lr(t) for t in range(stop)])
     final = mse(x.numpy(), y.numpy(), model.weight.detach().numpy().T)
     assert final < 0.01 * initial_loss, (final, initial_loss)
     print(
@@ -316,14 +326,18 @@ def check_the_restore(
     rows: list[tuple[float, Any]], stop: int, initial: Any, suggested: float
 ) -> None:
     """rows: after each step, the LR of the next step and the weights. The restore came
-    after step `stop`, exactly to `initial`, with the suggested LR; before it, the sweep."""
+    after step `stop` (the last point), or later (the sweep runs as a plan, its reports
+    streamed: at the first step after the answer reached the trainer), exactly to
+    `initial`, with the suggested LR; before it, the sweep."""
     import torch
 
-    assert [i for i, (_, w) in enumerate(rows) if torch.equal(w, initial)] == [stop]
-    assert rows[stop][0] == pytest.approx(suggested, rel=1e-7)
-    sweep = [lr for lr, _ in rows[:stop]]
-    assert sweep == pytest.approx([sweep_lr(t + 1) for t in range(stop)], rel=1e-9)
-    assert len(rows) - stop > STEPS_AFTER
+    restored = [i for i, (_, w) in enumerate(rows) if torch.equal(w, initial)]
+    assert len(restored) == 1 and restored[0] >= stop, (restored, stop)
+    (back,) = restored
+    assert rows[back][0] == pytest.approx(suggested, rel=1e-7)
+    sweep = [lr for lr, _ in rows[:back]]
+    assert sweep == pytest.approx([sweep_lr(t + 1) for t in range(back)], rel=1e-9)
+    assert len(rows) - back > STEPS_AFTER // 2  # and trained on (the loss checks follow)
 
 
 def test_lightning_callback_restores_and_trains_on(controller_factory: Factory) -> None:

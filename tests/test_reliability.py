@@ -228,9 +228,13 @@ def train_through_a_sweep(
     raise AssertionError(f"the sweep never ended; trained {trained}")
 
 
+@pytest.mark.parametrize("plans", [False, True], ids=["one-lr-per-report", "plan"])
 def test_a_kill_9_mid_sweep_gives_the_curve_of_a_clean_run_point_for_point(
-    tmp_path: Path,
+    tmp_path: Path, plans: bool
 ) -> None:
+    """An old client (no plans) goes on at its last LR while the controller is down and
+    then takes the sweep's next untried LR; a client with plans runs the sweep itself, so
+    the outage changes nothing it trains. Either way the curve is a clean run's."""
     state = tmp_path / "state"
     policy = tmp_path / "sweep.yaml"
     policy.write_text(SWEEP)
@@ -239,7 +243,7 @@ def test_a_kill_9_mid_sweep_gives_the_curve_of_a_clean_run_point_for_point(
 
     def restoring(job: str) -> Client:
         return Client(
-            bind, job=job, initial_lr=0.01, timeout=0.5, rank=0, world=1,
+            bind, job=job, initial_lr=0.01, timeout=0.5, rank=0, world=1, plans=plans,
             snapshot_fn=lambda: calls.__setitem__("snapshot", calls["snapshot"] + 1),
             restore_fn=lambda: calls.__setitem__("restore", calls["restore"] + 1),
         )  # fmt: skip
@@ -274,9 +278,14 @@ def test_a_kill_9_mid_sweep_gives_the_curve_of_a_clean_run_point_for_point(
     assert want["done"] and want["stop_reason"] == "divergence" and len(want["points"]) > 25
     assert got["points"] == want["points"]  # every point is an LR the trainer trained
     assert got["suggested_lr"] == want["suggested_lr"] and got["suggestions"] == want["suggestions"]
-    # The trainer went on at its last LR while the controller was away and then took the
-    # sweep's next one: never an LR outside the sweep, never a jump ahead of it.
-    # (Step 20 too: the replies reached the client during the flush, applied at its report.)
-    assert killed_lrs[:12] == clean_lrs[:12] and killed_lrs[12:21] == [clean_lrs[12]] * 9
-    assert killed_lrs[21:] == clean_lrs[13:]
+    if plans:
+        # The sweep ran in the trainer: the outage changed no LR it trained.
+        assert killed_lrs == clean_lrs
+    else:
+        # The trainer went on at its last LR while the controller was away and then took
+        # the sweep's next one: never an LR outside the sweep, never a jump ahead of it.
+        # (Step 20 too: the replies reached the client during the flush, applied at its
+        # report.)
+        assert killed_lrs[:12] == clean_lrs[:12] and killed_lrs[12:21] == [clean_lrs[12]] * 9
+        assert killed_lrs[21:] == clean_lrs[13:]
     assert calls == {"snapshot": 2, "restore": 2}

@@ -331,6 +331,10 @@ def test_a_formula_bomb_is_rejected_at_reload_while_jobs_report(
         assert w.report(epoch, {"val_loss": 1.0 / epoch}).lr == pytest.approx(0.1)
         slowest = max(slowest, time.monotonic() - t0)
         epoch += 1
+    # Each reply within 100 ms as the controller measured it (report in to LR out: a loop
+    # held by the bomb shows here); the trainer's own wait also counts this machine's load.
+    decided = c.metric("lrpilot_decision_seconds_count")
+    assert decided >= 4 and c.metric("lrpilot_decision_seconds_bucket", le="0.1") == decided
     assert slowest < 0.25, f"slowest reply {slowest * 1000:.1f} ms"
     log = c.log()
     expected = f"policy.yaml:6: formula {bomb!r} gives no finite value for any t in 0..10000"
@@ -395,3 +399,52 @@ def test_a_40000_rule_policy_file_is_parsed_off_the_loop(running, tmp_path: Path
     finally:
         for p in peers:
             p.close()
+
+
+def test_restoring_jobs_runs_with_the_collector_off_and_frees_a_dropped_job_without_it(
+    tmp_path: Path,
+) -> None:
+    # build_server restores the stored jobs inside quiet_gc(): the collector is off while
+    # the rows are decoded and the states made, on again after, with the states frozen. A
+    # frozen object is never looked at by the collector again, so a restored job that the
+    # table drops must be freed by reference counting alone (it is part of no cycle).
+    import weakref
+
+    from lrpilot.client.protocol import Hello, Report
+    from lrpilot.controller import transitions
+    from lrpilot.controller.server import ServeConfig, build_server
+    from lrpilot.controller.store import Store, Writes, encode_row
+
+    policies = load_text(plateau(), "policy.yaml")
+    env = transitions.Env(now=100.0, wall=time.time())
+    session = os.urandom(16)
+    hello = Hello("job", 0, 1, session, 0.1, 0)
+    job = transitions.hello(None, hello, policies.rule_for("job"), env, lambda *a: None).job
+    job = transitions.report(job, Report("job", 0, session, 1, 0, {"val_loss": 1.0}, 0.1), env).job
+    assert job is not None
+    store = Store(str(tmp_path / "state"))
+    store.commit(Writes(jobs={f"job-{i}": encode_row(job.stored()) for i in range(200)}))
+    store.close()
+
+    gc.collect()
+    frozen = gc.get_freeze_count()
+    config = ServeConfig(
+        bind="tcp://127.0.0.1:0",
+        admin_bind="tcp://127.0.0.1:0",
+        metrics_port=None,
+        state_dir=str(tmp_path / "state"),
+    )
+    server = build_server(config, policies)
+    try:
+        assert len(server.table.jobs) == 200
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + 200  # the restored states, at least
+        ref = weakref.ref(server.table.jobs["job-7"])
+        gc.disable()
+        try:
+            server.table.drop("job-7")
+            assert ref() is None, "a dropped restored job waits for the cyclic collector"
+        finally:
+            gc.enable()
+    finally:
+        server.close()

@@ -127,6 +127,7 @@ class Peer:
         self.lr = LR0
         self.lrs: list[float] = []  # the LR decided after each epoch
         self.answered_by: list[str] = []
+        self.waits: list[float] = []  # seconds from sending each report to its LR
         self.moved = self.unavailable = self.silent = 0
 
     def _ask(self, message: dict[str, Any], seq: int | None, timeout: float = 1.0) -> Any:
@@ -167,7 +168,8 @@ class Peer:
         """Report until an LR answers it (bounded); returns the LR decided."""
         self.seq += 1
         r = Report(self.job, 0, self.session, self.seq, epoch, {"val_loss": value}, self.lr)
-        deadline = time.monotonic() + timeout
+        sent = time.monotonic()
+        deadline = sent + timeout
         for _ in range(1000):
             assert time.monotonic() < deadline, f"{self.job} epoch {epoch}: no answer"
             if self.at not in self.greeted:
@@ -182,6 +184,7 @@ class Peer:
                 self.lr = reply.lr
                 self.lrs.append(reply.lr)
                 self.answered_by.append(self.at)
+                self.waits.append(time.monotonic() - sent)
                 return reply.lr
             self._handle(reply)
         raise AssertionError(f"{self.job} epoch {epoch}: no answer in 1000 tries")
@@ -268,10 +271,14 @@ def test_two_controllers_split_jobs_follow_moved_and_survive_kill_9(
     dead.kill()
     killed_at = time.monotonic()
     run_epochs(orphans, values, range(5, 6))
+    gap = max(p.waits[-1] for p in orphans)
     print(
         f"the killed controller's {len(orphans)} jobs answered again within "
-        f"{time.monotonic() - killed_at:.2f} s (bench/scale_out.py measures failover)"
+        f"{time.monotonic() - killed_at:.2f} s, the longest wait for one reply {gap:.2f} s "
+        "(bench/scale_out.py measures failover)"
     )
+    # The issue's bound on the gap: no job waits 3 s for its first reply from the survivor.
+    assert gap < 3.0, f"a job of the killed controller waited {gap:.2f} s for its reply"
     run_epochs([p for p in peers if p not in orphans], values, range(5, 6))
     run_epochs(peers, values, range(6, 10))
     assert {p.answered_by[-1] for p in peers} == {alive.bind}
@@ -694,3 +701,53 @@ def test_postgres_records_and_thins_metrics_exactly_as_sqlite(dsn: str, tmp_path
     finally:
         sqlite.close()
         pg.close()
+
+
+def test_postgres_prunes_snapshots_exactly_as_sqlite(dsn: str, tmp_path: Path) -> None:
+    # A PgStore prunes a run's snapshots from the lowest epoch it knows is left (so a prune
+    # does not walk the rows earlier prunes deleted); the snapshots kept must still be
+    # SQLite's, through a resume to an earlier epoch, gaps between epochs, a run that
+    # ended, and a new session that knows nothing yet.
+    from lrpilot.controller.pgstore import PgStore
+    from lrpilot.controller.store import Store, Writes, encode_row
+
+    kept = 5
+    epochs = [*range(0, 30), *range(10, 25), 40, 41, 60, 61, 62, 63, 64, 65, 66, 67, 90]
+    row = encode_row({"lr": 0.1})
+    sqlite = Store(str(tmp_path / "state"))
+    pg = PgStore(dsn)
+    stores: list[Any] = [sqlite, pg]
+
+    def turn(t: int, run: int = 1, old_runs: tuple[tuple[str, int], ...] = ()) -> None:
+        w = Writes(jobs={"snap": row})
+        w.snapshots = [("snap", run, t, row)]
+        w.prune = [("snap", run, t - kept)]
+        w.old_runs = list(old_runs)
+        for store in stores:
+            store.commit(w)
+
+    def left(run: int = 1) -> tuple[list[int], list[int]]:
+        found = [[e for e in range(100) if s.snapshot("snap", run, e)] for s in stores]
+        return found[0], found[1]
+
+    try:
+        pg.register("tcp://a:1", "tcp://a:2")
+        assert len(pg.tick()[0]) == 64
+        for i, t in enumerate(epochs):
+            if i == len(epochs) // 2:  # a new session: every floor forgotten
+                pg.close()
+                stores[1] = pg = PgStore(dsn)
+                pg.register("tcp://a:1", "tcp://a:2")
+                for _ in range(10):  # bounded: the old session's locks are gone at once
+                    if len(pg.tick()[0]) == 64 or len(pg.owned) == 64:
+                        break
+                assert len(pg.owned) == 64
+            turn(t)
+            sqlite_left, pg_left = left()
+            assert pg_left == sqlite_left, f"after epoch {t}"
+        assert left() == ([90], [90])
+        turn(0, run=2, old_runs=(("snap", 1),))  # the next run: run 1's snapshots go
+        assert left(1) == ([], []) and left(2) == ([0], [0])
+    finally:
+        pg.close()
+        sqlite.close()

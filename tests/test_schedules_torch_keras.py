@@ -274,3 +274,70 @@ def test_find_lr_then_one_cycle_example_end_to_end(tmp_path: Any) -> None:
     assert cycle[0] == pytest.approx(peak / 25)
     assert cycle.index(peak) == 599  # pct_start * total_steps - 1
     assert cycle[-1] == pytest.approx(peak / 25 / 1e4, rel=1e-6)
+
+
+_AS_PHASES = {
+    "one_cycle": "{type: one_cycle, total_steps: 12, pct_start: 0.3, cycle_momentum: true,"
+    " unit: epoch}",
+    "cyclic": "{type: cyclic, base_lr: 0.01, max_lr: 0.1, step_size_up: 4, mode: triangular2,"
+    " unit: epoch}",
+    "cosine_restarts": "{type: cosine_restarts, first_decay_steps: 4, t_mul: 2.0, m_mul: 0.9,"
+    " alpha: 0.01, unit: epoch}",
+    "polynomial": "{type: polynomial, decay_steps: 10, end_lr: 0.001, power: 2.0, unit: epoch}",
+    "piecewise": "{type: piecewise, boundaries: [4, 9], values: [0.05, 0.02, 0.005], unit: epoch}",
+}
+
+
+def _simulated(tmp_path: Any, name: str, policy: str, csv: Any, *extra: str) -> list[dict]:  # type: ignore[type-arg]
+    import json
+
+    from conftest import run_cli
+
+    path = tmp_path / name
+    path.write_text(policy)
+    assert run_cli("check", str(path)).returncode == 0, run_cli("check", str(path)).stdout
+    out = run_cli("simulate", "--policy", str(path), "--job", "j", "--metrics", str(csv), *extra)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if "--json" in extra else []
+
+
+@pytest.mark.parametrize("kind", sorted(_AS_PHASES))
+def test_each_new_type_runs_per_epoch_as_a_phase_after_a_warmup(kind: str, tmp_path: Any) -> None:
+    """A phase of `unit: epoch` after a 3-epoch warmup trains, from epoch 3 on, exactly what the
+    same policy alone trains from epoch 0 (starting from the LR the warmup left), and
+    `simulate --plot` draws it, with a momentum axis where the policy cycles momentum."""
+    from matplotlib import image
+
+    csv = tmp_path / "m.csv"
+    csv.write_text("epoch,val_loss\n" + "".join(f"{e},{1.0 / (e + 1)}\n" for e in range(24)))
+    spec = _AS_PHASES[kind]
+    chain = _simulated(
+        tmp_path,
+        "chain.yaml",
+        "version: 1\ndefaults:\n  phases:\n"
+        f"    - {{type: warmup, from_lr: 1.0e-3, to_lr: 0.1, epochs: 3}}\n    - {spec}\n",
+        csv,
+        "--json",
+    )
+    alone = _simulated(
+        tmp_path,
+        "alone.yaml",
+        f"version: 1\ndefaults:\n  initial_lr: 0.1\n  policy: {spec}\n",
+        csv,
+        "--json",
+    )
+    # Row e holds the LR in force from epoch e + 1: the chain's phase starts at epoch 3.
+    start = alone[0]["event"]["old"] if alone[0]["event"] else alone[0]["lr"]
+    trained_alone = [start] + [r["lr"] for r in alone]
+    trained_chain = [r["lr"] for r in chain[2:]]
+    assert trained_chain == pytest.approx(trained_alone[: len(trained_chain)], rel=1e-12)
+    assert len(set(trained_chain)) > 2  # the schedule moved within the run
+    assert ("momentum" in chain[5]) == ("cycle_momentum" in spec)
+
+    png = tmp_path / f"{kind}.png"
+    _simulated(
+        tmp_path, "plot.yaml", (tmp_path / "chain.yaml").read_text(), csv, "--plot", str(png)
+    )
+    pixels = image.imread(str(png))[..., :3]
+    green = ((abs(pixels - [0.173, 0.627, 0.173]) < 0.05).all(axis=-1)).sum()  # tab:green
+    assert (green > 50) == ("cycle_momentum" in spec), green

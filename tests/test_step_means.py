@@ -164,3 +164,20 @@ def test_step_means_of_many_steps_are_folded_on_the_device_and_exact() -> None:
         means.add_tensor("loss", torch.tensor([v], dtype=dtype))
     assert len(means._kept["loss"]) <= FOLD  # kept values are bounded
     assert means.close(now=True) == {"loss": pytest.approx(sum(values) / len(values))}
+
+
+def test_step_means_keep_nan_and_inf_tensor_losses() -> None:
+    """A diverged loss is information (a guard counts it as a spike): a window with a NaN or
+    an inf step reports NaN or inf, read late or at once, never leaves the metric out."""
+    import math
+
+    means = StepMeans()
+    for value in (1.0, math.nan, 2.0):
+        means.add_tensor("loss", torch.tensor(value))
+    means.add({"acc": torch.tensor(math.inf)})
+    assert means.close() is None  # read one report late
+    means.add_tensor("loss", torch.tensor(1.0))
+    late = means.close()
+    assert late is not None and math.isnan(late["loss"]) and late["acc"] == math.inf
+    means.add_tensor("loss", torch.tensor(-math.inf))
+    assert means.close(now=True) == {"loss": -math.inf}

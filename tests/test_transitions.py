@@ -27,7 +27,7 @@ from lrpilot.controller.jobstate import JobState
 from lrpilot.controller.policies import Plateau, fingerprint, float32
 from lrpilot.controller.policyfile import load_text
 from lrpilot.controller.server import Server
-from lrpilot.controller.store import Writes, decode_row
+from lrpilot.controller.store import Store, Writes, decode_row
 from lrpilot.controller.transitions import Env
 
 PLATEAU = """\
@@ -146,18 +146,38 @@ def _peer(s: Server, job: str, rank: int = 0, world: int = 1) -> Wire:
     return Wire(s.endpoints()["bind"], job, rank, world, ctx=s.ctx)
 
 
-def test_one_commit_per_turn_answers_every_message(inproc: tuple[Server, Clock]) -> None:
-    s, _clock = inproc
+class CountingStore(Store):
+    """The real SQLite store, counting the transactions it commits."""
+
+    def __init__(self, state_dir: str) -> None:
+        super().__init__(state_dir)
+        self.commits = 0
+
+    def commit(self, w: Writes) -> None:
+        super().commit(w)
+        self.commits += 1
+
+
+def test_one_commit_per_turn_answers_every_message(
+    clocked_server: Callable[..., tuple[Server, Clock]],
+) -> None:
+    s, _clock = clocked_server(
+        PLATEAU,
+        state_store=CountingStore,
+        bind=f"inproc://lrpilot-test-{os.getpid()}-{id(object())}",
+    )
+    assert isinstance(s.store, CountingStore)
     peers = [_peer(s, f"job-{i}") for i in range(8)]
     try:
         for p in peers:
             p.sock.send(_hello(p))
         turn_until(s, *peers)
-        commits = _commit_counter(s)
+        before = s.store.commits
         for p in peers:
             p.report(0, {"val_loss": 1.0}, wait=False)
         s.turn()  # all eight are queued (inproc): one turn decides them, with one commit
-        assert sum(c.reports for c in s.table.counters.values()) == 8 and commits() == 1
+        assert sum(c.reports for c in s.table.counters.values()) == 8
+        assert s.store.commits - before == 1
         answers = [p.recv(timeout=1) for p in peers]
         assert all(isinstance(a, LrMessage) and a.seq == 1 for a in answers)
     finally:
@@ -312,19 +332,6 @@ def _bye(p: Wire) -> bytes:
     from lrpilot.client.protocol import Bye, encode
 
     return encode(Bye(p.job, p.rank, p.session).to_wire())
-
-
-def _commit_counter(s: Server):  # type: ignore[no-untyped-def]
-    """Counts the store's commits from here on (wraps the real commit, which still runs)."""
-    count = [0]
-    real = s.store.commit
-
-    def counted(w):  # type: ignore[no-untyped-def]
-        count[0] += 1
-        real(w)
-
-    s.store.commit = counted  # type: ignore[method-assign]
-    return lambda: count[0]
 
 
 def _families(s: Server) -> list[object]:

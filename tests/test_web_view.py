@@ -37,6 +37,9 @@ jobs:
     phases:
       - {type: range_test}
       - {type: plateau, monitor: loss, patience: 3, unit: step}
+  - match: "gpt-*"
+    policy: {type: plateau, monitor: loss, patience: 50, min_lr: 1.0e-4}
+    guard: {monitor: loss, spike: 3.0, window: 5, warmup: 5, snapshot_every: 5, lr_factor: 0.5}
 """
 
 
@@ -84,6 +87,18 @@ def _populate(c: Controller) -> dict[str, Any]:
             lr = f.report(0, {"loss": loss}, lr=lr, step=s).lr
     finally:
         f.close()
+    s = Wire(c.bind, "gpt-spike")  # a guarded job: a loss spike rolled back, then a reload
+    try:
+        lr = s.hello(lr=0.1, restore=True).lr
+        for e in range(20):
+            lr = s.report(e, {"loss": 50.0 if e == 12 else 1.0 - 0.01 * e}, lr=lr).lr
+        assert lr == pytest.approx(0.05)  # rolled back at epoch 12, lr x 0.5
+        c.policy.write_text(POLICY.replace("min_lr: 1.0e-4", "min_lr: 0.08"))
+        out = run_cli("reload", "--admin", c.admin)
+        assert out.returncode == 0, out.stderr
+        assert s.recv().reason == "reload"  # min_lr above the LR: pushed at once
+    finally:
+        s.close()
     for j in range(4):
         g = Wire(c.bind, f"bert-{j}")
         try:
@@ -96,7 +111,7 @@ def _populate(c: Controller) -> dict[str, Any]:
     status, _, body = _get(_base(c) + "api/jobs/find-lr/metrics")
     assert status == 200
     made["range_test"] = json.loads(body)["range_test"]
-    made["jobs"] = sorted(["resnet-a", "find-lr", *(f"bert-{j}" for j in range(4))])
+    made["jobs"] = sorted(["resnet-a", "find-lr", "gpt-spike", *(f"bert-{j}" for j in range(4))])
     return made
 
 
@@ -129,7 +144,7 @@ def test_the_endpoints_serve_the_page_its_library_and_the_json(controller_factor
     assert status == 200 and kind == "application/json"
     jobs = json.loads(body)
     assert [j["job"] for j in jobs["jobs"]] == made["jobs"]
-    assert (jobs["total"], jobs["matched"], jobs["pages"]) == (6, 6, 1)
+    assert (jobs["total"], jobs["matched"], jobs["pages"]) == (7, 7, 1)
 
     status, _, body = _get(base + "api/jobs/resnet-a/metrics")
     one = json.loads(body)  # strict JSON: the NaN evaluation is null
@@ -329,7 +344,7 @@ def test_the_page_in_headless_chromium(controller_factory: Factory, tmp_path: Pa
     assert dom.selected == ["resnet-a"]
     assert dom.finished == ["bert-3"]  # greyed, "finished" in place of its workers
     assert dom.cells["bert-3"][1] == "finished" and dom.cells["find-lr"][2] == "step 219"
-    assert dom.text["summary"] == "6 jobs" and dom.text["page"] == "page 1 of 1"
+    assert dom.text["summary"] == "7 jobs" and dom.text["page"] == "page 1 of 1"
     assert dom.text["job-title"] == "resnet-a"
     assert "30 points recorded" in dom.text["job-info"] and "plateau" in dom.text["job-info"]
     assert dom.canvases.get("lr-chart") == 1  # uPlot drew the LR and monitor chart
@@ -350,9 +365,13 @@ def test_the_page_in_headless_chromium(controller_factory: Factory, tmp_path: Pa
     assert {"loss", "smoothed"} <= set(dom.labels)
     assert dom.events.count("range_test") >= 100  # every step of the sweep, marked
 
+    dom = Dom(browse(f"{base}?job=gpt-spike", tmp_path / "profile", "--dump-dom"))
+    assert dom.events == ["reload", "divergence", "initial"]  # a rollback and a reload, marked
+    assert dom.canvases.get("lr-chart") == 1 and "loss" in dom.labels
+
     dom = Dom(browse(f"{base}?q=bert", tmp_path / "profile", "--dump-dom"))  # the filter box
     assert dom.rows == [f"bert-{j}" for j in range(4)]
-    assert dom.text["summary"] == '6 jobs, 4 match "bert"'
+    assert dom.text["summary"] == '7 jobs, 4 match "bert"'
     assert "job" in dom.hidden  # no job chosen: no job panel
 
     shot = tmp_path / "web-view.png"  # kept with the test's temp dir for a look

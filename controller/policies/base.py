@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -215,6 +215,19 @@ class Policy(ABC):
         point of its curve (the trainer went on at an older LR while the controller was away).
         """
         return True
+
+    def admit(
+        self, state: State, t: int, lrs: Sequence[float], ahead: bool = False
+    ) -> State | None:
+        """The state that the report of time t, trained at `lrs` (one per rank), is fed to,
+        or None when it is no input (see `counts`). `ahead`: every rank runs plans; a range
+        test then moves its sweep to the LR the trainer ran, when the plan had it there
+        first."""
+        return state if all(self.counts(state, lr) for lr in lrs) else None
+
+    def missed(self, state: State, t: int) -> State:
+        """The state after the report of time t was no input (`admit` gave None)."""
+        return state
 
     def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
         """End a range test under way at local time t without a suggestion (a rank that

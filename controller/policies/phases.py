@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +123,36 @@ class Phases(Policy):
         assert isinstance(state, PhasesState)
         return self.phases[state.index].policy.counts(self.inner_state(state), lr)
 
+    def admit(
+        self, state: State, t: int, lrs: Sequence[float], ahead: bool = False
+    ) -> State | None:
+        """The phase in force admits the report. Right after a range test, a report trained
+        above the sweep's last point is no input: the trainer ran the sweep on (a plan) until
+        the restore reached it, on weights the restore took back."""
+        assert isinstance(state, PhasesState)
+        if self._past_sweep(state, lrs):
+            return None
+        before = self.inner_state(state)
+        inner = self.phases[state.index].policy.admit(before, t - state.start, lrs, ahead)
+        if inner is None or inner is before:
+            return None if inner is None else state
+        return state.replace(lr=inner.lr, inner=inner.to_dict())
+
+    def _past_sweep(self, state: PhasesState, lrs: Sequence[float]) -> bool:
+        report = state.range_test
+        if state.index == 0 or report is None or not report.get("points"):
+            return False
+        if self.phases[state.index - 1].policy.type != "range_test":
+            return False
+        last = max(p[0] for p in report["points"])
+        return any(lr > last * (1 + 1e-6) for lr in lrs)
+
+    def missed(self, state: State, t: int) -> State:
+        assert isinstance(state, PhasesState)
+        before = self.inner_state(state)
+        inner = self.phases[state.index].policy.missed(before, t - state.start)
+        return state if inner is before else state.replace(lr=inner.lr, inner=inner.to_dict())
+
     def abandon(self, state: State, t: int) -> tuple[State, Decision] | None:
         """The phase in force abandons its sweep; the chain moves on as when it finishes."""
         assert isinstance(state, PhasesState)
@@ -192,8 +222,8 @@ class Phases(Policy):
         last = state.index == len(self.phases) - 1
         end = None if last or phase.until is None else origin + state.start + phase.until
         plan = phase.policy.plan(self.inner_state(state), origin + state.start, end)
-        if plan is None:
-            return None
+        if plan is None or plan["kind"] == "range_test":
+            return plan  # a sweep ends from the reports: nothing after it is known ahead
         chain = [plan]
         index = state.index + 1
         while index < len(self.phases) and len(chain) <= plans.MAX_AHEAD:

@@ -50,6 +50,7 @@ class RangeTestState(State):
     lr_before: float = 0.0  # the LR before the test: restored when nothing can be suggested
     seen: int = 0  # reports fed so far (0: the test has not started)
     index: int = -1  # the sweep's index of `lr`: LRs tried so far (-1: a 0.2 state, see seen)
+    at: int = -1  # the local step the next LR (`index`) trains at, for the plan (-1: index)
     points: tuple[Point, ...] = ()
     smoothed: float = 0.0
     count: int = 0
@@ -73,7 +74,7 @@ class RangeTestState(State):
         points = tuple((_float(a), _float(b), _float(c)) for a, b, c in state.points)
         # lrpilot 0.2 stored no index: its sweep counted reports, from t = 0.
         index = state.index if state.index >= 0 else state.seen
-        return state.replace(points=points, index=index)
+        return state.replace(points=points, index=index, at=max(state.at, index))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,8 +118,28 @@ class RangeTest(Policy):
     # -- the sweep ------------------------------------------------------------
 
     def lr_at(self, t: int) -> float:
-        """The sweep's LR at local time t, exactly as the seeds' lambda computes it."""
+        """The sweep's LR at local time t, exactly as the seeds' lambda computes it (the
+        plan's evaluator: the trainer computes the same number)."""
         return 10 ** (t / self.steps_per_decade) * self.start_lr
+
+    def sweep_params(self) -> dict[str, Any]:
+        """The sweep as a plan's params (see `lrpilot.client.plans`, kind `range_test`)."""
+        return {
+            "start_lr": self.start_lr,
+            "end_lr": self.end_lr,
+            "steps_per_decade": self.steps_per_decade,
+        }
+
+    def index_of(self, lr: float) -> int | None:
+        """The sweep's index whose LR `lr` is (float32 rounding allowed), or None for an LR
+        that is none of the sweep's."""
+        if not (lr > 0 and math.isfinite(lr)):
+            return None
+        j = round(self.steps_per_decade * math.log10(lr / self.start_lr))
+        if not 0 <= j < self.planned:
+            return None
+        swept = min(self.lr_at(j), self.end_lr)
+        return j if abs(lr - swept) <= _SAME_LR * swept else None
 
     @property
     def planned(self) -> int:
@@ -136,12 +157,72 @@ class RangeTest(Policy):
     def start(self, lr0: float, t: int) -> RangeTestState:
         index = max(t, 0)  # a job first seen mid-sweep picks it up where the formula is
         lr = self._next_lr(index)
-        return RangeTestState(lr=self.end_lr if lr is None else lr, lr_before=lr0, index=index)
+        return RangeTestState(
+            lr=self.end_lr if lr is None else lr, lr_before=lr0, index=index, at=index
+        )
 
     def counts(self, state: State, lr: float) -> bool:
         """Only a report trained at the sweep's LR is a point (float32 rounding allowed)."""
         assert isinstance(state, RangeTestState)
         return state.done or abs(lr - state.lr) <= _SAME_LR * state.lr
+
+    def admit(
+        self, state: State, t: int, lrs: Sequence[float], ahead: bool = False
+    ) -> State | None:
+        """A point is what was trained: the state whose LR is the one the report trained at
+        (every rank's), or None when that is no untried LR of the sweep. With `ahead` (the
+        ranks run the sweep as a plan) a later untried LR than the current one counts too:
+        the trainer reached it before this controller heard of it."""
+        assert isinstance(state, RangeTestState)
+        if all(self.counts(state, lr) for lr in lrs):
+            return state
+        if not ahead:
+            return None
+        before = state.lr_before
+        if any(abs(lr - before) <= _SAME_LR * before for lr in lrs):
+            return None  # the LR from before the test: a trainer that had no plan yet
+        found = {self.index_of(lr) for lr in lrs}
+        if len(found) != 1:
+            return None
+        (j,) = found
+        # A plan starts its sweep at local step 0 or later: step t runs index t at most.
+        if j is None or not state.index <= j <= t:
+            return None
+        if j == state.index:
+            return state
+        return state.replace(index=j, lr=min(self.lr_at(j), self.end_lr))
+
+    def missed(self, state: State, t: int) -> State:
+        """A report of local time t that is no point: before the first point the sweep (its
+        plan) starts over at t+1, so no LR of it is skipped; later it changes nothing (the
+        trainer runs the plan, and an older trainer is told the next untried LR again)."""
+        assert isinstance(state, RangeTestState)
+        if state.done or state.points:
+            return state
+        return state.replace(at=t + 1)
+
+    def plan(
+        self, state: State, origin: int = 0, until: int | None = None
+    ) -> dict[str, Any] | None:
+        """The sweep as a plan (kind `range_test`): the trainer runs it step by step with no
+        wait, index `index` at local step `at`, until the sweep's last planned LR; None
+        once the test is done (the next phase, or the suggestion, takes over)."""
+        assert isinstance(state, RangeTestState)
+        if state.done or not self.apply:
+            return None
+        start = origin + max(state.at, state.index) - state.index
+        if start < 0:
+            return None
+        end = start + self.planned
+        return {
+            "kind": "range_test",
+            "params": self.sweep_params(),
+            "unit": self.unit,
+            "from": start,
+            "until": end if until is None else min(end, until),
+            "lr0": self.start_lr,
+            "scale": 1.0,
+        }
 
     def step(
         self, state: State, t: int, metrics: Mapping[str, float], directions: Mapping[str, str]
@@ -149,7 +230,7 @@ class RangeTest(Policy):
         assert isinstance(state, RangeTestState)
         if state.done:
             return state, Decision(state.lr, apply=self.apply)
-        state = state.replace(seen=state.seen + 1)
+        state = state.replace(seen=state.seen + 1, at=t + 1)
         raw = metrics.get(self.monitor)
         if raw is None:
             available = ",".join(sorted(metrics)) or "none"
