@@ -9,10 +9,14 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: test check lint typecheck pytest demo bench fuzz dist clean prometheus chromium postgresql image-tools modules docs
 
+# A venv that `make demo` made has no pip of its own (see below): the full install adds one.
+VENV_WITH_PIP := (test -x $(PY) || $(PYTHON) -m venv $(VENV)) && \
+	($(PIP) --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null)
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_WITH_PIP)
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[keras,torch,lightning,hf,plot,postgres,fast,dev]" --config-settings editable_mode=strict
+	$(PIP) install -q -e ".[keras,keras-jax,torch,lightning,hf,plot,postgres,fast,dev]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install links each module: relink when the set of modules changes.
@@ -79,14 +83,33 @@ test: lint typecheck pytest
 
 check: test
 
-# The demo needs the core and Keras only: no torch, Lightning, transformers or dev tools. In a
-# venv that `make test` already filled it installs nothing.
+# The demo needs the core and Keras on JAX (CPU) only: no TensorFlow, torch, Lightning,
+# transformers or dev tools. On a fresh clone it makes a venv without pip (the base
+# interpreter's pip installs into it, via --python, when it is 22.3 or newer) and installs the
+# exact, complete pins of requirements/demo.txt with --no-deps: nothing to resolve (the pins
+# need Python 3.11+; on 3.10 pip resolves the keras-jax extra instead). In a venv that
+# `make test` filled it installs nothing (or brings it up to date as `make test` would).
 DEMO_STAMP := $(VENV)/.demo-installed
-$(DEMO_STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	test -f $(STAMP) || $(PIP) install -q --no-compile -e ".[keras]"
-	touch $@
+ifneq ($(wildcard $(STAMP)),)
+$(DEMO_STAMP): $(STAMP)
+	@touch $@
+else
+$(DEMO_STAMP): pyproject.toml requirements/demo.txt
+	@test -x $(PY) || $(PYTHON) -m venv --without-pip $(VENV)
+	@echo "installing lrpilot's core and Keras on JAX (CPU) into $(VENV): requirements/demo.txt"
+	@if $(PIP) --version >/dev/null 2>&1; then pip="$(PIP)"; \
+	elif $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then \
+		pip="$(PYTHON) -m pip --python $(PY)"; \
+	else $(PY) -m ensurepip --default-pip >/dev/null && pip="$(PIP)" || exit 1; fi; \
+	if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+		$$pip install -q --no-deps --no-compile -r requirements/demo.txt && \
+		$$pip install -q --no-deps --no-compile --no-build-isolation -e .; \
+	else $$pip install -q --no-compile -e ".[keras-jax]"; fi
+	@touch $@
+endif
 
+# `lrpilot demo` runs Keras on JAX where TensorFlow is not installed, else on Keras' default
+# (TensorFlow, in a venv that `make test` filled); KERAS_BACKEND=jax make demo chooses.
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/lrpilot demo
 
@@ -106,6 +129,7 @@ bench: modules
 	$(PY) bench/adapters.py
 	$(PY) bench/guard.py
 	$(PY) bench/web_view.py
+	$(PY) bench/fresh_demo.py
 
 # docs/policy-reference.md is written from the policy classes' own parameter docs; a test fails
 # when the committed file differs from what this prints.
@@ -115,7 +139,7 @@ docs: modules
 # A wheel and an sdist in dist/, installable anywhere (pip install dist/lrpilot-*.whl). Needs
 # only `build` (it builds in an isolated env with setuptools), none of the ML stacks.
 dist:
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_WITH_PIP)
 	$(PY) -c "import build" 2>/dev/null || $(PIP) install -q "build>=1.0,<2"
 	$(PY) -m build --outdir dist .
 

@@ -8,6 +8,7 @@ and prints, per epoch, the losses, the LR and the controller's decision.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -66,17 +67,33 @@ def _data(n: int = 384) -> tuple[Any, Any, Any, Any]:
     return x[:split], y[:split], x[split:], y[split:]
 
 
+def _choose_backend() -> None:
+    """Run Keras on JAX when that is what is installed (`lrpilot[keras-jax]`, `make demo`).
+
+    KERAS_BACKEND, when set, wins; so does TensorFlow (Keras' default) when it is installed.
+    """
+    if "KERAS_BACKEND" in os.environ or importlib.util.find_spec("tensorflow") is not None:
+        return
+    if importlib.util.find_spec("jax") is not None:
+        os.environ["KERAS_BACKEND"] = "jax"
+
+
 def run_demo(epochs: int = 45, policy: str | None = None) -> int:
     """Run the demo; returns the exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _choose_backend()
     with tempfile.TemporaryDirectory(prefix="lrpilot-demo-") as state_dir:
         # The controller starts while Keras loads: both take seconds.
         proc = _spawn_controller(state_dir, policy)
         try:
             try:
                 import keras  # noqa: F401
-            except ImportError:
-                print("lrpilot demo needs Keras: pip install 'lrpilot[keras]'", file=sys.stderr)
+            except ImportError as exc:
+                print(
+                    f"lrpilot demo needs Keras and a backend ({exc}): "
+                    "pip install 'lrpilot[keras-jax]' (Keras on JAX, CPU) or 'lrpilot[keras]'",
+                    file=sys.stderr,
+                )
                 return 2
             return _train(_endpoints(proc), epochs, policy)
         finally:
@@ -92,6 +109,7 @@ def _train(ends: dict[str, str], epochs: int, policy: str | None) -> int:
     from .admin import request
 
     print(f"controller: {ends['bind']} (admin {ends['admin']}, metrics {ends['metrics']})")
+    print(f"keras {keras.__version__} on {keras.backend.backend()}")
     print(
         f"policy: {policy or 'embedded default (Keras ReduceLROnPlateau: factor 0.1, patience 10)'}"
     )

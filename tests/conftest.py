@@ -16,6 +16,10 @@ from lrpilot.controller.server import parse_ready_line
 
 # TensorFlow's start-up chatter is noise in test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite runs Keras on TensorFlow (make test installs JAX too, for `make demo`; a
+# ~/.keras/keras.json naming another backend must not move the suite): KERAS_BACKEND=jax
+# pytest ... runs it on JAX on purpose.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 LRPILOT = [sys.executable, "-m", "lrpilot.controller.cli"]
 
