@@ -74,7 +74,8 @@ def _tree(tmp: Path) -> Path:
 
 def _env() -> dict[str, str]:
     """The caller's environment as a newcomer's shell has it: no venv, no backend chosen."""
-    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "VIRTUAL_ENV")}
+    drop = ("KERAS_BACKEND", "VIRTUAL_ENV", "MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in drop}  # also not `make test`'s own
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv_bin)
     return env
@@ -90,7 +91,13 @@ def test_make_demo_on_a_fresh_tree_installs_only_its_pins(tmp_path: Path) -> Non
 
 def _fresh_tree_demo(tree: Path) -> None:
     plan = subprocess.run(
-        ["make", "-n", "demo"], cwd=tree, capture_output=True, text=True, timeout=30, check=True
+        ["make", "-n", "demo"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=_env(),
     ).stdout
     assert "requirements/demo.txt" in plan and "--no-deps" in plan, plan
     for heavy in (*HEAVY, "[keras]", "[keras,", "dev]"):
@@ -127,7 +134,13 @@ def _fresh_tree_demo(tree: Path) -> None:
 
     # A second `make demo` installs nothing.
     again = subprocess.run(
-        ["make", "-n", "demo"], cwd=tree, capture_output=True, text=True, timeout=30, check=True
+        ["make", "-n", "demo"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=_env(),
     ).stdout
     assert "pip" not in again and "-m venv" not in again, again
 
@@ -163,7 +176,13 @@ def test_make_demo_installs_nothing_where_make_test_already_installed(tmp_path: 
     later = time.time() + 5  # newer than pyproject.toml, Makefile and the pins
     os.utime(stamp, (later, later))
     plan = subprocess.run(
-        ["make", "-n", "demo"], cwd=tree, capture_output=True, text=True, timeout=30, check=True
+        ["make", "-n", "demo"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env=_env(),
     ).stdout
     assert "pip" not in plan and "-m venv" not in plan, plan
     assert plan.splitlines()[-1] == ".venv/bin/lrpilot demo", plan
@@ -180,6 +199,7 @@ def test_make_test_completes_a_venv_that_make_demo_made(tmp_path: Path) -> None:
     plan = subprocess.run(
         ["make", "-n", ".venv/.installed"],
         cwd=tree,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=30,
