@@ -89,16 +89,17 @@ def test_make_demo_on_a_fresh_tree_installs_only_its_pins(tmp_path: Path) -> Non
         shutil.rmtree(tree / ".venv", ignore_errors=True)
 
 
+def _plan(tree: Path, target: str) -> str:
+    """What `make -n TARGET` would run in `tree`, in a newcomer's environment."""
+    done = subprocess.run(
+        ["make", "-n", target], cwd=tree, capture_output=True, text=True, timeout=30,
+        check=True, env=_env(),
+    )  # fmt: skip
+    return done.stdout
+
+
 def _fresh_tree_demo(tree: Path) -> None:
-    plan = subprocess.run(
-        ["make", "-n", "demo"],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        env=_env(),
-    ).stdout
+    plan = _plan(tree, "demo")
     assert "requirements/demo.txt" in plan and "--no-deps" in plan, plan
     for heavy in (*HEAVY, "[keras]", "[keras,", "dev]"):
         assert heavy not in plan, f"make demo would install {heavy}: {plan}"
@@ -133,15 +134,7 @@ def _fresh_tree_demo(tree: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     # A second `make demo` installs nothing.
-    again = subprocess.run(
-        ["make", "-n", "demo"],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        env=_env(),
-    ).stdout
+    again = _plan(tree, "demo")
     assert "pip" not in again and "-m venv" not in again, again
 
     # The Keras adapter without a backend chosen says how to run it on JAX.
@@ -175,15 +168,7 @@ def test_make_demo_installs_nothing_where_make_test_already_installed(tmp_path: 
     stamp.touch()
     later = time.time() + 5  # newer than pyproject.toml, Makefile and the pins
     os.utime(stamp, (later, later))
-    plan = subprocess.run(
-        ["make", "-n", "demo"],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-        env=_env(),
-    ).stdout
+    plan = _plan(tree, "demo")
     assert "pip" not in plan and "-m venv" not in plan, plan
     assert plan.splitlines()[-1] == ".venv/bin/lrpilot demo", plan
 
@@ -196,15 +181,7 @@ def test_make_test_completes_a_venv_that_make_demo_made(tmp_path: Path) -> None:
         cwd=tree, check=True, timeout=60, env=_env(),
     )  # fmt: skip
     (tree / ".venv" / ".demo-installed").touch()
-    plan = subprocess.run(
-        ["make", "-n", ".venv/.installed"],
-        cwd=tree,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
+    plan = _plan(tree, ".venv/.installed")
     ensure = plan.index("ensurepip")
     assert ensure < plan.index("pip install"), plan
     assert "keras,keras-jax,torch" in plan, plan
