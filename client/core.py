@@ -49,8 +49,10 @@ from .protocol import (
     Report,
     ServerMessage,
     check_name,
+    decode,
+    echo_seq,
     encode,
-    parse_server_message,
+    parse_server_dict,
 )
 from .vocabulary import LR_MESSAGE, lr_ok
 
@@ -785,7 +787,14 @@ class Client:
                 self._invalid(f"a message of {1 + len(rest)} frames, not 1")
                 continue
             try:
-                message = parse_server_message(frame)
+                found = decode(frame)
+                decisions = self._decisions
+                seq = echo_seq(found, self.job, decisions.run, decisions.version)
+                if seq is not None:  # the common reply: it answers a report, nothing more
+                    self._heard()
+                    self._answered(seq)
+                    continue
+                message = parse_server_dict(found)
             except ProtocolError as exc:
                 self._invalid(str(exc))
                 continue
@@ -796,19 +805,27 @@ class Client:
             if self._sockets.link is not link:
                 return  # moved: the rest of this socket's messages are stale
 
-    def _handle(self, message: ServerMessage) -> None:
-        box = self._box
-        box.heard()
+    def _heard(self) -> None:
+        """The controller answered: it is there."""
+        self._box.heard()
         self._ever_heard = True
         if not self._online:
             self._online = True
             logger.info("reconnected to the lrpilot controller at %s", self.endpoint)
+
+    def _answered(self, seq: int | None) -> None:
+        """An `lr` answered report `seq` (None: the hello, or a push) where the client sends."""
+        self.stats["replies"] += 1
+        self._moves = 0
+        self._box.answered(seq)
+
+    def _handle(self, message: ServerMessage) -> None:
+        box = self._box
+        self._heard()
         if isinstance(message, LrMessage):
-            self.stats["replies"] += 1
-            self._moves = 0
             if message.notices:
                 self._notice(message)
-            box.answered(message.seq)
+            self._answered(message.seq)
             self._decisions.accept(message)
             return
         self.stats["errors"] += 1

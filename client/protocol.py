@@ -61,9 +61,11 @@ __all__ = [
     "Report",
     "check_name",
     "decode",
+    "echo_seq",
     "encode",
     "parse_client_dict",
     "parse_client_message",
+    "parse_server_dict",
     "parse_server_message",
     "read_report",
 ]
@@ -587,7 +589,42 @@ def parse_server_message(frame: bytes) -> ServerMessage:
     Raises:
         ProtocolError: for anything that is not a valid `lr` or `error`.
     """
-    msg = decode(frame)
+    return parse_server_dict(decode(frame))
+
+
+def echo_seq(msg: Mapping[str, Any], job: str, run: int | None, version: int) -> int | None:
+    """The `seq` of a decoded `lr` that only answers a report, else None.
+
+    Such a reply (every report gets one; a plan's job gets one per report while the LR goes
+    on by the plan) is of job `job`, of run `run` and not newer than `version` (the decision
+    the client holds), with a report's seq and no action or notices: accepting it would
+    change nothing but the report it answers. Only those fields are checked, so a client
+    takes it without validating (and copying) the rest; anything else goes to
+    `parse_server_dict`, whole.
+    """
+    seq, got_version = msg.get("seq"), msg.get("version")
+    if (
+        type(seq) is int
+        and type(got_version) is int
+        and 0 <= seq <= MAX_SEQ
+        and got_version <= version
+        and msg.get("run") == run
+        and type(run) is int
+        and msg.get("t") == "lr"
+        and msg.get("job") == job
+        and not msg.get("action")
+        and not msg.get("notices")
+    ):
+        return seq
+    return None
+
+
+def parse_server_dict(msg: dict[str, Any]) -> ServerMessage:
+    """`parse_server_message` of a frame `decode` read.
+
+    Raises:
+        ProtocolError: for anything that is not a valid `lr` or `error`.
+    """
     kind = _SERVER.get(msg["t"])
     if kind is None:
         raise ProtocolError("unknown_type", f"unknown message type {msg['t'][:40]!r}")

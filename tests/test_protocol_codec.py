@@ -3,6 +3,10 @@ for: on every frame it either steps aside (None) or returns exactly the `Report`
 `decode` + `parse_client_dict` return, and it never accepts a frame they refuse. Without
 msgspec the controller reads every frame the msgpack way.
 
+The client's own shortcut, `echo_seq` (a reply that only answers a report), against
+`parse_server_dict` + `Decisions.accept`: every reply it takes would change nothing but the
+report it answers, and every such reply is taken.
+
 Hypothesis generates valid reports, each field of them replaced by hostile values, unknown
 and duplicated keys, and raw bytes; `make fuzz` runs the long profile (HYPOTHESIS_PROFILE=fuzz).
 """
@@ -20,6 +24,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrpilot.client.decisions import Decisions
 from lrpilot.client.errors import ProtocolError
 from lrpilot.client.protocol import (
     MAX_INT,
@@ -28,10 +33,13 @@ from lrpilot.client.protocol import (
     MAX_SEQ,
     MAX_WORLD,
     ClientMessage,
+    LrMessage,
     Report,
     decode,
+    echo_seq,
     encode,
     parse_client_dict,
+    parse_server_dict,
     read_report,
 )
 
@@ -200,3 +208,85 @@ def test_without_msgspec_every_frame_takes_the_msgpack_path() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert out.stdout.strip() == "ok", out.stderr
+
+
+# -- the client's shortcut for a reply that only answers a report ----------------------------
+
+replies = st.builds(
+    lambda job, seq, version, run, step, lr, reason, extra: {
+        **LrMessage(job, lr, version, run, reason, seq, apply_from_step=step, **extra).to_wire()
+    },
+    st.sampled_from(["job-a", "job-a", "job-b"]),
+    st.none() | st.integers(0, MAX_SEQ),
+    st.integers(0, 3),  # near the client's own: one newer, the same, older
+    st.integers(1, 2),
+    st.integers(0, MAX_INT),
+    st.floats(1e-12, 10.0),
+    st.sampled_from(["unchanged", "plateau", "schedule"]),
+    st.sampled_from(
+        [
+            {},
+            {"action": "restore"},
+            {"notices": (("monitor_missing", "no val_loss"),)},
+            {
+                "plan": {
+                    "kind": "constant",
+                    "params": {},
+                    "unit": "step",
+                    "from": 0,
+                    "until": None,
+                    "lr0": 0.1,
+                }
+            },
+            {"detail": {"snapshot_every": 50}},
+        ]
+    ),
+)
+
+
+def echo_property(msg: dict[str, Any], run: int, version: int) -> None:
+    """A client of job-a holding decision (run, version) receives `msg`."""
+    try:
+        found = decode(encode(msg))  # as the client reads a frame
+    except ProtocolError:
+        return  # not a message: the client counts it invalid
+    seq = echo_seq(found, "job-a", run, version)
+    try:
+        parsed = parse_server_dict(found)
+    except ProtocolError:
+        return  # a broken field: at most the report it names is taken as answered
+    held = Decisions(lr=0.1, epoch=0, step=0)
+    held.run, held.version = run, version
+    plain = (
+        isinstance(parsed, LrMessage)
+        and parsed.job == "job-a"
+        and parsed.seq is not None
+        and parsed.run == run
+        and parsed.version <= version
+        and parsed.action is None
+        and not parsed.notices
+    )
+    assert (seq is not None) == plain, (seq, parsed)
+    if seq is not None:
+        assert isinstance(parsed, LrMessage) and parsed.seq == seq
+        assert not held.accept(parsed) and held.pending == []  # it changes no decision
+
+
+@given(replies, st.integers(1, 2), st.integers(0, 3))
+def test_the_client_takes_exactly_the_replies_that_only_answer_a_report(
+    msg: dict[str, Any], run: int, version: int
+) -> None:
+    echo_property(msg, run, version)
+
+
+@given(
+    replies,
+    st.integers(1, 3),
+    st.integers(0, 12),
+    st.sampled_from(["t", "job", "seq", "version", "run", "action", "notices", "lr", "reason"]),
+    hostile,
+)
+def test_a_reply_with_a_hostile_field_is_taken_only_if_it_changes_nothing(
+    msg: dict[str, Any], run: int, version: int, key: str, value: Any
+) -> None:  # fmt: skip
+    echo_property({**msg, key: value}, run, version)
