@@ -34,6 +34,11 @@ __all__ = ["AdapterCore", "Restorable"]
 
 logger = logging.getLogger("lrpilot.client")
 
+#: A range test's sweep run as a plan in a job of several ranks streams its reports and
+#: waits for an answer before every step that is a multiple of this (and at the sweep's
+#: end); the decisions that came since apply there (see `Decisions`), on every rank at once.
+SWEEP_SYNC_EVERY = 16
+
 
 class Restorable(Protocol):
     """An in-memory copy of a model's and optimizer's state, taken when a range test starts."""
@@ -239,9 +244,10 @@ class AdapterCore:
                 late, see `lrpilot.client.step_means`); None: nothing to report.
             wait: whether the report waits for its answer; default: during a range test
                 only at the sweep's last step when the sweep runs as a plan (every step is
-                then reported, streamed), at every report in a job of several ranks or
-                with an older controller's sweep (so that all ranks restore at the same
-                step), and with a guard in a job of several ranks.
+                then reported, streamed) and, in a job of several ranks, at every sync step
+                of it (see `_waits`), at every report with an older controller's sweep (so
+                that all ranks restore at the same step), and with a guard in a job of
+                several ranks.
             trained_lr: the LR the steps trained at, when not the client's (a hello that
                 came after them; see `Client.report`).
         """
@@ -270,11 +276,13 @@ class AdapterCore:
     def _waits(self, client: Client, sweep: int | None, done: int) -> bool:
         """Whether the report of step `done` waits for its answer. A range test run as a plan
         (`sweep`: its end) streams its reports and waits once, at its last step, for the
-        controller's end of it; a job of several ranks waits at every report of the sweep
-        (an older controller's sweep too), so that every rank restores at the same step;
-        so does a guarded job of several ranks."""
+        controller's end of it; a job of several ranks also waits before every step that is
+        a multiple of `SWEEP_SYNC_EVERY`, where the decisions that came meanwhile apply
+        (the client holds them until a report that waited): every rank has them there, and
+        restores at the same step. With an older controller's sweep every report waits, so
+        does a guarded job of several ranks."""
         if sweep is not None:
-            return client.world > 1 or done + 1 >= sweep
+            return done + 1 >= sweep or (client.world > 1 and (done + 1) % SWEEP_SYNC_EVERY == 0)
         if self.testing:
             return True
         return client.snapshot_every is not None and client.world > 1

@@ -290,7 +290,10 @@ class Client:
 
         self._box = Outbox(self.stats)
         self._decisions = Decisions(
-            initial, _position(start_epoch, "start_epoch"), _position(start_step, "start_step")
+            initial,
+            _position(start_epoch, "start_epoch"),
+            _position(start_step, "start_step"),
+            self.world,
         )
         self._seq = 0
         self._good_names: set[str] = set()  # metric names already checked
@@ -434,7 +437,7 @@ class Client:
             decisions.at(epoch=epoch + 1)
         else:
             decisions.at(epoch=epoch, step=step + 1)
-        self._apply_due()
+        self._apply_due(synced=wait)
         return decisions.lr
 
     def poll(self, epoch: int | None = None, step: int | None = None) -> float:
@@ -867,9 +870,9 @@ class Client:
             self.lr,
         )
 
-    def _apply_due(self, everything: bool = False) -> None:
+    def _apply_due(self, everything: bool = False, synced: bool = False) -> None:
         decisions = self._decisions
-        for decision in decisions.due(everything):
+        for decision in decisions.due(everything, synced):
             # A restore puts the weights back before the LR changes; an outdated decision
             # (received before the one in force) changes no LR, but its action still happens.
             guard_unit = (decision.message.detail or {}).get("snapshot_unit")

@@ -50,10 +50,15 @@ class Decisions:
         lr: the LR in force before any decision (the optimizer's).
         epoch: the next epoch training runs.
         step: the next optimizer step training runs.
+        world: the job's number of ranks; with several, while a range test's sweep runs as
+            a plan (its reports streamed), a decision due applies only at a boundary
+            `synced` (after a report that waited for its answer, as every rank's report of
+            that step did): every rank applies it at that same step.
     """
 
-    def __init__(self, lr: float, epoch: int, step: int) -> None:
+    def __init__(self, lr: float, epoch: int, step: int, world: int = 1) -> None:
         self.lr = lr
+        self.world = world
         self.epoch = epoch
         self.step = step
         self.run: int | None = None
@@ -108,12 +113,13 @@ class Decisions:
             if momentum is not None:
                 self.momentum = momentum
 
-    def due(self, everything: bool = False) -> list[Decision]:
+    def due(self, everything: bool = False, synced: bool = False) -> list[Decision]:
         """Takes the decisions due at the current boundary (all of them with `everything`)
-        off the pending list, oldest first; `settle` each after running its action."""
+        off the pending list, oldest first; `settle` each after running its action.
+        `synced`: the boundary follows a report that waited for its answer."""
         if not self.pending:
             return []
-        due = [d for d in self.pending if everything or self._is_due(d.message)]
+        due = [d for d in self.pending if everything or self._is_due(d.message, synced)]
         if due:
             taken = {d.number for d in due}
             self.pending = [d for d in self.pending if d.number not in taken]
@@ -139,7 +145,19 @@ class Decisions:
         elif decision.action is not None:
             self.last_action = decision.action
 
-    def _is_due(self, message: LrMessage) -> bool:
+    def _is_due(self, message: LrMessage, synced: bool) -> bool:
         if message.apply_from_epoch is not None:
             return message.apply_from_epoch <= self.epoch
-        return message.apply_from_step is not None and message.apply_from_step <= self.step
+        if message.apply_from_step is None or message.apply_from_step > self.step:
+            return False
+        return synced or not self.syncing()
+
+    def syncing(self) -> bool:
+        """Whether a sweep of several ranks streams here (decisions then wait for a synced
+        boundary): a range test's plan in force, at a step before its end, in a job of
+        more than one rank."""
+        plan = self.plan
+        if self.world <= 1 or plan is None or plan["kind"] != "range_test":
+            return False
+        until = plan["until"]
+        return until is None or self.step < until

@@ -230,11 +230,13 @@ class LRPilotCallback(keras.callbacks.Callback):  # type: ignore[misc]
     stops (`action: restore`, at an epoch or, with `unit="step"`, a step boundary, also in
     mid-epoch) it puts them back exactly, `optimizer.iterations` and the learning-rate
     variable included, then sets the suggested LR. The steps it tells the controller keep
-    counting on: the job's step count is not reset. During the test each step report waits
-    for its answer (at most `timeout`), so every rank of a job runs each LR of the sweep at
-    the same step and restores at the same step. Keras' batch-end logs hold the mean loss
-    of the epoch so far; during the test the callback reports each step's own loss instead
-    (from the loss tracker's sums), as a range test needs it.
+    counting on: the job's step count is not reset. During the test the sweep runs as a
+    plan: every step is reported, streamed without waiting for answers; a job of several
+    ranks waits (at most `timeout`) only before every 16th step and at the sweep's end,
+    and the restore applies at the first of those, on every rank at the same step.
+    Keras' batch-end logs hold the mean loss of the epoch so far; during the test the
+    callback reports each step's own loss instead (from the loss tracker's sums), as a
+    range test needs it.
 
     Args:
         job: the job name; default `LRPILOT_JOB`.

@@ -77,10 +77,12 @@ class LRPilotCallback(_Callback):  # type: ignore[misc]
     test starts (`action: snapshot`) the callback keeps CPU copies of
     `pl_module.state_dict()` and every optimizer's `state_dict()`, and when it stops
     (`action: restore`, after a validation run or, with `unit="step"`, after a step) it
-    loads them back and sets the suggested LR. During the test each step report waits for
-    its answer (at most `timeout`), so all ranks sweep in lockstep and restore at the same
-    step. Not restored: the trainer's counters (`global_step`, the epoch) and a precision
-    plugin's gradient scaler.
+    loads them back and sets the suggested LR. During the test the sweep runs as a plan:
+    every step is reported, streamed without waiting for answers; a job of several ranks
+    waits (at most `timeout`) only before every 16th step and at the sweep's end, and the
+    restore applies at the first of those, on every rank at the same step. Not restored:
+    the trainer's counters (`global_step`, the epoch) and a precision plugin's gradient
+    scaler.
 
     Args:
         job: the job name; default `LRPILOT_JOB`.

@@ -360,13 +360,14 @@ class LRPilotScheduler(ReduceLROnPlateau):
     for; weights loaded between construction and the first step are in it). When the hello
     reply says a range test starts (`action: snapshot`) the copy is kept; else it is dropped
     there. When the test stops (`action: restore`) both state dicts are loaded back and the
-    suggested LR is set on the param groups. During the test each step report waits for its
-    answer (at most `timeout`), so every rank runs each LR of the sweep at the same step
-    and restores at the same step. Touch `client` before the first optimizer step to have
-    the sweep's first LR from step 0 on. Without `model` (or `snapshot_fn`/`restore_fn`)
-    the hello says the process cannot restore: the controller then runs no range test for
-    it, answers with notice `restore_unsupported` (logged once) and the LR stays the
-    optimizer's.
+    suggested LR is set on the param groups. During the test the sweep runs as a plan:
+    every step is reported, streamed without waiting for answers; a job of several ranks
+    waits (at most `timeout`) only before every 16th step and at the sweep's end, and the
+    restore applies at the first of those, on every rank at the same step. Touch `client`
+    before the first optimizer step to have the sweep's first LR from step 0 on. Without
+    `model` (or `snapshot_fn`/`restore_fn`) the hello says the process cannot restore: the
+    controller then runs no range test for it, answers with notice `restore_unsupported`
+    (logged once) and the LR stays the optimizer's.
 
     `torch.save(scheduler)` works (the connection is made again, at the epoch reached,
     after `torch.load`), and so does a checkpoint of `state_dict()`, which holds torch's

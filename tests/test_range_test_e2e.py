@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lrpilot.client.adapter import SWEEP_SYNC_EVERY
+
 if __name__ != "__main__":
     from conftest import Controller, run_cli
 
@@ -488,17 +490,24 @@ def test_two_ranks_sweep_in_lockstep_and_restore_at_the_same_step(
     suggested = check_the_sweep(report, stability_limit(x))  # DDP: the full batch's Hessian
     # Step 0 ran at the optimizer's own LR, before the hello: no point. Step k+1 is point k.
     stop = len(report["points"])  # the step of the last point
-    # Through the test every step at the same LR on both ranks (each report waited for the
-    # decision on both), then the suggestion from the same step. (After the test, decisions
-    # are not waited for: each rank applies one at its first step after it arrived.)
-    test = slice(0, stop + 2)
+    # The ranks stream the sweep and wait for the answers only before every 16th step: the
+    # end of the test applies at the first of those after the last point, on both ranks.
+    # (Or at the sweep's end, where they wait too: step 1 runs its first LR, 1e-6, step 141
+    # its last, 10.)
+    sync = min(-(-(stop + 1) // SWEEP_SYNC_EVERY) * SWEEP_SYNC_EVERY, 142)
+    # Through the test every step at the same LR on both ranks (the sweep is a plan), then
+    # the suggestion from the same step. (After the test, decisions are not waited for:
+    # each rank applies one at its first step after it arrived.)
+    test = slice(0, sync + 1)
     assert [r["lr"] for r in rank0[test]] == [r["lr"] for r in rank1[test]]
-    assert rank0[stop + 1]["lr"] == rank1[stop + 1]["lr"] == pytest.approx(suggested, rel=1e-7)
-    assert len(rank0) == len(rank1) == stop + 1 + STEPS_AFTER
+    assert rank0[sync]["lr"] == rank1[sync]["lr"] == pytest.approx(suggested, rel=1e-7)
+    swept_on = [r["lr"] for r in rank0[stop + 1 : sync]]  # the sweep went on meanwhile
+    assert swept_on == pytest.approx([sweep_lr(t) for t in range(stop, sync - 1)], rel=1e-6)
+    assert len(rank0) == len(rank1) == sync + STEPS_AFTER
     # Both restored after the same step, to the same weights (DDP's, from before step 0).
     assert out0["initial"] == out1["initial"]
-    assert out0["restored_at"] == out1["restored_at"] == stop
-    assert [i for i, r in enumerate(rank1) if r["w"] == out1["initial"]] == [stop]
+    assert out0["restored_at"] == out1["restored_at"] == sync - 1
+    assert [i for i, r in enumerate(rank1) if r["w"] == out1["initial"]] == [sync - 1]
     assert all(a["w"] == b["w"] for a, b in zip(rank0[test], rank1[test], strict=True))
     # Each rank its own half of the rows, one decision on the mean of their two losses.
     assert rank0[0]["loss"] != rank1[0]["loss"]

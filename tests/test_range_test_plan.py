@@ -292,3 +292,76 @@ def test_a_reply_repeating_the_plan_in_force_is_not_checked_again_yet_a_bad_one_
         parse_server_message(encode(reply(bad, 3)))
     moved = {**plan, "from": 5, "until": 5 + policy.planned}
     assert parse_server_message(encode(reply(moved, 4))).plan == moved
+
+
+def test_two_ranks_stream_the_sweep_wait_every_16th_step_and_restore_at_the_same_one(
+    controller_factory: Factory,
+) -> None:
+    """A job of two ranks (two threads in lockstep, as DDP's all-reduce keeps them) streams
+    its sweep: a rank waits for an answer only before every 16th step, and the restore that
+    ends the sweep (the loss diverges at step 40) applies on both at the first of those
+    after it (step 48), though each rank's reply may come at any step before: rank 0 has
+    each answer before its next step (it waits for them, as a rank whose replies are quick
+    would have them), rank 1 only the answers that came by themselves."""
+    import threading
+
+    from lrpilot.client.adapter import SWEEP_SYNC_EVERY, AdapterCore
+
+    c = controller_factory(SWEEP)
+    diverges = 40
+    barrier = threading.Barrier(2, timeout=20)
+    lrs: dict[int, list[float]] = {0: [], 1: []}
+    restored: dict[int, list[int]] = {0: [], 1: []}
+    waits: dict[int, list[int]] = {}
+    failed: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        core = AdapterCore(
+            job="two-rank-sweep", endpoint=c.bind, timeout=10.0, strict=True, unit="step",
+            report_every=1, framework="test",
+        )  # fmt: skip
+        step = 0
+
+        class Copy:
+            def restore(self) -> None:
+                restored[r].append(step)
+
+        try:
+            core.connect(initial_lr=0.01, start_epoch=0, rank=r, world=2, copy=Copy)
+            assert core.client is not None
+            if r == 1:
+                waits[r] = count_waits(core.client)
+            lr = core.begin(epoch=0, step=0)
+            for step in range(200):
+                lrs[r].append(lr)
+                barrier.wait()  # the all-reduce of the step: neither rank runs ahead
+                loss = 1.0 if step < diverges else 1e6
+                lr = core.step_end(0, step, step, lambda: {"loss": loss})  # noqa: B023
+                core.client.poll(step=step + 1)  # the report goes out now, nothing waits
+                barrier.wait()
+                if r == 0:
+                    core.client.flush(timeout=10)  # every answer in hand before the next step
+                if restored[r]:
+                    break
+        except BaseException as exc:  # re-raised by the test
+            failed.append(exc)
+            barrier.abort()
+        finally:
+            core.close()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failed, failed
+    sync = -(-(diverges + 1) // SWEEP_SYNC_EVERY) * SWEEP_SYNC_EVERY  # 48
+    # Both restored in the step_end before step 48, and ran the same LR at every step.
+    assert restored == {0: [sync - 1], 1: [sync - 1]}
+    assert lrs[0] == lrs[1] and len(lrs[0]) == sync
+    assert lrs[0] == pytest.approx([1e-5 * 10 ** (t / 20) for t in range(sync)], rel=1e-12)
+    # Rank 1 waits before step 16, 32 and 48 only (the reports of steps 15, 31 and 47).
+    assert waits == {1: [15, 31, 47]}, (waits, callers)
+    report = Admin(c.admin).range_test("two-rank-sweep")
+    assert report["done"] and report["stop_reason"] == "divergence"
+    assert len(report["points"]) == diverges + 1  # steps 0..40, the mean of both ranks
