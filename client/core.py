@@ -77,6 +77,11 @@ _FLUSH_BATCH = 1000
 # bursts, one wake each; a report waits at most this long, and a slower loop sends each one at
 # once.
 _TURN_EVERY = 10e-3
+# The same while a schedule runs as a plan (no range test, no guard): the LR does not wait
+# for any answer then, and each turn (a wake of libzmq's I/O thread, a poll, the replies)
+# costs a busy training process 100 µs or more, so its reports go out ten times less often,
+# in larger bursts; a push (`lrpilot set-lr`) is taken up within this long.
+_TURN_EVERY_PLAN = 0.1
 # With a plan in force and no metrics, a step sends nothing; at most this often (seconds) it
 # sends a liveness report with the LR trained, so `status` shows the job alive and its LR.
 LIVENESS_EVERY = 5.0
@@ -401,8 +406,9 @@ class Client:
                 and names the protocol refuses are left out (with one warning each).
             step: the 0-based optimizer step just finished, for step-unit policies.
             wait: False returns at once: the report goes out in a burst with others at most
-                10 ms later (at the next call that does socket work, or `poll()`, `flush()`,
-                `close()`), and its decision is applied by a later call.
+                10 ms later (100 ms while a schedule runs as a plan) at the next call that
+                does socket work (or `poll()`, `flush()`, `close()`), and its decision is
+                applied by a later call.
             trained_lr: the LR this epoch (step) trained at, when it is not the client's
                 LR in force (an adapter whose hello came after the step); the controller's
                 LR range test takes only losses trained at its own LRs.
@@ -485,8 +491,9 @@ class Client:
 
         With a plan in force (a schedule the controller sent as a function of time) the LR
         is the plan's value there, computed here: it goes on exactly while the controller is
-        down. Replies and queued reports are looked at at most every 10 ms, not at every
-        call. Without a plan this is `poll(epoch=epoch, step=step)`.
+        down. Replies and queued reports are looked at at most every 100 ms (a range test's
+        sweep, or a guarded job: 10 ms), not at every call. Without a plan this is
+        `poll(epoch=epoch, step=step)`.
         """
         decisions = self._decisions
         if decisions.plan is None:
@@ -620,7 +627,7 @@ class Client:
         if not force:
             if now < self._next_turn:
                 return
-            self._next_turn = now + _TURN_EVERY
+            self._next_turn = now + self._turn_every()
         box = self._box
         box.tick(now)
         # One poll for both sockets (a call into libzmq costs microseconds in a busy process).
@@ -648,6 +655,14 @@ class Client:
             return
         if box.silent_for(now) > self.timeout and self._online:
             self._timed_out()
+
+    def _turn_every(self) -> float:
+        """Seconds between the turns of calls that do not wait (see `_TURN_EVERY_PLAN`)."""
+        decisions = self._decisions
+        plan = decisions.plan
+        if plan is None or plan["kind"] == "range_test" or decisions.snapshot_every is not None:
+            return _TURN_EVERY
+        return _TURN_EVERY_PLAN
 
     def _items(self) -> list[tuple[zmq.Socket[Any], int]]:
         link = self._link
