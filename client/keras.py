@@ -45,7 +45,7 @@ def _assigner(variable: Any) -> Callable[[float], None] | None:
     On TensorFlow a Keras variable's `assign` goes through several layers of Python (about
     70 µs; the optimizer's `learning_rate` setter about 110 µs): at every step of a per-step
     schedule that is most of what the callback costs. One `AssignVariableOp` on the
-    variable's handle does the same write in about 10 µs. Only for a plain resource variable:
+    variable's handle does the same write in about 15 µs. Only for a plain resource variable:
     a distributed one (a `MirroredVariable`) keeps a copy per replica, and other backends
     assign their own way (None: the caller assigns as Keras does).
     """
