@@ -8,10 +8,11 @@ A peer without `plans` still gets one `lr` per report, as before.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
-from conftest import Controller, Wire
+from conftest import Clock, Controller, Wire, wait_for
 
 from lrpilot.client import plans
 
@@ -21,6 +22,12 @@ EXPONENTIAL = """\
 version: 1
 defaults:
   policy: {type: exponential, unit: step, decay_rate: 0.99, decay_steps: 1}
+"""
+
+RANGE_TEST = """\
+version: 1
+defaults:
+  policy: {type: range_test, start_lr: 1.0e-5}
 """
 
 WARMUP_COSINE = """\
@@ -161,3 +168,37 @@ def test_cycle_momentum_equals_torch_one_cycle_lr(controller_factory: Factory, a
     assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-12)
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-12), key
     assert len({g[1] for g in got}) > 50  # it did cycle
+
+
+@pytest.mark.parametrize(("policy", "every"), [(EXPONENTIAL, 0.1), (RANGE_TEST, 0.01)])
+def test_with_a_schedules_plan_reports_go_out_every_100_ms_else_every_10(
+    controller_factory: Factory, policy: str, every: float
+) -> None:
+    """A loop reporting every millisecond (on the client's clock) with `wait=False`: while a
+    schedule runs as a plan its reports go out in bursts 100 ms apart (no LR waits for an
+    answer, and each burst costs the trainer a wake of libzmq's thread); during a range
+    test's sweep, whose end the trainer must hear of soon, 10 ms apart."""
+    from lrpilot.client import Client
+
+    c = controller_factory(policy)
+    clock = Clock()
+    client = Client(
+        c.bind, "cadence", initial_lr=0.1, clock=clock,
+        snapshot_fn=lambda: None, restore_fn=lambda: None,
+    )  # fmt: skip
+    try:
+        # The hello's answer (the controller's own time): the plan in force.
+        wait_for(lambda: client.poll(step=0) > 0 and client.plan is not None, "the plan")
+        bursts: list[int] = []  # the step of each report that went out with a burst
+        for step in range(300):
+            sent = client.stats["sent"]
+            client.report(0, {"loss": 1.0}, step=step, wait=False)
+            if client.stats["sent"] > sent:
+                bursts.append(step)
+            clock.t += 0.001
+        gaps = {b - a for a, b in itertools.pairwise(bursts)}
+        expected = round(every * 1000)  # steps of 1 ms (the clock's sum may round one over)
+        assert len(bursts) > 2 and gaps <= {expected, expected + 1}, bursts
+        assert client.flush(timeout=10)
+    finally:
+        client.close()
