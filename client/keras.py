@@ -52,8 +52,11 @@ def _assigner(variable: Any) -> Callable[[float], None] | None:
     if keras.backend.backend() != "tensorflow" or not isinstance(variable, keras.Variable):
         return None
     import tensorflow as tf
-    from tensorflow.python.ops.resource_variable_ops import ResourceVariable
 
+    try:  # no public name: a TensorFlow that moves it gets Keras' own assign
+        from tensorflow.python.ops.resource_variable_ops import ResourceVariable
+    except ImportError:  # pragma: no cover - TensorFlow 2.21 has it
+        return None
     value: Any = getattr(variable, "value", None)
     if type(value) is not ResourceVariable:
         return None
