@@ -297,6 +297,7 @@ def main() -> int:
         try:
             rows += tight_loop(c, n)
             rows += one_per_millisecond(c, paced)
+            rows += controller_cpu_by_cadence(c, 2000 if args.quick else 4000)
             try:
                 import keras  # noqa: F401
             except ImportError:
@@ -351,6 +352,48 @@ def tight_loop(c: Controller, n: int) -> list[Row]:
             f"{decided / (3 * n):.3f}",
             "none lost: " + ("met" if decided == 3 * n and not dropped else "NOT met"),
         ),
+    ]
+
+
+def controller_cpu_by_cadence(c: Controller, n: int) -> list[Row]:
+    """The controller's CPU per report of a client reporting every millisecond while a
+    schedule runs as a plan: its bursts every 100 ms (what the client does) against every
+    10 ms (what it did, and still does during a sweep or under a guard), interleaved."""
+    import lrpilot.client.core as core
+
+    assert c.proc is not None
+    cadence = core._TURN_EVERY_PLAN
+    cpu: dict[float, list[float]] = {0.1: [], 0.01: []}
+    try:
+        for i in range(3):
+            for every in (0.01, 0.1):
+                core._TURN_EVERY_PLAN = every
+                client = Client(c.bind, job=f"bench-cadence-{every}-{i}", initial_lr=0.1)
+                deadline = time.monotonic() + 10
+                while client.plan is None and time.monotonic() < deadline:
+                    client.poll(step=0)
+                    time.sleep(0.01)
+                before = cpu_seconds(c.proc.pid)
+                start = time.perf_counter()
+                for s in range(n):
+                    while time.perf_counter() < start + s / 1000:
+                        pass
+                    client.report(0, {"loss": 1.0}, step=s, wait=False)
+                client.flush(timeout=30)
+                cpu[every].append((cpu_seconds(c.proc.pid) - before) / n * 1e6)
+                client.close()
+    finally:
+        core._TURN_EVERY_PLAN = cadence
+    slow, fast = statistics.median(cpu[0.1]), statistics.median(cpu[0.01])
+    return [
+        (
+            f"the controller's CPU per report at 1 report/ms with a schedule's plan, the "
+            f"client's bursts every 100 ms (3 × {n} reports)",
+            f"{slow:.0f} µs",
+            f"bursts every 10 ms: {fast:.0f} µs",
+            f"{slow / fast:.2f}",
+            "—",
+        )
     ]
 
 
