@@ -57,3 +57,13 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def publish(lines: Sequence[str], results: Path, record: bool) -> None:
+    """Prints a section of figures and, with `record`, appends it to `results`
+    (bench/RESULTS.md) after a blank line."""
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if record:
+        with open(results, "a", encoding="utf-8") as f:
+            f.write("\n" + section)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measured import context, git
+from measured import context, git, publish
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 POLICY = """\
@@ -105,11 +105,7 @@ def main() -> int:
             f"{figures[8]:.2f} µs at world 8 | {figures[world] / figures[8]:.2f} | "
             "independent of the world size |"
         )
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_results:
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write("\n" + section)
+    publish(lines, RESULTS, record=not args.no_results)
     return 0
 
 

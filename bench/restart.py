@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measured import context, git
+from measured import context, git, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -199,11 +199,7 @@ def main() -> int:
                 f"({counts[name]} restored; {', '.join(fmt(v) for v in got)}) | "
                 f"{fmt(empty)} empty state dir | {median / empty:.2f} | {goal} |"
             )
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_results:
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write("\n" + section)
+    publish(lines, RESULTS, record=not args.no_results)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measured import context
+from measured import context, publish
 from restart import overlay
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -211,11 +211,7 @@ def main() -> int:
             "|---|---|---|",
             *rows,
         ]
-        section = "\n".join(lines) + "\n"
-        print(section)
-        if not args.no_results:
-            with open(RESULTS, "a", encoding="utf-8") as f:
-                f.write("\n" + section)
+        publish(lines, RESULTS, record=not args.no_results)
         return 0
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="lrpilot-turn-cost-") as tmp:
@@ -246,11 +242,7 @@ def main() -> int:
         ratio = f"{medians[0] / medians[1]:.2f}" if len(medians) > 1 else "-"
         cells = " | ".join(f"{m:.1f} µs" for m in medians)
         lines.append(f"| {n} | {cells} | {ratio} |")
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_results:
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write("\n" + section)
+    publish(lines, RESULTS, record=not args.no_results)
     return 0
 
 
