@@ -192,16 +192,21 @@ def main() -> int:
         print(f"{child(*args.child):.3f}")
         return 0
     load = "/".join(Path("/proc/loadavg").read_text().split()[:3])
+
+    def heading(what: str, versions: list[str]) -> list[str]:
+        """A section's title (now, `what`, the label) and where it was measured."""
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        title = f"## {stamp} — {what}" + (f": {args.label}" if args.label else "")
+        return [title, "", *(f"- {line}" for line in context(load, versions, "nothing"))]
+
     if args.profile:
         t_start = time.monotonic()
         rows = profile(args.profile, max(args.reports // args.profile, 5))
         seconds = time.monotonic() - t_start
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        title = f"## {stamp} — where a busy turn's time goes (bench/turn_cost.py --profile)"
-        if args.label:
-            title += f": {args.label}"
-        lines = [title, ""]
-        lines += [f"- {line}" for line in context(load, ["pyzmq", "msgspec"], "nothing")]
+        lines = heading(
+            "where a busy turn's time goes (bench/turn_cost.py --profile)",
+            ["pyzmq", "msgspec"],
+        )
         lines += [
             f"- run: `bench/turn_cost.py {' '.join(sys.argv[1:])}`, {seconds:.0f} s; "
             f"{args.profile} reports per turn, cProfile around `Server.turn` (wall clock: "
@@ -227,12 +232,9 @@ def main() -> int:
                     figures.setdefault((name, n), []).append(us)
                     print(f"  {name}, {n} per turn: {us:.1f} µs", flush=True)
     seconds = time.monotonic() - t_start
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    title = f"## {stamp} — CPU per report in a loop turn (bench/turn_cost.py)"
-    if args.label:
-        title += f": {args.label}"
-    lines = [title, ""]
-    lines += [f"- {line}" for line in context(load, ["pyzmq", "msgpack", "msgspec"], "nothing")]
+    lines = heading(
+        "CPU per report in a loop turn (bench/turn_cost.py)", ["pyzmq", "msgpack", "msgspec"]
+    )
     lines += [f"- run: `bench/turn_cost.py {' '.join(sys.argv[1:])}`, {seconds:.0f} s", ""]
     names = list(variants)
     lines += ["| reports per turn | " + " | ".join(names) + " | ratio |"]
